@@ -1,0 +1,262 @@
+//! Per-provider admission: a circuit breaker and the `Retry-After` cool-down.
+//!
+//! Hand-written because the breaker crates on crates.io count failure *rates* over windows;
+//! the cascade file's contract is the Python router's: `failure_threshold` *consecutive*
+//! failures open the circuit, `recovery_timeout` later it lets `half_open_max_calls` probes
+//! through, a probe's success closes it and a probe's failure opens it again.
+//!
+//! A std `Mutex` per provider: the critical sections are a few instructions and never await.
+
+use std::{
+    sync::{Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use crate::config::BreakerConfig;
+
+/// The circuit's state as reported by ListProviders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Circuit {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+#[derive(Debug)]
+enum State {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { probes_in_flight: u32 },
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: State,
+    cool_until: Option<Instant>,
+}
+
+/// Why a provider was skipped without a network attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    CircuitOpen,
+    CoolingDown(Duration),
+}
+
+#[derive(Debug)]
+pub struct Breaker {
+    config: BreakerConfig,
+    inner: Mutex<Inner>,
+}
+
+impl Breaker {
+    pub fn new(config: BreakerConfig) -> Breaker {
+        Breaker {
+            config,
+            inner: Mutex::new(Inner {
+                state: State::Closed { failures: 0 },
+                cool_until: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // No code path panics while holding the lock; recover the state if one ever did.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks to send one request. The returned [`Pass`] must be resolved with its outcome;
+    /// dropping it unresolved (a cancelled call) frees a probe slot without judging the provider.
+    pub fn admit(&self) -> Result<Pass<'_>, Refusal> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if let Some(until) = inner.cool_until {
+            if now < until {
+                return Err(Refusal::CoolingDown(until - now));
+            }
+            inner.cool_until = None;
+        }
+        let probe = match &mut inner.state {
+            State::Closed { .. } => false,
+            State::Open { until } if now < *until => return Err(Refusal::CircuitOpen),
+            State::Open { .. } => {
+                inner.state = State::HalfOpen {
+                    probes_in_flight: 1,
+                };
+                true
+            }
+            State::HalfOpen { probes_in_flight } => {
+                if *probes_in_flight >= self.config.half_open_max_calls {
+                    return Err(Refusal::CircuitOpen);
+                }
+                *probes_in_flight += 1;
+                true
+            }
+        };
+        Ok(Pass {
+            breaker: self,
+            probe,
+            resolved: false,
+        })
+    }
+
+    /// Keeps the provider aside until `until` (a 429's `Retry-After`).
+    pub fn cool_down(&self, until: Instant) {
+        let mut inner = self.lock();
+        if inner.cool_until.is_none_or(|u| u < until) {
+            inner.cool_until = Some(until);
+        }
+    }
+
+    pub fn circuit(&self) -> Circuit {
+        match self.lock().state {
+            State::Closed { .. } => Circuit::Closed,
+            State::Open { until } if Instant::now() < until => Circuit::Open,
+            State::Open { .. } | State::HalfOpen { .. } => Circuit::HalfOpen,
+        }
+    }
+
+    /// Time left of a cool-down, zero when none.
+    pub fn cooling_down_for(&self) -> Duration {
+        self.lock()
+            .cool_until
+            .map(|u| u.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+    }
+
+    fn record(&self, probe: bool, outcome: Option<bool>) {
+        let mut inner = self.lock();
+        let open = State::Open {
+            until: Instant::now() + self.config.recovery_timeout,
+        };
+        inner.state = match (&inner.state, outcome) {
+            // A probe that never finished: free its slot, judge nothing.
+            (State::HalfOpen { probes_in_flight }, None) if probe => State::HalfOpen {
+                probes_in_flight: probes_in_flight.saturating_sub(1),
+            },
+            (_, None) => return,
+            (_, Some(true)) => State::Closed { failures: 0 },
+            (State::Closed { failures }, Some(false)) => {
+                let failures = failures + 1;
+                if failures >= self.config.failure_threshold {
+                    open
+                } else {
+                    State::Closed { failures }
+                }
+            }
+            (State::HalfOpen { .. }, Some(false)) => open,
+            // A request admitted before the circuit opened: it is open already.
+            (State::Open { until }, Some(false)) => State::Open { until: *until },
+        };
+    }
+}
+
+/// Permission to send one request; resolve it with [`Pass::success`] or [`Pass::failure`].
+#[must_use]
+pub struct Pass<'a> {
+    breaker: &'a Breaker,
+    probe: bool,
+    resolved: bool,
+}
+
+impl Pass<'_> {
+    pub fn success(mut self) {
+        self.resolved = true;
+        self.breaker.record(self.probe, Some(true));
+    }
+
+    pub fn failure(mut self) {
+        self.resolved = true;
+        self.breaker.record(self.probe, Some(false));
+    }
+
+    /// The outcome says nothing about the provider's health (e.g. a 400 for a bad prompt).
+    pub fn neutral(self) {}
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        if !self.resolved {
+            self.breaker.record(self.probe, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker() -> Breaker {
+        Breaker::new(BreakerConfig {
+            failure_threshold: 3,
+            recovery_timeout: Duration::from_secs(10),
+            half_open_max_calls: 1,
+        })
+    }
+
+    fn fail(b: &Breaker, n: u32) {
+        for _ in 0..n {
+            if let Ok(p) = b.admit() {
+                p.failure();
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_threshold_consecutive_failures() {
+        let b = breaker();
+        fail(&b, 2);
+        assert!(b.admit().is_ok_and(|p| {
+            p.success();
+            true
+        }));
+        fail(&b, 2);
+        assert_eq!(b.circuit(), Circuit::Closed, "a success resets the count");
+        fail(&b, 1);
+        assert_eq!(b.circuit(), Circuit::Open);
+        assert_eq!(b.admit().err(), Some(Refusal::CircuitOpen));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_admits_limited_probes_and_closes_on_success() {
+        let b = breaker();
+        fail(&b, 3);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(b.admit().err(), Some(Refusal::CircuitOpen));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.circuit(), Circuit::HalfOpen);
+        let probe = b.admit();
+        assert!(probe.is_ok());
+        assert_eq!(
+            b.admit().err(),
+            Some(Refusal::CircuitOpen),
+            "one probe at a time"
+        );
+        if let Ok(p) = probe {
+            p.success();
+        }
+        assert_eq!(b.circuit(), Circuit::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_probe_reopens_and_dropped_probe_frees_its_slot() {
+        let b = breaker();
+        fail(&b, 3);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        drop(b.admit());
+        assert_eq!(b.circuit(), Circuit::HalfOpen);
+        fail(&b, 1);
+        assert_eq!(b.circuit(), Circuit::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cool_down_refuses_until_it_ends() {
+        let b = breaker();
+        b.cool_down(Instant::now() + Duration::from_secs(2));
+        assert!(matches!(b.admit().err(), Some(Refusal::CoolingDown(_))));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(b.admit().is_ok());
+        assert_eq!(b.cooling_down_for(), Duration::ZERO);
+    }
+}

@@ -1,0 +1,165 @@
+//! Validated domain values. The router core sees these, never prost types.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+/// One completion request after validation at the server edge.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompletionRequest {
+    /// A model, a fallback-chain name, or empty for the agent's assignment / the default.
+    pub model: String,
+    pub input: Input,
+    pub params: GenParams,
+    /// The caller's id, for per-agent model assignment.
+    pub agent: String,
+    pub request_id: String,
+}
+
+/// What the model is asked to continue: text or a conversation.
+#[derive(Clone, PartialEq)]
+pub enum Input {
+    Prompt(String),
+    Chat(Vec<ChatMessage>),
+}
+
+// Prompts are not logged by default, so Debug shows only their size.
+impl fmt::Debug for Input {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Input::Prompt(p) => write!(f, "Prompt({} bytes)", p.len()),
+            Input::Chat(m) => write!(f, "Chat({} messages)", m.len()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "system" => Some(Role::System),
+            "user" => Some(Role::User),
+            "assistant" => Some(Role::Assistant),
+            "tool" => Some(Role::Tool),
+            _ => None,
+        }
+    }
+}
+
+/// Generation parameters; `None` leaves the provider's default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenParams {
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub stop: Vec<String>,
+    pub seed: Option<i64>,
+}
+
+/// What a provider answered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub finish_reason: String,
+    pub usage: Option<Usage>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// A completion with where it came from and what it took.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub completion: Completion,
+    pub provider: Arc<str>,
+    pub model: Arc<str>,
+    /// Providers tried or skipped before the one that answered.
+    pub attempts: Vec<Attempt>,
+    pub queue_wait: Duration,
+    pub upstream: Duration,
+}
+
+/// Why a provider did not answer (mirrors `cascade.v1.FailureKind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    Connect,
+    Timeout,
+    Io,
+    ServerError,
+    RateLimited,
+    Unauthorized,
+    Rejected,
+    Malformed,
+    CircuitOpen,
+    CoolingDown,
+    NoTimeLeft,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Connect => "connect",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Io => "io",
+            FailureKind::ServerError => "server error",
+            FailureKind::RateLimited => "rate limited",
+            FailureKind::Unauthorized => "unauthorized",
+            FailureKind::Rejected => "rejected",
+            FailureKind::Malformed => "malformed response",
+            FailureKind::CircuitOpen => "circuit open",
+            FailureKind::CoolingDown => "cooling down",
+            FailureKind::NoTimeLeft => "no time left",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One provider a request went to (or skipped) without getting its answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attempt {
+    pub provider: Arc<str>,
+    pub model: Arc<str>,
+    pub kind: FailureKind,
+    pub http_status: Option<u16>,
+    pub error: String,
+    /// Network tries on this provider; 0 when it was skipped.
+    pub tries: u32,
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}: {}", self.provider, self.model, self.kind)?;
+        if !self.error.is_empty() {
+            write!(f, " ({})", self.error)?;
+        }
+        Ok(())
+    }
+}

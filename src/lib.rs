@@ -1,0 +1,33 @@
+//! cascade-router: a gRPC service that AI agents call for model completions. It routes each
+//! prompt through an ordered cascade of providers over pooled HTTP connections and falls back,
+//! in order, when one fails.
+//!
+//! # Layout
+//!
+//! The modules follow a request's path (see `../shared/DESIGN.md`):
+//!
+//! ```text
+//! agent ─gRPC─▶ server ─▶ router ─▶ cascade ─▶ provider ─HTTP─▶ model server
+//! ```
+//!
+//! - [`server`]: the tonic service — deadline, proto → domain at the edge, health, reflection.
+//! - [`proto`]: generated `cascade.v1` types and their conversion to and from [`completion`].
+//! - [`completion`]: validated domain values: the request, the completion, the attempts.
+//! - [`router`]: resolves a request's model, chain or agent to an ordered list of targets.
+//! - [`cascade`]: the ordered fallback loop with retries, a budget per attempt and breakers.
+//! - [`breaker`]: per-provider circuit breaker and `Retry-After` cool-down.
+//! - [`provider`]: one module per upstream API behind one trait, each with a pooled client.
+//! - [`config`]: the cascade file: raw serde structs → validation → runtime values.
+//! - [`error`]: the router's error type and its one mapping to `tonic::Status`.
+//! - [`mock`]: a real HTTP model server with scripted latency and faults, for tests and demos.
+
+pub mod breaker;
+pub mod cascade;
+pub mod completion;
+pub mod config;
+pub mod error;
+pub mod mock;
+pub mod proto;
+pub mod provider;
+pub mod router;
+pub mod server;

@@ -1,0 +1,191 @@
+//! The `cascade-router` binary: `serve`, `check` and `mock-provider`.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use cascade_router::{
+    config::{self, Config},
+    mock::{Fault, MockServer, Script},
+    router::Router,
+    server,
+};
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "cascade-router", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve cascade.v1.Router over gRPC (with health and reflection).
+    Serve {
+        /// The cascade file; without one, a built-in simulated provider answers.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on; overrides `server.listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Validate a cascade file without serving; exit 2 if it is unusable.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the mock model server (OpenAI and Ollama shapes) with scripted latency and faults.
+    MockProvider {
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: SocketAddr,
+        /// Fixed latency per request, in milliseconds.
+        #[arg(long, default_value_t = 0.0)]
+        latency_ms: f64,
+        /// Extra latency per prompt in the request, in milliseconds.
+        #[arg(long, default_value_t = 0.0)]
+        per_item_ms: f64,
+        /// Requests in service at once; the rest queue.
+        #[arg(long, default_value_t = 1024)]
+        concurrency: usize,
+        /// A fault: a status (500), 429:SECONDS, reset, hang or malformed.
+        #[arg(long)]
+        fault: Option<Fault>,
+        /// Fraction of requests that get the fault.
+        #[arg(long, default_value_t = 1.0)]
+        fault_rate: f64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Check { config } => match load(Some(config)) {
+            Ok(c) => {
+                println!(
+                    "ok: {} provider(s): {}",
+                    c.providers.len(),
+                    c.providers
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Serve { config, listen } => {
+            let config = match load(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            runtime.block_on(serve(config, listen))
+        }
+        Command::MockProvider {
+            listen,
+            latency_ms,
+            per_item_ms,
+            concurrency,
+            fault,
+            fault_rate,
+        } => {
+            let script = Script {
+                base_latency: Duration::from_secs_f64(latency_ms.max(0.0) / 1e3),
+                per_item_latency: Duration::from_secs_f64(per_item_ms.max(0.0) / 1e3),
+                max_concurrency: concurrency,
+                fault,
+                fault_rate,
+                reject_marker: None,
+            };
+            runtime.block_on(async {
+                match MockServer::bind(listen, script).await {
+                    Ok(mock) => {
+                        tracing::info!(addr = %mock.addr(), "mock provider listening");
+                        tokio::select! {
+                            _ = mock.run_forever() => {}
+                            _ = tokio::signal::ctrl_c() => {}
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: cannot listen on {listen}: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}
+
+/// Loads and validates the cascade file; a bad one prints one line and means exit code 2.
+fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let loaded = match &path {
+        Some(p) => config::load(p),
+        None => config::parse(config::DEFAULT_YAML, "(built-in default)", &|_| None),
+    };
+    match loaded {
+        Ok(c) => {
+            for w in &c.warnings {
+                tracing::warn!("{w}");
+            }
+            Ok(c)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+async fn serve(config: Config, listen: Option<SocketAddr>) -> ExitCode {
+    let mut server_config = config.server.clone();
+    if let Some(addr) = listen {
+        server_config.listen = addr;
+    }
+    let router = match Router::new(&config) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            eprintln!("error: cannot build an HTTP client: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(server_config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: cannot listen on {}: {e}", server_config.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        addr = %server_config.listen,
+        providers = config.providers.len(),
+        "cascade-router serving cascade.v1.Router"
+    );
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+    };
+    match server::serve(router, server_config, listener, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! A real HTTP model server for tests, benchmarks and demos (`cascade-router mock-provider`).
+//!
+//! It speaks the OpenAI (`/v1/completions`, `/v1/chat/completions`) and Ollama (`/api/generate`,
+//! `/api/chat`) shapes and follows a [`Script`]: latency as `base + per_item × prompts` with at
+//! most `max_concurrency` requests in service (the rest queue, as on a GPU server), and faults
+//! (status codes, 429 + `Retry-After`, a reset mid-body, a hang, malformed JSON) on a fraction
+//! of requests. It counts accepted TCP connections, requests, prompt items, and requests whose
+//! client went away before the answer.
+
+use std::{
+    convert::Infallible,
+    io,
+    net::SocketAddr,
+    pin::pin,
+    str::FromStr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Frame, Incoming},
+    header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER},
+    service::service_fn,
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use serde_json::{Value, json};
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, Semaphore},
+    task::JoinHandle,
+};
+
+/// What the mock does with each request. Tests may change it while the server runs.
+#[derive(Clone, Debug)]
+pub struct Script {
+    pub base_latency: Duration,
+    pub per_item_latency: Duration,
+    /// Requests in service at once; fixed when the server starts.
+    pub max_concurrency: usize,
+    pub fault: Option<Fault>,
+    /// Fraction of requests (0.0 ..= 1.0) that get `fault`.
+    pub fault_rate: f64,
+    /// Prompts containing this text are refused with 400, as a provider refuses bad input.
+    pub reject_marker: Option<String>,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Script {
+            base_latency: Duration::ZERO,
+            per_item_latency: Duration::ZERO,
+            max_concurrency: 1024,
+            fault: None,
+            fault_rate: 1.0,
+            reject_marker: None,
+        }
+    }
+}
+
+impl Script {
+    /// Every request gets `fault`.
+    pub fn failing(fault: Fault) -> Script {
+        Script {
+            fault: Some(fault),
+            ..Script::default()
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fault {
+    /// Answer this HTTP status with a JSON error body.
+    Status(u16),
+    /// 429 with this `Retry-After` value (seconds or an HTTP date).
+    RateLimited { retry_after: String },
+    /// Send headers and part of the body, then abort the connection.
+    ResetMidBody,
+    /// Never answer.
+    Hang,
+    /// 200 with a body that is not JSON.
+    MalformedJson,
+}
+
+impl FromStr for Fault {
+    type Err = String;
+
+    /// `500` (any status), `429:2` (with Retry-After), `reset`, `hang`, `malformed`.
+    fn from_str(s: &str) -> Result<Fault, String> {
+        match s {
+            "reset" => Ok(Fault::ResetMidBody),
+            "hang" => Ok(Fault::Hang),
+            "malformed" => Ok(Fault::MalformedJson),
+            _ => match s.split_once(':') {
+                Some(("429", ra)) => Ok(Fault::RateLimited {
+                    retry_after: ra.to_string(),
+                }),
+                _ => s
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|c| (400..=599).contains(c))
+                    .map(Fault::Status)
+                    .ok_or_else(|| {
+                        format!(
+                            "{s:?}: use a status 400-599, 429:SECONDS, reset, hang or malformed"
+                        )
+                    }),
+            },
+        }
+    }
+}
+
+/// Counters, read with [`MockServer::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub connections: u64,
+    pub requests: u64,
+    pub items: u64,
+    pub completed: u64,
+    /// Requests whose client closed the connection before the answer was ready.
+    pub cancelled: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    connections: AtomicU64,
+    requests: AtomicU64,
+    items: AtomicU64,
+    completed: AtomicU64,
+    cancelled: AtomicU64,
+}
+
+struct Shared {
+    script: Mutex<Script>,
+    gate: Semaphore,
+    counters: Counters,
+    changed: Notify,
+}
+
+impl Shared {
+    fn bump(&self, counter: &AtomicU64, by: u64) {
+        counter.fetch_add(by, Relaxed);
+        self.changed.notify_waiters();
+    }
+}
+
+/// A running mock server; stops when dropped.
+pub struct MockServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl MockServer {
+    /// Starts on an ephemeral loopback port.
+    pub async fn start(script: Script) -> io::Result<MockServer> {
+        MockServer::bind(SocketAddr::from(([127, 0, 0, 1], 0)), script).await
+    }
+
+    pub async fn bind(addr: SocketAddr, script: Script) -> io::Result<MockServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            gate: Semaphore::new(script.max_concurrency.max(1)),
+            script: Mutex::new(script),
+            counters: Counters::default(),
+            changed: Notify::new(),
+        });
+        let task = tokio::spawn(accept_loop(listener, shared.clone()));
+        Ok(MockServer { addr, shared, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_script(&self, script: Script) {
+        *self
+            .shared
+            .script
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = script;
+    }
+
+    pub fn stats(&self) -> Snapshot {
+        let c = &self.shared.counters;
+        Snapshot {
+            connections: c.connections.load(Relaxed),
+            requests: c.requests.load(Relaxed),
+            items: c.items.load(Relaxed),
+            completed: c.completed.load(Relaxed),
+            cancelled: c.cancelled.load(Relaxed),
+        }
+    }
+
+    /// Waits until the counters satisfy `cond`: an event, not a clock.
+    pub async fn wait_for(&self, cond: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        loop {
+            let mut changed = pin!(self.shared.changed.notified());
+            changed.as_mut().enable();
+            let s = self.stats();
+            if cond(&s) {
+                return s;
+            }
+            changed.await;
+        }
+    }
+
+    /// Serves until the task is aborted (for the `mock-provider` command).
+    pub async fn run_forever(self) {
+        let _ = (&mut { self }.task).await;
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The reply text for a prompt; tests check answers against it.
+pub fn reply(prompt: &str) -> String {
+    format!("mock reply to: {prompt}")
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors and the like: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        shared.bump(&shared.counters.connections, 1);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(shared.clone(), req));
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+type Body = BoxBody<Bytes, io::Error>;
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    full(status, json!({"error": {"message": message}}).to_string())
+}
+
+/// Counts a request as cancelled if its future is dropped before it finishes.
+struct InFlight {
+    shared: Arc<Shared>,
+    done: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let c = &self.shared.counters;
+        let counter = if self.done {
+            &c.completed
+        } else {
+            &c.cancelled
+        };
+        self.shared.bump(counter, 1);
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Completions,
+    Chat,
+    Generate,
+    OllamaChat,
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let mut flight = InFlight {
+        shared: shared.clone(),
+        done: false,
+    };
+    let response = respond(&shared, req).await;
+    flight.done = true;
+    Ok(response)
+}
+
+async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let endpoint = match (req.method(), req.uri().path()) {
+        (&Method::POST, "/v1/completions") => Endpoint::Completions,
+        (&Method::POST, "/v1/chat/completions") => Endpoint::Chat,
+        (&Method::POST, "/api/generate") => Endpoint::Generate,
+        (&Method::POST, "/api/chat") => Endpoint::OllamaChat,
+        (&Method::GET, "/health") => return full(StatusCode::OK, "{}"),
+        _ => return error(StatusCode::NOT_FOUND, "no such endpoint"),
+    };
+    let Ok(body) = req.into_body().collect().await else {
+        return error(StatusCode::BAD_REQUEST, "unreadable body");
+    };
+    let Ok(body) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+        return error(StatusCode::BAD_REQUEST, "body is not JSON");
+    };
+    let prompts = prompts(endpoint, &body);
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_string();
+    shared
+        .counters
+        .items
+        .fetch_add(prompts.len() as u64, Relaxed);
+    shared.bump(&shared.counters.requests, 1);
+    if prompts.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "no prompt");
+    }
+    let script = shared
+        .script
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    if let Some(fault) = &script.fault
+        && (script.fault_rate >= 1.0 || fastrand::f64() < script.fault_rate)
+    {
+        return faulty(fault).await;
+    }
+    if let Some(marker) = &script.reject_marker
+        && prompts.iter().any(|p| p.contains(marker.as_str()))
+    {
+        return error(StatusCode::BAD_REQUEST, "prompt rejected by script");
+    }
+    let Ok(_permit) = shared.gate.acquire().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    };
+    let latency = script.base_latency + script.per_item_latency * (prompts.len() as u32);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    full(
+        StatusCode::OK,
+        answer(endpoint, &model, &prompts).to_string(),
+    )
+}
+
+/// The prompt texts a request carries (a chat counts as one: its last message).
+fn prompts(endpoint: Endpoint, body: &Value) -> Vec<String> {
+    let text = |v: &Value| v.as_str().map(str::to_string);
+    match endpoint {
+        Endpoint::Completions | Endpoint::Generate => match body.get("prompt") {
+            Some(Value::Array(items)) => items.iter().filter_map(text).collect(),
+            Some(v) => text(v).into_iter().collect(),
+            None => Vec::new(),
+        },
+        Endpoint::Chat | Endpoint::OllamaChat => body
+            .get("messages")
+            .and_then(Value::as_array)
+            .and_then(|m| m.last())
+            .and_then(|m| m.get("content"))
+            .and_then(text)
+            .into_iter()
+            .collect(),
+    }
+}
+
+fn answer(endpoint: Endpoint, model: &str, prompts: &[String]) -> Value {
+    let tokens = |s: &str| s.split_whitespace().count();
+    let prompt_tokens: usize = prompts.iter().map(|p| tokens(p)).sum();
+    let completion_tokens: usize = prompts.iter().map(|p| tokens(&reply(p))).sum();
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens});
+    let first = prompts.first().map(String::as_str).unwrap_or_default();
+    match endpoint {
+        Endpoint::Completions => json!({
+            "object": "text_completion",
+            "model": model,
+            "choices": prompts.iter().enumerate().map(|(i, p)| json!({
+                "index": i, "text": reply(p), "finish_reason": "stop"
+            })).collect::<Vec<_>>(),
+            "usage": usage,
+        }),
+        Endpoint::Chat => json!({
+            "object": "chat.completion",
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply(first)}, "finish_reason": "stop"}],
+            "usage": usage,
+        }),
+        Endpoint::Generate => json!({
+            "model": model, "response": reply(first), "done": true, "done_reason": "stop",
+            "prompt_eval_count": prompt_tokens, "eval_count": completion_tokens,
+        }),
+        Endpoint::OllamaChat => json!({
+            "model": model, "message": {"role": "assistant", "content": reply(first)},
+            "done": true, "done_reason": "stop",
+            "prompt_eval_count": prompt_tokens, "eval_count": completion_tokens,
+        }),
+    }
+}
+
+async fn faulty(fault: &Fault) -> Response<Body> {
+    match fault {
+        Fault::Status(code) => error(
+            StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "scripted fault",
+        ),
+        Fault::RateLimited { retry_after } => {
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "scripted rate limit");
+            if let Ok(v) = HeaderValue::from_str(retry_after) {
+                r.headers_mut().insert(RETRY_AFTER, v);
+            }
+            r
+        }
+        Fault::MalformedJson => full(StatusCode::OK, "{\"choices\": [ this is not json"),
+        Fault::Hang => std::future::pending().await,
+        Fault::ResetMidBody => {
+            let chunks: Vec<Result<Frame<Bytes>, io::Error>> = vec![
+                Ok(Frame::data(Bytes::from_static(
+                    b"{\"choices\": [{\"index\": 0, \"te",
+                ))),
+                Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "scripted reset",
+                )),
+            ];
+            let body = StreamBody::new(tokio_stream::iter(chunks));
+            let mut r = Response::new(BodyExt::boxed(body));
+            r.headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from_static("4096"));
+            r
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_parse_from_cli_words() {
+        assert_eq!("500".parse(), Ok(Fault::Status(500)));
+        assert_eq!(
+            "429:2".parse(),
+            Ok(Fault::RateLimited {
+                retry_after: "2".into()
+            })
+        );
+        assert_eq!("hang".parse(), Ok(Fault::Hang));
+        assert!("200".parse::<Fault>().is_err());
+    }
+}

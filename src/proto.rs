@@ -1,0 +1,225 @@
+//! The generated `cascade.v1` types, and their conversion to and from domain values.
+//! Validation happens here, at the edge: the router core never sees a prost type.
+
+use std::time::Duration;
+
+use crate::{
+    breaker::Circuit,
+    completion::{
+        Answer, Attempt, ChatMessage, CompletionRequest, FailureKind, GenParams, Input, Role,
+    },
+    error::RouterError,
+};
+
+#[allow(
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs
+)]
+pub mod v1 {
+    tonic::include_proto!("cascade.v1");
+}
+
+/// The encoded descriptors of `cascade.v1`, served by reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cascade_v1_descriptor");
+
+/// Bounds on what one request may carry.
+const MAX_STOP_SEQUENCES: usize = 16;
+const MAX_MESSAGES: usize = 4096;
+const MAX_TOKENS: u32 = 1 << 20;
+
+fn invalid(msg: impl Into<String>) -> RouterError {
+    RouterError::InvalidArgument(msg.into())
+}
+
+impl TryFrom<v1::CompleteRequest> for CompletionRequest {
+    type Error = RouterError;
+
+    fn try_from(r: v1::CompleteRequest) -> Result<Self, RouterError> {
+        let input = match (r.prompt.is_empty(), r.messages.is_empty()) {
+            (false, true) => Input::Prompt(r.prompt),
+            (true, false) => {
+                if r.messages.len() > MAX_MESSAGES {
+                    return Err(invalid(format!("messages: more than {MAX_MESSAGES}")));
+                }
+                let messages = r
+                    .messages
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, m)| {
+                        let role = Role::parse(&m.role).ok_or_else(|| {
+                            invalid(format!(
+                                "messages[{i}].role: {:?} is not system, user, assistant or tool",
+                                m.role
+                            ))
+                        })?;
+                        Ok(ChatMessage {
+                            role,
+                            content: m.content,
+                        })
+                    })
+                    .collect::<Result<_, RouterError>>()?;
+                Input::Chat(messages)
+            }
+            (true, true) => return Err(invalid("set one of prompt or messages; both are empty")),
+            (false, false) => return Err(invalid("set one of prompt or messages, not both")),
+        };
+        if let Some(t) = r.temperature
+            && !(0.0..=2.0).contains(&t)
+        {
+            return Err(invalid(format!("temperature: {t} is outside 0.0 ..= 2.0")));
+        }
+        if let Some(m) = r.max_tokens
+            && !(1..=MAX_TOKENS).contains(&m)
+        {
+            return Err(invalid(format!(
+                "max_tokens: {m} is outside 1 ..= {MAX_TOKENS}"
+            )));
+        }
+        if r.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(invalid(format!(
+                "stop: more than {MAX_STOP_SEQUENCES} sequences"
+            )));
+        }
+        if r.stop.iter().any(String::is_empty) {
+            return Err(invalid("stop: sequences must not be empty"));
+        }
+        let request_id = if r.request_id.is_empty() {
+            format!("{:016x}", fastrand::u64(..))
+        } else {
+            r.request_id
+        };
+        Ok(CompletionRequest {
+            model: r.model,
+            input,
+            params: GenParams {
+                max_tokens: r.max_tokens,
+                temperature: r.temperature,
+                stop: r.stop,
+                seed: r.seed,
+            },
+            agent: r.agent,
+            request_id,
+        })
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl v1::CompleteResponse {
+    pub fn from_answer(a: Answer, request_id: String) -> v1::CompleteResponse {
+        v1::CompleteResponse {
+            text: a.completion.text,
+            provider: a.provider.to_string(),
+            model: a.model.to_string(),
+            finish_reason: a.completion.finish_reason,
+            usage: a.completion.usage.map(|u| v1::Usage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+            }),
+            attempts: a.attempts.iter().map(v1::Attempt::from).collect(),
+            queue_wait_us: micros(a.queue_wait),
+            upstream_us: micros(a.upstream),
+            request_id,
+        }
+    }
+}
+
+impl From<&Attempt> for v1::Attempt {
+    fn from(a: &Attempt) -> v1::Attempt {
+        v1::Attempt {
+            provider: a.provider.to_string(),
+            model: a.model.to_string(),
+            kind: v1::FailureKind::from(a.kind).into(),
+            http_status: a.http_status.map(u32::from).unwrap_or_default(),
+            error: a.error.clone(),
+            tries: a.tries,
+            elapsed_us: micros(a.elapsed),
+        }
+    }
+}
+
+impl From<FailureKind> for v1::FailureKind {
+    fn from(k: FailureKind) -> v1::FailureKind {
+        match k {
+            FailureKind::Connect => v1::FailureKind::Connect,
+            FailureKind::Timeout => v1::FailureKind::Timeout,
+            FailureKind::Io => v1::FailureKind::Io,
+            FailureKind::ServerError => v1::FailureKind::ServerError,
+            FailureKind::RateLimited => v1::FailureKind::RateLimited,
+            FailureKind::Unauthorized => v1::FailureKind::Unauthorized,
+            FailureKind::Rejected => v1::FailureKind::Rejected,
+            FailureKind::Malformed => v1::FailureKind::Malformed,
+            FailureKind::CircuitOpen => v1::FailureKind::CircuitOpen,
+            FailureKind::CoolingDown => v1::FailureKind::CoolingDown,
+            FailureKind::NoTimeLeft => v1::FailureKind::NoTimeLeft,
+        }
+    }
+}
+
+impl From<Circuit> for v1::CircuitState {
+    fn from(c: Circuit) -> v1::CircuitState {
+        match c {
+            Circuit::Closed => v1::CircuitState::Closed,
+            Circuit::Open => v1::CircuitState::Open,
+            Circuit::HalfOpen => v1::CircuitState::HalfOpen,
+        }
+    }
+}
+
+impl From<RouterError> for v1::ItemError {
+    fn from(e: RouterError) -> v1::ItemError {
+        v1::ItemError {
+            code: e.code() as i32,
+            attempts: e.attempts().iter().map(v1::Attempt::from).collect(),
+            message: e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(prompt: &str, messages: usize) -> v1::CompleteRequest {
+        v1::CompleteRequest {
+            prompt: prompt.into(),
+            messages: (0..messages)
+                .map(|_| v1::ChatMessage {
+                    role: "user".into(),
+                    content: "hi".into(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn exactly_one_of_prompt_and_messages() {
+        assert!(CompletionRequest::try_from(req("hi", 0)).is_ok());
+        assert!(CompletionRequest::try_from(req("", 2)).is_ok());
+        assert!(CompletionRequest::try_from(req("", 0)).is_err());
+        assert!(CompletionRequest::try_from(req("hi", 1)).is_err());
+    }
+
+    #[test]
+    fn out_of_range_params_are_invalid() {
+        let mut r = req("hi", 0);
+        r.temperature = Some(2.5);
+        assert!(matches!(
+            CompletionRequest::try_from(r),
+            Err(RouterError::InvalidArgument(_))
+        ));
+        let mut r = req("hi", 0);
+        r.max_tokens = Some(0);
+        assert!(CompletionRequest::try_from(r).is_err());
+        let mut r = req("", 1);
+        r.messages[0].role = "robot".into();
+        let e = CompletionRequest::try_from(r).unwrap_err().to_string();
+        assert!(e.contains("messages[0].role"), "{e}");
+    }
+}

@@ -1,0 +1,192 @@
+//! The pooled HTTP client every network provider owns, and the one place upstream HTTP
+//! outcomes are classified into [`ProviderError`]s.
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::{
+    Client, StatusCode, Url,
+    header::{HeaderMap, RETRY_AFTER},
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::ProviderError;
+use crate::{completion::FailureKind, config::ProviderConfig};
+
+/// Largest upstream body read; bigger ones are malformed for our purposes.
+const MAX_BODY: usize = 32 << 20;
+/// A `Retry-After` longer than this is capped: the provider is probed again after it.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+/// How much of an error body is quoted back.
+const ERROR_SNIPPET: usize = 200;
+
+/// One pooled client per provider: keep-alive with an idle timeout below common servers'
+/// keep-alive, TCP_NODELAY, HTTP/2 through ALPN on TLS (or prior knowledge when configured).
+pub fn client(config: &ProviderConfig, headers: HeaderMap) -> Result<Client, reqwest::Error> {
+    let http = &config.http;
+    let mut b = Client::builder()
+        .default_headers(headers)
+        .pool_idle_timeout(http.pool_idle_timeout)
+        .pool_max_idle_per_host(http.pool_max_idle_per_host)
+        .connect_timeout(http.connect_timeout)
+        .tcp_nodelay(true)
+        .tcp_keepalive(Duration::from_secs(30))
+        .user_agent(concat!("cascade-router/", env!("CARGO_PKG_VERSION")));
+    if http.http2_prior_knowledge {
+        b = b.http2_prior_knowledge();
+    }
+    b.build()
+}
+
+/// Joins an endpoint path onto a base URL whose path has no trailing slash.
+pub fn join(base: &Url, path: &str) -> Url {
+    let mut u = base.clone();
+    let joined = format!("{}{}", base.path().trim_end_matches('/'), path);
+    u.set_path(&joined);
+    u
+}
+
+/// POSTs `body` as JSON and decodes a JSON answer, classifying every failure.
+pub async fn post_json<B: Serialize + ?Sized, R: DeserializeOwned>(
+    client: &Client,
+    url: &Url,
+    body: &B,
+) -> Result<R, ProviderError> {
+    let mut resp = client
+        .post(url.clone())
+        .json(body)
+        .send()
+        .await
+        .map_err(transport_error)?;
+    let status = resp.status();
+    if let Some(len) = resp.content_length()
+        && len > MAX_BODY as u64
+    {
+        return Err(ProviderError::new(
+            FailureKind::Malformed,
+            format!("body of {len} bytes is over the {MAX_BODY}-byte limit"),
+        ));
+    }
+    let retry_after = retry_after(resp.headers());
+    let mut bytes = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
+        if bytes.len() + chunk.len() > MAX_BODY {
+            return Err(ProviderError::new(
+                FailureKind::Malformed,
+                format!("body over the {MAX_BODY}-byte limit"),
+            ));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    if !status.is_success() {
+        return Err(status_error(status, &bytes, retry_after));
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ProviderError::new(FailureKind::Malformed, format!("unexpected JSON: {e}")))
+}
+
+fn transport_error(e: reqwest::Error) -> ProviderError {
+    let kind = if e.is_connect() {
+        FailureKind::Connect
+    } else if e.is_timeout() {
+        FailureKind::Timeout
+    } else {
+        FailureKind::Io
+    };
+    // The innermost cause says what happened ("Connection refused"); the URL is left out.
+    let root = root_cause(&e);
+    let e = e.without_url();
+    let message = match root {
+        Some(root) => format!("{e}: {root}"),
+        None => e.to_string(),
+    };
+    ProviderError::new(kind, message)
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = e.source()?;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    Some(cur.to_string())
+}
+
+fn status_error(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> ProviderError {
+    let kind = match status.as_u16() {
+        429 => FailureKind::RateLimited,
+        401 | 403 => FailureKind::Unauthorized,
+        408 => FailureKind::Timeout,
+        400..=499 => FailureKind::Rejected,
+        500..=599 => FailureKind::ServerError,
+        _ => FailureKind::Malformed,
+    };
+    let text = String::from_utf8_lossy(body);
+    let snippet: String = text.chars().take(ERROR_SNIPPET).collect();
+    ProviderError {
+        kind,
+        http_status: Some(status.as_u16()),
+        message: format!("HTTP {status}: {}", snippet.trim()),
+        retry_after,
+    }
+}
+
+/// Parses `Retry-After` as seconds or an HTTP date, capped at [`MAX_RETRY_AFTER`].
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let d = match v.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+            Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64()))
+        }
+        Ok(_) => return None,
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+    };
+    Some(d.min(MAX_RETRY_AFTER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn with(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert(RETRY_AFTER, v);
+        }
+        h
+    }
+
+    #[test]
+    fn retry_after_seconds_date_and_cap() {
+        assert_eq!(retry_after(&with("2")), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(&with("99999")), Some(MAX_RETRY_AFTER));
+        let future = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        let d = retry_after(&with(&future)).unwrap();
+        assert!(
+            d > Duration::from_secs(25) && d <= Duration::from_secs(30),
+            "{d:?}"
+        );
+        assert_eq!(retry_after(&with("soon")), None);
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        let k = |s: u16| status_error(StatusCode::from_u16(s).unwrap(), b"", None).kind;
+        assert_eq!(k(429), FailureKind::RateLimited);
+        assert_eq!(k(401), FailureKind::Unauthorized);
+        assert_eq!(k(422), FailureKind::Rejected);
+        assert_eq!(k(503), FailureKind::ServerError);
+    }
+
+    #[test]
+    fn join_keeps_base_path() {
+        let base = Url::parse("http://127.0.0.1:8000/v1").unwrap();
+        assert_eq!(
+            join(&base, "/completions").as_str(),
+            "http://127.0.0.1:8000/v1/completions"
+        );
+    }
+}

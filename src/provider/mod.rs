@@ -1,0 +1,104 @@
+//! Upstream model APIs, one module each behind the [`Provider`] trait.
+//!
+//! Every network provider owns one pooled `reqwest::Client` (see [`http`]), built once at start
+//! and shared by all requests, so connections are reused across calls.
+
+pub mod anthropic;
+pub mod http;
+pub mod ollama;
+pub mod openai;
+pub mod simulated;
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+
+use crate::{
+    completion::{Completion, CompletionRequest, FailureKind},
+    config::{ProviderConfig, ProviderKind},
+};
+
+/// A model API. Dropping the returned future cancels the upstream request.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    async fn complete(
+        &self,
+        model: &str,
+        request: &CompletionRequest,
+    ) -> Result<Completion, ProviderError>;
+}
+
+/// Why one upstream try failed, classified so the cascade knows what to do next.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ProviderError {
+    pub kind: FailureKind,
+    pub http_status: Option<u16>,
+    /// Safe to show a client: never carries headers or keys.
+    pub message: String,
+    /// How long the provider asked to be left alone (429 / 503 `Retry-After`).
+    pub retry_after: Option<Duration>,
+}
+
+impl ProviderError {
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> ProviderError {
+        ProviderError {
+            kind,
+            http_status: None,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// Transient faults worth another try on the same provider, after a backoff.
+    /// Refused connections are not: the server is down, the next provider is the better bet.
+    pub fn retry_same_provider(&self) -> bool {
+        matches!(
+            self.kind,
+            FailureKind::Timeout
+                | FailureKind::Io
+                | FailureKind::ServerError
+                | FailureKind::Malformed
+        )
+    }
+
+    /// Whether the failure speaks against the provider's health (counts toward its breaker).
+    /// Rate limits and rejected requests do not: the provider is up and answering.
+    pub fn counts_against_provider(&self) -> bool {
+        !matches!(self.kind, FailureKind::RateLimited | FailureKind::Rejected)
+    }
+}
+
+/// Builds the provider a validated config entry describes.
+pub fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>, reqwest::Error> {
+    let endpoint = config.endpoint.clone();
+    Ok(match (config.kind, endpoint) {
+        (ProviderKind::OpenAi | ProviderKind::Grok, Some(base)) => {
+            Arc::new(openai::OpenAi::new(config, &base)?)
+        }
+        (ProviderKind::Ollama, Some(base)) => Arc::new(ollama::Ollama::new(config, &base)?),
+        (ProviderKind::Anthropic, Some(base)) => {
+            Arc::new(anthropic::Anthropic::new(config, &base)?)
+        }
+        (ProviderKind::Simulated, _) | (_, None) => {
+            Arc::new(simulated::Simulated::new(config.simulated_latency))
+        }
+    })
+}
+
+/// A chat message as OpenAI-shaped and Ollama APIs take it.
+#[derive(serde::Serialize)]
+pub(crate) struct WireMessage<'a> {
+    pub role: &'a str,
+    pub content: &'a str,
+}
+
+pub(crate) fn wire_messages(messages: &[crate::completion::ChatMessage]) -> Vec<WireMessage<'_>> {
+    messages
+        .iter()
+        .map(|m| WireMessage {
+            role: m.role.as_str(),
+            content: &m.content,
+        })
+        .collect()
+}

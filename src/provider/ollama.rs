@@ -1,0 +1,145 @@
+//! Ollama's native API: `/api/generate` for prompts, `/api/chat` for messages.
+
+use async_trait::async_trait;
+use reqwest::{Client, Url, header::HeaderMap};
+use serde::{Deserialize, Serialize};
+
+use super::{Provider, ProviderError, WireMessage, http, wire_messages};
+use crate::{
+    completion::{Completion, CompletionRequest, GenParams, Input, Usage},
+    config::ProviderConfig,
+};
+
+pub struct Ollama {
+    client: Client,
+    generate: Url,
+    chat: Url,
+}
+
+impl Ollama {
+    pub fn new(config: &ProviderConfig, base: &Url) -> Result<Ollama, reqwest::Error> {
+        Ok(Ollama {
+            client: http::client(config, HeaderMap::new())?,
+            generate: http::join(base, "/api/generate"),
+            chat: http::join(base, "/api/chat"),
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct Options<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    num_predict: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+}
+
+impl<'a> From<&'a GenParams> for Options<'a> {
+    fn from(p: &'a GenParams) -> Self {
+        Options {
+            num_predict: p.max_tokens,
+            temperature: p.temperature,
+            stop: &p.stop,
+            seed: p.seed,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct GenerateBody<'a> {
+    model: &'a str,
+    prompt: &'a str,
+    stream: bool,
+    options: Options<'a>,
+}
+
+#[derive(Serialize)]
+struct ChatBody<'a> {
+    model: &'a str,
+    messages: Vec<WireMessage<'a>>,
+    stream: bool,
+    options: Options<'a>,
+}
+
+#[derive(Deserialize)]
+struct GenerateResponse {
+    response: String,
+    #[serde(flatten)]
+    tail: Tail,
+}
+
+#[derive(Deserialize)]
+struct ChatResponse {
+    message: ChatReply,
+    #[serde(flatten)]
+    tail: Tail,
+}
+
+#[derive(Deserialize)]
+struct ChatReply {
+    #[serde(default)]
+    content: String,
+}
+
+/// Fields both endpoints end their answer with.
+#[derive(Deserialize)]
+struct Tail {
+    done_reason: Option<String>,
+    prompt_eval_count: Option<u32>,
+    eval_count: Option<u32>,
+}
+
+impl Tail {
+    fn finish(self, text: String) -> Completion {
+        let usage = match (self.prompt_eval_count, self.eval_count) {
+            (None, None) => None,
+            (p, c) => Some(Usage {
+                prompt_tokens: p.unwrap_or_default(),
+                completion_tokens: c.unwrap_or_default(),
+            }),
+        };
+        Completion {
+            text,
+            finish_reason: self.done_reason.unwrap_or_default(),
+            usage,
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for Ollama {
+    async fn complete(
+        &self,
+        model: &str,
+        request: &CompletionRequest,
+    ) -> Result<Completion, ProviderError> {
+        let options = Options::from(&request.params);
+        match &request.input {
+            Input::Prompt(prompt) => {
+                let body = GenerateBody {
+                    model,
+                    prompt,
+                    stream: false,
+                    options,
+                };
+                let r: GenerateResponse =
+                    http::post_json(&self.client, &self.generate, &body).await?;
+                Ok(r.tail.finish(r.response))
+            }
+            Input::Chat(messages) => {
+                let body = ChatBody {
+                    model,
+                    messages: wire_messages(messages),
+                    stream: false,
+                    options,
+                };
+                let r: ChatResponse = http::post_json(&self.client, &self.chat, &body).await?;
+                Ok(r.tail.finish(r.message.content))
+            }
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Resolves what a request asks for — a model, a fallback chain, an agent's assignment or the
+//! default — to an ordered list of [`Target`]s, then hands it to the [`Cascade`].
+//!
+//! Routes are computed once from the config, so a lookup is one hash-map probe.
+
+use std::{collections::HashMap, sync::Arc};
+
+use tokio::time::Instant;
+
+use crate::{
+    cascade::{Cascade, Target, Upstream},
+    completion::{Answer, CompletionRequest},
+    config::Config,
+    error::RouterError,
+};
+
+/// Name → targets, precomputed from the cascade file.
+#[derive(Debug)]
+pub struct Routes {
+    by_name: HashMap<String, Arc<[Target]>>,
+    /// Every usable provider's default model, in priority order.
+    default: Arc<[Target]>,
+    /// Agent id → model or chain name.
+    assignments: HashMap<String, String>,
+}
+
+impl Routes {
+    pub fn new(config: &Config) -> Routes {
+        let providers = &config.providers;
+        let for_model = |model: &str| -> Vec<Target> {
+            providers
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.models.iter().any(|m| m == model))
+                .map(|(i, _)| Target {
+                    upstream: i,
+                    model: model.into(),
+                })
+                .collect()
+        };
+        let mut by_name: HashMap<String, Arc<[Target]>> = config
+            .models
+            .iter()
+            .map(|m| (m.clone(), for_model(m).into()))
+            .collect();
+        // Chains win over a model of the same name (the config warns about it).
+        for (chain, models) in &config.chains {
+            let mut targets: Vec<Target> = Vec::new();
+            for t in models.iter().flat_map(|m| for_model(m)) {
+                if !targets.contains(&t) {
+                    targets.push(t);
+                }
+            }
+            by_name.insert(chain.clone(), targets.into());
+        }
+        let default = providers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Target {
+                upstream: i,
+                model: p.default_model().into(),
+            })
+            .collect();
+        Routes {
+            by_name,
+            default,
+            assignments: config
+                .assignments
+                .iter()
+                .map(|(a, m)| (a.clone(), m.clone()))
+                .collect(),
+        }
+    }
+
+    /// The targets for a request's `model` and `agent`.
+    pub fn resolve(&self, model: &str, agent: &str) -> Result<&Arc<[Target]>, RouterError> {
+        let name = match (model, self.assignments.get(agent)) {
+            ("", Some(assigned)) => assigned.as_str(),
+            ("", None) => return Ok(&self.default),
+            (named, _) => named,
+        };
+        self.by_name.get(name).ok_or_else(|| {
+            let mut known: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            let more = known.len().saturating_sub(20);
+            known.truncate(20);
+            let mut list = known.join(", ");
+            if more > 0 {
+                list.push_str(&format!(" and {more} more"));
+            }
+            RouterError::UnknownModel {
+                model: name.into(),
+                known: list,
+            }
+        })
+    }
+}
+
+/// The request path behind the gRPC edge.
+pub struct Router {
+    routes: Routes,
+    cascade: Cascade,
+}
+
+impl Router {
+    pub fn new(config: &Config) -> Result<Router, reqwest::Error> {
+        Ok(Router {
+            routes: Routes::new(config),
+            cascade: Cascade::new(config)?,
+        })
+    }
+
+    /// Answers one request before `deadline`, or says why not.
+    pub async fn complete(
+        &self,
+        request: &CompletionRequest,
+        deadline: Instant,
+    ) -> Result<Answer, RouterError> {
+        let targets = self.routes.resolve(&request.model, &request.agent)?;
+        if targets.is_empty() {
+            return Err(RouterError::Unavailable {
+                reason: "no enabled provider serves this model",
+                attempts: Vec::new(),
+            });
+        }
+        self.cascade.run(targets, request, deadline).await
+    }
+
+    /// Providers in priority order, with their live state.
+    pub fn upstreams(&self) -> &[Upstream] {
+        self.cascade.upstreams()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    const YAML: &str = r#"
+providers:
+  - {name: b, type: simulated, priority: 2, models: [small, big]}
+  - {name: a, type: simulated, priority: 1, models: [{name: big, default: true}]}
+  - {name: off, type: simulated, enabled: false, models: [ghost]}
+fallback_chains:
+  cheap_first: [small, big]
+agent_model_assignments:
+  triage: cheap_first
+"#;
+
+    fn routes() -> Routes {
+        let c = config::parse(YAML, "t", &|_| None).unwrap();
+        Routes::new(&c)
+    }
+
+    fn names(r: &Routes, model: &str, agent: &str) -> Vec<(usize, String)> {
+        r.resolve(model, agent)
+            .unwrap()
+            .iter()
+            .map(|t| (t.upstream, t.model.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn model_goes_to_every_provider_listing_it_by_priority() {
+        // Index 0 is provider a (priority 1), index 1 is b.
+        assert_eq!(
+            names(&routes(), "big", ""),
+            [(0, "big".into()), (1, "big".into())]
+        );
+    }
+
+    #[test]
+    fn chain_walks_models_in_order_without_repeats() {
+        let want = [(1, "small".into()), (0, "big".into()), (1, "big".into())];
+        assert_eq!(names(&routes(), "cheap_first", ""), want);
+        assert_eq!(names(&routes(), "", "triage"), want, "agent assignment");
+    }
+
+    #[test]
+    fn default_is_each_providers_default_model() {
+        assert_eq!(
+            names(&routes(), "", "someone"),
+            [(0, "big".into()), (1, "small".into())]
+        );
+    }
+
+    #[test]
+    fn disabled_only_model_resolves_empty_and_unknown_is_an_error() {
+        assert!(names(&routes(), "ghost", "").is_empty());
+        let err = routes().resolve("nope", "").unwrap_err();
+        assert!(err.to_string().contains("cheap_first"), "{err}");
+    }
+}

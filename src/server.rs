@@ -1,0 +1,219 @@
+//! The gRPC edge: `cascade.v1.Router` plus health and reflection, the caller's deadline,
+//! and proto ↔ domain conversion. Everything behind it works on domain values.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinSet, time::Instant};
+use tonic::{Request, Response, Status, codegen::http, transport::server::TcpIncoming};
+
+use crate::{
+    completion::CompletionRequest,
+    config::ServerConfig,
+    error::RouterError,
+    proto::{
+        self,
+        v1::{self, router_server::RouterServer},
+    },
+    router::Router,
+};
+
+/// Answer DEADLINE_EXCEEDED this much before the client's deadline, so that our status, not
+/// tonic's own timer (which answers CANCELLED), reaches the client.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(1);
+
+/// When the request arrived, stamped by a layer in front of every handler.
+#[derive(Clone, Copy, Debug)]
+struct Arrival(Instant);
+
+pub struct RouterService {
+    router: Arc<Router>,
+    config: ServerConfig,
+}
+
+impl RouterService {
+    pub fn new(router: Arc<Router>, config: ServerConfig) -> RouterService {
+        RouterService { router, config }
+    }
+
+    /// The caller's deadline from `grpc-timeout`, or the configured default.
+    fn deadline<T>(&self, req: &Request<T>) -> Instant {
+        let arrival = req
+            .extensions()
+            .get::<Arrival>()
+            .map_or_else(Instant::now, |a| a.0);
+        let timeout = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map(|t| t.saturating_sub(DEADLINE_MARGIN))
+            .unwrap_or(self.config.request_timeout);
+        arrival + timeout
+    }
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[tonic::async_trait]
+impl v1::router_server::Router for RouterService {
+    async fn complete(
+        &self,
+        req: Request<v1::CompleteRequest>,
+    ) -> Result<Response<v1::CompleteResponse>, Status> {
+        let deadline = self.deadline(&req);
+        let request = CompletionRequest::try_from(req.into_inner())?;
+        let answer = self.router.complete(&request, deadline).await?;
+        Ok(Response::new(v1::CompleteResponse::from_answer(
+            answer,
+            request.request_id,
+        )))
+    }
+
+    async fn complete_batch(
+        &self,
+        req: Request<v1::CompleteBatchRequest>,
+    ) -> Result<Response<v1::CompleteBatchResponse>, Status> {
+        let deadline = self.deadline(&req);
+        let items = req.into_inner().requests;
+        if items.len() > self.config.max_batch_items {
+            return Err(RouterError::InvalidArgument(format!(
+                "{} requests in one batch; at most {} (server.max_batch_items)",
+                items.len(),
+                self.config.max_batch_items
+            ))
+            .into());
+        }
+        let mut results: Vec<Option<v1::BatchResult>> = vec![None; items.len()];
+        // Dropping the set (the caller went away) aborts every item's upstream work.
+        let mut tasks = JoinSet::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let router = self.router.clone();
+            tasks.spawn(async move {
+                let result = match CompletionRequest::try_from(item) {
+                    Err(e) => v1::batch_result::Result::Error(e.into()),
+                    Ok(r) => match router.complete(&r, deadline).await {
+                        Ok(a) => v1::batch_result::Result::Response(
+                            v1::CompleteResponse::from_answer(a, r.request_id),
+                        ),
+                        Err(e) => v1::batch_result::Result::Error(e.into()),
+                    },
+                };
+                (i, result)
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let (i, result) =
+                joined.map_err(|e| Status::internal(format!("batch item task failed: {e}")))?;
+            if let Some(slot) = results.get_mut(i) {
+                *slot = Some(v1::BatchResult {
+                    result: Some(result),
+                });
+            }
+        }
+        Ok(Response::new(v1::CompleteBatchResponse {
+            results: results.into_iter().map(Option::unwrap_or_default).collect(),
+        }))
+    }
+
+    async fn list_providers(
+        &self,
+        _req: Request<v1::ListProvidersRequest>,
+    ) -> Result<Response<v1::ListProvidersResponse>, Status> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let providers = self
+            .router
+            .upstreams()
+            .iter()
+            .map(|u| v1::ProviderStatus {
+                name: u.name.to_string(),
+                r#type: u.config.kind.as_str().into(),
+                priority: u.config.priority,
+                circuit: v1::CircuitState::from(u.breaker.circuit()).into(),
+                requests: u.stats.requests.load(Relaxed),
+                successes: u.stats.successes.load(Relaxed),
+                failures: u.stats.failures.load(Relaxed),
+                mean_latency_ms: u.stats.mean_latency().as_secs_f64() * 1e3,
+                models: u.config.models.clone(),
+                cooling_down_ms: u64::try_from(u.breaker.cooling_down_for().as_millis())
+                    .unwrap_or(u64::MAX),
+            })
+            .collect();
+        Ok(Response::new(v1::ListProvidersResponse { providers }))
+    }
+}
+
+/// Errors that stop the server from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves `cascade.v1.Router`, `grpc.health.v1.Health` and reflection (v1 and v1alpha) on
+/// `listener` until `shutdown` completes.
+pub async fn serve(
+    router: Arc<Router>,
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<RouterServer<RouterService>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let stamp =
+        tower::ServiceBuilder::new().map_request(|mut r: http::Request<tonic::body::Body>| {
+            r.extensions_mut().insert(Arrival(Instant::now()));
+            r
+        });
+    tonic::transport::Server::builder()
+        .http2_adaptive_window(Some(true))
+        .layer(stamp)
+        .add_service(RouterServer::new(RouterService::new(router, config)))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("200m"), Some(Duration::from_millis(200)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("123456789m"), None, "more than 8 digits");
+        assert_eq!(parse_grpc_timeout("5x"), None);
+    }
+}
