@@ -17,9 +17,13 @@ use crate::{
     router::Router,
 };
 
-/// Answer DEADLINE_EXCEEDED this much before the client's deadline, so that our status, not
-/// tonic's own timer (which answers CANCELLED), reaches the client.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(1);
+/// We give up a little before the client's deadline — 5% of it, between 1 and 25 ms — so
+/// that our DEADLINE_EXCEEDED, with its list of attempts, reaches the client before the
+/// client's own timer fires (tonic clients report that as a bare CANCELLED) and before tonic's
+/// server-side timer does the same.
+fn deadline_margin(timeout: Duration) -> Duration {
+    (timeout / 20).clamp(Duration::from_millis(1), Duration::from_millis(25))
+}
 
 /// When the request arrived, stamped by a layer in front of every handler.
 #[derive(Clone, Copy, Debug)]
@@ -46,7 +50,7 @@ impl RouterService {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
-            .map(|t| t.saturating_sub(DEADLINE_MARGIN))
+            .map(|t| t.saturating_sub(deadline_margin(t)))
             .unwrap_or(self.config.request_timeout);
         arrival + timeout
     }
