@@ -19,6 +19,7 @@
 //! - [`provider`]: one module per upstream API behind one trait, each with a pooled client.
 //! - [`config`]: the cascade file: raw serde structs → validation → runtime values.
 //! - [`error`]: the router's error type and its one mapping to `tonic::Status`.
+//! - [`load`]: the load harness (`cascade-router load`) and a bare tonic server for baselines.
 //! - [`mock`]: a real HTTP model server with scripted latency and faults, for tests and demos.
 
 pub mod breaker;
@@ -26,6 +27,7 @@ pub mod cascade;
 pub mod completion;
 pub mod config;
 pub mod error;
+pub mod load;
 pub mod mock;
 pub mod proto;
 pub mod provider;

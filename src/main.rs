@@ -4,6 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 
 use cascade_router::{
     config::{self, Config},
+    load,
     mock::{Fault, MockServer, Script},
     router::Router,
     server,
@@ -53,7 +54,58 @@ enum Command {
         /// Fraction of requests that get the fault.
         #[arg(long, default_value_t = 1.0)]
         fault_rate: f64,
+        /// Serve TLS with a self-signed certificate made now, written (PEM) to this file.
+        #[arg(long)]
+        tls_cert_out: Option<PathBuf>,
     },
+    /// Load-test the router over gRPC (or an OpenAI-shaped HTTP server directly).
+    Load(LoadArgs),
+    /// A bare tonic server answering Complete with a constant: the gRPC ceiling baseline.
+    #[command(hide = true)]
+    BareServer {
+        #[arg(long, default_value = "127.0.0.1:50052")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// The router's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    addr: String,
+    /// Load this OpenAI-shaped base URL (with /v1) directly instead of the router.
+    #[arg(long)]
+    http: Option<String>,
+    /// Requests in flight at most (closed loop: workers).
+    #[arg(short, long, default_value_t = 50)]
+    concurrency: usize,
+    /// Requests to send (default 200 when no --duration).
+    #[arg(short = 'n', long)]
+    requests: Option<u64>,
+    /// Seconds to run; with --requests, whichever ends first.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Requests per second, open loop (latency counted from each request's due time).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// gRPC channels (HTTP/2 connections) or HTTP clients.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Unrecorded requests sent first.
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    /// Request template as JSON; `{{n}}` in the prompt becomes the request number.
+    #[arg(short, long, default_value = r#"{"prompt":"hello {{n}}"}"#)]
+    data: String,
+    /// JSONL file of request templates, used in turn (overrides --data).
+    #[arg(long)]
+    data_file: Option<PathBuf>,
+    /// Deadline per request, in seconds.
+    #[arg(long, default_value_t = 20.0)]
+    timeout: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -75,6 +127,29 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Load(args) => match runtime.block_on(load_test(args)) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::BareServer { listen } => runtime.block_on(async {
+            let served = match tokio::net::TcpListener::bind(listen).await {
+                Ok(l) => load::bare::serve(l).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match served {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
         Command::Check { config } => match load(Some(config)) {
             Ok(c) => {
                 println!(
@@ -104,6 +179,7 @@ fn main() -> ExitCode {
             concurrency,
             fault,
             fault_rate,
+            tls_cert_out,
         } => {
             let script = Script {
                 base_latency: Duration::from_secs_f64(latency_ms.max(0.0) / 1e3),
@@ -114,7 +190,14 @@ fn main() -> ExitCode {
                 reject_marker: None,
             };
             runtime.block_on(async {
-                match MockServer::bind(listen, script).await {
+                let started = match tls_cert_out {
+                    None => MockServer::bind(listen, script).await,
+                    Some(path) => match MockServer::bind_tls(listen, script).await {
+                        Ok((mock, pem)) => std::fs::write(&path, pem).map(|()| mock),
+                        Err(e) => Err(e),
+                    },
+                };
+                match started {
                     Ok(mock) => {
                         tracing::info!(addr = %mock.addr(), "mock provider listening");
                         tokio::select! {
@@ -131,6 +214,35 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+async fn load_test(args: LoadArgs) -> Result<String, String> {
+    let data = match &args.data_file {
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => args.data.clone(),
+    };
+    let spec = load::Spec {
+        target: match args.http {
+            Some(url) => load::Target::Http(url),
+            None => load::Target::Grpc(args.addr),
+        },
+        concurrency: args.concurrency,
+        connections: args.connections,
+        requests: args.requests,
+        duration: args.duration.map(Duration::from_secs_f64),
+        rate: args.rate,
+        warmup: args.warmup,
+        templates: load::templates(&data)?,
+        timeout: Duration::from_secs_f64(args.timeout),
+    };
+    let report = load::run(spec).await.map_err(|e| e.to_string())?;
+    Ok(if args.json {
+        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+    } else {
+        load::render(&report)
+    })
 }
 
 /// Loads and validates the cascade file; a bad one prints one line and means exit code 2.

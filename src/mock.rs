@@ -38,6 +38,10 @@ use tokio::{
     sync::{Notify, Semaphore},
     task::JoinHandle,
 };
+use tokio_rustls::{
+    TlsAcceptor, rustls,
+    rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
+};
 
 /// What the mock does with each request. Tests may change it while the server runs.
 #[derive(Clone, Debug)]
@@ -174,8 +178,24 @@ impl MockServer {
             counters: Counters::default(),
             changed: Notify::new(),
         });
-        let task = tokio::spawn(accept_loop(listener, shared.clone()));
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), None));
         Ok(MockServer { addr, shared, task })
+    }
+
+    /// Like [`MockServer::bind`], serving TLS (HTTP/1.1) with a self-signed certificate for
+    /// `localhost` and `127.0.0.1`, made now; returns the certificate as PEM for clients to trust.
+    pub async fn bind_tls(addr: SocketAddr, script: Script) -> io::Result<(MockServer, String)> {
+        let (acceptor, pem) = self_signed().map_err(io::Error::other)?;
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            gate: Semaphore::new(script.max_concurrency.max(1)),
+            script: Mutex::new(script),
+            counters: Counters::default(),
+            changed: Notify::new(),
+        });
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), Some(acceptor)));
+        Ok((MockServer { addr, shared, task }, pem))
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -236,7 +256,20 @@ pub fn reply(prompt: &str) -> String {
     format!("mock reply to: {prompt}")
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+fn self_signed() -> Result<(TlsAcceptor, String), Box<dyn std::error::Error + Send + Sync>> {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(names)?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(signing_key.serialize_der()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((TlsAcceptor::from(Arc::new(config)), cert.pem()))
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // Out of file descriptors and the like: back off instead of spinning.
@@ -246,11 +279,17 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let _ = stream.set_nodelay(true);
         shared.bump(&shared.counters.connections, 1);
         let shared = shared.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(shared.clone(), req));
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let _ = match tls {
+                None => builder.serve_connection(TokioIo::new(stream), svc).await,
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(stream) => builder.serve_connection(TokioIo::new(stream), svc).await,
+                    Err(_) => return,
+                },
+            };
         });
     }
 }

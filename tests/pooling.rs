@@ -30,3 +30,57 @@ async fn thousand_sequential_calls_open_a_handful_of_connections() {
         s.connections
     );
 }
+
+async fn tls_router(pool_idle: usize) -> (MockServer, RunningRouter, std::path::PathBuf) {
+    let (mock, pem) = MockServer::bind_tls("127.0.0.1:0".parse().unwrap(), Script::default())
+        .await
+        .unwrap();
+    let ca = std::env::temp_dir().join(format!(
+        "cascade-ca-{}-{}.pem",
+        std::process::id(),
+        mock.addr().port()
+    ));
+    std::fs::write(&ca, pem).unwrap();
+    let yaml = format!(
+        "providers:\n  - name: tls\n    type: openai\n    base_url: \"https://localhost:{}/v1\"\n    models: [m]\n    http: {{ca_file: \"{}\", pool_max_idle_per_host: {pool_idle}}}\n",
+        mock.addr().port(),
+        ca.display()
+    );
+    let router = start(&yaml).await;
+    (mock, router, ca)
+}
+
+#[tokio::test]
+async fn tls_upstream_is_pooled_and_pooling_can_be_turned_off() {
+    let (pooled, mut router, ca) = tls_router(64).await;
+    for i in 0..50 {
+        let r = router
+            .client
+            .complete(prompt(&format!("tls {i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.text, mock::reply(&format!("tls {i}")));
+    }
+    assert_eq!(
+        pooled.stats().connections,
+        1,
+        "one TLS connection reused for every call"
+    );
+    let _ = std::fs::remove_file(ca);
+
+    let (unpooled, mut router, ca) = tls_router(0).await;
+    for i in 0..10 {
+        router
+            .client
+            .complete(prompt(&format!("tls {i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        unpooled.stats().connections,
+        10,
+        "a new connection per call with the pool off"
+    );
+    let _ = std::fs::remove_file(ca);
+}

@@ -159,6 +159,8 @@ pub struct HttpConfig {
     pub pool_max_idle_per_host: usize,
     pub connect_timeout: Duration,
     pub http2_prior_knowledge: bool,
+    /// Extra CA certificates to trust, PEM.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// A cascade file that cannot be used, as one line: file, key, problem and fix.
@@ -616,6 +618,16 @@ impl Validator<'_> {
                 Some(v) => self.seconds(&format!("{at}.http.connect_timeout_seconds"), v, false)?,
             },
             http2_prior_knowledge: h.http2_prior_knowledge.unwrap_or(false),
+            ca_pem: match &h.ca_file {
+                None => None,
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    self.err(
+                        format!("{at}.http.ca_file"),
+                        format!("cannot read {path:?}: {e}"),
+                        "name a readable PEM file of CA certificates",
+                    )
+                })?),
+            },
         };
         let simulated_latency = match p.simulated.and_then(|s| s.latency_ms) {
             None => Duration::ZERO,

@@ -130,6 +130,8 @@ pub struct RawHttp {
     pub connect_timeout_seconds: Option<f64>,
     /// Speak HTTP/2 over plain TCP (h2c); TLS upstreams negotiate HTTP/2 on their own.
     pub http2_prior_knowledge: Option<bool>,
+    /// PEM file of extra CA certificates to trust (a private CA, a self-signed test server).
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -34,6 +34,11 @@ pub fn client(config: &ProviderConfig, headers: HeaderMap) -> Result<Client, req
     if http.http2_prior_knowledge {
         b = b.http2_prior_knowledge();
     }
+    if let Some(pem) = &http.ca_pem {
+        for cert in reqwest::Certificate::from_pem_bundle(pem)? {
+            b = b.add_root_certificate(cert);
+        }
+    }
     b.build()
 }
 

@@ -1,0 +1,496 @@
+//! The load harness behind `cascade-router load`: ghz's knobs (concurrency, total requests or
+//! duration, target rate, connections, request data from a template or a JSONL file) against
+//! the router over gRPC, or straight at an OpenAI-shaped HTTP upstream, so that "direct" and
+//! "through the router" are measured by the same client.
+//!
+//! With a target rate the load is open-loop: request `i` is due at `start + i / rate` and its
+//! latency counts from then, so a slow server cannot hide queueing by slowing the sender
+//! (coordinated omission). Latencies go into HDR histograms.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use tokio::{sync::Semaphore, task::JoinSet, time::Instant};
+use tonic::transport::Channel;
+
+use crate::proto::v1::{self, router_client::RouterClient};
+
+/// Where the load goes.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// `cascade.v1.Router/Complete` at this address (`host:port`).
+    Grpc(String),
+    /// `POST {base}/completions` (OpenAI shape), `base` including `/v1`.
+    Http(String),
+}
+
+/// One request's fields; `{{n}}` in `prompt` becomes the request's index.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Template {
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub prompt: String,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub agent: String,
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+impl Template {
+    fn prompt_for(&self, n: u64) -> String {
+        self.prompt.replace("{{n}}", &n.to_string())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub target: Target,
+    /// Requests in flight at most (closed loop: the number of workers).
+    pub concurrency: usize,
+    /// gRPC channels (HTTP/2 connections) or HTTP clients to spread requests over.
+    pub connections: usize,
+    /// Requests to send; with `duration`, whichever ends first.
+    pub requests: Option<u64>,
+    pub duration: Option<Duration>,
+    /// Requests per second, open loop; `None` sends as fast as `concurrency` allows.
+    pub rate: Option<f64>,
+    /// Requests sent first and not recorded (connections, caches and pools warm up).
+    pub warmup: u64,
+    pub templates: Vec<Template>,
+    /// Deadline sent with each request.
+    pub timeout: Duration,
+}
+
+/// Percentiles in microseconds.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Option<Percentiles> {
+        (!h.is_empty()).then(|| Percentiles {
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: h.mean(),
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub target: String,
+    pub requests: u64,
+    pub ok: u64,
+    /// Error counts by gRPC code or HTTP status.
+    pub errors: BTreeMap<String, u64>,
+    pub elapsed_s: f64,
+    pub throughput_rps: f64,
+    /// Client-observed latency (from the due time when a rate is set).
+    pub latency_us: Option<Percentiles>,
+    /// The router's `upstream_us` of successful answers (gRPC only).
+    pub upstream_us: Option<Percentiles>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("connecting to {0}: {1}")]
+    Connect(String, tonic::transport::Error),
+    #[error("building the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("{0}")]
+    Spec(String),
+}
+
+/// 1 µs .. 10 min at 3 significant digits.
+#[allow(clippy::expect_used)] // Constant, valid bounds: this cannot fail.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+struct Recorder {
+    latency: Mutex<Histogram<u64>>,
+    upstream: Mutex<Histogram<u64>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+    ok: AtomicU64,
+    sent: AtomicU64,
+}
+
+impl Recorder {
+    fn new() -> Recorder {
+        Recorder {
+            latency: Mutex::new(histogram()),
+            upstream: Mutex::new(histogram()),
+            errors: Mutex::default(),
+            ok: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, took: Duration, outcome: Result<Option<u64>, String>) {
+        self.sent.fetch_add(1, Relaxed);
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .latency
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record(us);
+        match outcome {
+            Ok(upstream) => {
+                self.ok.fetch_add(1, Relaxed);
+                if let Some(u) = upstream {
+                    let _ = self
+                        .upstream
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .record(u.max(1));
+                }
+            }
+            Err(code) => {
+                *self
+                    .errors
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(code)
+                    .or_default() += 1;
+            }
+        }
+    }
+}
+
+/// A connected client, one per `connections`.
+#[derive(Clone)]
+enum Client {
+    Grpc(RouterClient<Channel>),
+    Http(reqwest::Client, Arc<str>),
+}
+
+#[derive(Serialize)]
+struct HttpBody<'a> {
+    model: &'a str,
+    prompt: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+}
+
+impl Client {
+    async fn connect(target: &Target) -> Result<Client, LoadError> {
+        Ok(match target {
+            Target::Grpc(addr) => {
+                let uri = format!("http://{addr}");
+                let channel = Channel::from_shared(uri.clone())
+                    .map_err(|e| LoadError::Spec(format!("bad address {addr}: {e}")))?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+                    .map_err(|e| LoadError::Connect(uri, e))?;
+                Client::Grpc(RouterClient::new(channel))
+            }
+            Target::Http(base) => Client::Http(
+                reqwest::Client::builder().tcp_nodelay(true).build()?,
+                format!("{}/completions", base.trim_end_matches('/')).into(),
+            ),
+        })
+    }
+
+    /// Sends request `n`; `Ok` carries the router's `upstream_us` when there is one.
+    async fn send(
+        &mut self,
+        t: &Template,
+        n: u64,
+        timeout: Duration,
+    ) -> Result<Option<u64>, String> {
+        let prompt = t.prompt_for(n);
+        match self {
+            Client::Grpc(c) => {
+                let mut req = tonic::Request::new(v1::CompleteRequest {
+                    model: t.model.clone(),
+                    prompt,
+                    max_tokens: t.max_tokens,
+                    temperature: t.temperature,
+                    seed: t.seed,
+                    agent: t.agent.clone(),
+                    stop: t.stop.clone(),
+                    ..Default::default()
+                });
+                req.set_timeout(timeout);
+                match c.complete(req).await {
+                    Ok(r) => Ok(Some(r.into_inner().upstream_us)),
+                    Err(s) => Err(format!("{:?}", s.code())),
+                }
+            }
+            Client::Http(c, url) => {
+                let body = HttpBody {
+                    model: &t.model,
+                    prompt: &prompt,
+                    max_tokens: t.max_tokens,
+                    temperature: t.temperature,
+                };
+                let resp = c
+                    .post(url.as_ref())
+                    .timeout(timeout)
+                    .json(&body)
+                    .send()
+                    .await;
+                match resp {
+                    Ok(r) if r.status().is_success() => match r.bytes().await {
+                        Ok(_) => Ok(None),
+                        Err(_) => Err("body".into()),
+                    },
+                    Ok(r) => Err(format!("http {}", r.status().as_u16())),
+                    Err(e) if e.is_timeout() => Err("timeout".into()),
+                    Err(_) => Err("transport".into()),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the load described by `spec` and reports what it saw.
+pub async fn run(spec: Spec) -> Result<Report, LoadError> {
+    if spec.templates.is_empty() {
+        return Err(LoadError::Spec("no request template".into()));
+    }
+    if spec.concurrency == 0 || spec.connections == 0 {
+        return Err(LoadError::Spec(
+            "concurrency and connections must be at least 1".into(),
+        ));
+    }
+    if spec.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        return Err(LoadError::Spec("rate must be a positive number".into()));
+    }
+    let mut clients = Vec::with_capacity(spec.connections);
+    for _ in 0..spec.connections {
+        clients.push(Client::connect(&spec.target).await?);
+    }
+    let templates: Arc<[Template]> = spec.templates.clone().into();
+    if spec.warmup > 0 {
+        let warm = Spec {
+            requests: Some(spec.warmup),
+            duration: None,
+            rate: None,
+            ..spec.clone()
+        };
+        drive(
+            &warm,
+            &clients,
+            &templates,
+            Arc::new(Recorder::new()),
+            u64::MAX / 2,
+        )
+        .await;
+    }
+    let recorder = Arc::new(Recorder::new());
+    let started = Instant::now();
+    drive(&spec, &clients, &templates, recorder.clone(), 0).await;
+    let elapsed = started.elapsed();
+
+    let sent = recorder.sent.load(Relaxed);
+    let latency = recorder
+        .latency
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let upstream = recorder
+        .upstream
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    Ok(Report {
+        target: match &spec.target {
+            Target::Grpc(a) => format!("grpc://{a}"),
+            Target::Http(b) => b.clone(),
+        },
+        requests: sent,
+        ok: recorder.ok.load(Relaxed),
+        errors: recorder
+            .errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone(),
+        elapsed_s: elapsed.as_secs_f64(),
+        throughput_rps: sent as f64 / elapsed.as_secs_f64().max(1e-9),
+        latency_us: Percentiles::of(&latency),
+        upstream_us: Percentiles::of(&upstream),
+    })
+}
+
+/// Sends requests numbered from `first` until the count or the duration runs out.
+async fn drive(
+    spec: &Spec,
+    clients: &[Client],
+    templates: &Arc<[Template]>,
+    rec: Arc<Recorder>,
+    first: u64,
+) {
+    // Neither a count nor a duration: ghz's default of 200 requests.
+    let total = spec.requests.unwrap_or(if spec.duration.is_some() {
+        u64::MAX
+    } else {
+        200
+    });
+    let start = Instant::now();
+    let stop_at = spec.duration.map(|d| start + d);
+    let due = |i: u64| stop_at.is_none_or(|s| Instant::now() < s) && i < total;
+    let mut tasks = JoinSet::new();
+    match spec.rate {
+        None => {
+            let next = Arc::new(AtomicU64::new(0));
+            for w in 0..spec.concurrency {
+                let mut client = clients[w % clients.len()].clone();
+                let (next, rec, templates) = (next.clone(), rec.clone(), templates.clone());
+                let timeout = spec.timeout;
+                tasks.spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Relaxed);
+                        if !(stop_at.is_none_or(|s| Instant::now() < s) && i < total) {
+                            break;
+                        }
+                        let t = &templates[(i % templates.len() as u64) as usize];
+                        let began = Instant::now();
+                        let outcome = client.send(t, first + i, timeout).await;
+                        rec.record(began.elapsed(), outcome);
+                    }
+                });
+            }
+        }
+        Some(rate) => {
+            let in_flight = Arc::new(Semaphore::new(spec.concurrency));
+            let mut i = 0u64;
+            while due(i) {
+                let due_at = start + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(due_at).await;
+                // Waiting for a slot delays the send; that delay is charged to the latency.
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let mut client = clients[(i % clients.len() as u64) as usize].clone();
+                let (rec, templates) = (rec.clone(), templates.clone());
+                let timeout = spec.timeout;
+                tasks.spawn(async move {
+                    let t = &templates[(i % templates.len() as u64) as usize];
+                    let outcome = client.send(t, first + i, timeout).await;
+                    rec.record(due_at.elapsed(), outcome);
+                    drop(permit);
+                });
+                i += 1;
+                // Reap finished tasks so the set does not grow with the run.
+                while tasks.try_join_next().is_some() {}
+            }
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// The report as aligned text.
+pub fn render(r: &Report) -> String {
+    let pct = |p: &Option<Percentiles>| match p {
+        None => "-".to_string(),
+        Some(p) => format!(
+            "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  mean {:.0}",
+            p.p50, p.p90, p.p99, p.p999, p.max, p.mean
+        ),
+    };
+    let errors = if r.errors.is_empty() {
+        "none".to_string()
+    } else {
+        r.errors
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "target       {}\nrequests     {} (ok {})\nerrors       {}\nelapsed      {:.3} s\nthroughput   {:.0} req/s\nlatency µs   {}\nupstream µs  {}\n",
+        r.target,
+        r.requests,
+        r.ok,
+        errors,
+        r.elapsed_s,
+        r.throughput_rps,
+        pct(&r.latency_us),
+        pct(&r.upstream_us)
+    )
+}
+
+/// Parses `--data` (one JSON object) or a JSONL file's text (one per line).
+pub fn templates(text: &str) -> Result<Vec<Template>, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| format!("request data line {}: {e}", i + 1))
+        })
+        .collect()
+}
+
+/// A bare `cascade.v1.Router` that answers every Complete with a constant: the ceiling of
+/// what tonic on this machine can serve, to compare the router's hot path against.
+pub mod bare {
+    use tonic::{Request, Response, Status};
+
+    use crate::proto::v1::{self, router_server::Router};
+
+    pub struct Constant;
+
+    #[tonic::async_trait]
+    impl Router for Constant {
+        async fn complete(
+            &self,
+            _r: Request<v1::CompleteRequest>,
+        ) -> Result<Response<v1::CompleteResponse>, Status> {
+            Ok(Response::new(v1::CompleteResponse {
+                text: "constant".into(),
+                provider: "bare".into(),
+                ..Default::default()
+            }))
+        }
+
+        async fn complete_batch(
+            &self,
+            _r: Request<v1::CompleteBatchRequest>,
+        ) -> Result<Response<v1::CompleteBatchResponse>, Status> {
+            Err(Status::unimplemented(
+                "the bare server answers Complete only",
+            ))
+        }
+
+        async fn list_providers(
+            &self,
+            _r: Request<v1::ListProvidersRequest>,
+        ) -> Result<Response<v1::ListProvidersResponse>, Status> {
+            Ok(Response::new(v1::ListProvidersResponse::default()))
+        }
+    }
+
+    pub async fn serve(listener: tokio::net::TcpListener) -> Result<(), tonic::transport::Error> {
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        tonic::transport::Server::builder()
+            .add_service(v1::router_server::RouterServer::new(Constant))
+            .serve_with_incoming(incoming)
+            .await
+    }
+}
