@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Benchmark scenarios for cascade-router, on loopback only.
+
+Each scenario starts the mock upstream and the router (and, where it compares, a baseline),
+drives them with the project's load harness (`cascade-router load --json`), stops everything
+and prints a Markdown table. Figures are compared within one run, alternating A and B and
+taking the median of the repetitions, because these machines are shared and noisy.
+
+    python3 benches/scenarios.py all                 # the full run behind BENCHMARKS.md
+    python3 benches/scenarios.py overhead pooling    # some scenarios
+    python3 benches/scenarios.py all --smoke         # tiny counts: checks the scripts work (CI)
+
+--bin picks the binary (default target/release/cascade-router; build it first with
+`cargo build --release`).
+"""
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, timeout=30.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout} s")
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def status_kib(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class Bench:
+    def __init__(self, binary, smoke):
+        self.bin = binary
+        self.smoke = smoke
+        self.procs = []
+        self.tmp = tempfile.mkdtemp(prefix="cascade-bench-")
+
+    def spawn(self, args, port):
+        log = open(os.path.join(self.tmp, f"{args[0]}-{port}.log"), "w")
+        p = subprocess.Popen([self.bin, *map(str, args)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.procs.append(p)
+        wait_port(port, p)
+        return p
+
+    def stop(self, p):
+        p.terminate()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        self.procs.remove(p)
+
+    def stop_all(self):
+        for p in list(self.procs):
+            self.stop(p)
+
+    def mock(self, *extra):
+        port = free_port()
+        return self.spawn(["mock-provider", "--listen", f"127.0.0.1:{port}", *extra], port), port
+
+    def router(self, providers_yaml, cascade_yaml="cascade:\n  max_retries_per_provider: 0\n"):
+        port = free_port()
+        path = os.path.join(self.tmp, f"router-{port}.yaml")
+        with open(path, "w") as f:
+            f.write(cascade_yaml + "providers:\n" + providers_yaml)
+        return self.spawn(["serve", "--config", path, "--listen", f"127.0.0.1:{port}"], port), port
+
+    def load(self, *args):
+        out = subprocess.run([self.bin, "load", "--json", *map(str, args)], capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"load {' '.join(map(str, args))} failed: {out.stderr.strip()}")
+        report = json.loads(out.stdout)
+        if report["ok"] == 0:
+            raise RuntimeError(f"load {' '.join(map(str, args))}: no request succeeded: {report['errors']}")
+        return report
+
+
+def openai_provider(name, base, extra=""):
+    return (f"  - name: {name}\n    type: openai\n    base_url: \"{base}\"\n    models: [m]\n"
+            f"    max_concurrency: 20000\n{extra}")
+
+
+def med(values):
+    return statistics.median(values)
+
+
+def pct(report, key, which="latency_us"):
+    p = report.get(which)
+    return p[key] if p else 0
+
+
+DATA = '{"model":"m","prompt":"hello {{n}}"}'
+
+
+def overhead(b):
+    """Latency direct to the mock vs through the router at fixed offered rates."""
+    mock, mport = b.mock()
+    router, rport = b.router(openai_provider("mock", f"http://127.0.0.1:{mport}/v1"))
+    rates = [200, 500] if b.smoke else [1000, 5000, 10000]
+    reps, secs = (1, 0.5) if b.smoke else (3, 5)
+    common = ["-c", 512, "--connections", 8, "--warmup", 200, "-d", DATA, "--duration", secs]
+    rows = []
+    for rate in rates:
+        direct, routed, cpu = [], [], []
+        for _ in range(reps):
+            direct.append(b.load("--http", f"http://127.0.0.1:{mport}/v1", "--rate", rate, *common))
+            c0 = cpu_seconds(router.pid)
+            r = b.load("--addr", f"127.0.0.1:{rport}", "--rate", rate, *common)
+            cpu.append((cpu_seconds(router.pid) - c0) / (r["requests"] + 200) * 1e6)
+            routed.append(r)
+        d50, d99 = med([pct(r, "p50") for r in direct]), med([pct(r, "p99") for r in direct])
+        r50, r99 = med([pct(r, "p50") for r in routed]), med([pct(r, "p99") for r in routed])
+        errors = sum(sum(r["errors"].values()) for r in routed)
+        rows.append([rate, d50, d99, r50, r99, r50 - d50, r99 - d99, f"{med(cpu):.1f}",
+                     f"{med([r['throughput_rps'] for r in routed]):.0f}", errors])
+    b.stop_all()
+    return table("Overhead: direct to the mock vs through the router (open loop, latency in µs)",
+                 ["offered req/s", "direct p50", "direct p99", "router p50", "router p99",
+                  "added p50", "added p99", "router CPU µs/req", "router req/s", "errors"], rows)
+
+
+def ceiling(b):
+    """Router answering from the zero-latency simulated provider vs a bare tonic constant server."""
+    bport = free_port()
+    bare = b.spawn(["bare-server", "--listen", f"127.0.0.1:{bport}"], bport)
+    router, rport = b.router("  - {name: sim, type: simulated, models: [m]}\n")
+    reps, secs = (1, 0.5) if b.smoke else (3, 5)
+    common = ["-c", 64, "--connections", 4, "--warmup", 500, "-d", DATA, "--duration", secs]
+    res = {"bare": [], "router": []}
+    for _ in range(reps):
+        res["bare"].append(b.load("--addr", f"127.0.0.1:{bport}", *common))
+        res["router"].append(b.load("--addr", f"127.0.0.1:{rport}", *common))
+    rows = []
+    for name, runs in res.items():
+        rows.append([name, f"{med([r['throughput_rps'] for r in runs]):.0f}",
+                     med([pct(r, "p50") for r in runs]), med([pct(r, "p99") for r in runs])])
+    ratio = med([r["throughput_rps"] for r in res["router"]]) / med([r["throughput_rps"] for r in res["bare"]])
+    b.stop_all()
+    return table(f"Stack ceiling: router (simulated provider, no cache yet) vs bare tonic; router reaches {ratio:.0%} of the bare throughput",
+                 ["server", "req/s", "p50 µs", "p99 µs"], rows)
+
+
+def pooling(b):
+    """Pooled upstream client vs a new TLS connection per request."""
+    port = free_port()
+    pem = os.path.join(b.tmp, "mock-ca.pem")
+    b.spawn(["mock-provider", "--listen", f"127.0.0.1:{port}", "--tls-cert-out", pem], port)
+    base = f"https://localhost:{port}/v1"
+    pooled, pport = b.router(openai_provider("tls", base, f"    http: {{ca_file: \"{pem}\"}}\n"))
+    fresh, fport = b.router(openai_provider("tls", base, f"    http: {{ca_file: \"{pem}\", pool_max_idle_per_host: 0}}\n"))
+    reps, secs = (1, 0.5) if b.smoke else (3, 5)
+    common = ["-c", 16, "--connections", 2, "--warmup", 100, "-d", DATA, "--duration", secs]
+    res = {"pooled": [], "new connection per request": []}
+    cpu = {k: [] for k in res}
+    for _ in range(reps):
+        for name, proc, rport in [("pooled", pooled, pport), ("new connection per request", fresh, fport)]:
+            c0 = cpu_seconds(proc.pid)
+            r = b.load("--addr", f"127.0.0.1:{rport}", *common)
+            cpu[name].append((cpu_seconds(proc.pid) - c0) / (r["requests"] + 100) * 1e6)
+            res[name].append(r)
+    rows = []
+    for name, runs in res.items():
+        rows.append([name, med([pct(r, "p50", "upstream_us") for r in runs]),
+                     med([pct(r, "p99", "upstream_us") for r in runs]),
+                     med([pct(r, "p50") for r in runs]),
+                     f"{med([r['throughput_rps'] for r in runs]):.0f}", f"{med(cpu[name]):.1f}"])
+    p50 = [med([pct(r, "p50", "upstream_us") for r in runs]) for runs in res.values()]
+    saved = 1 - p50[0] / p50[1] if p50[1] else 0
+    b.stop_all()
+    return table(f"Pooling against a TLS upstream: upstream p50 {saved:.0%} lower with the pool",
+                 ["client", "upstream p50 µs", "upstream p99 µs", "client p50 µs", "req/s", "router CPU µs/req"], rows)
+
+
+def memory(b):
+    """Peak RSS of the router with N calls in flight against a slow upstream."""
+    levels = [100, 500] if b.smoke else [1000, 10000]
+    hold_ms = 500 if b.smoke else 3000
+    mock, mport = b.mock("--latency-ms", hold_ms, "--concurrency", 20000)
+    rows = []
+    for n in levels:
+        router, rport = b.router(openai_provider("slow", f"http://127.0.0.1:{mport}/v1"))
+        idle = status_kib(router.pid, "VmRSS")
+        r = b.load("--addr", f"127.0.0.1:{rport}", "-c", n, "-n", n, "--connections", max(1, n // 100), "-d", DATA, "--timeout", 60)
+        peak = status_kib(router.pid, "VmHWM")
+        rows.append([n, r["ok"], f"{idle / 1024:.1f}", f"{peak / 1024:.1f}", f"{(peak - idle) / n:.1f}"])
+        b.stop(router)
+    b.stop_all()
+    return table(f"Memory: router RSS with N calls in flight (upstream holds each {hold_ms} ms)",
+                 ["in flight", "answered", "idle RSS MiB", "peak RSS MiB", "KiB per call"], rows)
+
+
+def table(title, header, rows):
+    out = [f"#### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out) + "\n"
+
+
+SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory}
+
+
+def machine():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit or '?'}, "
+            f"{os.cpu_count()} × {model}, {platform.system()} {platform.release()}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scenarios", nargs="*", default=["all"], help="all, or any of " + ", ".join(SCENARIOS))
+    ap.add_argument("--smoke", action="store_true", help="tiny counts, to check the scripts work")
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "cascade-router"))
+    args = ap.parse_args()
+    names = list(SCENARIOS) if "all" in args.scenarios else args.scenarios
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenario(s): {', '.join(unknown)}")
+    if not os.access(args.bin, os.X_OK):
+        ap.error(f"{args.bin} is not an executable; run cargo build --release first")
+    b = Bench(args.bin, args.smoke)
+    print(f"_{machine()}; `python3 benches/scenarios.py {' '.join(sys.argv[1:])}`_\n", flush=True)
+    try:
+        for name in names:
+            print(SCENARIOS[name](b), flush=True)
+    finally:
+        b.stop_all()
+
+
+if __name__ == "__main__":
+    main()
