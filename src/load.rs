@@ -3,9 +3,11 @@
 //! the router over gRPC, or straight at an OpenAI-shaped HTTP upstream, so that "direct" and
 //! "through the router" are measured by the same client.
 //!
-//! With a target rate the load is open-loop: request `i` is due at `start + i / rate` and its
-//! latency counts from then, so a slow server cannot hide queueing by slowing the sender
-//! (coordinated omission). Latencies go into HDR histograms.
+//! With a target rate the load is open-loop: request `i` is due at `start + i / rate` and is
+//! sent then whatever happened to earlier requests; when `concurrency` calls are already in
+//! flight the wait for a slot counts in its latency, so a slow server cannot hide queueing by
+//! slowing the sender (coordinated omission). How late the sender itself ran is reported as
+//! `max_send_lag_us`. Latencies go into HDR histograms.
 
 use std::{
     collections::BTreeMap,
@@ -111,6 +113,8 @@ pub struct Report {
     pub latency_us: Option<Percentiles>,
     /// The router's `upstream_us` of successful answers (gRPC only).
     pub upstream_us: Option<Percentiles>,
+    /// Open loop: the most a send started after it was due (the generator's own lag).
+    pub max_send_lag_us: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +139,7 @@ struct Recorder {
     errors: Mutex<BTreeMap<String, u64>>,
     ok: AtomicU64,
     sent: AtomicU64,
+    lag_us: AtomicU64,
 }
 
 impl Recorder {
@@ -145,6 +150,7 @@ impl Recorder {
             errors: Mutex::default(),
             ok: AtomicU64::new(0),
             sent: AtomicU64::new(0),
+            lag_us: AtomicU64::new(0),
         }
     }
 
@@ -333,6 +339,7 @@ pub async fn run(spec: Spec) -> Result<Report, LoadError> {
         throughput_rps: sent as f64 / elapsed.as_secs_f64().max(1e-9),
         latency_us: Percentiles::of(&latency),
         upstream_us: Percentiles::of(&upstream),
+        max_send_lag_us: recorder.lag_us.load(Relaxed),
     })
 }
 
@@ -381,7 +388,13 @@ async fn drive(
             while due(i) {
                 let due_at = start + Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until(due_at).await;
-                // Waiting for a slot delays the send; that delay is charged to the latency.
+                // The clock starts when the send is due — but tokio's timer wakes on whole
+                // milliseconds, and that slack is the generator's, not the server's, so it
+                // starts at the wake-up. Waiting for an in-flight slot is the server's doing
+                // (it has not answered earlier calls), so that wait is charged.
+                let began = Instant::now();
+                let lag = u64::try_from((began - due_at).as_micros()).unwrap_or(u64::MAX);
+                rec.lag_us.fetch_max(lag, Relaxed);
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break;
                 };
@@ -391,7 +404,7 @@ async fn drive(
                 tasks.spawn(async move {
                     let t = &templates[(i % templates.len() as u64) as usize];
                     let outcome = client.send(t, first + i, timeout).await;
-                    rec.record(due_at.elapsed(), outcome);
+                    rec.record(began.elapsed(), outcome);
                     drop(permit);
                 });
                 i += 1;
@@ -422,7 +435,7 @@ pub fn render(r: &Report) -> String {
             .join(", ")
     };
     format!(
-        "target       {}\nrequests     {} (ok {})\nerrors       {}\nelapsed      {:.3} s\nthroughput   {:.0} req/s\nlatency µs   {}\nupstream µs  {}\n",
+        "target       {}\nrequests     {} (ok {})\nerrors       {}\nelapsed      {:.3} s\nthroughput   {:.0} req/s\nlatency µs   {}\nupstream µs  {}\nsend lag µs  {} (max)\n",
         r.target,
         r.requests,
         r.ok,
@@ -430,7 +443,8 @@ pub fn render(r: &Report) -> String {
         r.elapsed_s,
         r.throughput_rps,
         pct(&r.latency_us),
-        pct(&r.upstream_us)
+        pct(&r.upstream_us),
+        r.max_send_lag_us
     )
 }
 
