@@ -211,17 +211,27 @@ def memory(b):
     levels = [100, 500] if b.smoke else [1000, 10000]
     hold_ms = 500 if b.smoke else 3000
     mock, mport = b.mock("--latency-ms", hold_ms, "--concurrency", 20000)
+    base = f"http://127.0.0.1:{mport}/v1"
+    setups = [
+        ("simulated upstream (router side only)",
+         f"  - {{name: sim, type: simulated, models: [m], max_concurrency: 20000, simulated: {{latency_ms: {hold_ms}}}}}\n"),
+        ("HTTP/1.1 upstream, a connection per call", openai_provider("slow", base)),
+        ("HTTP/1.1 upstream, max_concurrency 256", openai_provider("slow", base).replace("20000", "256")),
+    ]
     rows = []
     for n in levels:
-        router, rport = b.router(openai_provider("slow", f"http://127.0.0.1:{mport}/v1"))
-        idle = status_kib(router.pid, "VmRSS")
-        r = b.load("--addr", f"127.0.0.1:{rport}", "-c", n, "-n", n, "--connections", max(1, n // 100), "-d", DATA, "--timeout", 60)
-        peak = status_kib(router.pid, "VmHWM")
-        rows.append([n, r["ok"], f"{idle / 1024:.1f}", f"{peak / 1024:.1f}", f"{(peak - idle) / n:.1f}"])
-        b.stop(router)
+        for name, provider in setups:
+            router, rport = b.router(provider)
+            idle = status_kib(router.pid, "VmRSS")
+            # Every call is sent at once and stays in flight until answered or its 5 s deadline.
+            r = b.load("--addr", f"127.0.0.1:{rport}", "-c", n, "-n", n, "--connections", max(1, n // 100),
+                       "-d", DATA, "--timeout", 5 if "256" in name else 60)
+            peak = status_kib(router.pid, "VmHWM")
+            rows.append([n, name, r["ok"], f"{idle / 1024:.1f}", f"{peak / 1024:.1f}", f"{(peak - idle) / n:.1f}"])
+            b.stop(router)
     b.stop_all()
     return table(f"Memory: router RSS with N calls in flight (upstream holds each {hold_ms} ms)",
-                 ["in flight", "answered", "idle RSS MiB", "peak RSS MiB", "KiB per call"], rows)
+                 ["in flight", "upstream", "answered", "idle RSS MiB", "peak RSS MiB", "KiB per call"], rows)
 
 
 def table(title, header, rows):
