@@ -101,6 +101,27 @@ impl Breaker {
         })
     }
 
+    /// Whether [`Breaker::admit`] would let a request through now, without taking a probe
+    /// slot: the batcher's callers ask this, the batch itself is admitted when it is sent.
+    pub fn check(&self) -> Result<(), Refusal> {
+        let now = Instant::now();
+        let inner = self.lock();
+        if let Some(until) = inner.cool_until
+            && now < until
+        {
+            return Err(Refusal::CoolingDown(until - now));
+        }
+        match inner.state {
+            State::Open { until } if now < until => Err(Refusal::CircuitOpen),
+            State::HalfOpen { probes_in_flight }
+                if probes_in_flight >= self.config.half_open_max_calls =>
+            {
+                Err(Refusal::CircuitOpen)
+            }
+            State::Closed { .. } | State::Open { .. } | State::HalfOpen { .. } => Ok(()),
+        }
+    }
+
     /// Keeps the provider aside until `until` (a 429's `Retry-After`).
     pub fn cool_down(&self, until: Instant) {
         let mut inner = self.lock();

@@ -1,27 +1,20 @@
 //! The ordered fallback loop: each target in turn, with retries and backoff on transient
-//! faults, a time budget per attempt inside the caller's deadline, a circuit breaker and a
-//! `Retry-After` cool-down per provider. Failures are collected per provider and end as one
-//! aggregate error.
+//! faults, a time budget per attempt inside the caller's deadline, and the provider's breaker
+//! and `Retry-After` cool-down. Calls go through the provider's batcher when its model
+//! batches, so items failing at one provider are batched again at the next. Failures are
+//! collected per provider and end as one aggregate error.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use tokio::{
-    sync::Semaphore,
-    time::{Instant, timeout_at},
-};
+use tokio::time::{Instant, timeout_at};
 
 use crate::{
-    breaker::{Breaker, Refusal},
-    completion::{Answer, Attempt, Completion, CompletionRequest, FailureKind},
-    config::{CascadePolicy, Config, ProviderConfig},
+    batcher::{Batched, Batcher},
+    completion::{Answer, Attempt, CompletionRequest, FailureKind},
+    config::{CascadePolicy, Config},
     error::RouterError,
-    provider::{self, Provider, ProviderError},
+    provider::ProviderError,
+    upstream::{Upstream, refused, timed_out},
 };
 
 /// One place a request can go: a provider (by index) and the model to ask it for.
@@ -31,77 +24,16 @@ pub struct Target {
     pub model: Arc<str>,
 }
 
-/// A provider with the state the cascade keeps about it.
-pub struct Upstream {
-    pub config: ProviderConfig,
-    pub name: Arc<str>,
-    provider: Arc<dyn Provider>,
-    pub breaker: Breaker,
-    /// Caps requests in flight, and so the connections the pool opens to this provider.
-    permits: Semaphore,
-    pub stats: Stats,
-}
-
-/// Counters for ListProviders; relaxed atomics, read as a snapshot that may be a little stale.
-#[derive(Debug)]
-pub struct Stats {
-    pub requests: AtomicU64,
-    pub successes: AtomicU64,
-    pub failures: AtomicU64,
-    latency_us_total: AtomicU64,
-    fastest_us: AtomicU64,
-}
-
-impl Default for Stats {
-    fn default() -> Self {
-        Stats {
-            requests: AtomicU64::new(0),
-            successes: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            latency_us_total: AtomicU64::new(0),
-            fastest_us: AtomicU64::new(u64::MAX),
-        }
-    }
-}
-
-impl Stats {
-    fn success(&self, took: Duration) {
-        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.successes.fetch_add(1, Relaxed);
-        self.latency_us_total.fetch_add(us, Relaxed);
-        self.fastest_us.fetch_min(us, Relaxed);
-    }
-
-    pub fn mean_latency(&self) -> Duration {
-        let n = self.successes.load(Relaxed);
-        match n {
-            0 => Duration::ZERO,
-            n => Duration::from_micros(self.latency_us_total.load(Relaxed) / n),
-        }
-    }
-
-    /// The quickest answer this provider ever gave: an attempt with less time left than this
-    /// cannot finish, so it is not started.
-    pub fn fastest(&self) -> Duration {
-        match self.fastest_us.load(Relaxed) {
-            u64::MAX => Duration::ZERO,
-            us => Duration::from_micros(us),
-        }
-    }
-}
-
 pub struct Cascade {
-    upstreams: Vec<Upstream>,
+    upstreams: Vec<Arc<Upstream>>,
+    /// Parallel to `upstreams`: the batch queues of providers that batch.
+    batchers: Vec<Option<Batcher>>,
     policy: CascadePolicy,
 }
 
 /// How one provider's turn ended.
 enum Turn {
-    Answered {
-        completion: Completion,
-        queue_wait: Duration,
-        upstream: Duration,
-    },
+    Answered(Batched),
     Failed(Attempt),
     /// The caller's deadline passed; `Some` when a try was cut short by it.
     OutOfTime(Option<Attempt>),
@@ -112,25 +44,18 @@ impl Cascade {
         let upstreams = config
             .providers
             .iter()
-            .map(|p| {
-                Ok(Upstream {
-                    name: p.name.as_str().into(),
-                    provider: provider::build(p)?,
-                    breaker: Breaker::new(config.cascade.breaker),
-                    permits: Semaphore::new(p.max_concurrency),
-                    stats: Stats::default(),
-                    config: p.clone(),
-                })
-            })
-            .collect::<Result<_, reqwest::Error>>()?;
+            .map(|p| Upstream::new(p, config.cascade.breaker).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let batchers = upstreams.iter().map(Batcher::for_upstream).collect();
         Ok(Cascade {
             upstreams,
+            batchers,
             policy: config.cascade.clone(),
         })
     }
 
     /// Providers in priority order.
-    pub fn upstreams(&self) -> &[Upstream] {
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
         &self.upstreams
     }
 
@@ -138,7 +63,7 @@ impl Cascade {
     pub async fn run(
         &self,
         targets: &[Target],
-        request: &CompletionRequest,
+        request: &Arc<CompletionRequest>,
         deadline: Instant,
     ) -> Result<Answer, RouterError> {
         let mut attempts = Vec::new();
@@ -146,19 +71,20 @@ impl Cascade {
             let Some(up) = self.upstreams.get(target.upstream) else {
                 continue;
             };
-            match self.turn(up, &target.model, request, deadline).await {
-                Turn::Answered {
-                    completion,
-                    queue_wait,
-                    upstream,
-                } => {
+            let batcher = self.batchers.get(target.upstream).and_then(Option::as_ref);
+            match self
+                .turn(up, batcher, &target.model, request, deadline)
+                .await
+            {
+                Turn::Answered(b) => {
                     return Ok(Answer {
-                        completion,
+                        completion: b.completion,
                         provider: up.name.clone(),
                         model: target.model.clone(),
                         attempts,
-                        queue_wait,
-                        upstream,
+                        queue_wait: b.queue_wait,
+                        upstream: b.upstream,
+                        batch_size: b.batch_size,
                     });
                 }
                 Turn::Failed(attempt) => attempts.push(attempt),
@@ -168,101 +94,103 @@ impl Cascade {
                 }
             }
         }
+        if !attempts.is_empty() && attempts.iter().all(|a| a.kind == FailureKind::Overloaded) {
+            return Err(RouterError::ResourceExhausted(format!(
+                "every provider's queue is full: {}",
+                attempts
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )));
+        }
         Err(RouterError::Unavailable {
             reason: "every provider failed",
             attempts,
         })
     }
 
-    /// One provider's turn: admission, then up to `1 + max_retries` tries.
+    /// One provider's turn: up to `1 + max_retries` tries, each batched when the model batches.
     async fn turn(
         &self,
         up: &Upstream,
+        batcher: Option<&Batcher>,
         model: &Arc<str>,
-        request: &CompletionRequest,
+        request: &Arc<CompletionRequest>,
         deadline: Instant,
     ) -> Turn {
         let began = Instant::now();
-        let attempt = |kind, error: String, status, tries| Attempt {
+        let attempt = |e: ProviderError, tries| Attempt {
             provider: up.name.clone(),
             model: model.clone(),
-            kind,
-            http_status: status,
-            error,
+            kind: e.kind,
+            http_status: e.http_status,
+            error: e.message,
             tries,
             elapsed: began.elapsed(),
         };
+        let batching = batcher.and_then(|b| b.settings(model).map(|s| (b, s)));
         let mut tries = 0u32;
         loop {
-            let pass = match up.breaker.admit() {
-                Ok(pass) => pass,
-                Err(Refusal::CircuitOpen) => {
-                    return Turn::Failed(attempt(
-                        FailureKind::CircuitOpen,
-                        String::new(),
-                        None,
-                        tries,
-                    ));
-                }
-                Err(Refusal::CoolingDown(left)) => {
-                    let msg = format!("Retry-After has {} ms left", left.as_millis());
-                    return Turn::Failed(attempt(FailureKind::CoolingDown, msg, None, tries));
-                }
-            };
+            if let Err(r) = up.breaker.check() {
+                return Turn::Failed(attempt(refused(r), tries));
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Turn::OutOfTime(None);
             }
-            if deadline - now < up.stats.fastest() {
+            let fastest = up.stats.fastest();
+            if deadline - now < fastest {
                 let msg = format!(
                     "{} ms left, it never answered in under {} ms",
                     (deadline - now).as_millis(),
-                    up.stats.fastest().as_millis()
+                    fastest.as_millis()
                 );
-                return Turn::Failed(attempt(FailureKind::NoTimeLeft, msg, None, tries));
+                return Turn::Failed(attempt(
+                    ProviderError::new(FailureKind::NoTimeLeft, msg),
+                    tries,
+                ));
             }
-            let Ok(Ok(_permit)) = timeout_at(deadline, up.permits.acquire()).await else {
-                return Turn::OutOfTime(None);
-            };
-            let sent = Instant::now();
-            let queue_wait = sent - now;
-            let budget_end = (sent + up.config.timeout).min(deadline);
+            let provider_end = now + up.config.timeout;
+            let (budget_end, deadline_bound) =
+                (provider_end.min(deadline), deadline <= provider_end);
             tries += 1;
-            up.stats.requests.fetch_add(1, Relaxed);
-            let result = timeout_at(budget_end, up.provider.complete(model, request)).await;
-            let took = sent.elapsed();
-            let err = match result {
-                Ok(Ok(completion)) => {
-                    pass.success();
-                    up.stats.success(took);
-                    return Turn::Answered {
+            let result = match batching {
+                Some((b, settings)) => {
+                    match timeout_at(budget_end, b.submit(model, request, settings, deadline)).await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Err(timed_out(now.elapsed())),
+                    }
+                }
+                None => up
+                    .call(model, request, budget_end, deadline_bound)
+                    .await
+                    .map(|(completion, took)| Batched {
                         completion,
-                        queue_wait,
+                        batch_size: 1,
+                        queue_wait: Duration::ZERO,
                         upstream: took,
-                    };
-                }
-                Ok(Err(e)) => e,
-                // Cut short by the caller's deadline: no verdict on the provider.
-                Err(_) if budget_end == deadline => {
-                    drop(pass);
-                    let msg = format!("caller's deadline passed after {} ms", took.as_millis());
-                    return Turn::OutOfTime(Some(attempt(FailureKind::Timeout, msg, None, tries)));
-                }
-                Err(_) => ProviderError::new(
-                    FailureKind::Timeout,
-                    format!("no answer within {} ms", up.config.timeout.as_millis()),
-                ),
+                    }),
             };
-            up.stats.failures.fetch_add(1, Relaxed);
-            if err.counts_against_provider() {
-                pass.failure();
-            } else {
-                pass.neutral();
-            }
-            log_failure(up, &err);
-            if let Some(wait) = err.retry_after {
-                up.breaker.cool_down(Instant::now() + wait);
-            }
+            let err = match result {
+                Ok(b) => return Turn::Answered(b),
+                Err(e)
+                    if e.kind == FailureKind::Timeout
+                        && deadline_bound
+                        && Instant::now() >= budget_end =>
+                {
+                    let msg = format!(
+                        "caller's deadline passed after {} ms",
+                        now.elapsed().as_millis()
+                    );
+                    return Turn::OutOfTime(Some(attempt(
+                        ProviderError::new(FailureKind::Timeout, msg),
+                        tries,
+                    )));
+                }
+                Err(e) => e,
+            };
             if err.retry_same_provider() && tries <= self.policy.max_retries_per_provider {
                 let delay = backoff(self.policy.retry_delay, tries);
                 if Instant::now() + delay + up.stats.fastest() < deadline {
@@ -270,20 +198,7 @@ impl Cascade {
                     continue;
                 }
             }
-            return Turn::Failed(attempt(err.kind, err.message, err.http_status, tries));
-        }
-    }
-}
-
-fn log_failure(up: &Upstream, err: &ProviderError) {
-    match err.kind {
-        FailureKind::Unauthorized => tracing::warn!(
-            provider = %up.name,
-            status = err.http_status,
-            "provider refused our credentials; check its api_key"
-        ),
-        _ => {
-            tracing::debug!(provider = %up.name, kind = %err.kind, status = err.http_status, error = %err.message, "upstream try failed")
+            return Turn::Failed(attempt(err, tries));
         }
     }
 }

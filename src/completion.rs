@@ -99,6 +99,8 @@ pub struct Answer {
     pub attempts: Vec<Attempt>,
     pub queue_wait: Duration,
     pub upstream: Duration,
+    /// Prompts in the upstream request that carried this one (1 when not batched).
+    pub batch_size: u32,
 }
 
 /// Why a provider did not answer (mirrors `cascade.v1.FailureKind`).
@@ -115,6 +117,7 @@ pub enum FailureKind {
     CircuitOpen,
     CoolingDown,
     NoTimeLeft,
+    Overloaded,
 }
 
 impl FailureKind {
@@ -131,6 +134,7 @@ impl FailureKind {
             FailureKind::CircuitOpen => "circuit open",
             FailureKind::CoolingDown => "cooling down",
             FailureKind::NoTimeLeft => "no time left",
+            FailureKind::Overloaded => "overloaded",
         }
     }
 }

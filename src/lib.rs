@@ -7,7 +7,7 @@
 //! The modules follow a request's path (see `../shared/DESIGN.md`):
 //!
 //! ```text
-//! agent ─gRPC─▶ server ─▶ router ─▶ cascade ─▶ provider ─HTTP─▶ model server
+//! agent ─gRPC─▶ server ─▶ router ─▶ cascade ─▶ batcher ─▶ provider ─HTTP─▶ model server
 //! ```
 //!
 //! - [`server`]: the tonic service — deadline, proto → domain at the edge, health, reflection.
@@ -15,6 +15,8 @@
 //! - [`completion`]: validated domain values: the request, the completion, the attempts.
 //! - [`router`]: resolves a request's model, chain or agent to an ordered list of targets.
 //! - [`cascade`]: the ordered fallback loop with retries, a budget per attempt and breakers.
+//! - [`batcher`]: per-provider micro-batching: a window, a size cap, deadlines, cancellation.
+//! - [`upstream`]: a provider with its breaker, concurrency cap and counters.
 //! - [`breaker`]: per-provider circuit breaker and `Retry-After` cool-down.
 //! - [`provider`]: one module per upstream API behind one trait, each with a pooled client.
 //! - [`config`]: the cascade file: raw serde structs → validation → runtime values.
@@ -22,6 +24,7 @@
 //! - [`load`]: the load harness (`cascade-router load`) and a bare tonic server for baselines.
 //! - [`mock`]: a real HTTP model server with scripted latency and faults, for tests and demos.
 
+pub mod batcher;
 pub mod breaker;
 pub mod cascade;
 pub mod completion;
@@ -33,3 +36,4 @@ pub mod proto;
 pub mod provider;
 pub mod router;
 pub mod server;
+pub mod upstream;

@@ -188,6 +188,7 @@ fn main() -> ExitCode {
                 fault,
                 fault_rate,
                 reject_marker: None,
+                omit_marker: None,
             };
             runtime.block_on(async {
                 let started = match tls_cert_out {

@@ -55,6 +55,9 @@ pub struct Script {
     pub fault_rate: f64,
     /// Prompts containing this text are refused with 400, as a provider refuses bad input.
     pub reject_marker: Option<String>,
+    /// `/v1/completions` leaves out the choices of prompts containing this text, as a buggy
+    /// or truncating batch server would.
+    pub omit_marker: Option<String>,
 }
 
 impl Default for Script {
@@ -66,6 +69,7 @@ impl Default for Script {
             fault: None,
             fault_rate: 1.0,
             reject_marker: None,
+            omit_marker: None,
         }
     }
 }
@@ -351,6 +355,17 @@ async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         (&Method::POST, "/api/generate") => Endpoint::Generate,
         (&Method::POST, "/api/chat") => Endpoint::OllamaChat,
         (&Method::GET, "/health") => return full(StatusCode::OK, "{}"),
+        (&Method::GET, "/stats") => {
+            let c = &shared.counters;
+            let stats = json!({
+                "connections": c.connections.load(Relaxed),
+                "requests": c.requests.load(Relaxed),
+                "items": c.items.load(Relaxed),
+                "completed": c.completed.load(Relaxed),
+                "cancelled": c.cancelled.load(Relaxed),
+            });
+            return full(StatusCode::OK, stats.to_string());
+        }
         _ => return error(StatusCode::NOT_FOUND, "no such endpoint"),
     };
     let Ok(body) = req.into_body().collect().await else {
@@ -397,7 +412,7 @@ async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     }
     full(
         StatusCode::OK,
-        answer(endpoint, &model, &prompts).to_string(),
+        answer(endpoint, &model, &prompts, script.omit_marker.as_deref()).to_string(),
     )
 }
 
@@ -421,7 +436,7 @@ fn prompts(endpoint: Endpoint, body: &Value) -> Vec<String> {
     }
 }
 
-fn answer(endpoint: Endpoint, model: &str, prompts: &[String]) -> Value {
+fn answer(endpoint: Endpoint, model: &str, prompts: &[String], omit: Option<&str>) -> Value {
     let tokens = |s: &str| s.split_whitespace().count();
     let prompt_tokens: usize = prompts.iter().map(|p| tokens(p)).sum();
     let completion_tokens: usize = prompts.iter().map(|p| tokens(&reply(p))).sum();
@@ -431,9 +446,10 @@ fn answer(endpoint: Endpoint, model: &str, prompts: &[String]) -> Value {
         Endpoint::Completions => json!({
             "object": "text_completion",
             "model": model,
-            "choices": prompts.iter().enumerate().map(|(i, p)| json!({
-                "index": i, "text": reply(p), "finish_reason": "stop"
-            })).collect::<Vec<_>>(),
+            "choices": prompts.iter().enumerate()
+                .filter(|(_, p)| omit.is_none_or(|m| !p.contains(m)))
+                .map(|(i, p)| json!({"index": i, "text": reply(p), "finish_reason": "stop"}))
+                .collect::<Vec<_>>(),
             "usage": usage,
         }),
         Endpoint::Chat => json!({

@@ -125,6 +125,7 @@ impl v1::CompleteResponse {
             queue_wait_us: micros(a.queue_wait),
             upstream_us: micros(a.upstream),
             request_id,
+            batch_size: a.batch_size,
         }
     }
 }
@@ -157,6 +158,7 @@ impl From<FailureKind> for v1::FailureKind {
             FailureKind::CircuitOpen => v1::FailureKind::CircuitOpen,
             FailureKind::CoolingDown => v1::FailureKind::CoolingDown,
             FailureKind::NoTimeLeft => v1::FailureKind::NoTimeLeft,
+            FailureKind::Overloaded => v1::FailureKind::Overloaded,
         }
     }
 }

@@ -8,10 +8,11 @@ use std::{collections::HashMap, sync::Arc};
 use tokio::time::Instant;
 
 use crate::{
-    cascade::{Cascade, Target, Upstream},
+    cascade::{Cascade, Target},
     completion::{Answer, CompletionRequest},
     config::Config,
     error::RouterError,
+    upstream::Upstream,
 };
 
 /// Name → targets, precomputed from the cascade file.
@@ -113,7 +114,7 @@ impl Router {
     /// Answers one request before `deadline`, or says why not.
     pub async fn complete(
         &self,
-        request: &CompletionRequest,
+        request: &Arc<CompletionRequest>,
         deadline: Instant,
     ) -> Result<Answer, RouterError> {
         let targets = self.routes.resolve(&request.model, &request.agent)?;
@@ -127,7 +128,7 @@ impl Router {
     }
 
     /// Providers in priority order, with their live state.
-    pub fn upstreams(&self) -> &[Upstream] {
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
         self.cascade.upstreams()
     }
 }

@@ -81,11 +81,11 @@ impl v1::router_server::Router for RouterService {
         req: Request<v1::CompleteRequest>,
     ) -> Result<Response<v1::CompleteResponse>, Status> {
         let deadline = self.deadline(&req);
-        let request = CompletionRequest::try_from(req.into_inner())?;
+        let request = Arc::new(CompletionRequest::try_from(req.into_inner())?);
         let answer = self.router.complete(&request, deadline).await?;
         Ok(Response::new(v1::CompleteResponse::from_answer(
             answer,
-            request.request_id,
+            request.request_id.clone(),
         )))
     }
 
@@ -109,11 +109,12 @@ impl v1::router_server::Router for RouterService {
         for (i, item) in items.into_iter().enumerate() {
             let router = self.router.clone();
             tasks.spawn(async move {
+                let request_id = item.request_id.clone();
                 let result = match CompletionRequest::try_from(item) {
                     Err(e) => v1::batch_result::Result::Error(e.into()),
-                    Ok(r) => match router.complete(&r, deadline).await {
+                    Ok(r) => match router.complete(&Arc::new(r), deadline).await {
                         Ok(a) => v1::batch_result::Result::Response(
-                            v1::CompleteResponse::from_answer(a, r.request_id),
+                            v1::CompleteResponse::from_answer(a, request_id),
                         ),
                         Err(e) => v1::batch_result::Result::Error(e.into()),
                     },
@@ -156,6 +157,8 @@ impl v1::router_server::Router for RouterService {
                 models: u.config.models.clone(),
                 cooling_down_ms: u64::try_from(u.breaker.cooling_down_for().as_millis())
                     .unwrap_or(u64::MAX),
+                queued: u.stats.queued.load(Relaxed),
+                items: u.stats.items.load(Relaxed),
             })
             .collect();
         Ok(Response::new(v1::ListProvidersResponse { providers }))

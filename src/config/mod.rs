@@ -144,6 +144,18 @@ pub struct ProviderConfig {
     pub max_concurrency: usize,
     pub http: HttpConfig,
     pub simulated_latency: Duration,
+    /// Batching for every model of this provider, unless overridden per model.
+    pub batching: Option<BatchingConfig>,
+    pub model_batching: BTreeMap<String, BatchingConfig>,
+}
+
+/// Send queued prompts when `max_batch_size` are waiting or the oldest has waited `max_wait`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchingConfig {
+    pub max_batch_size: usize,
+    pub max_wait: Duration,
+    /// Items waiting per queue at most; past it, RESOURCE_EXHAUSTED.
+    pub max_queue: usize,
 }
 
 impl ProviderConfig {
@@ -633,6 +645,24 @@ impl Validator<'_> {
             None => Duration::ZERO,
             Some(ms) => self.seconds(&format!("{at}.simulated.latency_ms"), ms / 1000.0, true)?,
         };
+        let batching = match &p.batching {
+            None => None,
+            Some(b) => Some(self.batching(&format!("{at}.batching"), b)?),
+        };
+        let mut model_batching = BTreeMap::new();
+        for (j, m) in p.models.iter().enumerate() {
+            if let RawModel::Entry {
+                name,
+                batching: Some(b),
+                ..
+            } = m
+            {
+                model_batching.insert(
+                    name.clone(),
+                    self.batching(&format!("{at}.models[{j}].batching"), b)?,
+                );
+            }
+        }
         if !p.enabled {
             return Ok(None);
         }
@@ -668,7 +698,42 @@ impl Validator<'_> {
             max_concurrency,
             http,
             simulated_latency,
+            batching,
+            model_batching,
         }))
+    }
+
+    fn batching(&self, at: &str, b: &raw::RawBatching) -> Result<BatchingConfig, ConfigError> {
+        let max_batch_size = b.max_batch_size.unwrap_or(32);
+        if !(1..=4096).contains(&max_batch_size) {
+            return Err(self.err(
+                format!("{at}.max_batch_size"),
+                format!("{max_batch_size} is out of range"),
+                "use 1 to 4096 prompts per upstream request",
+            ));
+        }
+        let max_queue = b.max_queue.unwrap_or(1024);
+        if !(1..=1_000_000).contains(&max_queue) {
+            return Err(self.err(
+                format!("{at}.max_queue"),
+                format!("{max_queue} is out of range"),
+                "use 1 to 1000000 waiting items",
+            ));
+        }
+        let ms = b.max_wait_ms.unwrap_or(5.0);
+        let max_wait = self.seconds(&format!("{at}.max_wait_ms"), ms / 1000.0, true)?;
+        if max_wait > Duration::from_secs(10) {
+            return Err(self.err(
+                format!("{at}.max_wait_ms"),
+                format!("{ms} ms is over 10 s"),
+                "use a window of a few milliseconds, e.g. 5",
+            ));
+        }
+        Ok(BatchingConfig {
+            max_batch_size,
+            max_wait,
+            max_queue,
+        })
     }
 
     fn url(&self, key: &str, text: &str) -> Result<url::Url, ConfigError> {

@@ -95,6 +95,8 @@ pub struct RawProvider {
     pub max_concurrency: Option<usize>,
     pub http: Option<RawHttp>,
     pub simulated: Option<RawSimulated>,
+    /// Micro-batching for this provider; absent means no batching.
+    pub batching: Option<RawBatching>,
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -116,6 +118,8 @@ pub enum RawModel {
         name: String,
         #[serde(default)]
         default: bool,
+        /// Overrides the provider's `batching` for this model.
+        batching: Option<RawBatching>,
         #[serde(flatten)]
         extra: Extra,
     },
@@ -132,6 +136,15 @@ pub struct RawHttp {
     pub http2_prior_knowledge: Option<bool>,
     /// PEM file of extra CA certificates to trust (a private CA, a self-signed test server).
     pub ca_file: Option<String>,
+}
+
+/// When prompts are sent together: Triton's dynamic-batcher rule.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatching {
+    pub max_batch_size: Option<usize>,
+    pub max_wait_ms: Option<f64>,
+    pub max_queue: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

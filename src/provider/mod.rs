@@ -18,7 +18,7 @@ use crate::{
     config::{ProviderConfig, ProviderKind},
 };
 
-/// A model API. Dropping the returned future cancels the upstream request.
+/// A model API. Dropping a returned future cancels its upstream request.
 #[async_trait]
 pub trait Provider: Send + Sync {
     async fn complete(
@@ -26,6 +26,26 @@ pub trait Provider: Send + Sync {
         model: &str,
         request: &CompletionRequest,
     ) -> Result<Completion, ProviderError>;
+
+    /// Whether [`Provider::complete_batch`] sends many prompts in one request.
+    fn batches_prompts(&self) -> bool {
+        false
+    }
+
+    /// Answers several prompt requests (same model and parameters) in one upstream request:
+    /// one result per request, in order. `Err` is a failure of the whole request. Only
+    /// called when [`Provider::batches_prompts`] is true.
+    async fn complete_batch(
+        &self,
+        model: &str,
+        requests: &[Arc<CompletionRequest>],
+    ) -> Result<Vec<Result<Completion, ProviderError>>, ProviderError> {
+        let mut out = Vec::with_capacity(requests.len());
+        for r in requests {
+            out.push(self.complete(model, r).await);
+        }
+        Ok(out)
+    }
 }
 
 /// Why one upstream try failed, classified so the cascade knows what to do next.

@@ -1,6 +1,8 @@
 //! OpenAI-compatible servers (OpenAI, vLLM, llama.cpp server, Grok, OpenRouter):
 //! `{base_url}/completions` for prompts, `{base_url}/chat/completions` for messages.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use reqwest::{
     Client, Url,
@@ -61,9 +63,10 @@ impl<'a> From<&'a GenParams> for Sampling<'a> {
 }
 
 #[derive(Serialize)]
-struct CompletionsBody<'a> {
+struct CompletionsBody<'a, P: Serialize> {
     model: &'a str,
-    prompt: &'a str,
+    /// One prompt, or an array of prompts answered by `choices[].index`.
+    prompt: P,
     #[serde(flatten)]
     sampling: Sampling<'a>,
 }
@@ -82,7 +85,7 @@ struct CompletionsResponse {
     usage: Option<WireUsage>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 struct TextChoice {
     #[serde(default)]
     index: u32,
@@ -133,8 +136,71 @@ fn no_choice() -> ProviderError {
     )
 }
 
+/// Matches choices back to prompts by `index`, never by position. A prompt with no choice, or
+/// with two, fails alone; choices with an index out of range are ignored.
+fn match_choices(n: usize, choices: Vec<TextChoice>) -> Vec<Result<Completion, ProviderError>> {
+    let mut slots: Vec<Option<Result<Completion, ProviderError>>> = (0..n).map(|_| None).collect();
+    for c in choices {
+        let Some(slot) = slots.get_mut(c.index as usize) else {
+            continue;
+        };
+        *slot = Some(match slot {
+            None => Ok(Completion {
+                text: c.text,
+                finish_reason: c.finish_reason.unwrap_or_default(),
+                usage: None,
+            }),
+            Some(_) => Err(ProviderError::new(
+                FailureKind::Malformed,
+                format!("two choices with index {}", c.index),
+            )),
+        });
+    }
+    slots
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.unwrap_or_else(|| {
+                Err(ProviderError::new(
+                    FailureKind::Malformed,
+                    format!("no choice with index {i}"),
+                ))
+            })
+        })
+        .collect()
+}
+
 #[async_trait]
 impl Provider for OpenAi {
+    fn batches_prompts(&self) -> bool {
+        true
+    }
+
+    async fn complete_batch(
+        &self,
+        model: &str,
+        requests: &[Arc<CompletionRequest>],
+    ) -> Result<Vec<Result<Completion, ProviderError>>, ProviderError> {
+        let Some(first) = requests.first() else {
+            return Ok(Vec::new());
+        };
+        let prompts: Vec<&str> = requests
+            .iter()
+            .map(|r| match &r.input {
+                Input::Prompt(p) => p.as_str(),
+                Input::Chat(_) => "",
+            })
+            .collect();
+        let body = CompletionsBody {
+            model,
+            prompt: &prompts,
+            sampling: Sampling::from(&first.params),
+        };
+        let resp: CompletionsResponse =
+            http::post_json(&self.client, &self.completions, &body).await?;
+        Ok(match_choices(requests.len(), resp.choices))
+    }
+
     async fn complete(
         &self,
         model: &str,
@@ -180,5 +246,45 @@ impl Provider for OpenAi {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn choice(index: u32, text: &str) -> TextChoice {
+        TextChoice {
+            index,
+            text: text.into(),
+            finish_reason: None,
+        }
+    }
+
+    #[test]
+    fn choices_match_by_index_and_faults_stay_with_their_item() {
+        let got = match_choices(
+            4,
+            vec![
+                choice(2, "c"),
+                choice(0, "a"),
+                choice(3, "d"),
+                choice(3, "d2"),
+                choice(9, "x"),
+            ],
+        );
+        let texts: Vec<Result<String, FailureKind>> = got
+            .into_iter()
+            .map(|r| r.map(|c| c.text).map_err(|e| e.kind))
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                Ok("a".into()),
+                Err(FailureKind::Malformed),
+                Ok("c".into()),
+                Err(FailureKind::Malformed)
+            ]
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The built-in provider: no network, deterministic text derived from the prompt, optional
 //! latency. It lets the service answer on a machine with no model server.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 
@@ -31,6 +31,22 @@ pub fn reply(model: &str, input: &Input, max_tokens: Option<u32>) -> String {
 
 #[async_trait]
 impl Provider for Simulated {
+    /// Simulated batches cost one latency for the whole batch, like a GPU server's.
+    fn batches_prompts(&self) -> bool {
+        true
+    }
+
+    async fn complete_batch(
+        &self,
+        model: &str,
+        requests: &[Arc<CompletionRequest>],
+    ) -> Result<Vec<Result<Completion, ProviderError>>, ProviderError> {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        Ok(requests.iter().map(|r| Ok(answer(model, r))).collect())
+    }
+
     async fn complete(
         &self,
         model: &str,
@@ -39,19 +55,22 @@ impl Provider for Simulated {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
-        let text = reply(model, &request.input, request.params.max_tokens);
-        let prompt_tokens = match &request.input {
-            Input::Prompt(p) => p.split_whitespace().count(),
-            Input::Chat(m) => m.iter().map(|m| m.content.split_whitespace().count()).sum(),
-        };
-        Ok(Completion {
-            usage: Some(Usage {
-                prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
-                completion_tokens: u32::try_from(text.split_whitespace().count())
-                    .unwrap_or(u32::MAX),
-            }),
-            text,
-            finish_reason: "stop".into(),
-        })
+        Ok(answer(model, request))
+    }
+}
+
+fn answer(model: &str, request: &CompletionRequest) -> Completion {
+    let text = reply(model, &request.input, request.params.max_tokens);
+    let prompt_tokens = match &request.input {
+        Input::Prompt(p) => p.split_whitespace().count(),
+        Input::Chat(m) => m.iter().map(|m| m.content.split_whitespace().count()).sum(),
+    };
+    Completion {
+        usage: Some(Usage {
+            prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+            completion_tokens: u32::try_from(text.split_whitespace().count()).unwrap_or(u32::MAX),
+        }),
+        text,
+        finish_reason: "stop".into(),
     }
 }

@@ -1,0 +1,413 @@
+//! Micro-batching: prompts for the same provider, model and generation parameters that arrive
+//! close together go upstream as one request, and each answer goes back to its caller.
+//!
+//! A [`Batcher`] per provider keeps one queue per [`BatchKey`]: a handle (bounded channel plus
+//! a count of queued items) and a worker task, in the shape of tower's `Buffer`. The worker
+//! closes a batch when `max_batch_size` items are queued or the oldest has waited
+//! `max_wait` — Triton's dynamic batcher rule — and earlier when an item's deadline is near
+//! (its deadline minus the provider's fastest answer). It then waits for a concurrency slot,
+//! tops the batch up with whatever arrived meanwhile, drops items whose callers went away, and
+//! sends. Providers that take many prompts in one request (OpenAI-style `/completions`) get
+//! one request, answers matched by `choices[].index`; others get the batch as concurrent
+//! requests over the pooled connections. A batch-level failure fails every item (each then
+//! moves on in its own cascade); a per-item failure fails only that item.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use dashmap::DashMap;
+use tokio::{
+    sync::{OwnedSemaphorePermit, mpsc, oneshot},
+    time::{Instant, sleep_until, timeout_at},
+};
+
+use crate::{
+    completion::{Completion, CompletionRequest, FailureKind, Input},
+    config::BatchingConfig,
+    provider::ProviderError,
+    upstream::{Upstream, refused, timed_out},
+};
+
+/// A worker with nothing queued for this long exits; the next item starts a new one.
+const IDLE_EXIT: Duration = Duration::from_secs(30);
+
+/// Requests that may share an upstream request: same model, same input kind, same parameters.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    model: Arc<str>,
+    chat: bool,
+    max_tokens: Option<u32>,
+    /// `f32` is not `Eq`; its bits are, and equal bits mean equal temperatures here.
+    temperature_bits: Option<u32>,
+    stop: Vec<String>,
+    seed: Option<i64>,
+}
+
+impl BatchKey {
+    pub fn of(model: &Arc<str>, r: &CompletionRequest) -> BatchKey {
+        let p = &r.params;
+        BatchKey {
+            model: model.clone(),
+            chat: matches!(r.input, Input::Chat(_)),
+            max_tokens: p.max_tokens,
+            temperature_bits: p.temperature.map(f32::to_bits),
+            stop: p.stop.clone(),
+            seed: p.seed,
+        }
+    }
+}
+
+/// A completion and how it travelled.
+#[derive(Debug)]
+pub struct Batched {
+    pub completion: Completion,
+    /// Prompts in the upstream request it rode in.
+    pub batch_size: u32,
+    pub queue_wait: Duration,
+    pub upstream: Duration,
+}
+
+type Reply = Result<Batched, ProviderError>;
+
+struct Item {
+    request: Arc<CompletionRequest>,
+    deadline: Instant,
+    enqueued: Instant,
+    /// `None` once answered.
+    tx: Option<oneshot::Sender<Reply>>,
+}
+
+impl Item {
+    fn gone(&self) -> bool {
+        self.tx.as_ref().is_none_or(oneshot::Sender::is_closed)
+    }
+
+    fn answer(&mut self, reply: Reply) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(reply);
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Queue {
+    tx: mpsc::Sender<Item>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// The batch queues of one provider.
+pub struct Batcher {
+    upstream: Arc<Upstream>,
+    default: Option<BatchingConfig>,
+    per_model: std::collections::BTreeMap<String, BatchingConfig>,
+    queues: DashMap<BatchKey, Queue>,
+}
+
+impl Batcher {
+    /// `None` when neither the provider nor any of its models batches.
+    pub fn for_upstream(upstream: &Arc<Upstream>) -> Option<Batcher> {
+        let c = &upstream.config;
+        (c.batching.is_some() || !c.model_batching.is_empty()).then(|| Batcher {
+            upstream: upstream.clone(),
+            default: c.batching,
+            per_model: c.model_batching.clone(),
+            queues: DashMap::new(),
+        })
+    }
+
+    /// The batching settings for `model`, if it batches.
+    pub fn settings(&self, model: &str) -> Option<BatchingConfig> {
+        self.per_model.get(model).copied().or(self.default)
+    }
+
+    /// Queues one request and waits for its answer. A full queue fails at once with
+    /// [`FailureKind::Overloaded`]. Dropping the future withdraws the item.
+    pub async fn submit(
+        &self,
+        model: &Arc<str>,
+        request: &Arc<CompletionRequest>,
+        settings: BatchingConfig,
+        deadline: Instant,
+    ) -> Reply {
+        let key = BatchKey::of(model, request);
+        let (tx, rx) = oneshot::channel();
+        let mut item = Item {
+            request: request.clone(),
+            deadline,
+            enqueued: Instant::now(),
+            tx: Some(tx),
+        };
+        // A worker that exited while idle leaves a closed channel: replace it and try again.
+        for _ in 0..2 {
+            let queue = self.queue(&key, settings);
+            if queue.queued.fetch_add(1, Relaxed) >= settings.max_queue {
+                queue.queued.fetch_sub(1, Relaxed);
+                return Err(ProviderError::new(
+                    FailureKind::Overloaded,
+                    format!("batch queue full ({} items)", settings.max_queue),
+                ));
+            }
+            self.upstream.stats.queued.fetch_add(1, Relaxed);
+            match queue.tx.try_send(item) {
+                Ok(()) => {
+                    return rx.await.unwrap_or_else(|_| {
+                        Err(ProviderError::new(
+                            FailureKind::Overloaded,
+                            "batch worker stopped",
+                        ))
+                    });
+                }
+                Err(e) => {
+                    queue.queued.fetch_sub(1, Relaxed);
+                    self.upstream.stats.queued.fetch_sub(1, Relaxed);
+                    item = match e {
+                        mpsc::error::TrySendError::Closed(i)
+                        | mpsc::error::TrySendError::Full(i) => i,
+                    };
+                    self.queues
+                        .remove_if(&key, |_, q| q.tx.same_channel(&queue.tx));
+                }
+            }
+        }
+        Err(ProviderError::new(
+            FailureKind::Overloaded,
+            "batch queue unavailable",
+        ))
+    }
+
+    fn queue(&self, key: &BatchKey, settings: BatchingConfig) -> Queue {
+        if let Some(q) = self.queues.get(key)
+            && !q.tx.is_closed()
+        {
+            return q.clone();
+        }
+        self.queues
+            .entry(key.clone())
+            .and_modify(|q| {
+                if q.tx.is_closed() {
+                    *q = spawn_worker(&self.upstream, key, settings);
+                }
+            })
+            .or_insert_with(|| spawn_worker(&self.upstream, key, settings))
+            .clone()
+    }
+}
+
+fn spawn_worker(upstream: &Arc<Upstream>, key: &BatchKey, settings: BatchingConfig) -> Queue {
+    // The channel holds at most what `queued` admits, plus slack for the race in `submit`.
+    let (tx, rx) = mpsc::channel(settings.max_queue + 1);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let native = !key.chat && upstream.provider.batches_prompts();
+    tokio::spawn(worker(
+        upstream.clone(),
+        key.model.clone(),
+        native,
+        settings,
+        rx,
+        queued.clone(),
+    ));
+    Queue { tx, queued }
+}
+
+async fn worker(
+    up: Arc<Upstream>,
+    model: Arc<str>,
+    native: bool,
+    settings: BatchingConfig,
+    mut rx: mpsc::Receiver<Item>,
+    queued: Arc<AtomicUsize>,
+) {
+    let max = settings.max_batch_size;
+    loop {
+        let first = match timeout_at(Instant::now() + IDLE_EXIT, rx.recv()).await {
+            Ok(Some(item)) => item,
+            Ok(None) => return,
+            Err(_) => {
+                // Idle: refuse new items, then serve any that slipped in before the close.
+                rx.close();
+                match rx.try_recv() {
+                    Ok(item) => item,
+                    Err(_) => return,
+                }
+            }
+        };
+        let reserve = up.stats.fastest();
+        let mut flush_at = first.enqueued + settings.max_wait;
+        let mut batch = Vec::with_capacity(max);
+        let take = |batch: &mut Vec<Item>, item: Item, flush_at: &mut Instant| {
+            *flush_at =
+                (*flush_at).min(item.deadline.checked_sub(reserve).unwrap_or(item.deadline));
+            batch.push(item);
+        };
+        take(&mut batch, first, &mut flush_at);
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(item) => {
+                    take(&mut batch, item, &mut flush_at);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            if Instant::now() >= flush_at {
+                break;
+            }
+            tokio::select! {
+                biased;
+                item = rx.recv() => match item {
+                    Some(item) => take(&mut batch, item, &mut flush_at),
+                    None => break,
+                },
+                () = sleep_until(flush_at) => break,
+            }
+        }
+        // Native batches take one concurrency slot; while waiting for it, more items queue and
+        // join this batch, so batches grow with load.
+        let permit = if native {
+            match up.permits.clone().acquire_owned().await {
+                Ok(p) => Some(p),
+                Err(_) => return,
+            }
+        } else {
+            None
+        };
+        while batch.len() < max {
+            let Ok(item) = rx.try_recv() else { break };
+            batch.push(item);
+        }
+        queued.fetch_sub(batch.len(), Relaxed);
+        up.stats.queued.fetch_sub(batch.len() as u64, Relaxed);
+        batch.retain(|i| !i.gone());
+        if batch.is_empty() {
+            continue;
+        }
+        let (up, model) = (up.clone(), model.clone());
+        match permit {
+            Some(permit) => tokio::spawn(send_native(up, model, batch, permit)),
+            None => tokio::spawn(send_parallel(up, model, batch)),
+        };
+    }
+}
+
+/// When a batch request gives up: the provider's timeout, or the last caller's deadline.
+fn budget_end(up: &Upstream, batch: &[Item], sent: Instant) -> (Instant, bool) {
+    let provider_end = sent + up.config.timeout;
+    let last_deadline = batch
+        .iter()
+        .map(|i| i.deadline)
+        .max()
+        .unwrap_or(provider_end);
+    (
+        provider_end.min(last_deadline),
+        last_deadline < provider_end,
+    )
+}
+
+/// One upstream request carrying every prompt of the batch.
+async fn send_native(
+    up: Arc<Upstream>,
+    model: Arc<str>,
+    mut batch: Vec<Item>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let pass = match up.breaker.admit() {
+        Ok(p) => p,
+        Err(r) => return fail_all(&mut batch, &refused(r)),
+    };
+    let requests: Vec<Arc<CompletionRequest>> = batch.iter().map(|i| i.request.clone()).collect();
+    let sent = Instant::now();
+    let (end, deadline_bound) = budget_end(&up, &batch, sent);
+    up.stats.sent(batch.len());
+    let all_gone = async {
+        for item in &mut batch {
+            if let Some(tx) = item.tx.as_mut() {
+                tx.closed().await;
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        r = timeout_at(end, up.provider.complete_batch(&model, &requests)) => r,
+        // Every caller went away: drop the upstream request, judge nothing.
+        () = all_gone => return,
+    };
+    let took = sent.elapsed();
+    match outcome {
+        Ok(Ok(results)) => {
+            up.judge(pass, Ok(took));
+            let size = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+            for (item, result) in batch.iter_mut().zip(results) {
+                let queue_wait = sent.saturating_duration_since(item.enqueued);
+                item.answer(result.map(|completion| Batched {
+                    completion,
+                    batch_size: size,
+                    queue_wait,
+                    upstream: took,
+                }));
+            }
+        }
+        // One bad prompt makes the whole request a 400/413/422: find it by sending the
+        // prompts one by one, so the good ones are still answered here.
+        Ok(Err(e)) if e.kind == FailureKind::Rejected && batch.len() > 1 => {
+            pass.neutral();
+            drop(_permit);
+            send_parallel(up, model, batch).await;
+        }
+        Ok(Err(e)) => {
+            up.judge(pass, Err(&e));
+            fail_all(&mut batch, &e);
+        }
+        Err(_) => {
+            let e = timed_out(took);
+            if deadline_bound {
+                up.stats.failure();
+                drop(pass);
+            } else {
+                up.judge(pass, Err(&e));
+            }
+            fail_all(&mut batch, &e);
+        }
+    }
+}
+
+/// The batch as concurrent single requests, each with its own concurrency slot, each
+/// dropped as soon as its caller goes away.
+async fn send_parallel(up: Arc<Upstream>, model: Arc<str>, mut batch: Vec<Item>) {
+    let sent = Instant::now();
+    let size = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+    let (end, deadline_bound) = budget_end(&up, &batch, sent);
+    let calls = batch.iter_mut().map(|item| {
+        let (up, model) = (&up, &model);
+        async move {
+            let Some(tx) = item.tx.as_mut() else { return };
+            let call = up.call(
+                model,
+                &item.request,
+                end.min(item.deadline),
+                deadline_bound || item.deadline < end,
+            );
+            let result = tokio::select! {
+                r = call => r,
+                () = tx.closed() => return,
+            };
+            let queue_wait = sent.saturating_duration_since(item.enqueued);
+            item.answer(result.map(|(completion, took)| Batched {
+                completion,
+                batch_size: size,
+                queue_wait,
+                upstream: took,
+            }));
+        }
+    });
+    futures_util::future::join_all(calls).await;
+}
+
+fn fail_all(batch: &mut [Item], e: &ProviderError) {
+    for item in batch {
+        item.answer(Err(e.clone()));
+    }
+}
