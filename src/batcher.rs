@@ -236,12 +236,11 @@ async fn worker(
                 }
             }
         };
-        let reserve = up.stats.fastest();
+        let fastest = up.stats.fastest();
         let mut flush_at = first.enqueued + settings.max_wait;
         let mut batch = Vec::with_capacity(max);
         let take = |batch: &mut Vec<Item>, item: Item, flush_at: &mut Instant| {
-            *flush_at =
-                (*flush_at).min(item.deadline.checked_sub(reserve).unwrap_or(item.deadline));
+            *flush_at = (*flush_at).min(latest_send(&item, fastest));
             batch.push(item);
         };
         take(&mut batch, first, &mut flush_at);
@@ -292,6 +291,15 @@ async fn worker(
             None => tokio::spawn(send_parallel(up, model, batch)),
         };
     }
+}
+
+/// The latest an item can be sent and still be answered before its deadline: its deadline
+/// less the provider's fastest answer so far, and never less than a quarter of the item's
+/// budget (up to 50 ms) while that is still unknown.
+fn latest_send(item: &Item, fastest: Duration) -> Instant {
+    let budget = item.deadline.saturating_duration_since(item.enqueued);
+    let reserve = fastest.max((budget / 4).min(Duration::from_millis(50)));
+    item.deadline.checked_sub(reserve).unwrap_or(item.enqueued)
 }
 
 /// When a batch request gives up: the provider's timeout, or the last caller's deadline.
@@ -409,5 +417,132 @@ async fn send_parallel(up: Arc<Upstream>, model: Arc<str>, mut batch: Vec<Item>)
 fn fail_all(batch: &mut [Item], e: &ProviderError) {
     for item in batch {
         item.answer(Err(e.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{completion::GenParams, config};
+
+    fn batcher(batching: &str) -> (Arc<Upstream>, Batcher) {
+        let yaml = format!(
+            "providers:\n  - {{name: sim, type: simulated, models: [m], batching: {batching}}}\n"
+        );
+        let c = config::parse(&yaml, "t", &|_| None).unwrap();
+        let up = Arc::new(Upstream::new(&c.providers[0], c.cascade.breaker).unwrap());
+        let b = Batcher::for_upstream(&up).unwrap();
+        (up, b)
+    }
+
+    fn req(prompt: &str) -> Arc<CompletionRequest> {
+        Arc::new(CompletionRequest {
+            model: "m".into(),
+            input: Input::Prompt(prompt.into()),
+            params: GenParams::default(),
+            agent: String::new(),
+            request_id: String::new(),
+        })
+    }
+
+    fn later(ms: u64) -> Instant {
+        Instant::now() + Duration::from_millis(ms)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lone_item_waits_exactly_the_window() {
+        let (_, b) = batcher("{max_batch_size: 8, max_wait_ms: 5}");
+        let s = b.settings("m").unwrap();
+        let r = b
+            .submit(&"m".into(), &req("x"), s, later(60_000))
+            .await
+            .unwrap();
+        assert_eq!((r.batch_size, r.queue_wait), (1, Duration::from_millis(5)));
+        assert_eq!(r.completion.text, "[m] you said: x");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_batch_goes_at_once() {
+        let (up, b) = batcher("{max_batch_size: 4, max_wait_ms: 1000}");
+        let s = b.settings("m").unwrap();
+        let model: Arc<str> = "m".into();
+        let reqs: Vec<_> = (0..4).map(|i| req(&format!("p{i}"))).collect();
+        let out = futures_util::future::join_all(
+            reqs.iter().map(|r| b.submit(&model, r, s, later(60_000))),
+        )
+        .await;
+        for (i, r) in out.into_iter().enumerate() {
+            let r = r.unwrap();
+            assert_eq!((r.batch_size, r.queue_wait), (4, Duration::ZERO));
+            assert_eq!(
+                r.completion.text,
+                format!("[m] you said: p{i}"),
+                "answers map back to their callers"
+            );
+        }
+        assert_eq!(up.stats.requests.load(Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn near_deadline_flushes_early() {
+        let (_, b) = batcher("{max_batch_size: 8, max_wait_ms: 1000}");
+        let s = b.settings("m").unwrap();
+        let r = b
+            .submit(&"m".into(), &req("x"), s, later(100))
+            .await
+            .unwrap();
+        // A quarter of the 100 ms budget is kept for the upstream call.
+        assert_eq!(r.queue_wait, Duration::from_millis(75));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_item_is_dropped_before_send() {
+        let (up, b) = batcher("{max_batch_size: 8, max_wait_ms: 10}");
+        let s = b.settings("m").unwrap();
+        let model: Arc<str> = "m".into();
+        let ra = req("a");
+        let mut a = Box::pin(b.submit(&model, &ra, s, later(60_000)));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), &mut a)
+                .await
+                .is_err(),
+            "a is queued"
+        );
+        assert_eq!(up.stats.queued.load(Relaxed), 1);
+        drop(a);
+        let r = b.submit(&model, &req("b"), s, later(60_000)).await.unwrap();
+        assert_eq!(r.batch_size, 1);
+        assert_eq!(up.stats.items.load(Relaxed), 1, "only b went upstream");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_queue_refuses_at_once() {
+        let (_, b) = batcher("{max_batch_size: 8, max_wait_ms: 1000, max_queue: 2}");
+        let s = b.settings("m").unwrap();
+        let model: Arc<str> = "m".into();
+        let (r1, r2) = (req("1"), req("2"));
+        let mut one = Box::pin(b.submit(&model, &r1, s, later(60_000)));
+        let mut two = Box::pin(b.submit(&model, &r2, s, later(60_000)));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), &mut one)
+                .await
+                .is_err()
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), &mut two)
+                .await
+                .is_err()
+        );
+        let err = b
+            .submit(&model, &req("3"), s, later(60_000))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, FailureKind::Overloaded);
+        assert_eq!(
+            one.await.unwrap().batch_size,
+            2,
+            "the queued two still go, together"
+        );
+        assert!(two.await.is_ok());
     }
 }

@@ -122,3 +122,18 @@ pub async fn within<F: std::future::Future>(f: F) -> F::Output {
         .await
         .expect("event did not happen within 20 s")
 }
+
+/// Waits until `provider` has `n` items in its batch queues (polls ListProviders).
+pub async fn wait_queued(client: &mut RouterClient<Channel>, provider: &str, n: u64) {
+    loop {
+        let queued = providers(client)
+            .await
+            .iter()
+            .find(|p| p.name == provider)
+            .map(|p| p.queued);
+        if queued == Some(n) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}

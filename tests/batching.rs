@@ -1,0 +1,328 @@
+//! Micro-batching through the real gRPC service against real mock HTTP servers.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use cascade_router::{
+    mock::{self, Fault, MockServer, Script},
+    proto::v1::{FailureKind, router_client::RouterClient},
+};
+use common::*;
+use tonic::{Code, transport::Channel};
+
+/// An OpenAI-shaped provider serving model `m`, batching with `batching` (YAML) if given.
+fn batching_provider(name: &str, priority: i32, base: &str, batching: &str) -> String {
+    let b = if batching.is_empty() {
+        String::new()
+    } else {
+        format!(", batching: {batching}")
+    };
+    format!(
+        "  - {{name: {name}, type: openai, priority: {priority}, base_url: \"{base}/v1\", models: [m]{b}}}\n"
+    )
+}
+
+fn gpu_like() -> Script {
+    Script {
+        base_latency: Duration::from_millis(10),
+        ..Script::default()
+    }
+}
+
+/// 64 clients, each sending 50 distinct prompts one after another; checks every answer.
+async fn sixty_four_clients(client: &RouterClient<Channel>) -> Vec<u32> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..64 {
+        let mut client = client.clone();
+        tasks.spawn(async move {
+            let mut sizes = Vec::new();
+            for i in 0..50 {
+                let p = format!("client {c} prompt {i}");
+                let r = client.complete(prompt(&p)).await.unwrap().into_inner();
+                assert_eq!(
+                    r.text,
+                    mock::reply(&p),
+                    "an answer went to the wrong caller"
+                );
+                sizes.push(r.batch_size);
+            }
+            sizes
+        });
+    }
+    let mut sizes = Vec::new();
+    while let Some(s) = tasks.join_next().await {
+        sizes.extend(s.unwrap());
+    }
+    sizes
+}
+
+#[tokio::test]
+async fn sixty_four_callers_share_upstream_requests_and_get_their_own_answers() {
+    let upstream = MockServer::start(gpu_like()).await.unwrap();
+    let yaml = format!(
+        "providers:\n{}",
+        batching_provider(
+            "gpu",
+            1,
+            &upstream.url(),
+            "{max_batch_size: 32, max_wait_ms: 5}"
+        )
+    );
+    let router = start(&yaml).await;
+
+    let sizes = sixty_four_clients(&router.client).await;
+
+    let s = upstream.stats();
+    assert_eq!(s.items, 3200);
+    assert!(
+        s.requests <= 320,
+        "{} upstream requests for 3200 prompts",
+        s.requests
+    );
+    assert!(sizes.iter().all(|&b| (1..=32).contains(&b)));
+}
+
+#[tokio::test]
+async fn without_batching_each_prompt_is_its_own_request() {
+    let upstream = MockServer::start(gpu_like()).await.unwrap();
+    let yaml = format!(
+        "providers:\n{}",
+        batching_provider("gpu", 1, &upstream.url(), "")
+    );
+    let router = start(&yaml).await;
+
+    let sizes = sixty_four_clients(&router.client).await;
+
+    assert_eq!(upstream.stats().requests, 3200);
+    assert!(sizes.iter().all(|&b| b == 1));
+}
+
+#[tokio::test]
+async fn lone_caller_waits_about_the_window() {
+    let upstream = MockServer::start(Script::default()).await.unwrap();
+    let yaml = format!(
+        "providers:\n{}",
+        batching_provider(
+            "gpu",
+            1,
+            &upstream.url(),
+            "{max_batch_size: 32, max_wait_ms: 50}"
+        )
+    );
+    let mut router = start(&yaml).await;
+
+    let r = router
+        .client
+        .complete(prompt("alone"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(r.batch_size, 1);
+    // Nobody else is sending: the item waits the whole window, and not much more.
+    assert!(
+        r.queue_wait_us >= 50_000,
+        "queue_wait_us = {}",
+        r.queue_wait_us
+    );
+    assert!(
+        r.queue_wait_us < 500_000,
+        "queue_wait_us = {}",
+        r.queue_wait_us
+    );
+}
+
+#[tokio::test]
+async fn short_deadline_is_flushed_early_instead_of_expiring() {
+    let upstream = MockServer::start(Script::default()).await.unwrap();
+    let yaml = format!(
+        "providers:\n{}",
+        batching_provider(
+            "gpu",
+            1,
+            &upstream.url(),
+            "{max_batch_size: 32, max_wait_ms: 5000}"
+        )
+    );
+    let mut router = start(&yaml).await;
+
+    let r = router
+        .client
+        .complete(with_timeout(prompt("hurry"), Duration::from_millis(400)))
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(r.text, mock::reply("hurry"));
+    assert!(
+        r.queue_wait_us < 400_000,
+        "queue_wait_us = {}",
+        r.queue_wait_us
+    );
+}
+
+#[tokio::test]
+async fn cancelled_item_is_removed_before_its_batch_is_sent() {
+    let upstream = MockServer::start(Script::default()).await.unwrap();
+    let yaml = format!(
+        "providers:\n{}",
+        batching_provider(
+            "gpu",
+            1,
+            &upstream.url(),
+            "{max_batch_size: 32, max_wait_ms: 400}"
+        )
+    );
+    let mut router = start(&yaml).await;
+
+    let mut client = router.client.clone();
+    let leaver = tokio::spawn(async move { client.complete(prompt("I will leave")).await });
+    within(wait_queued(&mut router.client, "gpu", 1)).await;
+    leaver.abort();
+
+    let r = router
+        .client
+        .complete(prompt("I stay"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.text, mock::reply("I stay"));
+    assert_eq!(r.batch_size, 1);
+    assert_eq!(
+        upstream.stats().items,
+        1,
+        "the cancelled prompt never went upstream"
+    );
+}
+
+/// Sends `prompts` concurrently and returns the responses in order.
+async fn concurrently(
+    client: &RouterClient<Channel>,
+    prompts: &[String],
+) -> Vec<cascade_router::proto::v1::CompleteResponse> {
+    let calls = prompts.iter().map(|p| {
+        let mut c = client.clone();
+        let p = p.clone();
+        async move { c.complete(prompt(&p)).await.unwrap().into_inner() }
+    });
+    futures_util::future::join_all(calls).await
+}
+
+#[tokio::test]
+async fn missing_choices_fail_over_alone() {
+    let batched = MockServer::start(Script {
+        omit_marker: Some("SKIP".into()),
+        ..Script::default()
+    })
+    .await
+    .unwrap();
+    let backup = MockServer::start(Script::default()).await.unwrap();
+    let yaml = format!(
+        "{}providers:\n{}{}",
+        cascade(0, 100, 60.0),
+        batching_provider(
+            "batched",
+            1,
+            &batched.url(),
+            "{max_batch_size: 8, max_wait_ms: 200}"
+        ),
+        batching_provider("backup", 2, &backup.url(), "")
+    );
+    let router = start(&yaml).await;
+
+    let prompts: Vec<String> = (0..8)
+        .map(|i| {
+            if i % 4 == 1 {
+                format!("SKIP {i}")
+            } else {
+                format!("keep {i}")
+            }
+        })
+        .collect();
+    let answers = concurrently(&router.client, &prompts).await;
+
+    for (p, r) in prompts.iter().zip(&answers) {
+        assert_eq!(r.text, mock::reply(p));
+        if p.starts_with("SKIP") {
+            assert_eq!(r.provider, "backup");
+            assert_eq!(r.attempts[0].kind(), FailureKind::Malformed);
+        } else {
+            assert_eq!((r.provider.as_str(), r.batch_size), ("batched", 8));
+        }
+    }
+    assert_eq!((batched.stats().requests, backup.stats().requests), (1, 2));
+}
+
+#[tokio::test]
+async fn failed_batch_moves_every_item_on() {
+    let failing = MockServer::start(Script::failing(Fault::Status(500)))
+        .await
+        .unwrap();
+    let backup = MockServer::start(Script::default()).await.unwrap();
+    let yaml = format!(
+        "{}providers:\n{}{}",
+        cascade(0, 100, 60.0),
+        batching_provider(
+            "failing",
+            1,
+            &failing.url(),
+            "{max_batch_size: 8, max_wait_ms: 200}"
+        ),
+        batching_provider(
+            "backup",
+            2,
+            &backup.url(),
+            "{max_batch_size: 8, max_wait_ms: 200}"
+        )
+    );
+    let router = start(&yaml).await;
+
+    let prompts: Vec<String> = (0..8).map(|i| format!("p{i}")).collect();
+    let answers = concurrently(&router.client, &prompts).await;
+
+    for (p, r) in prompts.iter().zip(&answers) {
+        assert_eq!(
+            (r.provider.as_str(), r.text.as_str()),
+            ("backup", mock::reply(p).as_str())
+        );
+        assert_eq!(r.attempts[0].kind(), FailureKind::ServerError);
+        assert_eq!(r.batch_size, 8, "batched again at the next provider");
+    }
+    assert_eq!((failing.stats().requests, backup.stats().requests), (1, 1));
+}
+
+#[tokio::test]
+async fn full_queue_answers_resource_exhausted() {
+    let upstream = MockServer::start(Script::default()).await.unwrap();
+    let yaml = format!(
+        "providers:\n{}",
+        batching_provider(
+            "gpu",
+            1,
+            &upstream.url(),
+            "{max_batch_size: 32, max_wait_ms: 300, max_queue: 2}"
+        )
+    );
+    let mut router = start(&yaml).await;
+
+    let waiting: Vec<_> = (0..2)
+        .map(|i| {
+            let mut c = router.client.clone();
+            tokio::spawn(async move { c.complete(prompt(&format!("queued {i}"))).await })
+        })
+        .collect();
+    within(wait_queued(&mut router.client, "gpu", 2)).await;
+
+    let err = router
+        .client
+        .complete(prompt("one too many"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("queue full"), "{}", err.message());
+    for w in waiting {
+        assert_eq!(w.await.unwrap().unwrap().into_inner().batch_size, 2);
+    }
+}
