@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from datetime import datetime, timezone
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -234,13 +235,82 @@ def memory(b):
                  ["in flight", "upstream", "answered", "idle RSS MiB", "peak RSS MiB", "KiB per call"], rows)
 
 
+def mock_stats(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as r:
+        return json.loads(r.read())
+
+
+GPU = ["--latency-ms", 20, "--per-item-ms", 1, "--concurrency", 8]
+GPU_NOTE = "mock cost model: 20 ms per request + 1 ms per prompt, at most 8 requests in service"
+
+
+def batched_run(b, mport, rport, secs):
+    """One closed-loop run of 64 callers with distinct prompts; adds the mock's request counts."""
+    before = mock_stats(mport)
+    r = b.load("--addr", f"127.0.0.1:{rport}", "-c", 64, "--connections", 4, "--duration", secs,
+               "-d", '{"model":"m","prompt":"prompt {{n}}"}', "--timeout", 60)
+    after = mock_stats(mport)
+    r["upstream_requests"] = after["requests"] - before["requests"]
+    r["prompts"] = after["items"] - before["items"]
+    return r
+
+
+def batching(b):
+    """64 callers against a GPU-like upstream: batching on vs off."""
+    mock, mport = b.mock(*GPU)
+    base = f"http://127.0.0.1:{mport}/v1"
+    on, on_port = b.router(openai_provider("gpu", base, "    batching: {max_batch_size: 32, max_wait_ms: 5}\n"))
+    off, off_port = b.router(openai_provider("gpu", base))
+    reps, secs = (1, 0.5) if b.smoke else (3, 5)
+    res = {"batching off": [], "batching on (32, 5 ms)": []}
+    for _ in range(reps):
+        res["batching off"].append(batched_run(b, mport, off_port, secs))
+        res["batching on (32, 5 ms)"].append(batched_run(b, mport, on_port, secs))
+    rows = []
+    for name, runs in res.items():
+        rows.append([name, f"{med([r['upstream_requests'] / max(1, r['prompts']) for r in runs]):.3f}",
+                     f"{med([r['throughput_rps'] for r in runs]):.0f}",
+                     med([pct(r, "p50") / 1000 for r in runs]), med([pct(r, "p99") / 1000 for r in runs]),
+                     sum(sum(r["errors"].values()) for r in runs)])
+    off_r, on_r = (res[k] for k in res)
+    fewer = 1 - med([r["upstream_requests"] / max(1, r["prompts"]) for r in on_r]) / med([r["upstream_requests"] / max(1, r["prompts"]) for r in off_r])
+    faster = 1 - med([pct(r, "p50") for r in on_r]) / med([pct(r, "p50") for r in off_r])
+    b.stop_all()
+    return table(f"Batching: 64 callers, distinct prompts, closed loop ({GPU_NOTE}): "
+                 f"{fewer:.0%} fewer upstream requests, p50 {faster:.0%} lower with batching",
+                 ["router", "upstream requests per prompt", "prompts/s", "p50 ms", "p99 ms", "errors"], rows)
+
+
+def window(b):
+    """The max_wait_ms sweep: latency against upstream efficiency."""
+    mock, mport = b.mock(*GPU)
+    base = f"http://127.0.0.1:{mport}/v1"
+    waits = [0, 5] if b.smoke else [0, 1, 2, 5, 10]
+    routers = {w: b.router(openai_provider("gpu", base, f"    batching: {{max_batch_size: 32, max_wait_ms: {w}}}\n"))[1] for w in waits}
+    reps, secs = (1, 0.5) if b.smoke else (3, 4)
+    res = {w: [] for w in waits}
+    for _ in range(reps):
+        for w in waits:
+            res[w].append(batched_run(b, mport, routers[w], secs))
+    rows = []
+    for w, runs in res.items():
+        rows.append([w, f"{med([r['prompts'] / max(1, r['upstream_requests']) for r in runs]):.1f}",
+                     f"{med([r['upstream_requests'] / max(1, r['prompts']) for r in runs]):.3f}",
+                     f"{med([r['throughput_rps'] for r in runs]):.0f}",
+                     med([pct(r, "p50") / 1000 for r in runs]), med([pct(r, "p99") / 1000 for r in runs])])
+    b.stop_all()
+    return table(f"Window sweep: max_batch_size 32, 64 callers ({GPU_NOTE})",
+                 ["max_wait_ms", "mean batch size", "upstream requests per prompt", "prompts/s", "p50 ms", "p99 ms"], rows)
+
+
 def table(title, header, rows):
     out = [f"#### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out) + "\n"
 
 
-SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory}
+SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory,
+             "batching": batching, "window": window}
 
 
 def machine():
