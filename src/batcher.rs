@@ -347,6 +347,13 @@ async fn send_native(
     match outcome {
         Ok(Ok(results)) => {
             up.judge(pass, Ok(took));
+            up.metrics.observe_batch(
+                &up.label,
+                batch.len(),
+                batch
+                    .iter()
+                    .map(|i| sent.saturating_duration_since(i.enqueued)),
+            );
             let size = u32::try_from(batch.len()).unwrap_or(u32::MAX);
             for (item, result) in batch.iter_mut().zip(results) {
                 let queue_wait = sent.saturating_duration_since(item.enqueued);
@@ -386,6 +393,13 @@ async fn send_native(
 /// dropped as soon as its caller goes away.
 async fn send_parallel(up: Arc<Upstream>, model: Arc<str>, mut batch: Vec<Item>) {
     let sent = Instant::now();
+    up.metrics.observe_batch(
+        &up.label,
+        batch.len(),
+        batch
+            .iter()
+            .map(|i| sent.saturating_duration_since(i.enqueued)),
+    );
     let size = u32::try_from(batch.len()).unwrap_or(u32::MAX);
     let (end, deadline_bound) = budget_end(&up, &batch, sent);
     let calls = batch.iter_mut().map(|item| {
@@ -430,7 +444,8 @@ mod tests {
             "providers:\n  - {{name: sim, type: simulated, models: [m], batching: {batching}}}\n"
         );
         let c = config::parse(&yaml, "t", &|_| None).unwrap();
-        let up = Arc::new(Upstream::new(&c.providers[0], c.cascade.breaker).unwrap());
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let up = Arc::new(Upstream::new(&c.providers[0], c.cascade.breaker, &metrics).unwrap());
         let b = Batcher::for_upstream(&up).unwrap();
         (up, b)
     }
@@ -442,6 +457,7 @@ mod tests {
             params: GenParams::default(),
             agent: String::new(),
             request_id: String::new(),
+            cache: crate::completion::CacheMode::Default,
         })
     }
 
@@ -480,7 +496,7 @@ mod tests {
                 "answers map back to their callers"
             );
         }
-        assert_eq!(up.stats.requests.load(Relaxed), 1);
+        assert_eq!(up.stats.requests.get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -512,7 +528,7 @@ mod tests {
         drop(a);
         let r = b.submit(&model, &req("b"), s, later(60_000)).await.unwrap();
         assert_eq!(r.batch_size, 1);
-        assert_eq!(up.stats.items.load(Relaxed), 1, "only b went upstream");
+        assert_eq!(up.stats.items.get(), 1, "only b went upstream");
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,6 +13,7 @@ use crate::{
     completion::{Answer, Attempt, CompletionRequest, FailureKind},
     config::{CascadePolicy, Config},
     error::RouterError,
+    metrics::Metrics,
     provider::ProviderError,
     upstream::{Upstream, refused, timed_out},
 };
@@ -40,11 +41,11 @@ enum Turn {
 }
 
 impl Cascade {
-    pub fn new(config: &Config) -> Result<Cascade, reqwest::Error> {
+    pub fn new(config: &Config, metrics: &Arc<Metrics>) -> Result<Cascade, reqwest::Error> {
         let upstreams = config
             .providers
             .iter()
-            .map(|p| Upstream::new(p, config.cascade.breaker).map(Arc::new))
+            .map(|p| Upstream::new(p, config.cascade.breaker, metrics).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let batchers = upstreams.iter().map(Batcher::for_upstream).collect();
         Ok(Cascade {
@@ -85,6 +86,7 @@ impl Cascade {
                         queue_wait: b.queue_wait,
                         upstream: b.upstream,
                         batch_size: b.batch_size,
+                        cached: false,
                     });
                 }
                 Turn::Failed(attempt) => attempts.push(attempt),

@@ -12,6 +12,21 @@ pub struct CompletionRequest {
     /// The caller's id, for per-agent model assignment.
     pub agent: String,
     pub request_id: String,
+    pub cache: CacheMode,
+}
+
+/// How the completion cache treats a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Read and write when the request is deterministic.
+    #[default]
+    Default,
+    /// Neither read nor write.
+    Bypass,
+    /// Skip the read, write the fresh answer.
+    Refresh,
+    /// Answer from the cache or NOT_FOUND.
+    Only,
 }
 
 /// What the model is asked to continue: text or a conversation.
@@ -76,14 +91,14 @@ pub struct GenParams {
 }
 
 /// What a provider answered.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Completion {
     pub text: String,
     pub finish_reason: String,
     pub usage: Option<Usage>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
@@ -101,6 +116,8 @@ pub struct Answer {
     pub upstream: Duration,
     /// Prompts in the upstream request that carried this one (1 when not batched).
     pub batch_size: u32,
+    /// Answered from the completion cache.
+    pub cached: bool,
 }
 
 /// Why a provider did not answer (mirrors `cascade.v1.FailureKind`).

@@ -7,7 +7,7 @@ use tonic::{Code, Status};
 use crate::completion::Attempt;
 
 /// Why a request got no completion. Each variant says what a client can do about it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum RouterError {
     /// The request itself is wrong; retrying it unchanged will not help.
     #[error("{0}")]
@@ -27,6 +27,9 @@ pub enum RouterError {
     /// A bounded queue or limit is full; retry later, with backoff.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// `cache: ONLY` and the completion is not cached.
+    #[error("{0}")]
+    NotCached(String),
 }
 
 fn unavailable_message(reason: &str, attempts: &[Attempt]) -> String {
@@ -53,6 +56,7 @@ impl RouterError {
             RouterError::Unavailable { .. } => Code::Unavailable,
             RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             RouterError::ResourceExhausted(_) => Code::ResourceExhausted,
+            RouterError::NotCached(_) => Code::NotFound,
         }
     }
 
@@ -63,7 +67,8 @@ impl RouterError {
             | RouterError::DeadlineExceeded { attempts } => attempts,
             RouterError::InvalidArgument(_)
             | RouterError::UnknownModel { .. }
-            | RouterError::ResourceExhausted(_) => &[],
+            | RouterError::ResourceExhausted(_)
+            | RouterError::NotCached(_) => &[],
         }
     }
 }

@@ -26,11 +26,14 @@
 
 pub mod batcher;
 pub mod breaker;
+pub mod cache;
 pub mod cascade;
+pub mod coalescer;
 pub mod completion;
 pub mod config;
 pub mod error;
 pub mod load;
+pub mod metrics;
 pub mod mock;
 pub mod proto;
 pub mod provider;

@@ -274,7 +274,7 @@ async fn serve(config: Config, listen: Option<SocketAddr>) -> ExitCode {
     let router = match Router::new(&config) {
         Ok(r) => Arc::new(r),
         Err(e) => {
-            eprintln!("error: cannot build an HTTP client: {e}");
+            eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -6,7 +6,8 @@ use std::time::Duration;
 use crate::{
     breaker::Circuit,
     completion::{
-        Answer, Attempt, ChatMessage, CompletionRequest, FailureKind, GenParams, Input, Role,
+        Answer, Attempt, CacheMode, ChatMessage, CompletionRequest, FailureKind, GenParams, Input,
+        Role,
     },
     error::RouterError,
 };
@@ -102,6 +103,13 @@ impl TryFrom<v1::CompleteRequest> for CompletionRequest {
             },
             agent: r.agent,
             request_id,
+            cache: match v1::CacheMode::try_from(r.cache) {
+                Ok(v1::CacheMode::Default) => CacheMode::Default,
+                Ok(v1::CacheMode::Bypass) => CacheMode::Bypass,
+                Ok(v1::CacheMode::Refresh) => CacheMode::Refresh,
+                Ok(v1::CacheMode::Only) => CacheMode::Only,
+                Err(_) => return Err(invalid(format!("cache: {} is not a CacheMode", r.cache))),
+            },
         })
     }
 }
@@ -126,6 +134,7 @@ impl v1::CompleteResponse {
             upstream_us: micros(a.upstream),
             request_id,
             batch_size: a.batch_size,
+            cached: a.cached,
         }
     }
 }

@@ -5,13 +5,16 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use tokio::time::Instant;
+use tokio::time::{Instant, timeout_at};
 
 use crate::{
+    cache::{Cache, deterministic},
     cascade::{Cascade, Target},
-    completion::{Answer, CompletionRequest},
+    coalescer::Coalescer,
+    completion::{Answer, CacheMode, CompletionRequest},
     config::Config,
     error::RouterError,
+    metrics::Metrics,
     upstream::Upstream,
 };
 
@@ -74,13 +77,26 @@ impl Routes {
     }
 
     /// The targets for a request's `model` and `agent`.
-    pub fn resolve(&self, model: &str, agent: &str) -> Result<&Arc<[Target]>, RouterError> {
+    pub fn resolve<'a>(
+        &'a self,
+        model: &'a str,
+        agent: &str,
+    ) -> Result<&'a Arc<[Target]>, RouterError> {
+        self.resolve_named(model, agent).map(|(_, t)| t)
+    }
+
+    /// Like [`Routes::resolve`], with the resolved model or chain name ("" for the default).
+    pub fn resolve_named<'a>(
+        &'a self,
+        model: &'a str,
+        agent: &str,
+    ) -> Result<(&'a str, &'a Arc<[Target]>), RouterError> {
         let name = match (model, self.assignments.get(agent)) {
             ("", Some(assigned)) => assigned.as_str(),
-            ("", None) => return Ok(&self.default),
+            ("", None) => return Ok(("", &self.default)),
             (named, _) => named,
         };
-        self.by_name.get(name).ok_or_else(|| {
+        self.by_name.get(name).map(|t| (name, t)).ok_or_else(|| {
             let mut known: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
             known.sort_unstable();
             let more = known.len().saturating_sub(20);
@@ -97,17 +113,37 @@ impl Routes {
     }
 }
 
-/// The request path behind the gRPC edge.
+/// Why the router could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("building an HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("cache.redis_url: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// The request path behind the gRPC edge: routes → cache → coalescer → cascade.
 pub struct Router {
     routes: Routes,
-    cascade: Cascade,
+    cache: Option<Arc<Cache>>,
+    coalescer: Coalescer,
+    cascade: Arc<Cascade>,
+    metrics: Arc<Metrics>,
 }
 
 impl Router {
-    pub fn new(config: &Config) -> Result<Router, reqwest::Error> {
+    pub fn new(config: &Config) -> Result<Router, BuildError> {
+        let metrics = Arc::new(Metrics::new());
+        let cache = match &config.cache {
+            Some(c) => Some(Arc::new(Cache::new(c, metrics.cache.clone())?)),
+            None => None,
+        };
         Ok(Router {
             routes: Routes::new(config),
-            cascade: Cascade::new(config)?,
+            cache,
+            coalescer: Coalescer::default(),
+            cascade: Arc::new(Cascade::new(config, &metrics)?),
+            metrics,
         })
     }
 
@@ -117,14 +153,61 @@ impl Router {
         request: &Arc<CompletionRequest>,
         deadline: Instant,
     ) -> Result<Answer, RouterError> {
-        let targets = self.routes.resolve(&request.model, &request.agent)?;
+        let (route, targets) = self.routes.resolve_named(&request.model, &request.agent)?;
+        let mode = request.cache;
+        // Only deterministic requests are cached or coalesced: others must each get their own sample.
+        let cached = self
+            .cache
+            .as_ref()
+            .filter(|_| mode != CacheMode::Bypass && deterministic(&request.params))
+            .map(|c| (c, c.key(route, request)));
+        if let Some((cache, key)) = &cached
+            && mode != CacheMode::Refresh
+            && let Some(hit) = cache.get(key).await
+        {
+            return Ok(hit);
+        }
+        if mode == CacheMode::Only {
+            return Err(RouterError::NotCached(match cached {
+                Some(_) => "not in the cache (cache: ONLY)".into(),
+                None => "cache: ONLY needs the cache enabled and a deterministic request (temperature 0 or a seed)".into(),
+            }));
+        }
         if targets.is_empty() {
             return Err(RouterError::Unavailable {
                 reason: "no enabled provider serves this model",
                 attempts: Vec::new(),
             });
         }
-        self.cascade.run(targets, request, deadline).await
+        let Some((cache, key)) = cached else {
+            return self.cascade.run(targets, request, deadline).await;
+        };
+        let work = || {
+            let (cascade, targets, request, cache) = (
+                self.cascade.clone(),
+                targets.clone(),
+                request.clone(),
+                cache.clone(),
+            );
+            async move {
+                let answer = cascade.run(&targets, &request, deadline).await?;
+                cache.put(key, &answer).await;
+                Ok(answer)
+            }
+        };
+        let joined = || {
+            self.metrics.cache.coalesced.inc();
+        };
+        match timeout_at(deadline, self.coalescer.run(key, work, joined)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(RouterError::DeadlineExceeded {
+                attempts: Vec::new(),
+            }),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Providers in priority order, with their live state.

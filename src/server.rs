@@ -150,7 +150,7 @@ impl v1::router_server::Router for RouterService {
                 r#type: u.config.kind.as_str().into(),
                 priority: u.config.priority,
                 circuit: v1::CircuitState::from(u.breaker.circuit()).into(),
-                requests: u.stats.requests.load(Relaxed),
+                requests: u.stats.requests.get(),
                 successes: u.stats.successes.load(Relaxed),
                 failures: u.stats.failures.load(Relaxed),
                 mean_latency_ms: u.stats.mean_latency().as_secs_f64() * 1e3,
@@ -158,7 +158,7 @@ impl v1::router_server::Router for RouterService {
                 cooling_down_ms: u64::try_from(u.breaker.cooling_down_for().as_millis())
                     .unwrap_or(u64::MAX),
                 queued: u.stats.queued.load(Relaxed),
-                items: u.stats.items.load(Relaxed),
+                items: u.stats.items.get(),
             })
             .collect();
         Ok(Response::new(v1::ListProvidersResponse { providers }))
@@ -172,6 +172,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("metrics listener on {0}: {1}")]
+    Metrics(std::net::SocketAddr, std::io::Error),
 }
 
 /// Serves `cascade.v1.Router`, `grpc.health.v1.Health` and reflection (v1 and v1alpha) on
@@ -191,6 +193,17 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
+    // Dropped (and so stopped) when serving ends.
+    let _metrics = match config.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServeError::Metrics(addr, e))?;
+            let task = tokio::spawn(crate::metrics::serve(router.metrics().clone(), listener));
+            Some(AbortOnDrop(task))
+        }
+    };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -209,6 +222,14 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]

@@ -15,10 +15,13 @@ use tokio::{
     time::{Instant, timeout_at},
 };
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::{
     breaker::{Breaker, Refusal},
     completion::{Completion, CompletionRequest, FailureKind},
     config::{BreakerConfig, ProviderConfig},
+    metrics::{Metrics, ProviderLabel},
     provider::{self, Provider, ProviderError},
 };
 
@@ -30,30 +33,34 @@ pub struct Upstream {
     /// Caps upstream requests in flight, and so the connections the pool opens.
     pub permits: Arc<Semaphore>,
     pub stats: Stats,
+    pub label: ProviderLabel,
+    pub metrics: Arc<Metrics>,
 }
 
-/// Counters for ListProviders; relaxed atomics, read as a snapshot that may be a little stale.
+/// Counters for ListProviders and Prometheus; relaxed atomics, read as a snapshot that may be
+/// a little stale.
 #[derive(Debug)]
 pub struct Stats {
-    /// Upstream HTTP requests sent.
-    pub requests: AtomicU64,
+    /// Upstream HTTP requests sent (also `cascade_upstream_requests_total`).
+    pub requests: Counter,
     pub successes: AtomicU64,
     pub failures: AtomicU64,
-    /// Prompts carried by those requests (more than `requests` when batching).
-    pub items: AtomicU64,
+    /// Prompts carried by those requests, more than `requests` when batching (also
+    /// `cascade_upstream_items_total`).
+    pub items: Counter,
     /// Items waiting in this provider's batch queues.
     pub queued: AtomicU64,
     latency_us_total: AtomicU64,
     fastest_us: AtomicU64,
 }
 
-impl Default for Stats {
-    fn default() -> Self {
+impl Stats {
+    fn new(metrics: &Metrics, label: &ProviderLabel) -> Self {
         Stats {
-            requests: AtomicU64::new(0),
+            requests: metrics.upstream_requests.get_or_create(label).clone(),
             successes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
-            items: AtomicU64::new(0),
+            items: metrics.upstream_items.get_or_create(label).clone(),
             queued: AtomicU64::new(0),
             latency_us_total: AtomicU64::new(0),
             fastest_us: AtomicU64::new(u64::MAX),
@@ -63,8 +70,8 @@ impl Default for Stats {
 
 impl Stats {
     pub fn sent(&self, items: usize) {
-        self.requests.fetch_add(1, Relaxed);
-        self.items.fetch_add(items as u64, Relaxed);
+        self.requests.inc();
+        self.items.inc_by(items as u64);
     }
 
     pub fn success(&self, took: Duration) {
@@ -99,13 +106,17 @@ impl Upstream {
     pub fn new(
         config: &ProviderConfig,
         breaker: BreakerConfig,
+        metrics: &Arc<Metrics>,
     ) -> Result<Upstream, reqwest::Error> {
+        let label = ProviderLabel::of(&config.name);
         Ok(Upstream {
             name: config.name.as_str().into(),
             provider: provider::build(config)?,
             breaker: Breaker::new(breaker),
             permits: Arc::new(Semaphore::new(config.max_concurrency)),
-            stats: Stats::default(),
+            stats: Stats::new(metrics, &label),
+            label,
+            metrics: metrics.clone(),
             config: config.clone(),
         })
     }

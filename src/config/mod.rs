@@ -29,6 +29,8 @@ pub struct Config {
     pub assignments: BTreeMap<String, String>,
     /// Every model the file names, including those of disabled providers.
     pub models: BTreeSet<String>,
+    /// `None` when caching is off.
+    pub cache: Option<CacheConfig>,
     /// Things worth telling the operator once at start.
     pub warnings: Vec<String>,
 }
@@ -38,6 +40,32 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub request_timeout: Duration,
     pub max_batch_items: usize,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// The completion cache.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheConfig {
+    pub ttl: Duration,
+    pub max_bytes: u64,
+    pub scope: CacheScope,
+    /// Redis behind the in-memory cache, shared by every replica.
+    pub redis: Option<RedisConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheScope {
+    /// Entries are keyed by the caller (`agent`): one tenant never sees another's answers.
+    Tenant,
+    /// Every caller shares entries.
+    Shared,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RedisConfig {
+    pub url: String,
+    pub timeout: Duration,
+    pub max_value_bytes: usize,
 }
 
 /// How the cascade walks its providers.
@@ -307,6 +335,7 @@ impl Validator<'_> {
             "fallback_chains",
             "agent_model_assignments",
             "server",
+            "cache",
         ];
         let (ignored, unknown): (Extra, Extra) = raw
             .extra
@@ -324,6 +353,10 @@ impl Validator<'_> {
 
         let cascade = self.cascade(raw.cascade)?;
         let server = self.server(raw.server)?;
+        let cache = match raw.cache {
+            None => None,
+            Some(c) => self.cache(c)?,
+        };
 
         let mut names = HashSet::new();
         let mut all_models = BTreeSet::new();
@@ -402,6 +435,7 @@ impl Validator<'_> {
             chains: raw.fallback_chains,
             assignments: raw.agent_model_assignments,
             models: all_models,
+            cache,
             warnings: self.warnings,
         })
     }
@@ -491,11 +525,86 @@ impl Validator<'_> {
                 "set the most items one CompleteBatch may carry, e.g. 1024",
             ));
         }
+        let metrics_listen = match s.metrics_listen {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|_| {
+                self.err(
+                    "server.metrics_listen",
+                    format!("{text:?} is not an address"),
+                    "use IP:PORT, e.g. 127.0.0.1:9464",
+                )
+            })?),
+        };
         Ok(ServerConfig {
             listen,
             request_timeout,
             max_batch_items,
+            metrics_listen,
         })
+    }
+
+    fn cache(&mut self, c: raw::RawCache) -> Result<Option<CacheConfig>, ConfigError> {
+        if c.enabled == Some(false) {
+            return Ok(None);
+        }
+        let ttl = self.seconds("cache.ttl_seconds", c.ttl_seconds.unwrap_or(3600.0), false)?;
+        let max_bytes = c.max_bytes.unwrap_or(64 << 20);
+        if max_bytes < 1024 {
+            return Err(self.err(
+                "cache.max_bytes",
+                format!("{max_bytes} is too small"),
+                "give the cache at least 1024 bytes, e.g. 67108864 (64 MiB)",
+            ));
+        }
+        let scope = match c.scope.as_deref() {
+            None | Some("tenant") => CacheScope::Tenant,
+            Some("shared") => CacheScope::Shared,
+            Some(other) => {
+                return Err(self.err(
+                    "cache.scope",
+                    format!("unknown scope {other:?}"),
+                    "use tenant (each agent its own entries) or shared",
+                ));
+            }
+        };
+        let redis = match c.backend.as_deref() {
+            None | Some("memory") => None,
+            Some("redis") => {
+                let url = c
+                    .redis_url
+                    .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(self.err(
+                        "cache.redis_url",
+                        format!("{url:?} is not a redis:// URL"),
+                        "use redis://HOST:PORT[/DB]",
+                    ));
+                }
+                let timeout = self.seconds(
+                    "cache.redis_timeout_ms",
+                    c.redis_timeout_ms.unwrap_or(100.0) / 1000.0,
+                    false,
+                )?;
+                Some(RedisConfig {
+                    url,
+                    timeout,
+                    max_value_bytes: c.max_value_bytes.unwrap_or(1 << 20),
+                })
+            }
+            Some(other) => {
+                return Err(self.err(
+                    "cache.backend",
+                    format!("unknown backend {other:?}"),
+                    "use memory or redis",
+                ));
+            }
+        };
+        Ok(Some(CacheConfig {
+            ttl,
+            max_bytes,
+            scope,
+            redis,
+        }))
     }
 
     fn seconds(&self, key: &str, v: f64, zero_ok: bool) -> Result<Duration, ConfigError> {

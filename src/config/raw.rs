@@ -25,8 +25,26 @@ pub struct RawFile {
     pub agent_model_assignments: BTreeMap<String, String>,
     #[serde(default)]
     pub server: RawServer,
+    pub cache: Option<RawCache>,
     #[serde(flatten)]
     pub extra: Extra,
+}
+
+/// The completion cache (this router's own section).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub enabled: Option<bool>,
+    /// `memory` or `redis` (Redis behind the in-memory cache).
+    pub backend: Option<String>,
+    pub ttl_seconds: Option<f64>,
+    pub max_bytes: Option<u64>,
+    /// `tenant` (default) or `shared`.
+    pub scope: Option<String>,
+    pub redis_url: Option<String>,
+    pub redis_timeout_ms: Option<f64>,
+    /// Completions larger than this are not written to Redis.
+    pub max_value_bytes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,4 +179,6 @@ pub struct RawServer {
     pub request_timeout_seconds: Option<f64>,
     /// Items one CompleteBatch call may carry.
     pub max_batch_items: Option<usize>,
+    /// Where to serve Prometheus metrics (`GET /metrics`); absent means not served.
+    pub metrics_listen: Option<String>,
 }

@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 
 pub struct RunningRouter {
     pub addr: SocketAddr,
+    pub router: Arc<Router>,
     pub client: RouterClient<Channel>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
@@ -38,11 +39,12 @@ pub async fn start_with_env(yaml: &str, env: HashMap<String, String>) -> Running
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let server_config = config.server.clone();
+    let serving = router.clone();
     let task = tokio::spawn(async move {
         let shutdown = async {
             let _ = stopped.await;
         };
-        server::serve(router, server_config, listener, shutdown)
+        server::serve(serving, server_config, listener, shutdown)
             .await
             .unwrap();
     });
@@ -53,6 +55,7 @@ pub async fn start_with_env(yaml: &str, env: HashMap<String, String>) -> Running
         .unwrap();
     RunningRouter {
         addr,
+        router,
         client: RouterClient::new(channel),
         stop: Some(stop),
         task,
@@ -136,4 +139,15 @@ pub async fn wait_queued(client: &mut RouterClient<Channel>, provider: &str, n: 
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// The value of one Prometheus sample (`name` with its labels, as rendered), 0 if absent.
+pub fn metric(router: &RunningRouter, name: &str) -> f64 {
+    router
+        .router
+        .metrics()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
 }

@@ -1,0 +1,412 @@
+//! The completion cache: exact match on a hash of the canonical request, scoped to the
+//! tenant unless `cache.scope: shared`, bounded in bytes (moka, TinyLFU admission), with an
+//! optional Redis second level that several replicas share.
+//!
+//! Only deterministic requests are cached (temperature 0, or a seed); errors never are, since
+//! only answers reach [`Cache::put`]. A Redis outage or timeout is a miss, counted and logged,
+//! never an error to the caller; the connection comes back on its own.
+
+use std::{sync::Arc, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    sync::Mutex,
+    time::{Instant, timeout},
+};
+
+use crate::{
+    completion::{Answer, Completion, CompletionRequest, GenParams, Input},
+    config::{CacheConfig, CacheScope, RedisConfig},
+    metrics::CacheMetrics,
+};
+
+/// A blake3 hash of everything that shapes a completion, plus the tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CacheKey([u8; 32]);
+
+impl CacheKey {
+    /// `route` is the resolved model or chain name. Fields are length-prefixed so that no two
+    /// different requests hash the same bytes; the request is destructured exhaustively so a
+    /// new field fails to compile until the key accounts for it.
+    pub fn new(tenant: &str, route: &str, request: &CompletionRequest) -> CacheKey {
+        let CompletionRequest {
+            model: _, // replaced by the resolved `route`
+            input,
+            params,
+            agent: _,      // the tenant, when scoped, is passed in
+            request_id: _, // differs per call by design
+            cache: _,      // how to use the cache, not what is asked
+        } = request;
+        let GenParams {
+            max_tokens,
+            temperature,
+            stop,
+            seed,
+        } = params;
+        let mut h = blake3::Hasher::new();
+        let mut field = |bytes: &[u8]| {
+            h.update(&(bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        field(b"cascade-router cache v1");
+        field(tenant.as_bytes());
+        field(route.as_bytes());
+        match input {
+            Input::Prompt(p) => {
+                field(b"prompt");
+                field(p.as_bytes());
+            }
+            Input::Chat(messages) => {
+                field(b"chat");
+                field(&(messages.len() as u64).to_le_bytes());
+                for m in messages {
+                    field(m.role.as_str().as_bytes());
+                    field(m.content.as_bytes());
+                }
+            }
+        }
+        field(&max_tokens.map_or([0xff; 5], |m| {
+            let mut b = [0u8; 5];
+            b[1..].copy_from_slice(&m.to_le_bytes());
+            b
+        }));
+        field(&temperature.map_or([0xff; 5], |t| {
+            let mut b = [0u8; 5];
+            b[1..].copy_from_slice(&t.to_bits().to_le_bytes());
+            b
+        }));
+        field(&(stop.len() as u64).to_le_bytes());
+        for s in stop {
+            field(s.as_bytes());
+        }
+        field(&seed.map_or([0xff; 9], |s| {
+            let mut b = [0u8; 9];
+            b[1..].copy_from_slice(&s.to_le_bytes());
+            b
+        }));
+        CacheKey(*h.finalize().as_bytes())
+    }
+
+    fn redis_key(&self) -> String {
+        format!("cascade:v1:{}", blake3::Hash::from_bytes(self.0).to_hex())
+    }
+}
+
+/// Whether a request's answer may be reused: temperature 0 or a fixed seed.
+pub fn deterministic(p: &GenParams) -> bool {
+    p.seed.is_some() || p.temperature == Some(0.0)
+}
+
+/// What is stored: the completion and who gave it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Entry {
+    completion: Completion,
+    provider: Arc<str>,
+    model: Arc<str>,
+}
+
+impl Entry {
+    fn weight(&self) -> u32 {
+        let c = &self.completion;
+        // Key, Arc headers and struct overhead, plus the strings.
+        let bytes =
+            96 + c.text.len() + c.finish_reason.len() + self.provider.len() + self.model.len();
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+}
+
+#[derive(Clone)]
+struct Timed {
+    entry: Arc<Entry>,
+    /// Checked on read with tokio's clock, so TTLs are exact under a paused test clock;
+    /// moka's own TTL (on the std clock) reclaims the memory.
+    expires: Instant,
+}
+
+pub struct Cache {
+    memory: moka::sync::Cache<CacheKey, Timed>,
+    ttl: Duration,
+    scope: CacheScope,
+    redis: Option<Redis>,
+    metrics: CacheMetrics,
+}
+
+impl Cache {
+    pub fn new(config: &CacheConfig, metrics: CacheMetrics) -> Result<Cache, redis::RedisError> {
+        let evictions = metrics.evictions.clone();
+        let memory = moka::sync::Cache::builder()
+            .max_capacity(config.max_bytes)
+            .weigher(|_k, v: &Timed| v.entry.weight())
+            .time_to_live(config.ttl)
+            .eviction_listener(move |_k, _v, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    evictions.inc();
+                }
+            })
+            .build();
+        let redis = config.redis.as_ref().map(Redis::new).transpose()?;
+        Ok(Cache {
+            memory,
+            ttl: config.ttl,
+            scope: config.scope,
+            redis,
+            metrics,
+        })
+    }
+
+    /// The key for `request` routed as `route`, scoped per the config.
+    pub fn key(&self, route: &str, request: &CompletionRequest) -> CacheKey {
+        let tenant = match self.scope {
+            CacheScope::Tenant => request.agent.as_str(),
+            CacheScope::Shared => "",
+        };
+        CacheKey::new(tenant, route, request)
+    }
+
+    pub async fn get(&self, key: &CacheKey) -> Option<Answer> {
+        let now = Instant::now();
+        if let Some(t) = self.memory.get(key) {
+            if now < t.expires {
+                self.metrics.hits.inc();
+                return Some(answer(&t.entry));
+            }
+            self.memory.invalidate(key);
+        }
+        if let Some(redis) = &self.redis
+            && let Some(entry) = redis.get(key, &self.metrics).await
+        {
+            let entry = Arc::new(entry);
+            self.insert_memory(*key, entry.clone());
+            self.metrics.hits.inc();
+            return Some(answer(&entry));
+        }
+        self.metrics.misses.inc();
+        None
+    }
+
+    pub async fn put(&self, key: CacheKey, a: &Answer) {
+        let entry = Arc::new(Entry {
+            completion: a.completion.clone(),
+            provider: a.provider.clone(),
+            model: a.model.clone(),
+        });
+        self.insert_memory(key, entry.clone());
+        if let Some(redis) = &self.redis {
+            redis.put(&key, &entry, self.ttl, &self.metrics).await;
+        }
+    }
+
+    fn insert_memory(&self, key: CacheKey, entry: Arc<Entry>) {
+        self.memory.insert(
+            key,
+            Timed {
+                entry,
+                expires: Instant::now() + self.ttl,
+            },
+        );
+        // Misses cost an upstream call, so settling the bookkeeping here is cheap by comparison
+        // and keeps the bytes gauge exact.
+        self.memory.run_pending_tasks();
+        self.metrics
+            .bytes
+            .set(i64::try_from(self.memory.weighted_size()).unwrap_or(i64::MAX));
+    }
+}
+
+fn answer(e: &Entry) -> Answer {
+    Answer {
+        completion: e.completion.clone(),
+        provider: e.provider.clone(),
+        model: e.model.clone(),
+        attempts: Vec::new(),
+        queue_wait: Duration::ZERO,
+        upstream: Duration::ZERO,
+        batch_size: 0,
+        cached: true,
+    }
+}
+
+/// The shared second level. Every operation is bounded by `timeout`; any failure is a miss.
+struct Redis {
+    client: redis::Client,
+    config: RedisConfig,
+    /// Connected lazily and again after failures; the manager reconnects on its own once up.
+    conn: Mutex<Option<redis::aio::ConnectionManager>>,
+}
+
+impl Redis {
+    fn new(config: &RedisConfig) -> Result<Redis, redis::RedisError> {
+        Ok(Redis {
+            client: redis::Client::open(config.url.as_str())?,
+            config: config.clone(),
+            conn: Mutex::new(None),
+        })
+    }
+
+    async fn connection(&self) -> Option<redis::aio::ConnectionManager> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Some(c.clone());
+        }
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.config.timeout))
+            .set_response_timeout(Some(self.config.timeout))
+            .set_number_of_retries(1);
+        match timeout(
+            self.config.timeout,
+            self.client.get_connection_manager_with_config(cfg),
+        )
+        .await
+        {
+            Ok(Ok(c)) => {
+                *slot = Some(c.clone());
+                Some(c)
+            }
+            _ => None,
+        }
+    }
+
+    async fn get(&self, key: &CacheKey, metrics: &CacheMetrics) -> Option<Entry> {
+        let Some(mut conn) = self.connection().await else {
+            metrics.redis_errors.inc();
+            return None;
+        };
+        let got: Result<Result<Option<Vec<u8>>, _>, _> = timeout(
+            self.config.timeout,
+            redis::cmd("GET")
+                .arg(key.redis_key())
+                .query_async(&mut conn),
+        )
+        .await;
+        match got {
+            Ok(Ok(Some(bytes))) => serde_json::from_slice(&bytes).ok(),
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => {
+                metrics.redis_errors.inc();
+                tracing::debug!(error = %e, "redis GET failed; treating as a miss");
+                None
+            }
+            Err(_) => {
+                metrics.redis_errors.inc();
+                tracing::debug!("redis GET timed out; treating as a miss");
+                None
+            }
+        }
+    }
+
+    async fn put(&self, key: &CacheKey, entry: &Entry, ttl: Duration, metrics: &CacheMetrics) {
+        let Ok(value) = serde_json::to_vec(entry) else {
+            return;
+        };
+        if value.len() > self.config.max_value_bytes {
+            return;
+        }
+        let Some(mut conn) = self.connection().await else {
+            metrics.redis_errors.inc();
+            return;
+        };
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let set: Result<Result<(), _>, _> = timeout(
+            self.config.timeout,
+            redis::cmd("SET")
+                .arg(key.redis_key())
+                .arg(value)
+                .arg("PX")
+                .arg(ms)
+                .query_async(&mut conn),
+        )
+        .await;
+        if !matches!(set, Ok(Ok(()))) {
+            metrics.redis_errors.inc();
+            tracing::debug!("redis SET failed or timed out; the entry stays local");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::completion::{CacheMode, ChatMessage, Role};
+
+    fn req(agent: &str, prompt: &str) -> CompletionRequest {
+        CompletionRequest {
+            model: "m".into(),
+            input: Input::Prompt(prompt.into()),
+            params: GenParams {
+                temperature: Some(0.0),
+                ..GenParams::default()
+            },
+            agent: agent.into(),
+            request_id: "r".into(),
+            cache: CacheMode::Default,
+        }
+    }
+
+    #[test]
+    fn key_covers_every_field_and_separates_them() {
+        let base = CacheKey::new("t", "m", &req("a", "hello"));
+        assert_eq!(
+            base,
+            CacheKey::new("t", "m", &req("other agent", "hello")),
+            "agent is not in the key itself"
+        );
+        assert_ne!(base, CacheKey::new("u", "m", &req("a", "hello")), "tenant");
+        assert_ne!(base, CacheKey::new("t", "n", &req("a", "hello")), "route");
+        assert_ne!(
+            CacheKey::new("ab", "c", &req("a", "x")),
+            CacheKey::new("a", "bc", &req("a", "x")),
+            "separators"
+        );
+        let mut r = req("a", "hello");
+        r.params.seed = Some(1);
+        assert_ne!(base, CacheKey::new("t", "m", &r), "seed");
+        let mut r = req("a", "hello");
+        r.params.stop = vec!["x".into()];
+        assert_ne!(base, CacheKey::new("t", "m", &r), "stop");
+        let mut r = req("a", "hello");
+        r.input = Input::Chat(vec![ChatMessage {
+            role: Role::User,
+            content: "hello".into(),
+        }]);
+        assert_ne!(base, CacheKey::new("t", "m", &r), "chat vs prompt");
+    }
+
+    fn answer_of(text: &str) -> Answer {
+        Answer {
+            completion: Completion {
+                text: text.into(),
+                finish_reason: "stop".into(),
+                usage: None,
+            },
+            provider: "p".into(),
+            model: "m".into(),
+            attempts: vec![],
+            queue_wait: Duration::ZERO,
+            upstream: Duration::ZERO,
+            batch_size: 1,
+            cached: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_expire_after_ttl() {
+        let config = CacheConfig {
+            ttl: Duration::from_secs(60),
+            max_bytes: 1 << 20,
+            scope: CacheScope::Tenant,
+            redis: None,
+        };
+        let metrics = CacheMetrics::default();
+        let cache = Cache::new(&config, metrics.clone()).unwrap();
+        let key = cache.key("m", &req("a", "q"));
+        cache.put(key, &answer_of("A")).await;
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(
+            cache.get(&key).await.map(|a| (a.completion.text, a.cached)),
+            Some(("A".into(), true))
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(cache.get(&key).await.is_none());
+        assert_eq!((metrics.hits.get(), metrics.misses.get()), (1, 1));
+    }
+}

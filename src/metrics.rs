@@ -1,0 +1,189 @@
+//! Prometheus metrics: one registry per router (not a process-global one, so several routers
+//! in one process — tests, embedders — keep their own), rendered in the text format on
+//! `server.metrics_listen` at `/metrics`.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabel {
+    pub provider: String,
+}
+
+impl ProviderLabel {
+    pub fn of(name: &str) -> ProviderLabel {
+        ProviderLabel {
+            provider: name.to_string(),
+        }
+    }
+}
+
+type HistogramFamily = Family<ProviderLabel, Histogram, fn() -> Histogram>;
+
+/// Completion-cache counters.
+#[derive(Clone, Default)]
+pub struct CacheMetrics {
+    pub hits: Counter,
+    pub misses: Counter,
+    pub coalesced: Counter,
+    pub evictions: Counter,
+    pub bytes: Gauge,
+    pub redis_errors: Counter,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub cache: CacheMetrics,
+    /// Upstream HTTP requests and the prompts they carried, per provider.
+    pub upstream_requests: Family<ProviderLabel, Counter>,
+    pub upstream_items: Family<ProviderLabel, Counter>,
+    pub batch_size: HistogramFamily,
+    pub queue_wait_seconds: HistogramFamily,
+}
+
+fn batch_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 12))
+}
+
+fn wait_buckets() -> Histogram {
+    // 50 µs .. ~1.6 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("cascade");
+        let cache = CacheMetrics::default();
+        let c = registry.sub_registry_with_prefix("cache");
+        c.register(
+            "hits",
+            "Completions answered from the cache",
+            cache.hits.clone(),
+        );
+        c.register(
+            "misses",
+            "Cacheable requests not in the cache",
+            cache.misses.clone(),
+        );
+        c.register(
+            "coalesced",
+            "Requests that shared an identical in-flight call",
+            cache.coalesced.clone(),
+        );
+        c.register(
+            "evictions",
+            "Entries evicted to stay within max_bytes",
+            cache.evictions.clone(),
+        );
+        c.register(
+            "bytes",
+            "Bytes held by the in-memory cache",
+            cache.bytes.clone(),
+        );
+        c.register(
+            "redis_errors",
+            "Redis operations that failed or timed out",
+            cache.redis_errors.clone(),
+        );
+        let upstream_requests = Family::default();
+        let upstream_items = Family::default();
+        let batch_size: HistogramFamily = Family::new_with_constructor(batch_buckets);
+        let queue_wait_seconds: HistogramFamily = Family::new_with_constructor(wait_buckets);
+        let u = registry.sub_registry_with_prefix("upstream");
+        u.register(
+            "requests",
+            "Upstream HTTP requests sent",
+            upstream_requests.clone(),
+        );
+        u.register(
+            "items",
+            "Prompts carried by upstream requests",
+            upstream_items.clone(),
+        );
+        let b = registry.sub_registry_with_prefix("batch");
+        b.register("size", "Prompts per upstream request", batch_size.clone());
+        b.register(
+            "queue_wait_seconds",
+            "Time a prompt waited in its batch queue",
+            queue_wait_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            cache,
+            upstream_requests,
+            upstream_items,
+            batch_size,
+            queue_wait_seconds,
+        }
+    }
+
+    pub fn observe_batch(
+        &self,
+        provider: &ProviderLabel,
+        size: usize,
+        waits: impl Iterator<Item = Duration>,
+    ) {
+        self.batch_size.get_or_create(provider).observe(size as f64);
+        let h = self.queue_wait_seconds.get_or_create(provider);
+        for w in waits {
+            h.observe(w.as_secs_f64());
+        }
+    }
+
+    /// The registry in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let (status, body) = if req.uri().path() == "/metrics" {
+                        (StatusCode::OK, metrics.render())
+                    } else {
+                        (StatusCode::NOT_FOUND, "see /metrics\n".to_string())
+                    };
+                    let mut r = Response::new(Full::new(bytes::Bytes::from(body)));
+                    *r.status_mut() = status;
+                    Ok::<_, Infallible>(r)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
