@@ -285,6 +285,11 @@ async fn worker(
         if batch.is_empty() {
             continue;
         }
+        let now = Instant::now();
+        let waits = batch
+            .iter()
+            .map(|i| now.saturating_duration_since(i.enqueued));
+        up.metrics.observe_batch(&up.label, batch.len(), waits);
         let (up, model) = (up.clone(), model.clone());
         match permit {
             Some(permit) => tokio::spawn(send_native(up, model, batch, permit)),
@@ -321,7 +326,7 @@ async fn send_native(
     up: Arc<Upstream>,
     model: Arc<str>,
     mut batch: Vec<Item>,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
     let pass = match up.breaker.admit() {
         Ok(p) => p,
@@ -347,13 +352,6 @@ async fn send_native(
     match outcome {
         Ok(Ok(results)) => {
             up.judge(pass, Ok(took));
-            up.metrics.observe_batch(
-                &up.label,
-                batch.len(),
-                batch
-                    .iter()
-                    .map(|i| sent.saturating_duration_since(i.enqueued)),
-            );
             let size = u32::try_from(batch.len()).unwrap_or(u32::MAX);
             for (item, result) in batch.iter_mut().zip(results) {
                 let queue_wait = sent.saturating_duration_since(item.enqueued);
@@ -369,7 +367,7 @@ async fn send_native(
         // prompts one by one, so the good ones are still answered here.
         Ok(Err(e)) if e.kind == FailureKind::Rejected && batch.len() > 1 => {
             pass.neutral();
-            drop(_permit);
+            drop(permit);
             send_parallel(up, model, batch).await;
         }
         Ok(Err(e)) => {
@@ -393,13 +391,6 @@ async fn send_native(
 /// dropped as soon as its caller goes away.
 async fn send_parallel(up: Arc<Upstream>, model: Arc<str>, mut batch: Vec<Item>) {
     let sent = Instant::now();
-    up.metrics.observe_batch(
-        &up.label,
-        batch.len(),
-        batch
-            .iter()
-            .map(|i| sent.saturating_duration_since(i.enqueued)),
-    );
     let size = u32::try_from(batch.len()).unwrap_or(u32::MAX);
     let (end, deadline_bound) = budget_end(&up, &batch, sent);
     let calls = batch.iter_mut().map(|item| {

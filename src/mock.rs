@@ -174,6 +174,14 @@ impl MockServer {
     }
 
     pub async fn bind(addr: SocketAddr, script: Script) -> io::Result<MockServer> {
+        MockServer::launch(addr, script, None).await
+    }
+
+    async fn launch(
+        addr: SocketAddr,
+        script: Script,
+        tls: Option<TlsAcceptor>,
+    ) -> io::Result<MockServer> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -182,7 +190,7 @@ impl MockServer {
             counters: Counters::default(),
             changed: Notify::new(),
         });
-        let task = tokio::spawn(accept_loop(listener, shared.clone(), None));
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), tls));
         Ok(MockServer { addr, shared, task })
     }
 
@@ -190,16 +198,7 @@ impl MockServer {
     /// `localhost` and `127.0.0.1`, made now; returns the certificate as PEM for clients to trust.
     pub async fn bind_tls(addr: SocketAddr, script: Script) -> io::Result<(MockServer, String)> {
         let (acceptor, pem) = self_signed().map_err(io::Error::other)?;
-        let listener = TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared {
-            gate: Semaphore::new(script.max_concurrency.max(1)),
-            script: Mutex::new(script),
-            counters: Counters::default(),
-            changed: Notify::new(),
-        });
-        let task = tokio::spawn(accept_loop(listener, shared.clone(), Some(acceptor)));
-        Ok((MockServer { addr, shared, task }, pem))
+        Ok((MockServer::launch(addr, script, Some(acceptor)).await?, pem))
     }
 
     pub fn addr(&self) -> SocketAddr {
