@@ -326,3 +326,38 @@ async fn full_queue_answers_resource_exhausted() {
         assert_eq!(w.await.unwrap().unwrap().into_inner().batch_size, 2);
     }
 }
+
+#[tokio::test]
+async fn an_agents_complete_batch_rides_one_upstream_request() {
+    let upstream = MockServer::start(Script::default()).await.unwrap();
+    let yaml = format!(
+        "providers:\n{}",
+        batching_provider(
+            "gpu",
+            1,
+            &upstream.url(),
+            "{max_batch_size: 32, max_wait_ms: 50}"
+        )
+    );
+    let mut router = start(&yaml).await;
+
+    let prompts: Vec<String> = (0..10).map(|i| format!("item {i}")).collect();
+    let req = cascade_router::proto::v1::CompleteBatchRequest {
+        requests: prompts.iter().map(|p| prompt(p)).collect(),
+    };
+    let results = router
+        .client
+        .complete_batch(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+
+    for (p, r) in prompts.iter().zip(results) {
+        let Some(cascade_router::proto::v1::batch_result::Result::Response(r)) = r.result else {
+            panic!("{p} failed")
+        };
+        assert_eq!((r.text, r.batch_size), (mock::reply(p), 10));
+    }
+    assert_eq!((upstream.stats().requests, upstream.stats().items), (1, 10));
+}
