@@ -307,6 +307,33 @@ def window(b):
                  ["max_wait_ms", "mean batch size", "upstream requests per prompt", "prompts/s", "p50 ms", "p99 ms"], rows)
 
 
+def agent_loop(b):
+    """An agent's 200 prompts sent one at a time vs as one CompleteBatch through the router."""
+    mock, mport = b.mock(*GPU)
+    base = f"http://127.0.0.1:{mport}/v1"
+    plain, plain_port = b.router(openai_provider("gpu", base))
+    batched, batched_port = b.router(openai_provider("gpu", base, "    batching: {max_batch_size: 32, max_wait_ms: 5}\n"))
+    n = 20 if b.smoke else 200
+    reps = 1 if b.smoke else 3
+    data = ["-d", '{"model":"m","prompt":"triage item {{n}}"}', "--timeout", 120]
+    res = {"one at a time (Complete × N)": [], "one CompleteBatch of N, batching on": []}
+    for _ in range(reps):
+        before = mock_stats(mport)["requests"]
+        r = b.load("--addr", f"127.0.0.1:{plain_port}", "-c", 1, "-n", n, *data)
+        r["upstream"] = mock_stats(mport)["requests"] - before
+        res["one at a time (Complete × N)"].append(r)
+        before = mock_stats(mport)["requests"]
+        r = b.load("--addr", f"127.0.0.1:{batched_port}", "-c", 1, "-n", 1, "--batch", n, *data)
+        r["upstream"] = mock_stats(mport)["requests"] - before
+        res["one CompleteBatch of N, batching on"].append(r)
+    rows = [[name, n, f"{med([r['elapsed_s'] for r in runs]):.3f}", med([r["upstream"] for r in runs])]
+            for name, runs in res.items()]
+    one, batch = (med([r["elapsed_s"] for r in runs]) for runs in res.values())
+    b.stop_all()
+    return table(f"Agent loop: {n} prompts per iteration ({GPU_NOTE}): the iteration is {1 - batch / one:.0%} shorter as one batch",
+                 ["how the agent sends", "prompts", "iteration s", "upstream requests"], rows)
+
+
 def table(title, header, rows):
     out = [f"#### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -314,7 +341,7 @@ def table(title, header, rows):
 
 
 SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory,
-             "batching": batching, "window": window}
+             "batching": batching, "window": window, "agent_loop": agent_loop}
 
 
 def machine():

@@ -74,6 +74,9 @@ pub struct Spec {
     pub templates: Vec<Template>,
     /// Deadline sent with each request.
     pub timeout: Duration,
+    /// Above 1, each call is a CompleteBatch of this many prompts (gRPC only); a call
+    /// succeeds when every item does.
+    pub batch: usize,
 }
 
 /// Percentiles in microseconds.
@@ -222,26 +225,55 @@ impl Client {
         })
     }
 
-    /// Sends request `n`; `Ok` carries the router's `upstream_us` when there is one.
+    /// Sends call `n` (of `batch` prompts when above 1); `Ok` carries the router's
+    /// `upstream_us` when there is one.
     async fn send(
         &mut self,
         t: &Template,
         n: u64,
         timeout: Duration,
+        batch: usize,
     ) -> Result<Option<u64>, String> {
-        let prompt = t.prompt_for(n);
+        let grpc = |prompt: String| v1::CompleteRequest {
+            model: t.model.clone(),
+            prompt,
+            max_tokens: t.max_tokens,
+            temperature: t.temperature,
+            seed: t.seed,
+            agent: t.agent.clone(),
+            stop: t.stop.clone(),
+            ..Default::default()
+        };
         match self {
+            Client::Grpc(c) if batch > 1 => {
+                let first = n * batch as u64;
+                let requests = (first..first + batch as u64)
+                    .map(|i| grpc(t.prompt_for(i)))
+                    .collect();
+                let mut req = tonic::Request::new(v1::CompleteBatchRequest { requests });
+                req.set_timeout(timeout);
+                let results = c
+                    .complete_batch(req)
+                    .await
+                    .map_err(|s| format!("{:?}", s.code()))?
+                    .into_inner()
+                    .results;
+                let mut slowest = 0;
+                for r in results {
+                    match r.result {
+                        Some(v1::batch_result::Result::Response(r)) => {
+                            slowest = slowest.max(r.upstream_us)
+                        }
+                        Some(v1::batch_result::Result::Error(e)) => {
+                            return Err(format!("item {:?}", tonic::Code::from_i32(e.code)));
+                        }
+                        None => return Err("empty item".into()),
+                    }
+                }
+                Ok(Some(slowest))
+            }
             Client::Grpc(c) => {
-                let mut req = tonic::Request::new(v1::CompleteRequest {
-                    model: t.model.clone(),
-                    prompt,
-                    max_tokens: t.max_tokens,
-                    temperature: t.temperature,
-                    seed: t.seed,
-                    agent: t.agent.clone(),
-                    stop: t.stop.clone(),
-                    ..Default::default()
-                });
+                let mut req = tonic::Request::new(grpc(t.prompt_for(n)));
                 req.set_timeout(timeout);
                 match c.complete(req).await {
                     Ok(r) => Ok(Some(r.into_inner().upstream_us)),
@@ -249,6 +281,7 @@ impl Client {
                 }
             }
             Client::Http(c, url) => {
+                let prompt = t.prompt_for(n);
                 let body = HttpBody {
                     model: &t.model,
                     prompt: &prompt,
@@ -283,6 +316,11 @@ pub async fn run(spec: Spec) -> Result<Report, LoadError> {
     if spec.concurrency == 0 || spec.connections == 0 {
         return Err(LoadError::Spec(
             "concurrency and connections must be at least 1".into(),
+        ));
+    }
+    if spec.batch > 1 && matches!(spec.target, Target::Http(_)) {
+        return Err(LoadError::Spec(
+            "batch calls go to the router (gRPC) only".into(),
         ));
     }
     if spec.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
@@ -360,6 +398,7 @@ async fn drive(
     let start = Instant::now();
     let stop_at = spec.duration.map(|d| start + d);
     let due = |i: u64| stop_at.is_none_or(|s| Instant::now() < s) && i < total;
+    let batch = spec.batch;
     let mut tasks = JoinSet::new();
     match spec.rate {
         None => {
@@ -376,7 +415,7 @@ async fn drive(
                         }
                         let t = &templates[(i % templates.len() as u64) as usize];
                         let began = Instant::now();
-                        let outcome = client.send(t, first + i, timeout).await;
+                        let outcome = client.send(t, first + i, timeout, batch).await;
                         rec.record(began.elapsed(), outcome);
                     }
                 });
@@ -403,7 +442,7 @@ async fn drive(
                 let timeout = spec.timeout;
                 tasks.spawn(async move {
                     let t = &templates[(i % templates.len() as u64) as usize];
-                    let outcome = client.send(t, first + i, timeout).await;
+                    let outcome = client.send(t, first + i, timeout, batch).await;
                     rec.record(began.elapsed(), outcome);
                     drop(permit);
                 });

@@ -103,6 +103,9 @@ struct LoadArgs {
     /// Deadline per request, in seconds.
     #[arg(long, default_value_t = 20.0)]
     timeout: f64,
+    /// Make each call a CompleteBatch of this many prompts (an agent's own batch).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -237,6 +240,7 @@ async fn load_test(args: LoadArgs) -> Result<String, String> {
         warmup: args.warmup,
         templates: load::templates(&data)?,
         timeout: Duration::from_secs_f64(args.timeout),
+        batch: args.batch,
     };
     let report = load::run(spec).await.map_err(|e| e.to_string())?;
     Ok(if args.json {

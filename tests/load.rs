@@ -23,6 +23,7 @@ fn spec(target: Target) -> Spec {
         warmup: 10,
         templates: load::templates(r#"{"model":"m","prompt":"hello {{n}}"}"#).unwrap(),
         timeout: Duration::from_secs(10),
+        batch: 1,
     }
 }
 
