@@ -235,6 +235,23 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 }
 
 /// Validates cascade-file text; `origin` names it in errors, `env` resolves `${VAR}`.
+///
+/// ```
+/// use cascade_router::config;
+///
+/// let yaml = r#"
+/// providers:
+///   - {name: local, type: ollama, url: "http://127.0.0.1:11434", models: [llama3.2]}
+///   - {name: hosted, type: openai, api_key: "${OPENAI_API_KEY}", models: [gpt-4o-mini]}
+/// "#;
+/// let c = config::parse(yaml, "cascade.yaml", &|_| None).unwrap();
+/// // The hosted provider's key variable is unset: it is disabled, with a warning.
+/// assert_eq!(c.providers.len(), 1);
+/// assert!(c.warnings[0].contains("${OPENAI_API_KEY} is unset"));
+///
+/// let err = config::parse("providers: [{name: x, type: gpt5}]", "cascade.yaml", &|_| None).unwrap_err();
+/// assert!(err.to_string().starts_with("cascade.yaml: providers[0].type: unknown provider type"));
+/// ```
 pub fn parse(
     text: &str,
     origin: &str,
