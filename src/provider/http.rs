@@ -30,7 +30,15 @@ pub fn client(config: &ProviderConfig, headers: HeaderMap) -> Result<Client, req
         .connect_timeout(http.connect_timeout)
         .tcp_nodelay(true)
         .tcp_keepalive(Duration::from_secs(30))
+        // Model APIs answer POSTs in place: a redirect is a misconfiguration to surface (as a
+        // malformed answer that moves the request on), not to follow.
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("cascade-router/", env!("CARGO_PKG_VERSION")));
+    // Proxies from the environment are honoured; without any, skip reqwest's per-request
+    // proxy matching (1.2% of a routed request's instructions under callgrind).
+    if !proxy_in_env() {
+        b = b.no_proxy();
+    }
     if http.http2_prior_knowledge {
         b = b.http2_prior_knowledge();
     }
@@ -40,6 +48,19 @@ pub fn client(config: &ProviderConfig, headers: HeaderMap) -> Result<Client, req
         }
     }
     b.build()
+}
+
+fn proxy_in_env() -> bool {
+    [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ]
+    .iter()
+    .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()))
 }
 
 /// Joins an endpoint path onto a base URL whose path has no trailing slash.
