@@ -24,6 +24,16 @@ fn batching_provider(name: &str, priority: i32, base: &str, batching: &str) -> S
     )
 }
 
+/// The router in front of one mock upstream, provider "gpu" batching as `batching` says.
+async fn one_provider(script: Script, batching: &str) -> (RunningRouter, MockServer) {
+    let upstream = MockServer::start(script).await.unwrap();
+    let yaml = format!(
+        "providers:\n{}",
+        batching_provider("gpu", 1, &upstream.url(), batching)
+    );
+    (start(&yaml).await, upstream)
+}
+
 fn gpu_like() -> Script {
     Script {
         base_latency: Duration::from_millis(10),
@@ -60,17 +70,7 @@ async fn sixty_four_clients(client: &RouterClient<Channel>) -> Vec<u32> {
 
 #[tokio::test]
 async fn sixty_four_callers_share_upstream_requests_and_get_their_own_answers() {
-    let upstream = MockServer::start(gpu_like()).await.unwrap();
-    let yaml = format!(
-        "providers:\n{}",
-        batching_provider(
-            "gpu",
-            1,
-            &upstream.url(),
-            "{max_batch_size: 32, max_wait_ms: 5}"
-        )
-    );
-    let router = start(&yaml).await;
+    let (router, upstream) = one_provider(gpu_like(), "{max_batch_size: 32, max_wait_ms: 5}").await;
 
     let sizes = sixty_four_clients(&router.client).await;
 
@@ -86,12 +86,7 @@ async fn sixty_four_callers_share_upstream_requests_and_get_their_own_answers() 
 
 #[tokio::test]
 async fn without_batching_each_prompt_is_its_own_request() {
-    let upstream = MockServer::start(gpu_like()).await.unwrap();
-    let yaml = format!(
-        "providers:\n{}",
-        batching_provider("gpu", 1, &upstream.url(), "")
-    );
-    let router = start(&yaml).await;
+    let (router, upstream) = one_provider(gpu_like(), "").await;
 
     let sizes = sixty_four_clients(&router.client).await;
 
@@ -101,17 +96,8 @@ async fn without_batching_each_prompt_is_its_own_request() {
 
 #[tokio::test]
 async fn lone_caller_waits_about_the_window() {
-    let upstream = MockServer::start(Script::default()).await.unwrap();
-    let yaml = format!(
-        "providers:\n{}",
-        batching_provider(
-            "gpu",
-            1,
-            &upstream.url(),
-            "{max_batch_size: 32, max_wait_ms: 50}"
-        )
-    );
-    let mut router = start(&yaml).await;
+    let (mut router, _upstream) =
+        one_provider(Script::default(), "{max_batch_size: 32, max_wait_ms: 50}").await;
 
     let r = router
         .client
@@ -136,17 +122,8 @@ async fn lone_caller_waits_about_the_window() {
 
 #[tokio::test]
 async fn short_deadline_is_flushed_early_instead_of_expiring() {
-    let upstream = MockServer::start(Script::default()).await.unwrap();
-    let yaml = format!(
-        "providers:\n{}",
-        batching_provider(
-            "gpu",
-            1,
-            &upstream.url(),
-            "{max_batch_size: 32, max_wait_ms: 5000}"
-        )
-    );
-    let mut router = start(&yaml).await;
+    let (mut router, _upstream) =
+        one_provider(Script::default(), "{max_batch_size: 32, max_wait_ms: 5000}").await;
 
     let r = router
         .client
@@ -165,17 +142,8 @@ async fn short_deadline_is_flushed_early_instead_of_expiring() {
 
 #[tokio::test]
 async fn cancelled_item_is_removed_before_its_batch_is_sent() {
-    let upstream = MockServer::start(Script::default()).await.unwrap();
-    let yaml = format!(
-        "providers:\n{}",
-        batching_provider(
-            "gpu",
-            1,
-            &upstream.url(),
-            "{max_batch_size: 32, max_wait_ms: 400}"
-        )
-    );
-    let mut router = start(&yaml).await;
+    let (mut router, upstream) =
+        one_provider(Script::default(), "{max_batch_size: 32, max_wait_ms: 400}").await;
 
     let mut client = router.client.clone();
     let leaver = tokio::spawn(async move { client.complete(prompt("I will leave")).await });
@@ -295,17 +263,11 @@ async fn failed_batch_moves_every_item_on() {
 
 #[tokio::test]
 async fn full_queue_answers_resource_exhausted() {
-    let upstream = MockServer::start(Script::default()).await.unwrap();
-    let yaml = format!(
-        "providers:\n{}",
-        batching_provider(
-            "gpu",
-            1,
-            &upstream.url(),
-            "{max_batch_size: 32, max_wait_ms: 300, max_queue: 2}"
-        )
-    );
-    let mut router = start(&yaml).await;
+    let (mut router, _upstream) = one_provider(
+        Script::default(),
+        "{max_batch_size: 32, max_wait_ms: 300, max_queue: 2}",
+    )
+    .await;
 
     let waiting: Vec<_> = (0..2)
         .map(|i| {
@@ -329,29 +291,11 @@ async fn full_queue_answers_resource_exhausted() {
 
 #[tokio::test]
 async fn an_agents_complete_batch_rides_one_upstream_request() {
-    let upstream = MockServer::start(Script::default()).await.unwrap();
-    let yaml = format!(
-        "providers:\n{}",
-        batching_provider(
-            "gpu",
-            1,
-            &upstream.url(),
-            "{max_batch_size: 32, max_wait_ms: 50}"
-        )
-    );
-    let mut router = start(&yaml).await;
+    let (mut router, upstream) =
+        one_provider(Script::default(), "{max_batch_size: 32, max_wait_ms: 50}").await;
 
     let prompts: Vec<String> = (0..10).map(|i| format!("item {i}")).collect();
-    let req = cascade_router::proto::v1::CompleteBatchRequest {
-        requests: prompts.iter().map(|p| prompt(p)).collect(),
-    };
-    let results = router
-        .client
-        .complete_batch(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
+    let results = complete_batch(&mut router.client, &prompts).await;
 
     for (p, r) in prompts.iter().zip(results) {
         let Some(cascade_router::proto::v1::batch_result::Result::Response(r)) = r.result else {

@@ -267,16 +267,7 @@ async fn batch_answers_each_item_in_order_and_fails_only_the_rejected_ones() {
             }
         })
         .collect();
-    let req = v1::CompleteBatchRequest {
-        requests: prompts.iter().map(|p| prompt(p)).collect(),
-    };
-    let results = router
-        .client
-        .complete_batch(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
+    let results = complete_batch(&mut router.client, &prompts).await;
 
     assert_eq!(results.len(), 10);
     for (p, r) in prompts.iter().zip(&results) {

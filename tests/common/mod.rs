@@ -96,6 +96,22 @@ pub fn prompt(text: &str) -> v1::CompleteRequest {
     }
 }
 
+/// One CompleteBatch of `prompts` (model `m`); the results in order.
+pub async fn complete_batch(
+    client: &mut RouterClient<Channel>,
+    prompts: &[String],
+) -> Vec<v1::BatchResult> {
+    let req = v1::CompleteBatchRequest {
+        requests: prompts.iter().map(|p| prompt(p)).collect(),
+    };
+    client
+        .complete_batch(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+}
+
 pub fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(timeout);
