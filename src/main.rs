@@ -132,7 +132,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Load(args) => match runtime.block_on(load_test(args)) {
             Ok(out) => {
-                println!("{out}");
+                say(&out);
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -155,15 +155,12 @@ fn main() -> ExitCode {
         }),
         Command::Check { config } => match load(Some(config)) {
             Ok(c) => {
-                println!(
+                let names: Vec<&str> = c.providers.iter().map(|p| p.name.as_str()).collect();
+                say(&format!(
                     "ok: {} provider(s): {}",
-                    c.providers.len(),
-                    c.providers
-                        .iter()
-                        .map(|p| p.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
+                    names.len(),
+                    names.join(", ")
+                ));
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -248,6 +245,12 @@ async fn load_test(args: LoadArgs) -> Result<String, String> {
     } else {
         load::render(&report)
     })
+}
+
+/// Prints a result line; a closed pipe (`| head`) is not an error worth a panic.
+fn say(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{text}");
 }
 
 /// Loads and validates the cascade file; a bad one prints one line and means exit code 2.
