@@ -30,7 +30,7 @@ use crate::{
     completion::{Completion, CompletionRequest, FailureKind, Input},
     config::BatchingConfig,
     provider::ProviderError,
-    upstream::{Upstream, refused, timed_out},
+    upstream::{Upstream, refused},
 };
 
 /// A worker with nothing queued for this long exits; the next item starts a new one.
@@ -307,20 +307,6 @@ fn latest_send(item: &Item, fastest: Duration) -> Instant {
     item.deadline.checked_sub(reserve).unwrap_or(item.enqueued)
 }
 
-/// When a batch request gives up: the provider's timeout, or the last caller's deadline.
-fn budget_end(up: &Upstream, batch: &[Item], sent: Instant) -> (Instant, bool) {
-    let provider_end = sent + up.config.timeout;
-    let last_deadline = batch
-        .iter()
-        .map(|i| i.deadline)
-        .max()
-        .unwrap_or(provider_end);
-    (
-        provider_end.min(last_deadline),
-        last_deadline < provider_end,
-    )
-}
-
 /// One upstream request carrying every prompt of the batch.
 async fn send_native(
     up: Arc<Upstream>,
@@ -334,7 +320,9 @@ async fn send_native(
     };
     let requests: Vec<Arc<CompletionRequest>> = batch.iter().map(|i| i.request.clone()).collect();
     let sent = Instant::now();
-    let (end, deadline_bound) = budget_end(&up, &batch, sent);
+    // The request serves until the provider's timeout or the last caller's deadline.
+    let last_deadline = batch.iter().map(|i| i.deadline).max().unwrap_or(sent);
+    let budget = up.budget(sent, last_deadline);
     up.stats.sent(batch.len());
     let all_gone = async {
         for item in &mut batch {
@@ -344,7 +332,7 @@ async fn send_native(
         }
     };
     let outcome = tokio::select! {
-        r = timeout_at(end, up.provider.complete_batch(&model, &requests)) => r,
+        r = timeout_at(budget.end, up.provider.complete_batch(&model, &requests)) => r,
         // Every caller went away: drop the upstream request, judge nothing.
         () = all_gone => return,
     };
@@ -375,13 +363,7 @@ async fn send_native(
             fail_all(&mut batch, &e);
         }
         Err(_) => {
-            let e = timed_out(took);
-            if deadline_bound {
-                up.stats.failure();
-                drop(pass);
-            } else {
-                up.judge(pass, Err(&e));
-            }
+            let e = up.judge_timeout(pass, took, budget);
             fail_all(&mut batch, &e);
         }
     }
@@ -392,17 +374,11 @@ async fn send_native(
 async fn send_parallel(up: Arc<Upstream>, model: Arc<str>, mut batch: Vec<Item>) {
     let sent = Instant::now();
     let size = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-    let (end, deadline_bound) = budget_end(&up, &batch, sent);
     let calls = batch.iter_mut().map(|item| {
         let (up, model) = (&up, &model);
         async move {
             let Some(tx) = item.tx.as_mut() else { return };
-            let call = up.call(
-                model,
-                &item.request,
-                end.min(item.deadline),
-                deadline_bound || item.deadline < end,
-            );
+            let call = up.call(model, &item.request, up.budget(sent, item.deadline));
             let result = tokio::select! {
                 r = call => r,
                 () = tx.closed() => return,

@@ -65,31 +65,24 @@ impl CacheKey {
                 }
             }
         }
-        field(&max_tokens.map_or([0xff; 5], |m| {
-            let mut b = [0u8; 5];
-            b[1..].copy_from_slice(&m.to_le_bytes());
-            b
-        }));
-        field(&temperature.map_or([0xff; 5], |t| {
-            let mut b = [0u8; 5];
-            b[1..].copy_from_slice(&t.to_bits().to_le_bytes());
-            b
-        }));
+        // An absent parameter is an empty field, which the length prefix tells from any value.
+        field(present(&max_tokens.map(u32::to_le_bytes)));
+        field(present(&temperature.map(|t| t.to_bits().to_le_bytes())));
         field(&(stop.len() as u64).to_le_bytes());
         for s in stop {
             field(s.as_bytes());
         }
-        field(&seed.map_or([0xff; 9], |s| {
-            let mut b = [0u8; 9];
-            b[1..].copy_from_slice(&s.to_le_bytes());
-            b
-        }));
+        field(present(&seed.map(i64::to_le_bytes)));
         CacheKey(*h.finalize().as_bytes())
     }
 
     fn redis_key(&self) -> String {
         format!("cascade:v1:{}", blake3::Hash::from_bytes(self.0).to_hex())
     }
+}
+
+fn present<const N: usize>(v: &Option<[u8; N]>) -> &[u8] {
+    v.as_ref().map_or(&[], |b| b)
 }
 
 /// Whether a request's answer may be reused: temperature 0 or a fixed seed.

@@ -153,20 +153,18 @@ impl Cascade {
                     tries,
                 ));
             }
-            let provider_end = now + up.config.timeout;
-            let (budget_end, deadline_bound) =
-                (provider_end.min(deadline), deadline <= provider_end);
+            let budget = up.budget(now, deadline);
             tries += 1;
             let result = match batching {
                 Some((b, settings)) => {
-                    match timeout_at(budget_end, b.submit(model, request, settings, deadline)).await
+                    match timeout_at(budget.end, b.submit(model, request, settings, deadline)).await
                     {
                         Ok(r) => r,
                         Err(_) => Err(timed_out(now.elapsed())),
                     }
                 }
                 None => up
-                    .call(model, request, budget_end, deadline_bound)
+                    .call(model, request, budget)
                     .await
                     .map(|(completion, took)| Batched {
                         completion,
@@ -179,8 +177,8 @@ impl Cascade {
                 Ok(b) => return Turn::Answered(b),
                 Err(e)
                     if e.kind == FailureKind::Timeout
-                        && deadline_bound
-                        && Instant::now() >= budget_end =>
+                        && budget.deadline_bound
+                        && Instant::now() >= budget.end =>
                 {
                     let msg = format!(
                         "caller's deadline passed after {} ms",

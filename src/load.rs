@@ -397,7 +397,8 @@ async fn drive(
     });
     let start = Instant::now();
     let stop_at = spec.duration.map(|d| start + d);
-    let due = |i: u64| stop_at.is_none_or(|s| Instant::now() < s) && i < total;
+    // `Copy`, so every worker gets its own.
+    let due = move |i: u64| stop_at.is_none_or(|s| Instant::now() < s) && i < total;
     let batch = spec.batch;
     let mut tasks = JoinSet::new();
     match spec.rate {
@@ -410,7 +411,7 @@ async fn drive(
                 tasks.spawn(async move {
                     loop {
                         let i = next.fetch_add(1, Relaxed);
-                        if !(stop_at.is_none_or(|s| Instant::now() < s) && i < total) {
+                        if !due(i) {
                             break;
                         }
                         let t = &templates[(i % templates.len() as u64) as usize];

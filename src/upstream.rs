@@ -18,7 +18,7 @@ use tokio::{
 use prometheus_client::metrics::counter::Counter;
 
 use crate::{
-    breaker::{Breaker, Refusal},
+    breaker::{Breaker, Pass, Refusal},
     completion::{Completion, CompletionRequest, FailureKind},
     config::{BreakerConfig, ProviderConfig},
     metrics::{Metrics, ProviderLabel},
@@ -122,7 +122,7 @@ impl Upstream {
     }
 
     /// Records an upstream outcome against the breaker and the counters.
-    pub fn judge(&self, pass: crate::breaker::Pass<'_>, outcome: Result<Duration, &ProviderError>) {
+    pub fn judge(&self, pass: Pass<'_>, outcome: Result<Duration, &ProviderError>) {
         match outcome {
             Ok(took) => {
                 pass.success();
@@ -147,18 +147,39 @@ impl Upstream {
         }
     }
 
-    /// One unbatched upstream request, ending by `budget_end`. A timeout counts against the
-    /// provider unless `deadline_bound` (the caller's deadline, not the provider, ran out).
-    /// Returns the completion and how long the request took.
+    /// The time a call starting at `from` may take: this provider's timeout or the caller's
+    /// `deadline`, whichever comes first.
+    pub fn budget(&self, from: Instant, deadline: Instant) -> Budget {
+        let provider_end = from + self.config.timeout;
+        Budget {
+            end: provider_end.min(deadline),
+            deadline_bound: deadline <= provider_end,
+        }
+    }
+
+    /// Judges a request that ran out of its budget. It counts against the provider unless
+    /// the caller's deadline, not the provider's timeout, was what ran out.
+    pub fn judge_timeout(&self, pass: Pass<'_>, took: Duration, budget: Budget) -> ProviderError {
+        let e = timed_out(took);
+        if budget.deadline_bound {
+            self.stats.failure();
+            pass.neutral();
+        } else {
+            self.judge(pass, Err(&e));
+        }
+        e
+    }
+
+    /// One unbatched upstream request within `budget`. Returns the completion and how long
+    /// the request took.
     pub async fn call(
         &self,
         model: &str,
         request: &CompletionRequest,
-        budget_end: Instant,
-        deadline_bound: bool,
+        budget: Budget,
     ) -> Result<(Completion, Duration), ProviderError> {
         let pass = self.breaker.admit().map_err(refused)?;
-        let _permit = timeout_at(budget_end, self.permits.acquire())
+        let _permit = timeout_at(budget.end, self.permits.acquire())
             .await
             .map_err(|_| {
                 ProviderError::new(FailureKind::Timeout, "no free concurrency slot in time")
@@ -168,7 +189,7 @@ impl Upstream {
             })?;
         let sent = Instant::now();
         self.stats.sent(1);
-        match timeout_at(budget_end, self.provider.complete(model, request)).await {
+        match timeout_at(budget.end, self.provider.complete(model, request)).await {
             Ok(Ok(c)) => {
                 let took = sent.elapsed();
                 self.judge(pass, Ok(took));
@@ -178,18 +199,17 @@ impl Upstream {
                 self.judge(pass, Err(&e));
                 Err(e)
             }
-            Err(_) => {
-                let e = timed_out(sent.elapsed());
-                if deadline_bound {
-                    self.stats.failure();
-                    drop(pass);
-                } else {
-                    self.judge(pass, Err(&e));
-                }
-                Err(e)
-            }
+            Err(_) => Err(self.judge_timeout(pass, sent.elapsed(), budget)),
         }
     }
+}
+
+/// When a call gives up, and whether that is the caller's deadline rather than the
+/// provider's timeout.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    pub end: Instant,
+    pub deadline_bound: bool,
 }
 
 pub fn timed_out(after: Duration) -> ProviderError {
