@@ -50,7 +50,7 @@ async fn sixty_four_clients(client: &RouterClient<Channel>) -> Vec<u32> {
             let mut sizes = Vec::new();
             for i in 0..50 {
                 let p = format!("client {c} prompt {i}");
-                let r = client.complete(prompt(&p)).await.unwrap().into_inner();
+                let r = client.ask(prompt(&p)).await;
                 assert_eq!(
                     r.text,
                     mock::reply(&p),
@@ -99,12 +99,7 @@ async fn lone_caller_waits_about_the_window() {
     let (mut router, _upstream) =
         one_provider(Script::default(), "{max_batch_size: 32, max_wait_ms: 50}").await;
 
-    let r = router
-        .client
-        .complete(prompt("alone"))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = router.client.ask(prompt("alone")).await;
 
     assert_eq!(r.batch_size, 1);
     // Nobody else is sending: the item waits the whole window, and not much more.
@@ -127,10 +122,8 @@ async fn short_deadline_is_flushed_early_instead_of_expiring() {
 
     let r = router
         .client
-        .complete(with_timeout(prompt("hurry"), Duration::from_millis(400)))
-        .await
-        .unwrap()
-        .into_inner();
+        .ask(with_timeout(prompt("hurry"), Duration::from_millis(400)))
+        .await;
 
     assert_eq!(r.text, mock::reply("hurry"));
     assert!(
@@ -150,12 +143,7 @@ async fn cancelled_item_is_removed_before_its_batch_is_sent() {
     within(wait_queued(&mut router.client, "gpu", 1)).await;
     leaver.abort();
 
-    let r = router
-        .client
-        .complete(prompt("I stay"))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = router.client.ask(prompt("I stay")).await;
     assert_eq!(r.text, mock::reply("I stay"));
     assert_eq!(r.batch_size, 1);
     assert_eq!(
@@ -173,7 +161,7 @@ async fn concurrently(
     let calls = prompts.iter().map(|p| {
         let mut c = client.clone();
         let p = p.clone();
-        async move { c.complete(prompt(&p)).await.unwrap().into_inner() }
+        async move { c.ask(prompt(&p)).await }
     });
     futures_util::future::join_all(calls).await
 }

@@ -36,8 +36,8 @@ async fn deterministic_requests_are_cached_with_modes_and_ttl() {
     let mut router = start(&cached_router_yaml(&up, "{ttl_seconds: 0.3}")).await;
     let c = &mut router.client;
 
-    let first = c.complete(det("q", "a")).await.unwrap().into_inner();
-    let again = c.complete(det("q", "a")).await.unwrap().into_inner();
+    let first = c.ask(det("q", "a")).await;
+    let again = c.ask(det("q", "a")).await;
     assert!(!first.cached && again.cached);
     assert_eq!(again.text, mock::reply("q"));
     assert_eq!((again.provider.as_str(), again.model.as_str()), ("up", "m"));
@@ -46,11 +46,11 @@ async fn deterministic_requests_are_cached_with_modes_and_ttl() {
     // Sampling requests are not cached; a seed makes them deterministic.
     let mut warm = prompt("q");
     warm.temperature = Some(0.7);
-    assert!(!c.complete(warm.clone()).await.unwrap().into_inner().cached);
-    assert!(!c.complete(warm.clone()).await.unwrap().into_inner().cached);
+    assert!(!c.ask(warm.clone()).await.cached);
+    assert!(!c.ask(warm.clone()).await.cached);
     warm.seed = Some(7);
     c.complete(warm.clone()).await.unwrap();
-    assert!(c.complete(warm).await.unwrap().into_inner().cached);
+    assert!(c.ask(warm).await.cached);
     assert_eq!(up.stats().requests, 4);
 
     let with_mode = |mode: CacheMode| {
@@ -58,24 +58,12 @@ async fn deterministic_requests_are_cached_with_modes_and_ttl() {
         r.cache = mode as i32;
         r
     };
-    let bypass = c
-        .complete(with_mode(CacheMode::Bypass))
-        .await
-        .unwrap()
-        .into_inner();
+    let bypass = c.ask(with_mode(CacheMode::Bypass)).await;
     assert!(!bypass.cached);
     assert_eq!(up.stats().requests, 5, "BYPASS reads nothing");
-    let only = c
-        .complete(with_mode(CacheMode::Only))
-        .await
-        .unwrap()
-        .into_inner();
+    let only = c.ask(with_mode(CacheMode::Only)).await;
     assert!(only.cached);
-    let refresh = c
-        .complete(with_mode(CacheMode::Refresh))
-        .await
-        .unwrap()
-        .into_inner();
+    let refresh = c.ask(with_mode(CacheMode::Refresh)).await;
     assert!(!refresh.cached);
     assert_eq!(up.stats().requests, 6, "REFRESH goes upstream");
     let err = c
@@ -102,7 +90,7 @@ async fn deterministic_requests_are_cached_with_modes_and_ttl() {
     // REFRESH above), the entry is gone. (The cache's unit test checks the same on a paused clock.)
     tokio::time::sleep(Duration::from_millis(320)).await;
     let before = up.stats().requests;
-    let expired = c.complete(det("q", "a")).await.unwrap().into_inner();
+    let expired = c.ask(det("q", "a")).await;
     assert!(!expired.cached);
     assert_eq!(up.stats().requests, before + 1);
 }
@@ -116,12 +104,7 @@ async fn tenants_do_not_share_entries_unless_scope_is_shared() {
         .complete(det("secret plan", "tenant-a"))
         .await
         .unwrap();
-    let b = tenant
-        .client
-        .complete(det("secret plan", "tenant-b"))
-        .await
-        .unwrap()
-        .into_inner();
+    let b = tenant.client.ask(det("secret plan", "tenant-b")).await;
     assert!(!b.cached, "tenant B must not get tenant A's answer");
     assert_eq!(up.stats().requests, 2);
 
@@ -132,12 +115,7 @@ async fn tenants_do_not_share_entries_unless_scope_is_shared() {
         .complete(det("common", "tenant-a"))
         .await
         .unwrap();
-    let b = shared
-        .client
-        .complete(det("common", "tenant-b"))
-        .await
-        .unwrap()
-        .into_inner();
+    let b = shared.client.ask(det("common", "tenant-b")).await;
     assert!(b.cached);
     assert_eq!(shared_up.stats().requests, 1);
 }
@@ -287,20 +265,8 @@ async fn replicas_share_completions_through_redis_and_survive_its_outage() {
     let mut one = start(&cached_router_yaml(&up, &cache)).await;
     let mut two = start(&cached_router_yaml(&up, &cache)).await;
 
-    assert!(
-        !one.client
-            .complete(det("shared question", "a"))
-            .await
-            .unwrap()
-            .into_inner()
-            .cached
-    );
-    let r = two
-        .client
-        .complete(det("shared question", "a"))
-        .await
-        .unwrap()
-        .into_inner();
+    assert!(!one.client.ask(det("shared question", "a")).await.cached);
+    let r = two.client.ask(det("shared question", "a")).await;
     assert!(r.cached, "the second replica reads what the first stored");
     assert_eq!(r.text, mock::reply("shared question"));
     assert_eq!(up.stats().requests, 1);
@@ -309,24 +275,8 @@ async fn replicas_share_completions_through_redis_and_survive_its_outage() {
     let errors_before = metric(&two, "cascade_cache_redis_errors_total");
     for i in 0..5 {
         let p = format!("during outage {i}");
-        assert_eq!(
-            one.client
-                .complete(det(&p, "a"))
-                .await
-                .unwrap()
-                .into_inner()
-                .text,
-            mock::reply(&p)
-        );
-        assert_eq!(
-            two.client
-                .complete(det(&p, "a"))
-                .await
-                .unwrap()
-                .into_inner()
-                .text,
-            mock::reply(&p)
-        );
+        assert_eq!(one.client.ask(det(&p, "a")).await.text, mock::reply(&p));
+        assert_eq!(two.client.ask(det(&p, "a")).await.text, mock::reply(&p));
     }
     assert!(metric(&two, "cascade_cache_redis_errors_total") > errors_before);
 
@@ -335,14 +285,7 @@ async fn replicas_share_completions_through_redis_and_survive_its_outage() {
     for i in 0..100 {
         let p = format!("after restart {i}");
         one.client.complete(det(&p, "a")).await.unwrap();
-        if two
-            .client
-            .complete(det(&p, "a"))
-            .await
-            .unwrap()
-            .into_inner()
-            .cached
-        {
+        if two.client.ask(det(&p, "a")).await.cached {
             resumed = true;
             break;
         }

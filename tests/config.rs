@@ -80,12 +80,7 @@ async fn python_providers_yaml_routes_models_chains_and_agents() {
         ..Default::default()
     };
     let mut route = async |model: &str, agent: &str| {
-        let r = router
-            .client
-            .complete(ask(model, agent))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = router.client.ask(ask(model, agent)).await;
         assert_eq!(r.text, mock::reply("route me"));
         (r.provider, r.model)
     };
@@ -118,12 +113,7 @@ async fn python_providers_yaml_routes_models_chains_and_agents() {
 
     // The chain falls over to its next model when the first provider fails.
     ollama.set_script(Script::failing(Fault::Status(502)));
-    let r = router
-        .client
-        .complete(ask("fast", ""))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = router.client.ask(ask("fast", "")).await;
     assert_eq!(
         (r.provider.as_str(), r.model.as_str()),
         ("vllm-gpu", "mistral-7b")

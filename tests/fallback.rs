@@ -29,12 +29,7 @@ async fn falls_over_refused_then_500_to_the_healthy_third() {
     );
     let mut router = start(&yaml).await;
 
-    let r = router
-        .client
-        .complete(prompt("hello there"))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = router.client.ask(prompt("hello there")).await;
 
     assert_eq!(r.text, mock::reply("hello there"));
     assert_eq!(r.provider, "third");
@@ -79,12 +74,7 @@ async fn open_circuit_skips_provider_until_recovery_probe_closes_it() {
     let mut router = start(&yaml).await;
 
     for i in 0..3 {
-        let r = router
-            .client
-            .complete(prompt(&format!("p{i}")))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = router.client.ask(prompt(&format!("p{i}"))).await;
         assert_eq!(r.provider, "backup");
         assert_eq!(r.attempts[0].kind(), FailureKind::ServerError);
     }
@@ -96,12 +86,7 @@ async fn open_circuit_skips_provider_until_recovery_probe_closes_it() {
     );
 
     // Open: skipped without any network attempt.
-    let r = router
-        .client
-        .complete(prompt("p3"))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = router.client.ask(prompt("p3")).await;
     assert_eq!(r.provider, "backup");
     assert_eq!(r.attempts[0].kind(), FailureKind::CircuitOpen);
     assert_eq!(r.attempts[0].tries, 0);
@@ -115,12 +100,7 @@ async fn open_circuit_skips_provider_until_recovery_probe_closes_it() {
     flaky.set_script(Script::default());
     tokio::time::sleep(recovery.saturating_sub(opened_at.elapsed()) + Duration::from_millis(20))
         .await;
-    let r = router
-        .client
-        .complete(prompt("p4"))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = router.client.ask(prompt("p4")).await;
     assert_eq!(r.provider, "flaky");
     assert!(r.attempts.is_empty());
     assert_eq!(flaky.stats().requests, 4);
@@ -146,12 +126,7 @@ async fn retry_after_keeps_router_off_provider_for_that_long() {
     );
     let mut router = start(&yaml).await;
 
-    let r = router
-        .client
-        .complete(prompt("a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = router.client.ask(prompt("a")).await;
     let limited_at = Instant::now();
     assert_eq!(r.provider, "other");
     assert_eq!(r.attempts[0].kind(), FailureKind::RateLimited);
@@ -162,12 +137,7 @@ async fn retry_after_keeps_router_off_provider_for_that_long() {
     );
     limited.set_script(Script::default());
 
-    let r = router
-        .client
-        .complete(prompt("b"))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = router.client.ask(prompt("b")).await;
     let status = providers(&mut router.client).await;
     if limited_at.elapsed() < Duration::from_millis(1500) {
         assert_eq!(r.provider, "other");
@@ -183,12 +153,7 @@ async fn retry_after_keeps_router_off_provider_for_that_long() {
 
     // Retry-After is the behaviour under test: wait it out, then the provider is used again.
     tokio::time::sleep(Duration::from_millis(2050).saturating_sub(limited_at.elapsed())).await;
-    let r = router
-        .client
-        .complete(prompt("c"))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = router.client.ask(prompt("c")).await;
     assert_eq!(r.provider, "limited");
     assert_eq!(r.text, mock::reply("c"));
 }
@@ -351,14 +316,14 @@ async fn chat_and_ollama_shapes_reach_the_mock() {
         ],
         ..Default::default()
     };
-    let r = router.client.complete(chat).await.unwrap().into_inner();
+    let r = router.client.ask(chat).await;
     assert_eq!(
         (r.provider.as_str(), r.text.as_str()),
         ("oai", mock::reply("hi chat").as_str())
     );
     let mut generate = prompt("hi ollama");
     generate.model = "llama".into();
-    let r = router.client.complete(generate).await.unwrap().into_inner();
+    let r = router.client.ask(generate).await;
     assert_eq!(
         (r.provider.as_str(), r.text.as_str()),
         ("local", mock::reply("hi ollama").as_str())

@@ -14,12 +14,7 @@ async fn thousand_sequential_calls_open_a_handful_of_connections() {
 
     for i in 0..1000 {
         let p = format!("prompt {i}");
-        let r = router
-            .client
-            .complete(prompt(&p))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = router.client.ask(prompt(&p)).await;
         assert_eq!(r.text, mock::reply(&p));
     }
     let s = mock.stats();
@@ -54,12 +49,7 @@ async fn tls_router(pool_idle: usize) -> (MockServer, RunningRouter, std::path::
 async fn tls_upstream_is_pooled_and_pooling_can_be_turned_off() {
     let (pooled, mut router, ca) = tls_router(64).await;
     for i in 0..50 {
-        let r = router
-            .client
-            .complete(prompt(&format!("tls {i}")))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = router.client.ask(prompt(&format!("tls {i}"))).await;
         assert_eq!(r.text, mock::reply(&format!("tls {i}")));
     }
     assert_eq!(

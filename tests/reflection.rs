@@ -138,7 +138,7 @@ async fn health_answers_serving_and_simulated_default_answers() {
     }
     let mut req = prompt("hi there");
     req.model.clear();
-    let r = router.client.complete(req).await.unwrap().into_inner();
+    let r = router.client.ask(req).await;
     assert_eq!(r.provider, "simulated");
     assert_eq!(r.text, "[simulated] you said: hi there");
 }

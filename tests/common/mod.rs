@@ -96,6 +96,24 @@ pub fn prompt(text: &str) -> v1::CompleteRequest {
     }
 }
 
+/// `client.ask(req)`: one Complete that must succeed, its response.
+#[allow(async_fn_in_trait)]
+pub trait Ask {
+    async fn ask(
+        &mut self,
+        req: impl tonic::IntoRequest<v1::CompleteRequest>,
+    ) -> v1::CompleteResponse;
+}
+
+impl Ask for RouterClient<Channel> {
+    async fn ask(
+        &mut self,
+        req: impl tonic::IntoRequest<v1::CompleteRequest>,
+    ) -> v1::CompleteResponse {
+        self.complete(req).await.unwrap().into_inner()
+    }
+}
+
 /// One CompleteBatch of `prompts` (model `m`); the results in order.
 pub async fn complete_batch(
     client: &mut RouterClient<Channel>,
