@@ -2,7 +2,7 @@
 """Benchmark scenarios for cascade-router, on loopback only.
 
 Each scenario starts the mock upstream and the router (and, where it compares, a baseline),
-drives them with the project's load harness (`cascade-router load --json`), stops everything
+drives them with the project's load harness (`cascade-bench load --json`), stops everything
 and prints a Markdown table. Figures are compared within one run, alternating A and B and
 taking the median of the repetitions, because these machines are shared and noisy.
 
@@ -10,8 +10,9 @@ taking the median of the repetitions, because these machines are shared and nois
     python3 benches/scenarios.py overhead pooling    # some scenarios
     python3 benches/scenarios.py all --smoke         # tiny counts: checks the scripts work (CI)
 
---bin picks the binary (default target/release/cascade-router; build it first with
-`cargo build --release`).
+--bin picks the router binary (default target/release/cascade-router); the tools (mock
+provider, load harness, bare server) come from `cascade-bench` beside it. Build both first with
+`cargo build --release --workspace`.
 """
 
 import argparse
@@ -66,13 +67,15 @@ def status_kib(pid, key):
 class Bench:
     def __init__(self, binary, smoke):
         self.bin = binary
+        self.tools = os.path.join(os.path.dirname(binary), "cascade-bench")
         self.smoke = smoke
         self.procs = []
         self.tmp = tempfile.mkdtemp(prefix="cascade-bench-")
 
     def spawn(self, args, port):
         log = open(os.path.join(self.tmp, f"{args[0]}-{port}.log"), "w")
-        p = subprocess.Popen([self.bin, *map(str, args)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        exe = self.bin if args[0] == "serve" else self.tools
+        p = subprocess.Popen([exe, *map(str, args)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         self.procs.append(p)
         wait_port(port, p)
         return p
@@ -102,7 +105,7 @@ class Bench:
         return self.spawn(["serve", "--config", path, "--listen", f"127.0.0.1:{port}"], port), port
 
     def load(self, *args):
-        out = subprocess.run([self.bin, "load", "--json", *map(str, args)], capture_output=True, text=True, timeout=600)
+        out = subprocess.run([self.tools, "load", "--json", *map(str, args)], capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
             raise RuntimeError(f"load {' '.join(map(str, args))} failed: {out.stderr.strip()}")
         report = json.loads(out.stdout)
@@ -366,9 +369,10 @@ def main():
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         ap.error(f"unknown scenario(s): {', '.join(unknown)}")
-    if not os.access(args.bin, os.X_OK):
-        ap.error(f"{args.bin} is not an executable; run cargo build --release first")
     b = Bench(args.bin, args.smoke)
+    for exe in (b.bin, b.tools):
+        if not os.access(exe, os.X_OK):
+            ap.error(f"{exe} is not an executable; run cargo build --release --workspace first")
     print(f"_{machine()}; `python3 benches/scenarios.py {' '.join(sys.argv[1:])}`_\n", flush=True)
     try:
         for name in names:

@@ -5,10 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use cascade_router::{
-    mock::{self, Fault, MockServer, Script},
-    proto::v1::{FailureKind, router_client::RouterClient},
-};
+use cascade_devtools::mock::{self, Fault, MockServer, Script};
+use cascade_router::proto::v1::{FailureKind, router_client::RouterClient};
 use common::*;
 use tonic::{Code, transport::Channel};
 

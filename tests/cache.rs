@@ -9,10 +9,8 @@ use std::{
     time::Duration,
 };
 
-use cascade_router::{
-    mock::{self, MockServer, Script},
-    proto::v1::{self, CacheMode},
-};
+use cascade_devtools::mock::{self, MockServer, Script};
+use cascade_router::proto::v1::{self, CacheMode};
 use common::*;
 use tonic::Code;
 

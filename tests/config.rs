@@ -11,9 +11,9 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+use cascade_devtools::mock::{self, Fault, MockServer, Script};
 use cascade_router::{
     config,
-    mock::{self, Fault, MockServer, Script},
     proto::v1::{self, FailureKind},
 };
 use common::*;

@@ -6,10 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cascade_router::{
-    mock::{self, Fault, MockServer, Script},
-    proto::v1::{self, CircuitState, FailureKind},
-};
+use cascade_devtools::mock::{self, Fault, MockServer, Script};
+use cascade_router::proto::v1::{self, CircuitState, FailureKind};
 use common::*;
 use tonic::Code;
 

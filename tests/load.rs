@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use cascade_router::{
+use cascade_devtools::{
     load::{self, Spec, Target, Template},
     mock::{MockServer, Script},
 };

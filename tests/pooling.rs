@@ -3,7 +3,7 @@
 
 mod common;
 
-use cascade_router::mock::{self, MockServer, Script};
+use cascade_devtools::mock::{self, MockServer, Script};
 use common::*;
 
 #[tokio::test]

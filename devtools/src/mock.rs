@@ -1,4 +1,4 @@
-//! A real HTTP model server for tests, benchmarks and demos (`cascade-router mock-provider`).
+//! A real HTTP model server for tests, benchmarks and demos (`cascade-bench mock-provider`).
 //!
 //! It speaks the OpenAI (`/v1/completions`, `/v1/chat/completions`) and Ollama (`/api/generate`,
 //! `/api/chat`) shapes and follows a [`Script`]: latency as `base + per_item × prompts` with at

@@ -1,4 +1,4 @@
-//! The load harness behind `cascade-router load`: ghz's knobs (concurrency, total requests or
+//! The load harness behind `cascade-bench load`: ghz's knobs (concurrency, total requests or
 //! duration, target rate, connections, request data from a template or a JSONL file) against
 //! the router over gRPC, or straight at an OpenAI-shaped HTTP upstream, so that "direct" and
 //! "through the router" are measured by the same client.
@@ -343,7 +343,7 @@ pub async fn run(spec: Spec) -> Result<Report, LoadError> {
             &clients,
             &templates,
             Arc::new(Recorder::new()),
-            u64::MAX / 2,
+            warmup_base(spec.batch),
         )
         .await;
     }
@@ -498,6 +498,13 @@ pub fn templates(text: &str) -> Result<Vec<Template>, String> {
             serde_json::from_str(l).map_err(|e| format!("request data line {}: {e}", i + 1))
         })
         .collect()
+}
+
+/// The first call number of the warm-up: far above the timed calls' prompt numbers, and low
+/// enough that call × batch (its first prompt number) cannot overflow, so the warm-up never
+/// sends a timed call's prompts (which, with a cache on, would make the timed call a hit).
+fn warmup_base(batch: usize) -> u64 {
+    u64::MAX / 2 / (batch.max(1) as u64)
 }
 
 /// A bare `cascade.v1.Router` that answers every Complete with a constant: the ceiling of
