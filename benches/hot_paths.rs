@@ -17,7 +17,7 @@ fn routing(c: &mut Criterion) {
         _ => None,
     };
     let cfg = config::parse(YAML, "bench", &env).unwrap();
-    let routes = Routes::new(&cfg);
+    let routes = Routes::from_config(&cfg).unwrap();
     c.bench_function("routes/model", |b| {
         b.iter(|| {
             routes

@@ -1,63 +1,55 @@
 //! The ordered fallback loop: each target in turn, with retries and backoff on transient
-//! faults, a time budget per attempt inside the caller's deadline, and the provider's breaker
-//! and `Retry-After` cool-down. Calls go through the provider's batcher when its model
-//! batches, so items failing at one provider are batched again at the next. Failures are
-//! collected per provider and end as one aggregate error.
+//! faults, until one answers or the caller's deadline passes. Each try is the upstream's
+//! ([`Upstream::attempt`]: breaker, budget, batch queue); failures are collected per provider
+//! and end as one aggregate error.
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::time::{Instant, timeout_at};
+use tokio::time::Instant;
 
 use crate::{
-    batcher::{Batched, Batcher},
     completion::{Answer, Attempt, CompletionRequest, FailureKind},
-    config::{CascadePolicy, Config},
+    config::CascadePolicy,
     error::RouterError,
-    metrics::Metrics,
     provider::ProviderError,
-    upstream::{Upstream, refused, timed_out},
+    upstream::{Delivered, Miss, Upstream},
 };
 
-/// One place a request can go: a provider (by index) and the model to ask it for.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One place a request can go: a provider and the model to ask it for.
+#[derive(Clone)]
 pub struct Target {
-    pub upstream: usize,
+    pub upstream: Arc<Upstream>,
     pub model: Arc<str>,
 }
 
+impl PartialEq for Target {
+    /// The same provider (by identity) and the same model.
+    fn eq(&self, other: &Target) -> bool {
+        Arc::ptr_eq(&self.upstream, &other.upstream) && self.model == other.model
+    }
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.upstream.name(), self.model)
+    }
+}
+
 pub struct Cascade {
-    upstreams: Vec<Arc<Upstream>>,
-    /// Parallel to `upstreams`: the batch queues of providers that batch.
-    batchers: Vec<Option<Batcher>>,
     policy: CascadePolicy,
 }
 
 /// How one provider's turn ended.
 enum Turn {
-    Answered(Batched),
+    Answered(Delivered),
     Failed(Attempt),
     /// The caller's deadline passed; `Some` when a try was cut short by it.
     OutOfTime(Option<Attempt>),
 }
 
 impl Cascade {
-    pub fn new(config: &Config, metrics: &Arc<Metrics>) -> Result<Cascade, reqwest::Error> {
-        let upstreams = config
-            .providers
-            .iter()
-            .map(|p| Upstream::new(p, config.cascade.breaker, metrics).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
-        let batchers = upstreams.iter().map(Batcher::for_upstream).collect();
-        Ok(Cascade {
-            upstreams,
-            batchers,
-            policy: config.cascade.clone(),
-        })
-    }
-
-    /// Providers in priority order.
-    pub fn upstreams(&self) -> &[Arc<Upstream>] {
-        &self.upstreams
+    pub fn new(policy: CascadePolicy) -> Cascade {
+        Cascade { policy }
     }
 
     /// Walks `targets` in order until one answers or the deadline passes.
@@ -69,23 +61,16 @@ impl Cascade {
     ) -> Result<Answer, RouterError> {
         let mut attempts = Vec::new();
         for target in targets {
-            let Some(up) = self.upstreams.get(target.upstream) else {
-                continue;
-            };
-            let batcher = self.batchers.get(target.upstream).and_then(Option::as_ref);
-            match self
-                .turn(up, batcher, &target.model, request, deadline)
-                .await
-            {
-                Turn::Answered(b) => {
+            match self.turn(target, request, deadline).await {
+                Turn::Answered(d) => {
                     return Ok(Answer {
-                        completion: b.completion,
-                        provider: up.name.clone(),
+                        completion: d.completion,
+                        provider: target.upstream.name().clone(),
                         model: target.model.clone(),
                         attempts,
-                        queue_wait: b.queue_wait,
-                        upstream: b.upstream,
-                        batch_size: b.batch_size,
+                        queue_wait: d.queue_wait,
+                        upstream: d.upstream,
+                        batch_size: d.batch_size,
                         cached: false,
                     });
                 }
@@ -97,14 +82,7 @@ impl Cascade {
             }
         }
         if !attempts.is_empty() && attempts.iter().all(|a| a.kind == FailureKind::Overloaded) {
-            return Err(RouterError::ResourceExhausted(format!(
-                "every provider's queue is full: {}",
-                attempts
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            )));
+            return Err(RouterError::Overloaded { attempts });
         }
         Err(RouterError::Unavailable {
             reason: "every provider failed",
@@ -112,88 +90,38 @@ impl Cascade {
         })
     }
 
-    /// One provider's turn: up to `1 + max_retries` tries, each batched when the model batches.
+    /// One provider's turn: up to `1 + max_retries` tries.
     async fn turn(
         &self,
-        up: &Upstream,
-        batcher: Option<&Batcher>,
-        model: &Arc<str>,
+        target: &Target,
         request: &Arc<CompletionRequest>,
         deadline: Instant,
     ) -> Turn {
+        let up = &target.upstream;
         let began = Instant::now();
         let attempt = |e: ProviderError, tries| Attempt {
-            provider: up.name.clone(),
-            model: model.clone(),
+            provider: up.name().clone(),
+            model: target.model.clone(),
             kind: e.kind,
             http_status: e.http_status,
             error: e.message,
             tries,
             elapsed: began.elapsed(),
         };
-        let batching = batcher.and_then(|b| b.settings(model).map(|s| (b, s)));
         let mut tries = 0u32;
         loop {
-            if let Err(r) = up.breaker.check() {
-                return Turn::Failed(attempt(refused(r), tries));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Turn::OutOfTime(None);
-            }
-            let fastest = up.stats.fastest();
-            if deadline - now < fastest {
-                let msg = format!(
-                    "{} ms left, it never answered in under {} ms",
-                    (deadline - now).as_millis(),
-                    fastest.as_millis()
-                );
-                return Turn::Failed(attempt(
-                    ProviderError::new(FailureKind::NoTimeLeft, msg),
-                    tries,
-                ));
-            }
-            let budget = up.budget(now, deadline);
+            let err = match up.attempt(&target.model, request, deadline).await {
+                Ok(d) => return Turn::Answered(d),
+                Err(Miss::Skipped(e)) => return Turn::Failed(attempt(e, tries)),
+                Err(Miss::OutOfTime(e)) => {
+                    return Turn::OutOfTime(e.map(|e| attempt(e, tries + 1)));
+                }
+                Err(Miss::Failed(e)) => e,
+            };
             tries += 1;
-            let result = match batching {
-                Some((b, settings)) => {
-                    match timeout_at(budget.end, b.submit(model, request, settings, deadline)).await
-                    {
-                        Ok(r) => r,
-                        Err(_) => Err(timed_out(now.elapsed())),
-                    }
-                }
-                None => up
-                    .call(model, request, budget)
-                    .await
-                    .map(|(completion, took)| Batched {
-                        completion,
-                        batch_size: 1,
-                        queue_wait: Duration::ZERO,
-                        upstream: took,
-                    }),
-            };
-            let err = match result {
-                Ok(b) => return Turn::Answered(b),
-                Err(e)
-                    if e.kind == FailureKind::Timeout
-                        && budget.deadline_bound
-                        && Instant::now() >= budget.end =>
-                {
-                    let msg = format!(
-                        "caller's deadline passed after {} ms",
-                        now.elapsed().as_millis()
-                    );
-                    return Turn::OutOfTime(Some(attempt(
-                        ProviderError::new(FailureKind::Timeout, msg),
-                        tries,
-                    )));
-                }
-                Err(e) => e,
-            };
             if err.retry_same_provider() && tries <= self.policy.max_retries_per_provider {
                 let delay = backoff(self.policy.retry_delay, tries);
-                if Instant::now() + delay + up.stats.fastest() < deadline {
+                if up.fits(Instant::now() + delay, deadline) {
                     tokio::time::sleep(delay).await;
                     continue;
                 }

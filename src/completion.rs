@@ -138,6 +138,11 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    /// A provider skipped by its breaker or `Retry-After` cool-down, with no request sent.
+    pub fn is_refusal(self) -> bool {
+        matches!(self, FailureKind::CircuitOpen | FailureKind::CoolingDown)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             FailureKind::Connect => "connect",

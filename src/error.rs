@@ -16,31 +16,47 @@ pub enum RouterError {
     #[error("unknown model or chain {model:?}; known: {known}")]
     UnknownModel { model: String, known: String },
     /// Every provider on the route failed or was skipped.
-    #[error("{}", unavailable_message(.reason, .attempts))]
+    #[error("{}", with_attempts(.reason, .attempts))]
     Unavailable {
         reason: &'static str,
         attempts: Vec<Attempt>,
     },
     /// The client's deadline passed before any provider answered.
-    #[error("{}", unavailable_message("deadline exceeded", .attempts))]
+    #[error("{}", with_attempts("deadline exceeded", .attempts))]
     DeadlineExceeded { attempts: Vec<Attempt> },
-    /// A bounded queue or limit is full; retry later, with backoff.
-    #[error("{0}")]
-    ResourceExhausted(String),
+    /// Every provider's queue was full; retry later, with backoff.
+    #[error("{}", with_attempts("every provider's queue is full", .attempts))]
+    Overloaded { attempts: Vec<Attempt> },
+    /// Work the router started for the request failed unexpectedly (a bug, not the request).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// `cache: ONLY` and the completion is not cached.
     #[error("{0}")]
     NotCached(String),
 }
 
-fn unavailable_message(reason: &str, attempts: &[Attempt]) -> String {
+/// `reason`, then how many requests were sent to how many providers, then each attempt:
+/// "every provider failed after 3 tries at 2 providers: a/m: timeout (…) ×2; b/m: …".
+fn with_attempts(reason: &str, attempts: &[Attempt]) -> String {
     let mut out = String::from(reason);
-    if !attempts.is_empty() {
-        let _ = write!(out, " after {} attempt(s): ", attempts.len());
-        for (i, a) in attempts.iter().enumerate() {
-            if i > 0 {
-                out.push_str("; ");
-            }
-            let _ = write!(out, "{a}");
+    if attempts.is_empty() {
+        return out;
+    }
+    let tries: u32 = attempts.iter().map(|a| a.tries).sum();
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let _ = write!(
+        out,
+        " after {} at {}: ",
+        plural(u64::from(tries), "try", "tries"),
+        plural(attempts.len() as u64, "provider", "providers"),
+    );
+    for (i, a) in attempts.iter().enumerate() {
+        if i > 0 {
+            out.push_str("; ");
+        }
+        let _ = write!(out, "{a}");
+        if a.tries > 1 {
+            let _ = write!(out, " ×{}", a.tries);
         }
     }
     out
@@ -55,8 +71,9 @@ impl RouterError {
             }
             RouterError::Unavailable { .. } => Code::Unavailable,
             RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-            RouterError::ResourceExhausted(_) => Code::ResourceExhausted,
+            RouterError::Overloaded { .. } => Code::ResourceExhausted,
             RouterError::NotCached(_) => Code::NotFound,
+            RouterError::Internal(_) => Code::Internal,
         }
     }
 
@@ -64,11 +81,12 @@ impl RouterError {
     pub fn attempts(&self) -> &[Attempt] {
         match self {
             RouterError::Unavailable { attempts, .. }
-            | RouterError::DeadlineExceeded { attempts } => attempts,
+            | RouterError::DeadlineExceeded { attempts }
+            | RouterError::Overloaded { attempts } => attempts,
             RouterError::InvalidArgument(_)
             | RouterError::UnknownModel { .. }
-            | RouterError::ResourceExhausted(_)
-            | RouterError::NotCached(_) => &[],
+            | RouterError::NotCached(_)
+            | RouterError::Internal(_) => &[],
         }
     }
 }
@@ -76,5 +94,50 @@ impl RouterError {
 impl From<RouterError> for Status {
     fn from(err: RouterError) -> Status {
         Status::new(err.code(), err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::completion::FailureKind;
+
+    fn attempt(provider: &str, tries: u32) -> Attempt {
+        Attempt {
+            provider: provider.into(),
+            model: "m".into(),
+            kind: FailureKind::ServerError,
+            http_status: Some(500),
+            error: "HTTP 500".into(),
+            tries,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn message_counts_every_try() {
+        let one = RouterError::Unavailable {
+            reason: "every provider failed",
+            attempts: vec![attempt("a", 3)],
+        };
+        assert_eq!(
+            one.to_string(),
+            "every provider failed after 3 tries at 1 provider: a/m: server error (HTTP 500) ×3"
+        );
+        let two = RouterError::DeadlineExceeded {
+            attempts: vec![attempt("a", 1), attempt("b", 0)],
+        };
+        assert!(
+            two.to_string()
+                .starts_with("deadline exceeded after 1 try at 2 providers: a/m"),
+            "{two}"
+        );
+        let status = Status::from(two.clone());
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::DeadlineExceeded, two.to_string().as_str())
+        );
     }
 }

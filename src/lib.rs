@@ -24,8 +24,6 @@
 //! - [`load`]: the load harness (`cascade-router load`) and a bare tonic server for baselines.
 //! - [`mock`]: a real HTTP model server with scripted latency and faults, for tests and demos.
 
-pub mod batcher;
-pub mod breaker;
 pub mod cache;
 pub mod cascade;
 pub mod coalescer;

@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use crate::{
-    breaker::Circuit,
     completion::{
         Answer, Attempt, CacheMode, ChatMessage, CompletionRequest, FailureKind, GenParams, Input,
         Role,
     },
     error::RouterError,
+    upstream::{Circuit, Snapshot},
 };
 
 #[allow(
@@ -178,6 +178,26 @@ impl From<Circuit> for v1::CircuitState {
             Circuit::Closed => v1::CircuitState::Closed,
             Circuit::Open => v1::CircuitState::Open,
             Circuit::HalfOpen => v1::CircuitState::HalfOpen,
+        }
+    }
+}
+
+impl From<Snapshot> for v1::ProviderStatus {
+    fn from(s: Snapshot) -> v1::ProviderStatus {
+        let c = s.counts;
+        v1::ProviderStatus {
+            name: s.name.to_string(),
+            r#type: s.kind.as_str().into(),
+            priority: s.priority,
+            circuit: v1::CircuitState::from(s.circuit).into(),
+            requests: c.requests,
+            successes: c.successes,
+            failures: c.failures,
+            mean_latency_ms: c.mean_latency.as_secs_f64() * 1e3,
+            models: s.models,
+            cooling_down_ms: u64::try_from(s.cooling_down.as_millis()).unwrap_or(u64::MAX),
+            queued: c.queued,
+            items: c.items,
         }
     }
 }

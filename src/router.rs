@@ -15,7 +15,7 @@ use crate::{
     config::Config,
     error::RouterError,
     metrics::Metrics,
-    upstream::Upstream,
+    upstream::{Snapshot, Upstream},
 };
 
 /// Name → targets, precomputed from the cascade file.
@@ -29,15 +29,14 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn new(config: &Config) -> Routes {
-        let providers = &config.providers;
+    /// Routes over `upstreams`, the usable providers in priority order.
+    pub fn new(config: &Config, upstreams: &[Arc<Upstream>]) -> Routes {
         let for_model = |model: &str| -> Vec<Target> {
-            providers
+            upstreams
                 .iter()
-                .enumerate()
-                .filter(|(_, p)| p.models.iter().any(|m| m == model))
-                .map(|(i, _)| Target {
-                    upstream: i,
+                .filter(|u| u.serves(model))
+                .map(|u| Target {
+                    upstream: u.clone(),
                     model: model.into(),
                 })
                 .collect()
@@ -57,12 +56,11 @@ impl Routes {
             }
             by_name.insert(chain.clone(), targets.into());
         }
-        let default = providers
+        let default = upstreams
             .iter()
-            .enumerate()
-            .map(|(i, p)| Target {
-                upstream: i,
-                model: p.default_model().into(),
+            .map(|u| Target {
+                upstream: u.clone(),
+                model: u.default_model().into(),
             })
             .collect();
         Routes {
@@ -74,6 +72,12 @@ impl Routes {
                 .map(|(a, m)| (a.clone(), m.clone()))
                 .collect(),
         }
+    }
+
+    /// Routes over providers of their own (for benches and tools that only route).
+    pub fn from_config(config: &Config) -> Result<Routes, BuildError> {
+        let upstreams = build_upstreams(config, &Arc::new(Metrics::new()))?;
+        Ok(Routes::new(config, &upstreams))
     }
 
     /// The targets for a request's `model` and `agent`.
@@ -113,6 +117,18 @@ impl Routes {
     }
 }
 
+/// One upstream per usable provider, in priority order.
+fn build_upstreams(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<Arc<Upstream>>, reqwest::Error> {
+    config
+        .providers
+        .iter()
+        .map(|p| Upstream::new(p, config.cascade.breaker, metrics).map(Arc::new))
+        .collect()
+}
+
 /// Why the router could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -128,6 +144,8 @@ pub struct Router {
     cache: Option<Arc<Cache>>,
     coalescer: Coalescer,
     cascade: Arc<Cascade>,
+    /// Providers in priority order, for ListProviders.
+    upstreams: Vec<Arc<Upstream>>,
     metrics: Arc<Metrics>,
 }
 
@@ -138,11 +156,13 @@ impl Router {
             Some(c) => Some(Arc::new(Cache::new(c, metrics.cache.clone())?)),
             None => None,
         };
+        let upstreams = build_upstreams(config, &metrics)?;
         Ok(Router {
-            routes: Routes::new(config),
+            routes: Routes::new(config, &upstreams),
             cache,
             coalescer: Coalescer::default(),
-            cascade: Arc::new(Cascade::new(config, &metrics)?),
+            cascade: Arc::new(Cascade::new(config.cascade.clone())),
+            upstreams,
             metrics,
         })
     }
@@ -211,8 +231,8 @@ impl Router {
     }
 
     /// Providers in priority order, with their live state.
-    pub fn upstreams(&self) -> &[Arc<Upstream>] {
-        self.cascade.upstreams()
+    pub fn providers(&self) -> Vec<Snapshot> {
+        self.upstreams.iter().map(|u| u.snapshot()).collect()
     }
 }
 
@@ -234,29 +254,35 @@ agent_model_assignments:
 
     fn routes() -> Routes {
         let c = config::parse(YAML, "t", &|_| None).unwrap();
-        Routes::new(&c)
+        Routes::from_config(&c).unwrap()
     }
 
-    fn names(r: &Routes, model: &str, agent: &str) -> Vec<(usize, String)> {
+    fn names(r: &Routes, model: &str, agent: &str) -> Vec<(String, String)> {
         r.resolve(model, agent)
             .unwrap()
             .iter()
-            .map(|t| (t.upstream, t.model.to_string()))
+            .map(|t| (t.upstream.name().to_string(), t.model.to_string()))
+            .collect()
+    }
+
+    fn pairs(want: &[(&str, &str)]) -> Vec<(String, String)> {
+        want.iter()
+            .map(|(p, m)| (p.to_string(), m.to_string()))
             .collect()
     }
 
     #[test]
     fn model_goes_to_every_provider_listing_it_by_priority() {
-        // Index 0 is provider a (priority 1), index 1 is b.
+        // Provider a has priority 1, b priority 2.
         assert_eq!(
             names(&routes(), "big", ""),
-            [(0, "big".into()), (1, "big".into())]
+            pairs(&[("a", "big"), ("b", "big")])
         );
     }
 
     #[test]
     fn chain_walks_models_in_order_without_repeats() {
-        let want = [(1, "small".into()), (0, "big".into()), (1, "big".into())];
+        let want = pairs(&[("b", "small"), ("a", "big"), ("b", "big")]);
         assert_eq!(names(&routes(), "cheap_first", ""), want);
         assert_eq!(names(&routes(), "", "triage"), want, "agent assignment");
     }
@@ -265,7 +291,7 @@ agent_model_assignments:
     fn default_is_each_providers_default_model() {
         assert_eq!(
             names(&routes(), "", "someone"),
-            [(0, "big".into()), (1, "small".into())]
+            pairs(&[("a", "big"), ("b", "small")])
         );
     }
 

@@ -123,8 +123,8 @@ impl v1::router_server::Router for RouterService {
             });
         }
         while let Some(joined) = tasks.join_next().await {
-            let (i, result) =
-                joined.map_err(|e| Status::internal(format!("batch item task failed: {e}")))?;
+            let (i, result) = joined
+                .map_err(|e| RouterError::Internal(format!("a batch item's task failed: {e}")))?;
             if let Some(slot) = results.get_mut(i) {
                 *slot = Some(v1::BatchResult {
                     result: Some(result),
@@ -140,26 +140,11 @@ impl v1::router_server::Router for RouterService {
         &self,
         _req: Request<v1::ListProvidersRequest>,
     ) -> Result<Response<v1::ListProvidersResponse>, Status> {
-        use std::sync::atomic::Ordering::Relaxed;
         let providers = self
             .router
-            .upstreams()
-            .iter()
-            .map(|u| v1::ProviderStatus {
-                name: u.name.to_string(),
-                r#type: u.config.kind.as_str().into(),
-                priority: u.config.priority,
-                circuit: v1::CircuitState::from(u.breaker.circuit()).into(),
-                requests: u.stats.requests.get(),
-                successes: u.stats.successes.load(Relaxed),
-                failures: u.stats.failures.load(Relaxed),
-                mean_latency_ms: u.stats.mean_latency().as_secs_f64() * 1e3,
-                models: u.config.models.clone(),
-                cooling_down_ms: u64::try_from(u.breaker.cooling_down_for().as_millis())
-                    .unwrap_or(u64::MAX),
-                queued: u.stats.queued.load(Relaxed),
-                items: u.stats.items.get(),
-            })
+            .providers()
+            .into_iter()
+            .map(v1::ProviderStatus::from)
             .collect();
         Ok(Response::new(v1::ListProvidersResponse { providers }))
     }

@@ -22,15 +22,19 @@ use std::{
 
 use dashmap::DashMap;
 use tokio::{
-    sync::{OwnedSemaphorePermit, mpsc, oneshot},
+    sync::{mpsc, oneshot},
     time::{Instant, sleep_until, timeout_at},
 };
+use tracing::Instrument;
 
+use super::{
+    Delivered,
+    link::{Link, Slot},
+};
 use crate::{
-    completion::{Completion, CompletionRequest, FailureKind, Input},
-    config::BatchingConfig,
+    completion::{CompletionRequest, FailureKind, Input},
+    config::{BatchingConfig, ProviderConfig},
     provider::ProviderError,
-    upstream::{Upstream, refused},
 };
 
 /// A worker with nothing queued for this long exits; the next item starts a new one.
@@ -38,7 +42,7 @@ const IDLE_EXIT: Duration = Duration::from_secs(30);
 
 /// Requests that may share an upstream request: same model, same input kind, same parameters.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct BatchKey {
+struct BatchKey {
     model: Arc<str>,
     chat: bool,
     max_tokens: Option<u32>,
@@ -49,7 +53,7 @@ pub struct BatchKey {
 }
 
 impl BatchKey {
-    pub fn of(model: &Arc<str>, r: &CompletionRequest) -> BatchKey {
+    fn of(model: &Arc<str>, r: &CompletionRequest) -> BatchKey {
         let p = &r.params;
         BatchKey {
             model: model.clone(),
@@ -62,22 +66,15 @@ impl BatchKey {
     }
 }
 
-/// A completion and how it travelled.
-#[derive(Debug)]
-pub struct Batched {
-    pub completion: Completion,
-    /// Prompts in the upstream request it rode in.
-    pub batch_size: u32,
-    pub queue_wait: Duration,
-    pub upstream: Duration,
-}
+type Reply = Result<Delivered, ProviderError>;
 
-type Reply = Result<Batched, ProviderError>;
-
+/// One caller's request in a queue, with its span (as tower's `buffer::Message` carries one),
+/// so what happens to it in the worker is logged as part of its request.
 struct Item {
     request: Arc<CompletionRequest>,
     deadline: Instant,
     enqueued: Instant,
+    span: tracing::Span,
     /// `None` once answered.
     tx: Option<oneshot::Sender<Reply>>,
 }
@@ -101,8 +98,8 @@ struct Queue {
 }
 
 /// The batch queues of one provider.
-pub struct Batcher {
-    upstream: Arc<Upstream>,
+pub(super) struct Batcher {
+    link: Arc<Link>,
     default: Option<BatchingConfig>,
     per_model: std::collections::BTreeMap<String, BatchingConfig>,
     queues: DashMap<BatchKey, Queue>,
@@ -110,10 +107,9 @@ pub struct Batcher {
 
 impl Batcher {
     /// `None` when neither the provider nor any of its models batches.
-    pub fn for_upstream(upstream: &Arc<Upstream>) -> Option<Batcher> {
-        let c = &upstream.config;
+    pub(super) fn new(c: &ProviderConfig, link: &Arc<Link>) -> Option<Batcher> {
         (c.batching.is_some() || !c.model_batching.is_empty()).then(|| Batcher {
-            upstream: upstream.clone(),
+            link: link.clone(),
             default: c.batching,
             per_model: c.model_batching.clone(),
             queues: DashMap::new(),
@@ -121,13 +117,13 @@ impl Batcher {
     }
 
     /// The batching settings for `model`, if it batches.
-    pub fn settings(&self, model: &str) -> Option<BatchingConfig> {
+    pub(super) fn settings(&self, model: &str) -> Option<BatchingConfig> {
         self.per_model.get(model).copied().or(self.default)
     }
 
     /// Queues one request and waits for its answer. A full queue fails at once with
     /// [`FailureKind::Overloaded`]. Dropping the future withdraws the item.
-    pub async fn submit(
+    pub(super) async fn submit(
         &self,
         model: &Arc<str>,
         request: &Arc<CompletionRequest>,
@@ -140,6 +136,7 @@ impl Batcher {
             request: request.clone(),
             deadline,
             enqueued: Instant::now(),
+            span: tracing::Span::current(),
             tx: Some(tx),
         };
         // A worker that exited while idle leaves a closed channel: replace it and try again.
@@ -152,7 +149,7 @@ impl Batcher {
                     format!("batch queue full ({} items)", settings.max_queue),
                 ));
             }
-            self.upstream.stats.queued.fetch_add(1, Relaxed);
+            self.link.stats.queued(1);
             match queue.tx.try_send(item) {
                 Ok(()) => {
                     return rx.await.unwrap_or_else(|_| {
@@ -164,7 +161,7 @@ impl Batcher {
                 }
                 Err(e) => {
                     queue.queued.fetch_sub(1, Relaxed);
-                    self.upstream.stats.queued.fetch_sub(1, Relaxed);
+                    self.link.stats.dequeued(1);
                     item = match e {
                         mpsc::error::TrySendError::Closed(i)
                         | mpsc::error::TrySendError::Full(i) => i,
@@ -190,21 +187,21 @@ impl Batcher {
             .entry(key.clone())
             .and_modify(|q| {
                 if q.tx.is_closed() {
-                    *q = spawn_worker(&self.upstream, key, settings);
+                    *q = spawn_worker(&self.link, key, settings);
                 }
             })
-            .or_insert_with(|| spawn_worker(&self.upstream, key, settings))
+            .or_insert_with(|| spawn_worker(&self.link, key, settings))
             .clone()
     }
 }
 
-fn spawn_worker(upstream: &Arc<Upstream>, key: &BatchKey, settings: BatchingConfig) -> Queue {
+fn spawn_worker(link: &Arc<Link>, key: &BatchKey, settings: BatchingConfig) -> Queue {
     // The channel holds at most what `queued` admits, plus slack for the race in `submit`.
     let (tx, rx) = mpsc::channel(settings.max_queue + 1);
     let queued = Arc::new(AtomicUsize::new(0));
-    let native = !key.chat && upstream.provider.batches_prompts();
+    let native = !key.chat && link.batches_prompts();
     tokio::spawn(worker(
-        upstream.clone(),
+        link.clone(),
         key.model.clone(),
         native,
         settings,
@@ -215,7 +212,7 @@ fn spawn_worker(upstream: &Arc<Upstream>, key: &BatchKey, settings: BatchingConf
 }
 
 async fn worker(
-    up: Arc<Upstream>,
+    link: Arc<Link>,
     model: Arc<str>,
     native: bool,
     settings: BatchingConfig,
@@ -236,7 +233,7 @@ async fn worker(
                 }
             }
         };
-        let fastest = up.stats.fastest();
+        let fastest = link.stats.fastest();
         let mut flush_at = first.enqueued + settings.max_wait;
         let mut batch = Vec::with_capacity(max);
         let take = |batch: &mut Vec<Item>, item: Item, flush_at: &mut Instant| {
@@ -267,10 +264,10 @@ async fn worker(
         }
         // Native batches take one concurrency slot; while waiting for it, more items queue and
         // join this batch, so batches grow with load.
-        let permit = if native {
-            match up.permits.clone().acquire_owned().await {
-                Ok(p) => Some(p),
-                Err(_) => return,
+        let slot = if native {
+            match link.slot().await {
+                Ok(s) => Some(s),
+                Err(e) => return fail_all(&mut batch, &e),
             }
         } else {
             None
@@ -280,7 +277,7 @@ async fn worker(
             batch.push(item);
         }
         queued.fetch_sub(batch.len(), Relaxed);
-        up.stats.queued.fetch_sub(batch.len() as u64, Relaxed);
+        link.stats.dequeued(batch.len());
         batch.retain(|i| !i.gone());
         if batch.is_empty() {
             continue;
@@ -289,11 +286,16 @@ async fn worker(
         let waits = batch
             .iter()
             .map(|i| now.saturating_duration_since(i.enqueued));
-        up.metrics.observe_batch(&up.label, batch.len(), waits);
-        let (up, model) = (up.clone(), model.clone());
-        match permit {
-            Some(permit) => tokio::spawn(send_native(up, model, batch, permit)),
-            None => tokio::spawn(send_parallel(up, model, batch)),
+        link.observe_batch(batch.len(), waits);
+        for item in &batch {
+            item.span.in_scope(|| {
+                tracing::debug!(provider = %link.name, batch_size = batch.len(), "batch closed");
+            });
+        }
+        let (link, model) = (link.clone(), model.clone());
+        match slot {
+            Some(slot) => tokio::spawn(send_native(link, model, batch, slot)),
+            None => tokio::spawn(send_parallel(link, model, batch)),
         };
     }
 }
@@ -308,22 +310,12 @@ fn latest_send(item: &Item, fastest: Duration) -> Instant {
 }
 
 /// One upstream request carrying every prompt of the batch.
-async fn send_native(
-    up: Arc<Upstream>,
-    model: Arc<str>,
-    mut batch: Vec<Item>,
-    permit: OwnedSemaphorePermit,
-) {
-    let pass = match up.breaker.admit() {
-        Ok(p) => p,
-        Err(r) => return fail_all(&mut batch, &refused(r)),
-    };
+async fn send_native(link: Arc<Link>, model: Arc<str>, mut batch: Vec<Item>, slot: Slot) {
     let requests: Vec<Arc<CompletionRequest>> = batch.iter().map(|i| i.request.clone()).collect();
     let sent = Instant::now();
     // The request serves until the provider's timeout or the last caller's deadline.
     let last_deadline = batch.iter().map(|i| i.deadline).max().unwrap_or(sent);
-    let budget = up.budget(sent, last_deadline);
-    up.stats.sent(batch.len());
+    let budget = link.budget(sent, last_deadline);
     let all_gone = async {
         for item in &mut batch {
             if let Some(tx) = item.tx.as_mut() {
@@ -332,18 +324,16 @@ async fn send_native(
         }
     };
     let outcome = tokio::select! {
-        r = timeout_at(budget.end, up.provider.complete_batch(&model, &requests)) => r,
+        r = link.complete_batch(slot, &model, &requests, budget) => r,
         // Every caller went away: drop the upstream request, judge nothing.
         () = all_gone => return,
     };
-    let took = sent.elapsed();
     match outcome {
-        Ok(Ok(results)) => {
-            up.judge(pass, Ok(took));
+        Ok((results, took)) => {
             let size = u32::try_from(batch.len()).unwrap_or(u32::MAX);
             for (item, result) in batch.iter_mut().zip(results) {
                 let queue_wait = sent.saturating_duration_since(item.enqueued);
-                item.answer(result.map(|completion| Batched {
+                item.answer(result.map(|completion| Delivered {
                     completion,
                     batch_size: size,
                     queue_wait,
@@ -353,44 +343,37 @@ async fn send_native(
         }
         // One bad prompt makes the whole request a 400/413/422: find it by sending the
         // prompts one by one, so the good ones are still answered here.
-        Ok(Err(e)) if e.kind == FailureKind::Rejected && batch.len() > 1 => {
-            pass.neutral();
-            drop(permit);
-            send_parallel(up, model, batch).await;
+        Err(e) if e.kind == FailureKind::Rejected && batch.len() > 1 => {
+            send_parallel(link, model, batch).await;
         }
-        Ok(Err(e)) => {
-            up.judge(pass, Err(&e));
-            fail_all(&mut batch, &e);
-        }
-        Err(_) => {
-            let e = up.judge_timeout(pass, took, budget);
-            fail_all(&mut batch, &e);
-        }
+        Err(e) => fail_all(&mut batch, &e),
     }
 }
 
 /// The batch as concurrent single requests, each with its own concurrency slot, each
 /// dropped as soon as its caller goes away.
-async fn send_parallel(up: Arc<Upstream>, model: Arc<str>, mut batch: Vec<Item>) {
+async fn send_parallel(link: Arc<Link>, model: Arc<str>, mut batch: Vec<Item>) {
     let sent = Instant::now();
     let size = u32::try_from(batch.len()).unwrap_or(u32::MAX);
     let calls = batch.iter_mut().map(|item| {
-        let (up, model) = (&up, &model);
+        let (link, model) = (&link, &model);
+        let span = item.span.clone();
         async move {
             let Some(tx) = item.tx.as_mut() else { return };
-            let call = up.call(model, &item.request, up.budget(sent, item.deadline));
+            let call = link.complete(model, &item.request, link.budget(sent, item.deadline));
             let result = tokio::select! {
                 r = call => r,
                 () = tx.closed() => return,
             };
             let queue_wait = sent.saturating_duration_since(item.enqueued);
-            item.answer(result.map(|(completion, took)| Batched {
+            item.answer(result.map(|(completion, took)| Delivered {
                 completion,
                 batch_size: size,
                 queue_wait,
                 upstream: took,
             }));
         }
+        .instrument(span)
     });
     futures_util::future::join_all(calls).await;
 }
@@ -406,15 +389,17 @@ mod tests {
     use super::*;
     use crate::{completion::GenParams, config};
 
-    fn batcher(batching: &str) -> (Arc<Upstream>, Batcher) {
+    fn batcher(batching: &str) -> (Arc<Link>, Batcher) {
         let yaml = format!(
             "providers:\n  - {{name: sim, type: simulated, models: [m], batching: {batching}}}\n"
         );
         let c = config::parse(&yaml, "t", &|_| None).unwrap();
+        let p = &c.providers[0];
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let up = Arc::new(Upstream::new(&c.providers[0], c.cascade.breaker, &metrics).unwrap());
-        let b = Batcher::for_upstream(&up).unwrap();
-        (up, b)
+        let provider = crate::provider::build(p).unwrap();
+        let link = Arc::new(Link::new(p, c.cascade.breaker, &metrics, provider));
+        let b = Batcher::new(p, &link).unwrap();
+        (link, b)
     }
 
     fn req(prompt: &str) -> Arc<CompletionRequest> {
@@ -463,7 +448,7 @@ mod tests {
                 "answers map back to their callers"
             );
         }
-        assert_eq!(up.stats.requests.get(), 1);
+        assert_eq!(up.stats.counts().requests, 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -491,11 +476,11 @@ mod tests {
                 .is_err(),
             "a is queued"
         );
-        assert_eq!(up.stats.queued.load(Relaxed), 1);
+        assert_eq!(up.stats.counts().queued, 1);
         drop(a);
         let r = b.submit(&model, &req("b"), s, later(60_000)).await.unwrap();
         assert_eq!(r.batch_size, 1);
-        assert_eq!(up.stats.items.get(), 1, "only b went upstream");
+        assert_eq!(up.stats.counts().items, 1, "only b went upstream");
     }
 
     #[tokio::test(start_paused = true)]

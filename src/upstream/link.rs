@@ -1,0 +1,209 @@
+//! The link to one provider — its client, circuit breaker, concurrency slots and counters —
+//! and the one lifecycle every upstream request goes through, batched or not: hold a slot,
+//! ask the breaker, send within a budget, judge the outcome once, record it ([`Link::send`]).
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::{Instant, timeout_at},
+};
+
+use super::{
+    breaker::{Breaker, Pass, Refusal},
+    stats::Stats,
+};
+use crate::{
+    completion::{Completion, CompletionRequest, FailureKind},
+    config::{BreakerConfig, ProviderConfig},
+    metrics::{Metrics, ProviderLabel},
+    provider::{Provider, ProviderError},
+};
+
+pub(super) struct Link {
+    pub(super) name: Arc<str>,
+    provider: Arc<dyn Provider>,
+    pub(super) breaker: Breaker,
+    /// Caps upstream requests in flight, and so the connections the pool opens.
+    slots: Arc<Semaphore>,
+    pub(super) stats: Stats,
+    timeout: Duration,
+    label: ProviderLabel,
+    metrics: Arc<Metrics>,
+}
+
+/// One of the provider's concurrency slots, held while a request is in flight.
+pub(super) struct Slot(#[allow(dead_code, reason = "held, never read")] OwnedSemaphorePermit);
+
+/// When a request gives up, and whether that is the caller's deadline rather than the
+/// provider's timeout.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Budget {
+    pub(super) end: Instant,
+    pub(super) deadline_bound: bool,
+}
+
+impl Link {
+    pub(super) fn new(
+        config: &ProviderConfig,
+        breaker: BreakerConfig,
+        metrics: &Arc<Metrics>,
+        provider: Arc<dyn Provider>,
+    ) -> Link {
+        let label = ProviderLabel::of(&config.name);
+        Link {
+            name: config.name.as_str().into(),
+            provider,
+            breaker: Breaker::new(breaker),
+            slots: Arc::new(Semaphore::new(config.max_concurrency)),
+            stats: Stats::new(metrics, &label),
+            timeout: config.timeout,
+            label,
+            metrics: metrics.clone(),
+        }
+    }
+
+    pub(super) fn batches_prompts(&self) -> bool {
+        self.provider.batches_prompts()
+    }
+
+    /// Waits for a concurrency slot as long as it takes.
+    pub(super) async fn slot(&self) -> Result<Slot, ProviderError> {
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map(Slot)
+            .map_err(|_| ProviderError::new(FailureKind::Overloaded, "provider is shutting down"))
+    }
+
+    /// Waits for a concurrency slot until `end`.
+    pub(super) async fn slot_by(&self, end: Instant) -> Result<Slot, ProviderError> {
+        timeout_at(end, self.slot()).await.map_err(|_| {
+            ProviderError::new(FailureKind::Timeout, "no free concurrency slot in time")
+        })?
+    }
+
+    /// The time a request starting at `from` may take: this provider's timeout or the
+    /// caller's `deadline`, whichever comes first.
+    pub(super) fn budget(&self, from: Instant, deadline: Instant) -> Budget {
+        let provider_end = from + self.timeout;
+        Budget {
+            end: provider_end.min(deadline),
+            deadline_bound: deadline <= provider_end,
+        }
+    }
+
+    /// The one way a request reaches the provider. The breaker admits it (a refusal sends
+    /// nothing), `call` runs within `budget` while `slot` is held, and the outcome is judged
+    /// once — against the breaker and the counters — and returned with the time it took.
+    /// Dropping the future (every caller went away) withdraws the request and judges nothing.
+    pub(super) async fn send<T>(
+        &self,
+        slot: Slot,
+        items: usize,
+        budget: Budget,
+        call: impl Future<Output = Result<T, ProviderError>>,
+    ) -> Result<(T, Duration), ProviderError> {
+        let pass = self.breaker.admit().map_err(refused)?;
+        let sent = Instant::now();
+        self.stats.sent(items);
+        tracing::debug!(provider = %self.name, items, "upstream request sent");
+        let outcome = timeout_at(budget.end, call).await;
+        let took = sent.elapsed();
+        drop(slot);
+        match outcome {
+            Ok(Ok(v)) => {
+                pass.success();
+                self.stats.success(took);
+                tracing::debug!(provider = %self.name, took_us = took.as_micros() as u64, "upstream answered");
+                Ok((v, took))
+            }
+            Ok(Err(e)) => {
+                self.failed(pass, &e);
+                Err(e)
+            }
+            Err(_) => {
+                let e = timed_out(took);
+                if budget.deadline_bound {
+                    // The caller's deadline, not the provider, ran out: not the provider's fault.
+                    self.stats.failure();
+                    pass.neutral();
+                    tracing::debug!(provider = %self.name, "caller's deadline passed during the upstream request");
+                } else {
+                    self.failed(pass, &e);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// One unbatched request: a slot (waiting no later than `budget.end`), then [`Link::send`].
+    pub(super) async fn complete(
+        &self,
+        model: &str,
+        request: &CompletionRequest,
+        budget: Budget,
+    ) -> Result<(Completion, Duration), ProviderError> {
+        let slot = self.slot_by(budget.end).await?;
+        self.send(slot, 1, budget, self.provider.complete(model, request))
+            .await
+    }
+
+    /// Many prompts in one upstream request ([`Provider::complete_batch`]): one result per
+    /// request, in order.
+    pub(super) async fn complete_batch(
+        &self,
+        slot: Slot,
+        model: &str,
+        requests: &[Arc<CompletionRequest>],
+        budget: Budget,
+    ) -> Result<(Vec<Result<Completion, ProviderError>>, Duration), ProviderError> {
+        self.send(
+            slot,
+            requests.len(),
+            budget,
+            self.provider.complete_batch(model, requests),
+        )
+        .await
+    }
+
+    pub(super) fn observe_batch(&self, size: usize, waits: impl Iterator<Item = Duration>) {
+        self.metrics.observe_batch(&self.label, size, waits);
+    }
+
+    fn failed(&self, pass: Pass<'_>, e: &ProviderError) {
+        self.stats.failure();
+        if e.counts_against_provider() {
+            pass.failure();
+        } else {
+            pass.neutral();
+        }
+        if let Some(wait) = e.retry_after {
+            self.breaker.cool_down(Instant::now() + wait);
+        }
+        if e.kind == FailureKind::Unauthorized {
+            tracing::warn!(provider = %self.name, status = e.http_status, "provider refused our credentials; check its api_key");
+        } else {
+            tracing::debug!(provider = %self.name, kind = %e.kind, status = e.http_status, error = %e.message, "upstream request failed");
+        }
+    }
+}
+
+pub(super) fn timed_out(after: Duration) -> ProviderError {
+    ProviderError::new(
+        FailureKind::Timeout,
+        format!("no answer within {} ms", after.as_millis()),
+    )
+}
+
+/// A breaker refusal as the error an attempt records.
+pub(super) fn refused(r: Refusal) -> ProviderError {
+    match r {
+        Refusal::CircuitOpen => ProviderError::new(FailureKind::CircuitOpen, ""),
+        Refusal::CoolingDown(left) => ProviderError::new(
+            FailureKind::CoolingDown,
+            format!("Retry-After has {} ms left", left.as_millis()),
+        ),
+    }
+}

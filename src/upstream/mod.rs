@@ -1,0 +1,412 @@
+//! One provider as the cascade sees it. [`Upstream::attempt`] makes one try at a model —
+//! through the provider's batch queue when that model batches, directly otherwise — and says
+//! how it ended. Everything about a provider's health and load lives in this module, behind
+//! that one method and [`Upstream::snapshot`]:
+//!
+//! - [`link`]: the provider's client, concurrency slots and counters, and the one lifecycle
+//!   every upstream request goes through (slot → breaker → send → judge → record);
+//! - [`batcher`]: the batch queues, which only group items and hand each batch to the link;
+//! - [`breaker`]: the circuit breaker and the `Retry-After` cool-down;
+//! - [`stats`]: the counters behind ListProviders and Prometheus.
+
+mod batcher;
+mod breaker;
+mod link;
+mod stats;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::time::{Instant, timeout_at};
+
+pub use breaker::Circuit;
+pub use stats::Counts;
+
+use batcher::Batcher;
+use link::{Link, refused, timed_out};
+
+use crate::{
+    completion::{Completion, CompletionRequest, FailureKind},
+    config::{BreakerConfig, ProviderConfig, ProviderKind},
+    metrics::Metrics,
+    provider::{self, Provider, ProviderError},
+};
+
+/// A provider with its breaker, slots, counters and batch queues.
+pub struct Upstream {
+    link: Arc<Link>,
+    batcher: Option<Batcher>,
+    kind: ProviderKind,
+    priority: i32,
+    models: Vec<String>,
+}
+
+/// A completion and how it travelled.
+#[derive(Debug)]
+pub struct Delivered {
+    pub completion: Completion,
+    /// Prompts in the upstream request it rode in.
+    pub batch_size: u32,
+    pub queue_wait: Duration,
+    pub upstream: Duration,
+}
+
+/// How a try that produced no completion ended.
+#[derive(Debug)]
+pub enum Miss {
+    /// Nothing was sent: the breaker refused, or less time was left than this provider has
+    /// ever needed.
+    Skipped(ProviderError),
+    /// The try failed at the provider, or could not get into its queue.
+    Failed(ProviderError),
+    /// The caller's deadline passed; `Some` when it cut a try short.
+    OutOfTime(Option<ProviderError>),
+}
+
+/// A provider's live state, for ListProviders.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub name: Arc<str>,
+    pub kind: ProviderKind,
+    pub priority: i32,
+    pub models: Vec<String>,
+    pub circuit: Circuit,
+    pub cooling_down: Duration,
+    pub counts: Counts,
+}
+
+impl Upstream {
+    pub fn new(
+        config: &ProviderConfig,
+        breaker: BreakerConfig,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Upstream, reqwest::Error> {
+        Ok(Upstream::with_provider(
+            config,
+            breaker,
+            metrics,
+            provider::build(config)?,
+        ))
+    }
+
+    fn with_provider(
+        config: &ProviderConfig,
+        breaker: BreakerConfig,
+        metrics: &Arc<Metrics>,
+        provider: Arc<dyn Provider>,
+    ) -> Upstream {
+        let link = Arc::new(Link::new(config, breaker, metrics, provider));
+        Upstream {
+            batcher: Batcher::new(config, &link),
+            link,
+            kind: config.kind,
+            priority: config.priority,
+            models: config.models.clone(),
+        }
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.link.name
+    }
+
+    /// Whether this provider lists `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m == model)
+    }
+
+    /// The model for requests that name none (listed first).
+    pub fn default_model(&self) -> &str {
+        self.models.first().map(String::as_str).unwrap_or_default()
+    }
+
+    /// One try at `model` for `request`, before `deadline`.
+    pub async fn attempt(
+        &self,
+        model: &Arc<str>,
+        request: &Arc<CompletionRequest>,
+        deadline: Instant,
+    ) -> Result<Delivered, Miss> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Miss::OutOfTime(None));
+        }
+        let queue = self
+            .batcher
+            .as_ref()
+            .and_then(|b| b.settings(model).map(|s| (b, s)));
+        if queue.is_some() {
+            // A look, not an admission (the batch is admitted when it is sent): it keeps
+            // items out of the queue of a provider that would refuse them.
+            self.link
+                .breaker
+                .check()
+                .map_err(|r| Miss::Skipped(refused(r)))?;
+        }
+        let fastest = self.link.stats.fastest();
+        if deadline - now < fastest {
+            return Err(Miss::Skipped(ProviderError::new(
+                FailureKind::NoTimeLeft,
+                format!(
+                    "{} ms left, it never answered in under {} ms",
+                    (deadline - now).as_millis(),
+                    fastest.as_millis()
+                ),
+            )));
+        }
+        let budget = self.link.budget(now, deadline);
+        let result = match queue {
+            Some((batcher, settings)) => timeout_at(
+                budget.end,
+                batcher.submit(model, request, settings, deadline),
+            )
+            .await
+            .unwrap_or_else(|_| Err(timed_out(now.elapsed()))),
+            None => self
+                .link
+                .complete(model, request, budget)
+                .await
+                .map(|(completion, took)| Delivered {
+                    completion,
+                    batch_size: 1,
+                    queue_wait: Duration::ZERO,
+                    upstream: took,
+                }),
+        };
+        match result {
+            Ok(delivered) => Ok(delivered),
+            Err(e)
+                if e.kind == FailureKind::Timeout
+                    && budget.deadline_bound
+                    && Instant::now() >= budget.end =>
+            {
+                Err(Miss::OutOfTime(Some(ProviderError::new(
+                    FailureKind::Timeout,
+                    format!(
+                        "caller's deadline passed after {} ms",
+                        now.elapsed().as_millis()
+                    ),
+                ))))
+            }
+            // Unbatched, the breaker's refusal comes before anything is sent.
+            Err(e) if queue.is_none() && e.kind.is_refusal() => Err(Miss::Skipped(e)),
+            Err(e) => Err(Miss::Failed(e)),
+        }
+    }
+
+    /// Whether a try starting at `at` could still be answered before `deadline`, judging by
+    /// the quickest answer this provider ever gave.
+    pub fn fits(&self, at: Instant, deadline: Instant) -> bool {
+        at + self.link.stats.fastest() < deadline
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            name: self.link.name.clone(),
+            kind: self.kind,
+            priority: self.priority,
+            models: self.models.clone(),
+            circuit: self.link.breaker.circuit(),
+            cooling_down: self.link.breaker.cooling_down_for(),
+            counts: self.link.stats.counts(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The breaker is consulted once per network request on every path: an open circuit sends
+    //! nothing, and a half-open one lets exactly one probe *request* through — one for a whole
+    //! native batch, one of the concurrent requests of a parallel batch.
+
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::{
+        completion::{CacheMode, GenParams, Input},
+        config,
+    };
+
+    /// A provider whose outcome the test sets, counting the requests that reach it. Each takes
+    /// 10 ms (of the paused clock), so concurrent requests overlap.
+    struct Scripted {
+        native: bool,
+        failing: AtomicBool,
+        requests: AtomicUsize,
+    }
+
+    impl Scripted {
+        async fn serve(&self) -> Result<(), ProviderError> {
+            self.requests.fetch_add(1, SeqCst);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if self.failing.load(SeqCst) {
+                Err(ProviderError::new(FailureKind::ServerError, "scripted 500"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    fn done() -> Completion {
+        Completion {
+            text: "ok".into(),
+            finish_reason: "stop".into(),
+            usage: None,
+        }
+    }
+
+    #[async_trait]
+    impl Provider for Scripted {
+        fn batches_prompts(&self) -> bool {
+            self.native
+        }
+
+        async fn complete(
+            &self,
+            _model: &str,
+            _request: &CompletionRequest,
+        ) -> Result<Completion, ProviderError> {
+            self.serve().await.map(|()| done())
+        }
+
+        async fn complete_batch(
+            &self,
+            _model: &str,
+            requests: &[Arc<CompletionRequest>],
+        ) -> Result<Vec<Result<Completion, ProviderError>>, ProviderError> {
+            self.serve()
+                .await
+                .map(|()| requests.iter().map(|_| Ok(done())).collect())
+        }
+    }
+
+    /// How the upstream sends: directly, in native batches, or batches as parallel requests.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Path {
+        Unbatched,
+        Native,
+        Parallel,
+    }
+
+    fn upstream(path: Path) -> (Upstream, Arc<Scripted>) {
+        let batching = match path {
+            Path::Unbatched => "",
+            Path::Native | Path::Parallel => ", batching: {max_batch_size: 8, max_wait_ms: 5}",
+        };
+        let yaml = format!(
+            "cascade: {{circuit_breaker: {{failure_threshold: 2, recovery_timeout: 10, half_open_max_calls: 1}}}}\n\
+             providers:\n  - {{name: p, type: simulated, models: [m]{batching}}}\n"
+        );
+        let c = config::parse(&yaml, "t", &|_| None).unwrap();
+        let scripted = Arc::new(Scripted {
+            native: path == Path::Native,
+            failing: AtomicBool::new(true),
+            requests: AtomicUsize::new(0),
+        });
+        let metrics = Arc::new(Metrics::new());
+        let up = Upstream::with_provider(
+            &c.providers[0],
+            c.cascade.breaker,
+            &metrics,
+            scripted.clone(),
+        );
+        (up, scripted)
+    }
+
+    fn req() -> Arc<CompletionRequest> {
+        Arc::new(CompletionRequest {
+            model: "m".into(),
+            input: Input::Prompt("x".into()),
+            params: GenParams::default(),
+            agent: String::new(),
+            request_id: String::new(),
+            cache: CacheMode::Default,
+        })
+    }
+
+    /// Opens the breaker with two failed requests, checks that the open breaker sends
+    /// nothing, waits out the recovery timeout and sends two tries at once; returns their
+    /// outcomes.
+    async fn open_then_probe(
+        up: &Upstream,
+        s: &Scripted,
+    ) -> (Result<Delivered, Miss>, Result<Delivered, Miss>) {
+        let m: Arc<str> = "m".into();
+        let far = Instant::now() + Duration::from_secs(3600);
+        for _ in 0..2 {
+            match up.attempt(&m, &req(), far).await {
+                Err(Miss::Failed(e)) => assert_eq!(e.kind, FailureKind::ServerError),
+                other => panic!("expected the scripted 500, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            s.requests.load(SeqCst),
+            2,
+            "each failed try was one request"
+        );
+        match up.attempt(&m, &req(), far).await {
+            Err(Miss::Skipped(e)) => assert_eq!(e.kind, FailureKind::CircuitOpen),
+            other => panic!("expected the open circuit to skip, got {other:?}"),
+        }
+        assert_eq!(s.requests.load(SeqCst), 2, "an open circuit sends nothing");
+        assert_eq!(up.snapshot().circuit, Circuit::Open);
+
+        tokio::time::advance(Duration::from_secs(10)).await;
+        s.failing.store(false, SeqCst);
+        let (ra, rb) = (req(), req());
+        let (a, b) = tokio::join!(up.attempt(&m, &ra, far), up.attempt(&m, &rb, far));
+        assert_eq!(s.requests.load(SeqCst), 3, "half-open: one probe request");
+        (a, b)
+    }
+
+    async fn closes_after_the_probe(up: &Upstream, s: &Scripted) {
+        assert_eq!(up.snapshot().circuit, Circuit::Closed);
+        let far = Instant::now() + Duration::from_secs(3600);
+        assert!(up.attempt(&"m".into(), &req(), far).await.is_ok());
+        assert_eq!(s.requests.load(SeqCst), 4);
+    }
+
+    fn refused_kind(r: &Result<Delivered, Miss>) -> Option<FailureKind> {
+        match r {
+            Err(Miss::Skipped(e) | Miss::Failed(e)) => Some(e.kind),
+            Ok(_) | Err(Miss::OutOfTime(_)) => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unbatched_request_is_admitted_once() {
+        let (up, s) = upstream(Path::Unbatched);
+        let (a, b) = open_then_probe(&up, &s).await;
+        let mut outcomes = [&a, &b];
+        outcomes.sort_by_key(|r| r.is_err());
+        assert!(outcomes[0].is_ok(), "the probe answered: {a:?} {b:?}");
+        assert!(
+            matches!(outcomes[1], Err(Miss::Skipped(e)) if e.kind == FailureKind::CircuitOpen),
+            "the second try was refused before sending: {a:?} {b:?}"
+        );
+        closes_after_the_probe(&up, &s).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn native_batch_is_admitted_once_for_all_its_prompts() {
+        let (up, s) = upstream(Path::Native);
+        let (a, b) = open_then_probe(&up, &s).await;
+        for r in [a, b] {
+            let d = r.expect("both prompts rode in the one probe request");
+            assert_eq!(d.batch_size, 2);
+        }
+        closes_after_the_probe(&up, &s).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn parallel_batch_admits_each_request() {
+        let (up, s) = upstream(Path::Parallel);
+        let (a, b) = open_then_probe(&up, &s).await;
+        let kinds = [refused_kind(&a), refused_kind(&b)];
+        assert!(
+            kinds.contains(&None) && kinds.contains(&Some(FailureKind::CircuitOpen)),
+            "one request was the probe, the other was refused: {a:?} {b:?}"
+        );
+        closes_after_the_probe(&up, &s).await;
+    }
+}

@@ -1,0 +1,99 @@
+//! Counters about one provider, for ListProviders and Prometheus: relaxed atomics, read as a
+//! snapshot that may be a little stale.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
+
+use prometheus_client::metrics::counter::Counter;
+
+use crate::metrics::{Metrics, ProviderLabel};
+
+#[derive(Debug)]
+pub(super) struct Stats {
+    /// Upstream HTTP requests sent (also `cascade_upstream_requests_total`).
+    requests: Counter,
+    successes: AtomicU64,
+    failures: AtomicU64,
+    /// Prompts carried by those requests, more than `requests` when batching (also
+    /// `cascade_upstream_items_total`).
+    items: Counter,
+    /// Items waiting in this provider's batch queues.
+    queued: AtomicU64,
+    latency_us_total: AtomicU64,
+    fastest_us: AtomicU64,
+}
+
+/// What the counters said at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counts {
+    pub requests: u64,
+    pub successes: u64,
+    pub failures: u64,
+    pub items: u64,
+    pub queued: u64,
+    pub mean_latency: Duration,
+}
+
+impl Stats {
+    pub(super) fn new(metrics: &Metrics, label: &ProviderLabel) -> Self {
+        Stats {
+            requests: metrics.upstream_requests.get_or_create(label).clone(),
+            successes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            items: metrics.upstream_items.get_or_create(label).clone(),
+            queued: AtomicU64::new(0),
+            latency_us_total: AtomicU64::new(0),
+            fastest_us: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    pub(super) fn sent(&self, items: usize) {
+        self.requests.inc();
+        self.items.inc_by(items as u64);
+    }
+
+    pub(super) fn success(&self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.successes.fetch_add(1, Relaxed);
+        self.latency_us_total.fetch_add(us, Relaxed);
+        self.fastest_us.fetch_min(us, Relaxed);
+    }
+
+    pub(super) fn failure(&self) {
+        self.failures.fetch_add(1, Relaxed);
+    }
+
+    pub(super) fn queued(&self, n: usize) {
+        self.queued.fetch_add(n as u64, Relaxed);
+    }
+
+    pub(super) fn dequeued(&self, n: usize) {
+        self.queued.fetch_sub(n as u64, Relaxed);
+    }
+
+    /// The quickest answer this provider ever gave: a call with less time left than this
+    /// cannot finish, so it is not started (and a batch is flushed this long before a deadline).
+    pub(super) fn fastest(&self) -> Duration {
+        match self.fastest_us.load(Relaxed) {
+            u64::MAX => Duration::ZERO,
+            us => Duration::from_micros(us),
+        }
+    }
+
+    pub(super) fn counts(&self) -> Counts {
+        let successes = self.successes.load(Relaxed);
+        Counts {
+            requests: self.requests.get(),
+            successes,
+            failures: self.failures.load(Relaxed),
+            items: self.items.get(),
+            queued: self.queued.load(Relaxed),
+            mean_latency: match successes {
+                0 => Duration::ZERO,
+                n => Duration::from_micros(self.latency_us_total.load(Relaxed) / n),
+            },
+        }
+    }
+}
