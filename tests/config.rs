@@ -153,8 +153,9 @@ fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// Runs `check` on `text`; asserts exit code 2 and one stderr line naming the file and `key`.
-fn rejects(text: &str, key: &str, problem: &str) {
+/// Runs `check` on `text`; asserts exit code 2 and one stderr line naming the file and `key`,
+/// and returns that line.
+fn rejects(text: &str, key: &str, problem: &str) -> String {
     let path = write_config(text);
     let out = run(&["check", "--config", path.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -173,6 +174,7 @@ fn rejects(text: &str, key: &str, problem: &str) {
         lines[0]
     );
     let _ = std::fs::remove_file(path);
+    lines[0].to_string()
 }
 
 const OK_PROVIDER: &str = "  - {name: sim, type: simulated, models: [m]}\n";
@@ -219,6 +221,30 @@ fn unusable_files_fail_with_one_line_and_exit_code_2() {
         "server.listen",
         "not an address",
     );
+}
+
+#[test]
+fn unknown_keys_in_provider_and_model_entries_fail_check_with_a_suggestion() {
+    for (text, key, suggestion) in [
+        (
+            "providers:\n  - {name: a, type: simulated, models: [m], batchng: {max_wait_ms: 1}}\n",
+            "providers[0].batchng",
+            "did you mean `batching`?",
+        ),
+        (
+            "providers:\n  - name: a\n    type: simulated\n    models:\n      - {name: m, defualt: true}\n",
+            "providers[0].models[0].defualt",
+            "did you mean `default`?",
+        ),
+        (
+            "providers:\n  - {name: a, type: simulated, models: [m], http: {pool_idle_timeout: 5}}\n",
+            "providers[0].http.pool_idle_timeout",
+            "did you mean `pool_idle_timeout_seconds`?",
+        ),
+    ] {
+        let line = rejects(text, key, "unknown key");
+        assert!(line.contains(suggestion), "{line}");
+    }
 }
 
 #[test]

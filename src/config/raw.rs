@@ -1,61 +1,43 @@
-//! The cascade file as written: serde structs with defaults, before validation.
+//! The cascade file as written: serde structs with their defaults, before validation.
 //!
-//! The sections agents' Python cascade router already uses (`cascade`, `providers`,
-//! `fallback_chains`, `agent_model_assignments`) accept unknown keys, which are collected and
-//! named in a warning. Sections this router adds (`server`, `providers[].http`,
-//! `providers[].simulated`) deny unknown keys.
+//! Every section this router reads denies unknown keys, so the set of keys it knows comes
+//! from these types (serde names them in its errors, and [`super::parse`] turns a near miss
+//! into "did you mean"). Keys that agents' Python cascade router writes into the same
+//! entries and that we do not use (`description`, `context_window`, ...) are declared here as
+//! [`Ignored`], so they load without a word. Defaults live in one place each: a container's
+//! `Default` impl, or `Option` where absence itself means something (no batching, no cache).
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
-use serde_yaml::Value;
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, IgnoredAny, IntoDeserializer, MapAccess, Visitor, value::MapAccessDeserializer},
+};
 
-/// Keys left over after deserialising a section, kept to warn about (or suggest fixes for).
-pub type Extra = BTreeMap<String, Value>;
+/// A key of the Python router's shape that this router accepts and does not use.
+pub type Ignored = Option<IgnoredAny>;
 
+/// The whole file. Unknown top-level sections are the one place unknown keys are tolerated:
+/// [`super::parse`] names them in a warning (or rejects a near miss of one of these).
 #[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawFile {
-    #[serde(default)]
     pub cascade: RawCascade,
-    #[serde(default)]
     pub providers: Vec<RawProvider>,
-    #[serde(default)]
     pub fallback_chains: BTreeMap<String, Vec<String>>,
-    #[serde(default)]
     pub agent_model_assignments: BTreeMap<String, String>,
-    #[serde(default)]
     pub server: RawServer,
+    /// Absent: no cache.
     pub cache: Option<RawCache>,
-    #[serde(flatten)]
-    pub extra: Extra,
-}
-
-/// The completion cache (this router's own section).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawCache {
-    pub enabled: Option<bool>,
-    /// `memory` or `redis` (Redis behind the in-memory cache).
-    pub backend: Option<String>,
-    pub ttl_seconds: Option<f64>,
-    pub max_bytes: Option<u64>,
-    /// `tenant` (default) or `shared`.
-    pub scope: Option<String>,
-    pub redis_url: Option<String>,
-    pub redis_timeout_ms: Option<f64>,
-    /// Completions larger than this are not written to Redis.
-    pub max_value_bytes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawCascade {
     pub timeout_seconds: f64,
     pub max_retries_per_provider: u32,
     pub retry_delay_seconds: f64,
     pub circuit_breaker: RawBreaker,
-    #[serde(flatten)]
-    pub extra: Extra,
 }
 
 impl Default for RawCascade {
@@ -65,20 +47,17 @@ impl Default for RawCascade {
             max_retries_per_provider: 2,
             retry_delay_seconds: 1.0,
             circuit_breaker: RawBreaker::default(),
-            extra: Extra::new(),
         }
     }
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawBreaker {
     pub failure_threshold: u32,
     /// Seconds an open circuit waits before letting probes through.
     pub recovery_timeout: f64,
     pub half_open_max_calls: u32,
-    #[serde(flatten)]
-    pub extra: Extra,
 }
 
 impl Default for RawBreaker {
@@ -87,98 +66,268 @@ impl Default for RawBreaker {
             failure_threshold: 5,
             recovery_timeout: 60.0,
             half_open_max_calls: 1,
-            extra: Extra::new(),
         }
     }
 }
 
+/// The upstream APIs a cascade file may name, with the spellings agents' files use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawKind {
+    /// OpenAI-compatible: OpenAI, vLLM, llama.cpp server, OpenRouter, ...
+    #[serde(
+        alias = "vllm",
+        alias = "llamacpp",
+        alias = "llama.cpp",
+        alias = "llama_cpp",
+        alias = "openrouter"
+    )]
+    OpenAi,
+    #[serde(alias = "xai")]
+    Grok,
+    Ollama,
+    #[serde(alias = "claude")]
+    Anthropic,
+    Simulated,
+    /// In-process model runners of the Python router; this router skips them with a warning.
+    #[serde(alias = "transformers", alias = "huggingface")]
+    Airllm,
+}
+
+pub const SUPPORTED_TYPES: &str =
+    "openai (also vllm, llamacpp, openrouter), grok, ollama, anthropic, simulated";
+
+/// `type:` is matched without regard to case (`OpenAI`, `Ollama`), as the Python router does.
+fn kind<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RawKind>, D::Error> {
+    let text = String::deserialize(d)?;
+    let lower = text.to_ascii_lowercase();
+    RawKind::deserialize(lower.as_str().into_deserializer())
+        .map(Some)
+        .map_err(|_: de::value::Error| {
+            de::Error::custom(format!(
+                "unknown provider type {text:?} (fix: use one of {SUPPORTED_TYPES})"
+            ))
+        })
+}
+
 #[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawProvider {
-    #[serde(default)]
     pub name: String,
-    #[serde(rename = "type", default)]
-    pub kind: String,
-    #[serde(default = "yes")]
+    /// Absent: rejected in validation, by name.
+    #[serde(rename = "type", deserialize_with = "kind")]
+    pub kind: Option<RawKind>,
     pub enabled: bool,
-    #[serde(default = "default_priority")]
     pub priority: i32,
     pub url: Option<String>,
     pub base_url: Option<String>,
     pub api_key: Option<String>,
-    #[serde(default)]
     pub models: Vec<RawModel>,
-    /// Per-attempt timeout for this provider; defaults to `cascade.timeout_seconds`.
+    /// Per-attempt timeout for this provider; absent: `cascade.timeout_seconds`.
     pub timeout_seconds: Option<f64>,
     /// Requests in flight to this provider at most (bounds its connection count too).
-    pub max_concurrency: Option<usize>,
-    pub http: Option<RawHttp>,
-    pub simulated: Option<RawSimulated>,
+    pub max_concurrency: usize,
+    pub http: RawHttp,
+    pub simulated: RawSimulated,
     /// Micro-batching for this provider; absent means no batching.
     pub batching: Option<RawBatching>,
-    #[serde(flatten)]
-    pub extra: Extra,
+    // The Python router's keys that this router does not use.
+    pub description: Ignored,
+    pub tags: Ignored,
+    pub notes: Ignored,
 }
 
-fn yes() -> bool {
-    true
+impl Default for RawProvider {
+    fn default() -> Self {
+        RawProvider {
+            name: String::new(),
+            kind: None,
+            enabled: true,
+            priority: 100,
+            url: None,
+            base_url: None,
+            api_key: None,
+            models: Vec::new(),
+            timeout_seconds: None,
+            max_concurrency: 256,
+            http: RawHttp::default(),
+            simulated: RawSimulated::default(),
+            batching: None,
+            description: None,
+            tags: None,
+            notes: None,
+        }
+    }
 }
 
-fn default_priority() -> i32 {
-    100
-}
-
-/// A model entry: a bare name or the Python router's mapping.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// A model: a bare name, or the Python router's entry.
+#[derive(Debug)]
 pub enum RawModel {
     Name(String),
-    Entry {
-        name: String,
-        #[serde(default)]
-        default: bool,
-        /// Overrides the provider's `batching` for this model.
-        batching: Option<RawBatching>,
-        #[serde(flatten)]
-        extra: Extra,
-    },
+    Entry(RawModelEntry),
+}
+
+impl RawModel {
+    pub fn name(&self) -> &str {
+        match self {
+            RawModel::Name(n) => n,
+            RawModel::Entry(e) => &e.name,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawModelEntry {
+    pub name: String,
+    pub default: bool,
+    /// Overrides the provider's `batching` for this model.
+    pub batching: Option<RawBatching>,
+    // The Python router's keys that this router does not use.
+    pub context_window: Ignored,
+    pub capabilities: Ignored,
+    pub description: Ignored,
+    pub max_output_tokens: Ignored,
+    pub cost_per_1k_input_tokens: Ignored,
+    pub cost_per_1k_output_tokens: Ignored,
+}
+
+/// Hand-written rather than `#[serde(untagged)]`: untagged enums swallow the inner error, and
+/// an unknown key inside a model entry must be reported by name.
+impl<'de> Deserialize<'de> for RawModel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ModelVisitor;
+
+        impl<'de> Visitor<'de> for ModelVisitor {
+            type Value = RawModel;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a model name or a {name: ...} entry")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawModel, E> {
+                Ok(RawModel::Name(v.to_string()))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawModel, A::Error> {
+                RawModelEntry::deserialize(MapAccessDeserializer::new(map)).map(RawModel::Entry)
+            }
+        }
+
+        d.deserialize_any(ModelVisitor)
+    }
 }
 
 /// Connection pool settings for one provider's HTTP client.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawHttp {
-    pub pool_idle_timeout_seconds: Option<f64>,
-    pub pool_max_idle_per_host: Option<usize>,
-    pub connect_timeout_seconds: Option<f64>,
+    /// Kept below common servers' keep-alive so the pool does not reuse a closing connection.
+    pub pool_idle_timeout_seconds: f64,
+    pub pool_max_idle_per_host: usize,
+    pub connect_timeout_seconds: f64,
     /// Speak HTTP/2 over plain TCP (h2c); TLS upstreams negotiate HTTP/2 on their own.
-    pub http2_prior_knowledge: Option<bool>,
+    pub http2_prior_knowledge: bool,
     /// PEM file of extra CA certificates to trust (a private CA, a self-signed test server).
     pub ca_file: Option<String>,
 }
 
+impl Default for RawHttp {
+    fn default() -> Self {
+        RawHttp {
+            pool_idle_timeout_seconds: 30.0,
+            pool_max_idle_per_host: 64,
+            connect_timeout_seconds: 5.0,
+            http2_prior_knowledge: false,
+            ca_file: None,
+        }
+    }
+}
+
 /// When prompts are sent together: Triton's dynamic-batcher rule.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawBatching {
-    pub max_batch_size: Option<usize>,
-    pub max_wait_ms: Option<f64>,
-    pub max_queue: Option<usize>,
+    pub max_batch_size: usize,
+    pub max_wait_ms: f64,
+    pub max_queue: usize,
+}
+
+impl Default for RawBatching {
+    fn default() -> Self {
+        RawBatching {
+            max_batch_size: 32,
+            max_wait_ms: 5.0,
+            max_queue: 1024,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawSimulated {
-    pub latency_ms: Option<f64>,
+    pub latency_ms: f64,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawServer {
-    pub listen: Option<String>,
+    pub listen: String,
     /// Deadline for a request whose client sent none.
-    pub request_timeout_seconds: Option<f64>,
+    pub request_timeout_seconds: f64,
     /// Items one CompleteBatch call may carry.
-    pub max_batch_items: Option<usize>,
+    pub max_batch_items: usize,
     /// Where to serve Prometheus metrics (`GET /metrics`); absent means not served.
     pub metrics_listen: Option<String>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:50051".into(),
+            request_timeout_seconds: 60.0,
+            max_batch_items: 1024,
+            metrics_listen: None,
+        }
+    }
+}
+
+/// Where cached completions live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawBackend {
+    #[default]
+    Memory,
+    /// Redis behind the in-memory cache, shared by every replica.
+    Redis,
+}
+
+/// The completion cache (this router's own section).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawCache {
+    pub enabled: bool,
+    pub backend: RawBackend,
+    pub ttl_seconds: f64,
+    pub max_bytes: u64,
+    pub scope: super::CacheScope,
+    pub redis_url: String,
+    pub redis_timeout_ms: f64,
+    /// Completions larger than this are not written to Redis.
+    pub max_value_bytes: usize,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache {
+            enabled: true,
+            backend: RawBackend::Memory,
+            ttl_seconds: 3600.0,
+            max_bytes: 64 << 20,
+            scope: super::CacheScope::Tenant,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_timeout_ms: 100.0,
+            max_value_bytes: 1 << 20,
+        }
+    }
 }

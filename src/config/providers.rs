@@ -1,0 +1,383 @@
+//! `providers:` — each upstream: its API, endpoint, key, models, limits, pool and batching.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    time::Duration,
+};
+
+use super::{
+    CascadePolicy, Check, ConfigError,
+    raw::{RawBatching, RawKind, RawModel, RawProvider, SUPPORTED_TYPES},
+};
+
+/// The upstream APIs this router speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// OpenAI-compatible: OpenAI, vLLM, llama.cpp server, OpenRouter, ...
+    OpenAi,
+    /// xAI's Grok: the OpenAI shape at its own base URL.
+    Grok,
+    Ollama,
+    Anthropic,
+    /// Built in, no network: deterministic text derived from the prompt.
+    Simulated,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Grok => "grok",
+            ProviderKind::Ollama => "ollama",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Simulated => "simulated",
+        }
+    }
+
+    /// The endpoint used when the file gives no `url` / `base_url`.
+    fn default_endpoint(self) -> Option<&'static str> {
+        match self {
+            ProviderKind::OpenAi => Some("https://api.openai.com/v1"),
+            ProviderKind::Grok => Some("https://api.x.ai/v1"),
+            ProviderKind::Ollama => Some("http://localhost:11434"),
+            ProviderKind::Anthropic => Some("https://api.anthropic.com"),
+            ProviderKind::Simulated => None,
+        }
+    }
+}
+
+/// An API key. Its Debug never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: String) -> ApiKey {
+        ApiKey(key)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub priority: i32,
+    /// Base URL without a trailing slash; `None` only for the simulated provider.
+    pub endpoint: Option<url::Url>,
+    pub api_key: Option<ApiKey>,
+    /// Model names, the default first.
+    pub models: Vec<String>,
+    pub timeout: Duration,
+    pub max_concurrency: usize,
+    pub http: HttpConfig,
+    pub simulated_latency: Duration,
+    /// Batching for every model of this provider, unless overridden per model.
+    pub batching: Option<BatchingConfig>,
+    pub model_batching: BTreeMap<String, BatchingConfig>,
+}
+
+impl ProviderConfig {
+    pub fn default_model(&self) -> &str {
+        self.models.first().map(String::as_str).unwrap_or_default()
+    }
+}
+
+/// Send queued prompts when `max_batch_size` are waiting or the oldest has waited `max_wait`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchingConfig {
+    pub max_batch_size: usize,
+    pub max_wait: Duration,
+    /// Items waiting per queue at most; past it, RESOURCE_EXHAUSTED.
+    pub max_queue: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// Kept below common servers' keep-alive so the pool does not reuse a closing connection.
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    pub connect_timeout: Duration,
+    pub http2_prior_knowledge: bool,
+    /// Extra CA certificates to trust, PEM.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl Check<'_> {
+    /// The usable providers, in priority order (stable for equal priorities).
+    pub(super) fn providers(
+        &mut self,
+        raw: Vec<RawProvider>,
+        cascade: &CascadePolicy,
+    ) -> Result<Vec<ProviderConfig>, ConfigError> {
+        let mut names = HashSet::new();
+        let mut providers = Vec::new();
+        for (i, p) in raw.into_iter().enumerate() {
+            let at = format!("providers[{i}]");
+            if p.name.trim().is_empty() {
+                return Err(self.err(
+                    format!("{at}.name"),
+                    "missing or empty",
+                    "give every provider a unique name",
+                ));
+            }
+            if !names.insert(p.name.clone()) {
+                return Err(self.err(
+                    format!("{at}.name"),
+                    format!("duplicate provider name {:?}", p.name),
+                    "give every provider a unique name",
+                ));
+            }
+            if let Some(pc) = self.provider(&at, p, cascade)? {
+                providers.push(pc);
+            }
+        }
+        providers.sort_by_key(|p| p.priority);
+        if providers.is_empty() {
+            return Err(self.err(
+                "providers",
+                "no usable provider (all missing, disabled, skipped or without keys)",
+                "enable at least one provider of a supported type with its key variable set",
+            ));
+        }
+        Ok(providers)
+    }
+
+    /// Validates one provider; `Ok(None)` when it is disabled or skipped (with a warning).
+    fn provider(
+        &mut self,
+        at: &str,
+        p: RawProvider,
+        cascade: &CascadePolicy,
+    ) -> Result<Option<ProviderConfig>, ConfigError> {
+        let kind = match p.kind {
+            None => {
+                return Err(self.err(
+                    format!("{at}.type"),
+                    "missing",
+                    format!("set `type:` to one of {SUPPORTED_TYPES}"),
+                ));
+            }
+            Some(RawKind::OpenAi) => ProviderKind::OpenAi,
+            Some(RawKind::Grok) => ProviderKind::Grok,
+            Some(RawKind::Ollama) => ProviderKind::Ollama,
+            Some(RawKind::Anthropic) => ProviderKind::Anthropic,
+            Some(RawKind::Simulated) => ProviderKind::Simulated,
+            Some(RawKind::Airllm) => {
+                self.warn(format!(
+                    "{at}.type: \"airllm\" ({}) is not served by this router; provider skipped",
+                    p.name
+                ));
+                return Ok(None);
+            }
+        };
+        let (key_name, endpoint_text) = match (&p.base_url, &p.url) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    format!("{at}.url"),
+                    "both `url` and `base_url` are set",
+                    "keep one of them",
+                ));
+            }
+            (Some(u), None) => ("base_url", Some(u.clone())),
+            (None, Some(u)) => ("url", Some(u.clone())),
+            (None, None) => ("url", kind.default_endpoint().map(str::to_string)),
+        };
+        let models = self.models(at, &p.models)?;
+        // Validate URLs of disabled providers too: a typo should not wait for the day it is enabled.
+        let endpoint = match endpoint_text {
+            None => None,
+            Some(text) => match self.expand(&text) {
+                Err(var) => {
+                    if p.enabled {
+                        self.warn(format!(
+                            "{at}.{key_name}: ${{{var}}} is unset; provider {:?} disabled",
+                            p.name
+                        ));
+                    }
+                    return Ok(None);
+                }
+                Ok(expanded) => Some(self.url(&format!("{at}.{key_name}"), &expanded)?),
+            },
+        };
+        let timeout = match p.timeout_seconds {
+            None => cascade.attempt_timeout,
+            Some(v) => self.seconds(&format!("{at}.timeout_seconds"), v, false)?,
+        };
+        if p.max_concurrency == 0 {
+            return Err(self.err(
+                format!("{at}.max_concurrency"),
+                "must be at least 1",
+                "set the most requests in flight to this provider, e.g. 64",
+            ));
+        }
+        let h = &p.http;
+        let http = HttpConfig {
+            pool_idle_timeout: self.seconds(
+                &format!("{at}.http.pool_idle_timeout_seconds"),
+                h.pool_idle_timeout_seconds,
+                false,
+            )?,
+            pool_max_idle_per_host: h.pool_max_idle_per_host,
+            connect_timeout: self.seconds(
+                &format!("{at}.http.connect_timeout_seconds"),
+                h.connect_timeout_seconds,
+                false,
+            )?,
+            http2_prior_knowledge: h.http2_prior_knowledge,
+            ca_pem: match &h.ca_file {
+                None => None,
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    self.err(
+                        format!("{at}.http.ca_file"),
+                        format!("cannot read {path:?}: {e}"),
+                        "name a readable PEM file of CA certificates",
+                    )
+                })?),
+            },
+        };
+        let simulated_latency = self.seconds(
+            &format!("{at}.simulated.latency_ms"),
+            p.simulated.latency_ms / 1000.0,
+            true,
+        )?;
+        let batching = match &p.batching {
+            None => None,
+            Some(b) => Some(self.batching(&format!("{at}.batching"), b)?),
+        };
+        let mut model_batching = BTreeMap::new();
+        for (j, m) in p.models.iter().enumerate() {
+            if let RawModel::Entry(e) = m
+                && let Some(b) = &e.batching
+            {
+                model_batching.insert(
+                    e.name.clone(),
+                    self.batching(&format!("{at}.models[{j}].batching"), b)?,
+                );
+            }
+        }
+        if !p.enabled {
+            return Ok(None);
+        }
+        let api_key = match &p.api_key {
+            None => None,
+            Some(text) => match self.expand(text) {
+                Ok(k) if k.is_empty() => None,
+                Ok(k) => Some(ApiKey::new(k)),
+                Err(var) => {
+                    self.warn(format!(
+                        "{at}.api_key: ${{{var}}} is unset; provider {:?} disabled",
+                        p.name
+                    ));
+                    return Ok(None);
+                }
+            },
+        };
+        if models.is_empty() {
+            self.warn(format!(
+                "{at}.models: provider {:?} lists no models; disabled",
+                p.name
+            ));
+            return Ok(None);
+        }
+        Ok(Some(ProviderConfig {
+            name: p.name,
+            kind,
+            priority: p.priority,
+            endpoint,
+            api_key,
+            models,
+            timeout,
+            max_concurrency: p.max_concurrency,
+            http,
+            simulated_latency,
+            batching,
+            model_batching,
+        }))
+    }
+
+    /// Model names, the default first (the first entry when none is marked).
+    fn models(&self, at: &str, raw: &[RawModel]) -> Result<Vec<String>, ConfigError> {
+        let mut models: Vec<String> = Vec::new();
+        let mut has_default = false;
+        for m in raw {
+            let name = m.name();
+            if name.trim().is_empty() {
+                return Err(self.err(
+                    format!("{at}.models"),
+                    "a model has an empty name",
+                    "give every model a name",
+                ));
+            }
+            if matches!(m, RawModel::Entry(e) if e.default) && !has_default {
+                has_default = true;
+                models.insert(0, name.to_string());
+            } else {
+                models.push(name.to_string());
+            }
+        }
+        Ok(models)
+    }
+
+    fn batching(&self, at: &str, b: &RawBatching) -> Result<BatchingConfig, ConfigError> {
+        if !(1..=4096).contains(&b.max_batch_size) {
+            return Err(self.err(
+                format!("{at}.max_batch_size"),
+                format!("{} is out of range", b.max_batch_size),
+                "use 1 to 4096 prompts per upstream request",
+            ));
+        }
+        if !(1..=1_000_000).contains(&b.max_queue) {
+            return Err(self.err(
+                format!("{at}.max_queue"),
+                format!("{} is out of range", b.max_queue),
+                "use 1 to 1000000 waiting items",
+            ));
+        }
+        let max_wait = self.seconds(&format!("{at}.max_wait_ms"), b.max_wait_ms / 1000.0, true)?;
+        if max_wait > Duration::from_secs(10) {
+            return Err(self.err(
+                format!("{at}.max_wait_ms"),
+                format!("{} ms is over 10 s", b.max_wait_ms),
+                "use a window of a few milliseconds, e.g. 5",
+            ));
+        }
+        Ok(BatchingConfig {
+            max_batch_size: b.max_batch_size,
+            max_wait,
+            max_queue: b.max_queue,
+        })
+    }
+
+    fn url(&self, key: &str, text: &str) -> Result<url::Url, ConfigError> {
+        let fix = "use an http:// or https:// URL, e.g. http://127.0.0.1:11434";
+        let mut u = url::Url::parse(text)
+            .map_err(|e| self.err(key, format!("{text:?} is not a URL ({e})"), fix))?;
+        if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
+            return Err(self.err(key, format!("{text:?} is not an http(s) URL"), fix));
+        }
+        let trimmed = u.path().trim_end_matches('/').to_string();
+        u.set_path(&trimmed);
+        Ok(u)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_key_debug_is_redacted() {
+        let k = ApiKey::new("sk-secret".into());
+        assert!(!format!("{k:?}").contains("sk-secret"));
+    }
+}

@@ -1,0 +1,50 @@
+//! `server:` — this router's own listener and request settings.
+
+use std::{net::SocketAddr, time::Duration};
+
+use super::{Check, ConfigError, raw::RawServer};
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub request_timeout: Duration,
+    pub max_batch_items: usize,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Check<'_> {
+    pub(super) fn server(&self, s: RawServer) -> Result<ServerConfig, ConfigError> {
+        let address = |key: &str, text: &str, example: &str| {
+            text.parse::<SocketAddr>().map_err(|_| {
+                self.err(
+                    key,
+                    format!("{text:?} is not an address"),
+                    format!("use IP:PORT, e.g. {example}"),
+                )
+            })
+        };
+        let listen = address("server.listen", &s.listen, "127.0.0.1:50051")?;
+        let request_timeout = self.seconds(
+            "server.request_timeout_seconds",
+            s.request_timeout_seconds,
+            false,
+        )?;
+        if s.max_batch_items == 0 {
+            return Err(self.err(
+                "server.max_batch_items",
+                "must be at least 1",
+                "set the most items one CompleteBatch may carry, e.g. 1024",
+            ));
+        }
+        let metrics_listen = match &s.metrics_listen {
+            None => None,
+            Some(text) => Some(address("server.metrics_listen", text, "127.0.0.1:9464")?),
+        };
+        Ok(ServerConfig {
+            listen,
+            request_timeout,
+            max_batch_items: s.max_batch_items,
+            metrics_listen,
+        })
+    }
+}
