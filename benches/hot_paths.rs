@@ -4,7 +4,7 @@
 
 use std::hint::black_box;
 
-use cascade_router::{completion::CompletionRequest, config, proto::v1, router::Routes};
+use cascade_router::{CompletionRequest, Routes, config, proto::v1};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 const YAML: &str = include_str!("../tests/fixtures/providers.yaml");

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    sync::Mutex,
+    sync::OnceCell,
     time::{Instant, timeout},
 };
 
@@ -197,8 +197,12 @@ impl Cache {
                 expires: Instant::now() + self.ttl,
             },
         );
-        // Misses cost an upstream call, so settling the bookkeeping here is cheap by comparison
-        // and keeps the bytes gauge exact.
+    }
+
+    /// Settles moka's pending bookkeeping (evictions, weights) and updates the bytes gauge:
+    /// done when metrics are read, not on every insert, so writes stay cheap (moka amortises
+    /// the rest of its maintenance over reads and writes).
+    pub fn settle(&self) {
         self.memory.run_pending_tasks();
         self.metrics
             .bytes
@@ -223,8 +227,9 @@ fn answer(e: &Entry) -> Answer {
 struct Redis {
     client: redis::Client,
     config: RedisConfig,
-    /// Connected lazily and again after failures; the manager reconnects on its own once up.
-    conn: Mutex<Option<redis::aio::ConnectionManager>>,
+    /// Connected on first use (tried again on the next use while that fails); once up, the
+    /// manager reconnects on its own. Reads after that take no lock: the manager is `Clone`.
+    conn: OnceCell<redis::aio::ConnectionManager>,
 }
 
 impl Redis {
@@ -232,31 +237,27 @@ impl Redis {
         Ok(Redis {
             client: redis::Client::open(config.url.as_str())?,
             config: config.clone(),
-            conn: Mutex::new(None),
+            conn: OnceCell::new(),
         })
     }
 
     async fn connection(&self) -> Option<redis::aio::ConnectionManager> {
-        let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Some(c.clone());
-        }
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.config.timeout))
-            .set_response_timeout(Some(self.config.timeout))
-            .set_number_of_retries(1);
-        match timeout(
-            self.config.timeout,
-            self.client.get_connection_manager_with_config(cfg),
-        )
-        .await
-        {
-            Ok(Ok(c)) => {
-                *slot = Some(c.clone());
-                Some(c)
+        let connect = || async {
+            let cfg = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(self.config.timeout))
+                .set_response_timeout(Some(self.config.timeout))
+                .set_number_of_retries(1);
+            match timeout(
+                self.config.timeout,
+                self.client.get_connection_manager_with_config(cfg),
+            )
+            .await
+            {
+                Ok(Ok(c)) => Ok(c),
+                Ok(Err(_)) | Err(_) => Err(()),
             }
-            _ => None,
-        }
+        };
+        self.conn.get_or_try_init(connect).await.ok().cloned()
     }
 
     async fn get(&self, key: &CacheKey, metrics: &CacheMetrics) -> Option<Entry> {

@@ -88,11 +88,15 @@ impl Coalescer {
                     let flights = self.flights.clone();
                     let mine = interest.clone();
                     let fut = work();
-                    let task = tokio::spawn(async move {
+                    // The flight runs in the first caller's span: its log lines are that
+                    // request's, and the others' say they joined it.
+                    let span = tracing::Span::current();
+                    let flight = async move {
                         let outcome = fut.await;
                         flights.remove_if(&key, |_, f| Arc::ptr_eq(&f.interest, &mine));
                         let _ = tx.send(Some(outcome));
-                    });
+                    };
+                    let task = tokio::spawn(tracing::Instrument::instrument(flight, span));
                     let _ = interest.abort.set(task.abort_handle());
                     let f = Flight { rx, interest };
                     e.insert(f.clone());

@@ -1,38 +1,50 @@
 //! cascade-router: a gRPC service that AI agents call for model completions. It routes each
-//! prompt through an ordered cascade of providers over pooled HTTP connections and falls back,
-//! in order, when one fails.
+//! prompt through an ordered cascade of providers over pooled HTTP connections, batches
+//! prompts that arrive together, caches deterministic answers, and falls back, in order, when
+//! a provider fails.
 //!
 //! # Layout
 //!
 //! The modules follow a request's path (see `../shared/DESIGN.md`):
 //!
 //! ```text
-//! agent ─gRPC─▶ server ─▶ router ─▶ cascade ─▶ batcher ─▶ provider ─HTTP─▶ model server
+//! agent ─gRPC─▶ server ─▶ router ─▶ cache ─▶ coalescer ─▶ cascade ─▶ upstream ─────────▶ provider ─HTTP─▶ model
+//!               (proto)   routes    hit?     same request  ordered    breaker, slots,      one module per API,
+//!                                            in flight?    targets,   batch queues,        pooled client
+//!                                                          retries    one send lifecycle
 //! ```
 //!
-//! - [`server`]: the tonic service — deadline, proto → domain at the edge, health, reflection.
-//! - [`proto`]: generated `cascade.v1` types and their conversion to and from [`completion`].
-//! - [`completion`]: validated domain values: the request, the completion, the attempts.
-//! - [`router`]: resolves a request's model, chain or agent to an ordered list of targets.
-//! - [`cascade`]: the ordered fallback loop with retries, a budget per attempt and breakers.
-//! - [`batcher`]: per-provider micro-batching: a window, a size cap, deadlines, cancellation.
-//! - [`upstream`]: a provider with its breaker, concurrency cap and counters.
-//! - [`breaker`]: per-provider circuit breaker and `Retry-After` cool-down.
-//! - [`provider`]: one module per upstream API behind one trait, each with a pooled client.
-//! - [`config`]: the cascade file: raw serde structs → validation → runtime values.
-//! - [`error`]: the router's error type and its one mapping to `tonic::Status`.
-//! - [`load`]: the load harness (`cascade-router load`) and a bare tonic server for baselines.
-//! - [`mock`]: a real HTTP model server with scripted latency and faults, for tests and demos.
+//! - [`server`]: the tonic service — the caller's deadline, a span per request, health,
+//!   reflection — with [`proto`] converting wire types to validated domain values at the edge.
+//! - `completion`: those domain values: the request, the completion, the attempts.
+//! - `router` ([`Router`], [`Routes`]): resolves a model, chain or agent to ordered targets
+//!   and runs the request through the stages below.
+//! - `cache`: the completion cache (moka in memory, Redis shared by replicas), keyed by a hash.
+//! - `coalescer`: identical deterministic requests in flight share one upstream call.
+//! - `cascade`: the ordered fallback loop with retries and backoff inside the deadline.
+//! - `upstream`: one provider's health and load — its breaker, concurrency slots, counters and
+//!   batch queues — and the one way a request is sent to it.
+//! - `provider`: one module per upstream API behind one trait, each with a pooled client.
+//! - [`config`]: the cascade file: raw serde structs → validation by concern → runtime values.
+//! - `error`: the router's error type and its one mapping to `tonic::Status`.
+//! - `metrics`: the Prometheus registry served at `server.metrics_listen`.
+//!
+//! The team's tools (mock provider, load harness) live in the `devtools` crate, not here.
 
-pub mod cache;
-pub mod cascade;
-pub mod coalescer;
-pub mod completion;
 pub mod config;
-pub mod error;
-pub mod metrics;
 pub mod proto;
-pub mod provider;
-pub mod router;
 pub mod server;
-pub mod upstream;
+
+mod cache;
+mod cascade;
+mod coalescer;
+mod completion;
+mod error;
+mod metrics;
+mod provider;
+mod router;
+mod upstream;
+
+pub use completion::CompletionRequest;
+pub use error::RouterError;
+pub use router::{BuildError, Router, Routes};

@@ -4,18 +4,27 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
 use cascade_router::{
+    Router,
     config::{self, Config},
-    router::Router,
     server,
 };
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(name = "cascade-router", version, about)]
 struct Cli {
+    /// How log lines on stderr look: text for people, json (one object a line) for collectors.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -36,14 +45,34 @@ enum Command {
     },
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+/// Logs to stderr at `RUST_LOG`'s levels — `info` when it is unset, empty or unreadable —
+/// with colours only on a terminal.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let wanted = std::env::var("RUST_LOG").unwrap_or_default();
+    let (filter, bad) = match wanted.trim() {
+        "" => (EnvFilter::new("info"), None),
+        directives => match EnvFilter::try_new(directives) {
+            Ok(f) => (f, None),
+            Err(e) => (EnvFilter::new("info"), Some(e)),
+        },
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    if let Some(e) = bad {
+        tracing::warn!("RUST_LOG is not understood ({e}); logging at info");
+    }
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -116,8 +145,9 @@ async fn serve(config: Config, listen: Option<SocketAddr>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let addr = listener.local_addr().unwrap_or(server_config.listen);
     tracing::info!(
-        addr = %server_config.listen,
+        %addr,
         providers = config.providers.len(),
         "cascade-router serving cascade.v1.Router"
     );

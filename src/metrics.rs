@@ -159,20 +159,21 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
-pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener) {
+/// Serves `GET /metrics` on `listener`, each scrape rendered by `render`, until the task is
+/// dropped.
+pub async fn serve(render: Arc<dyn Fn() -> String + Send + Sync>, listener: TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        let metrics = metrics.clone();
+        let render = render.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let metrics = metrics.clone();
+                let render = render.clone();
                 async move {
                     let (status, body) = if req.uri().path() == "/metrics" {
-                        (StatusCode::OK, metrics.render())
+                        (StatusCode::OK, render())
                     } else {
                         (StatusCode::NOT_FOUND, "see /metrics\n".to_string())
                     };

@@ -216,6 +216,7 @@ impl Router {
             }
         };
         let joined = || {
+            tracing::debug!("joined an identical request in flight");
             self.metrics.cache.coalesced.inc();
         };
         match timeout_at(deadline, self.coalescer.run(key, work, joined)).await {
@@ -226,8 +227,12 @@ impl Router {
         }
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+    /// The Prometheus text exposition of this router's metrics, with the cache settled first.
+    pub fn render_metrics(&self) -> String {
+        if let Some(cache) = &self.cache {
+            cache.settle();
+        }
+        self.metrics.render()
     }
 
     /// Providers in priority order, with their live state.

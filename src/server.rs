@@ -5,6 +5,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use tonic::{Request, Response, Status, codegen::http, transport::server::TcpIncoming};
+use tracing::Instrument;
 
 use crate::{
     completion::CompletionRequest,
@@ -74,6 +75,46 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
+/// A validated request with an id: the caller's `request_id`, or one made here so that every
+/// request's log lines can be found together.
+fn admit(msg: v1::CompleteRequest) -> Result<Arc<CompletionRequest>, RouterError> {
+    let mut request = CompletionRequest::try_from(msg)?;
+    if request.request_id.is_empty() {
+        request.request_id = format!("req-{:016x}", fastrand::u64(..));
+    }
+    Ok(Arc::new(request))
+}
+
+/// Runs one request inside its span. The span is at debug level, so at the default level it
+/// costs nothing on the hot path; batch items carry it through the batcher to the provider
+/// call.
+async fn handle(
+    router: &Router,
+    request: &Arc<CompletionRequest>,
+    deadline: Instant,
+) -> Result<crate::completion::Answer, RouterError> {
+    let span = tracing::debug_span!(
+        "request",
+        request_id = %request.request_id,
+        agent = %request.agent,
+        model = %request.model,
+    );
+    async {
+        tracing::debug!(
+            timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64,
+            "request received"
+        );
+        let outcome = router.complete(request, deadline).await;
+        match &outcome {
+            Ok(a) => tracing::debug!(provider = %a.provider, cached = a.cached, batch_size = a.batch_size, "answered"),
+            Err(e) => tracing::debug!(code = ?e.code(), error = %e, "failed"),
+        }
+        outcome
+    }
+    .instrument(span)
+    .await
+}
+
 #[tonic::async_trait]
 impl v1::router_server::Router for RouterService {
     async fn complete(
@@ -81,8 +122,8 @@ impl v1::router_server::Router for RouterService {
         req: Request<v1::CompleteRequest>,
     ) -> Result<Response<v1::CompleteResponse>, Status> {
         let deadline = self.deadline(&req);
-        let request = Arc::new(CompletionRequest::try_from(req.into_inner())?);
-        let answer = self.router.complete(&request, deadline).await?;
+        let request = admit(req.into_inner())?;
+        let answer = handle(&self.router, &request, deadline).await?;
         Ok(Response::new(v1::CompleteResponse::from_answer(
             answer,
             request.request_id.clone(),
@@ -109,12 +150,11 @@ impl v1::router_server::Router for RouterService {
         for (i, item) in items.into_iter().enumerate() {
             let router = self.router.clone();
             tasks.spawn(async move {
-                let request_id = item.request_id.clone();
-                let result = match CompletionRequest::try_from(item) {
+                let result = match admit(item) {
                     Err(e) => v1::batch_result::Result::Error(e.into()),
-                    Ok(r) => match router.complete(&Arc::new(r), deadline).await {
+                    Ok(r) => match handle(&router, &r, deadline).await {
                         Ok(a) => v1::batch_result::Result::Response(
-                            v1::CompleteResponse::from_answer(a, request_id),
+                            v1::CompleteResponse::from_answer(a, r.request_id.clone()),
                         ),
                         Err(e) => v1::batch_result::Result::Error(e.into()),
                     },
@@ -185,7 +225,11 @@ pub async fn serve(
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| ServeError::Metrics(addr, e))?;
-            let task = tokio::spawn(crate::metrics::serve(router.metrics().clone(), listener));
+            let scraped = router.clone();
+            let task = tokio::spawn(crate::metrics::serve(
+                Arc::new(move || scraped.render_metrics()),
+                listener,
+            ));
             Some(AbortOnDrop(task))
         }
     };

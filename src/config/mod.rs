@@ -14,7 +14,7 @@ mod cascade;
 mod chains;
 mod env;
 mod providers;
-pub mod raw;
+mod raw;
 mod server;
 
 use std::{collections::BTreeMap, collections::BTreeSet, path::Path, time::Duration};

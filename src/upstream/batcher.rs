@@ -332,6 +332,9 @@ async fn send_native(link: Arc<Link>, model: Arc<str>, mut batch: Vec<Item>, slo
         Ok((results, took)) => {
             let size = u32::try_from(batch.len()).unwrap_or(u32::MAX);
             for (item, result) in batch.iter_mut().zip(results) {
+                item.span.in_scope(|| {
+                    tracing::debug!(provider = %link.name, batch_size = size, ok = result.is_ok(), "batch answered");
+                });
                 let queue_wait = sent.saturating_duration_since(item.enqueued);
                 item.answer(result.map(|completion| Delivered {
                     completion,

@@ -5,9 +5,8 @@
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use cascade_router::{
-    config,
+    Router, config,
     proto::v1::{self, router_client::RouterClient},
-    router::Router,
     server,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -179,8 +178,7 @@ pub async fn wait_queued(client: &mut RouterClient<Channel>, provider: &str, n: 
 pub fn metric(router: &RunningRouter, name: &str) -> f64 {
     router
         .router
-        .metrics()
-        .render()
+        .render_metrics()
         .lines()
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .map_or(0.0, |v| v.trim().parse().unwrap())
