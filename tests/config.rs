@@ -271,6 +271,24 @@ fn missing_file_and_serve_fail_the_same_way() {
 }
 
 #[test]
+fn the_binary_offers_only_product_commands() {
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let commands: Vec<&str> = help
+        .split("Commands:")
+        .nth(1)
+        .unwrap_or_default()
+        .split("Options:")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(commands, ["serve", "check", "help"], "{help}");
+}
+
+#[test]
 fn shipped_cascade_yaml_checks_clean() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/cascade.yaml");
     let out = run(&["check", "--config", path]);
