@@ -6,13 +6,14 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
+use tower::retry::budget::{Budget as _, TpsBudget};
 
 use crate::{
     completion::{Answer, Attempt, CompletionRequest, FailureKind},
     config::CascadePolicy,
     error::RouterError,
     provider::ProviderError,
-    upstream::{Delivered, Miss, Upstream},
+    upstream::{Delivered, Miss, Upstream, Window},
 };
 
 /// One place a request can go: a provider and the model to ask it for.
@@ -37,6 +38,10 @@ impl std::fmt::Debug for Target {
 
 pub struct Cascade {
     policy: CascadePolicy,
+    /// Retries on the same provider at most `retry_budget.ratio` of recent requests plus
+    /// `min_per_second`, as Envoy and Linkerd bound them, so an outage does not multiply the
+    /// load. Moving on to the next provider never draws on it.
+    retries: TpsBudget,
 }
 
 /// How one provider's turn ended.
@@ -49,7 +54,11 @@ enum Turn {
 
 impl Cascade {
     pub fn new(policy: CascadePolicy) -> Cascade {
-        Cascade { policy }
+        let b = policy.retry_budget;
+        Cascade {
+            retries: TpsBudget::new(b.ttl, b.min_per_second, b.ratio),
+            policy,
+        }
     }
 
     /// Walks `targets` in order until one answers or the deadline passes.
@@ -59,9 +68,11 @@ impl Cascade {
         request: &Arc<CompletionRequest>,
         deadline: Instant,
     ) -> Result<Answer, RouterError> {
+        self.retries.deposit();
         let mut attempts = Vec::new();
-        for target in targets {
-            match self.turn(target, request, deadline).await {
+        for (i, target) in targets.iter().enumerate() {
+            let last = i + 1 == targets.len();
+            match self.turn(target, last, request, deadline).await {
                 Turn::Answered(d) => {
                     return Ok(Answer {
                         completion: d.completion,
@@ -90,10 +101,14 @@ impl Cascade {
         })
     }
 
-    /// One provider's turn: up to `1 + max_retries` tries.
+    /// One provider's turn: up to `1 + max_retries` tries. While other providers remain
+    /// (`last` is false) a try gets at most half of the time left, so a provider that hangs
+    /// cannot take the whole deadline; a try cut short by its share counts as that provider's
+    /// timeout and moves on rather than retrying a provider that just hung.
     async fn turn(
         &self,
         target: &Target,
+        last: bool,
         request: &Arc<CompletionRequest>,
         deadline: Instant,
     ) -> Turn {
@@ -110,7 +125,8 @@ impl Cascade {
         };
         let mut tries = 0u32;
         loop {
-            let err = match up.attempt(&target.model, request, deadline).await {
+            let window = share(Instant::now(), deadline, last);
+            let err = match up.attempt(&target.model, request, window).await {
                 Ok(d) => return Turn::Answered(d),
                 Err(Miss::Skipped(e)) => return Turn::Failed(attempt(e, tries)),
                 Err(Miss::OutOfTime(e)) => {
@@ -119,7 +135,15 @@ impl Cascade {
                 Err(Miss::Failed(e)) => e,
             };
             tries += 1;
-            if err.retry_same_provider() && tries <= self.policy.max_retries_per_provider {
+            // A try cut short by its share (not the last provider's) moves on: the provider
+            // just used half of what was left.
+            let move_on =
+                !last && err.kind == FailureKind::Timeout && Instant::now() >= window.until;
+            if err.retry_same_provider()
+                && !move_on
+                && tries <= self.policy.max_retries_per_provider
+                && self.retries.withdraw()
+            {
                 let delay = backoff(self.policy.retry_delay, tries);
                 if up.fits(Instant::now() + delay, deadline) {
                     tokio::time::sleep(delay).await;
@@ -129,6 +153,17 @@ impl Cascade {
             return Turn::Failed(attempt(err, tries));
         }
     }
+}
+
+/// The window of a try starting at `now`: all that is left for the last provider, at most
+/// half of it while another provider remains.
+fn share(now: Instant, deadline: Instant, last: bool) -> Window {
+    let until = if last {
+        deadline
+    } else {
+        now + deadline.saturating_duration_since(now) / 2
+    };
+    Window { until, deadline }
 }
 
 /// Exponential backoff with equal jitter: `base · 2^(n-1)` capped at 32 × base, of which the

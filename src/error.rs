@@ -27,6 +27,12 @@ pub enum RouterError {
     /// Every provider's queue was full; retry later, with backoff.
     #[error("{}", with_attempts("every provider's queue is full", .attempts))]
     Overloaded { attempts: Vec<Attempt> },
+    /// The router is draining for shutdown; another replica (or this one restarted) will serve.
+    #[error("the router is shutting down; retry on another replica")]
+    ShuttingDown,
+    /// `limits.max_in_flight` calls are already running; retry later, with backoff.
+    #[error("{max} calls already in flight (limits.max_in_flight); retry with backoff")]
+    AtCapacity { max: usize },
     /// Work the router started for the request failed unexpectedly (a bug, not the request).
     #[error("internal error: {0}")]
     Internal(String),
@@ -71,7 +77,10 @@ impl RouterError {
             }
             RouterError::Unavailable { .. } => Code::Unavailable,
             RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-            RouterError::Overloaded { .. } => Code::ResourceExhausted,
+            RouterError::Overloaded { .. } | RouterError::AtCapacity { .. } => {
+                Code::ResourceExhausted
+            }
+            RouterError::ShuttingDown => Code::Unavailable,
             RouterError::NotCached(_) => Code::NotFound,
             RouterError::Internal(_) => Code::Internal,
         }
@@ -86,6 +95,8 @@ impl RouterError {
             RouterError::InvalidArgument(_)
             | RouterError::UnknownModel { .. }
             | RouterError::NotCached(_)
+            | RouterError::ShuttingDown
+            | RouterError::AtCapacity { .. }
             | RouterError::Internal(_) => &[],
         }
     }

@@ -26,6 +26,7 @@
 //!   batch queues — and the one way a request is sent to it.
 //! - `provider`: one module per upstream API behind one trait, each with a pooled client.
 //! - [`config`]: the cascade file: raw serde structs → validation by concern → runtime values.
+//! - `inflight`: the bound on calls in flight and the drain at shutdown.
 //! - `error`: the router's error type and its one mapping to `tonic::Status`.
 //! - `metrics`: the Prometheus registry served at `server.metrics_listen`.
 //!
@@ -40,6 +41,7 @@ mod cascade;
 mod coalescer;
 mod completion;
 mod error;
+mod inflight;
 mod metrics;
 mod provider;
 mod router;

@@ -97,11 +97,11 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Serve { config, listen } => {
-            let config = match load(config) {
+            let loaded = match load(config.clone()) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            runtime.block_on(serve(config, listen))
+            runtime.block_on(serve(loaded, config, listen))
         }
     }
 }
@@ -126,7 +126,9 @@ fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
     }
 }
 
-async fn serve(config: Config, listen: Option<SocketAddr>) -> ExitCode {
+async fn serve(config: Config, path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
+    use tokio::signal::unix::{SignalKind, signal};
+
     let mut server_config = config.server.clone();
     if let Some(addr) = listen {
         server_config.listen = addr;
@@ -135,6 +137,17 @@ async fn serve(config: Config, listen: Option<SocketAddr>) -> ExitCode {
         Ok(r) => Arc::new(r),
         Err(e) => {
             eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (term, int, hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            eprintln!("error: cannot handle signals: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -151,15 +164,72 @@ async fn serve(config: Config, listen: Option<SocketAddr>) -> ExitCode {
         providers = config.providers.len(),
         "cascade-router serving cascade.v1.Router"
     );
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
-    };
-    match server::serve(router, server_config, listener, shutdown).await {
+    tokio::spawn(reload_on_hangup(hup, router.clone(), path, config.server));
+    match server::serve(router, server_config, listener, stop_signal(term, int)).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves at the first SIGTERM or SIGINT, which starts the drain; a second one ends the
+/// process at once.
+async fn stop_signal(mut term: tokio::signal::unix::Signal, mut int: tokio::signal::unix::Signal) {
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!("{name}: shutting down (a second signal exits at once)");
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::warn!("second signal ({name}): exiting without draining");
+        std::process::exit(130);
+    });
+}
+
+/// On each SIGHUP, reads the cascade file again and swaps it in; an unusable file is logged
+/// and the running config keeps serving. `server` settings (listener, limits) need a restart.
+async fn reload_on_hangup(
+    mut hup: tokio::signal::unix::Signal,
+    router: Arc<Router>,
+    path: Option<PathBuf>,
+    server: config::ServerConfig,
+) {
+    while hup.recv().await.is_some() {
+        let Some(path) = &path else {
+            tracing::warn!("SIGHUP: serving the built-in config (no --config); nothing to reload");
+            continue;
+        };
+        let config = match config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("SIGHUP: reload rejected, still serving the previous config: {e}");
+                continue;
+            }
+        };
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        match router.reload(&config) {
+            Ok(r) => tracing::info!(
+                kept = ?r.kept,
+                built = ?r.built,
+                cache_kept = r.cache_kept,
+                "SIGHUP: reloaded {}",
+                path.display()
+            ),
+            Err(e) => {
+                tracing::error!("SIGHUP: reload rejected, still serving the previous config: {e}");
+                continue;
+            }
+        }
+        if config.server != server {
+            tracing::warn!("SIGHUP: `server` and `limits` changes take effect at the next restart");
         }
     }
 }

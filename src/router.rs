@@ -5,6 +5,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
+use arc_swap::ArcSwap;
 use tokio::time::{Instant, timeout_at};
 
 use crate::{
@@ -12,11 +13,15 @@ use crate::{
     cascade::{Cascade, Target},
     coalescer::Coalescer,
     completion::{Answer, CacheMode, CompletionRequest},
-    config::Config,
+    config::{BreakerConfig, CacheConfig, Config, ProviderConfig},
     error::RouterError,
     metrics::Metrics,
     upstream::{Snapshot, Upstream},
 };
+
+/// How many times a caller starts a shared flight again after another caller's deadline
+/// ended one (see [`Router::complete`]).
+const REFLIGHTS: usize = 4;
 
 /// Name → targets, precomputed from the cascade file.
 #[derive(Debug)]
@@ -138,31 +143,30 @@ pub enum BuildError {
     Redis(#[from] redis::RedisError),
 }
 
-/// The request path behind the gRPC edge: routes → cache → coalescer → cascade.
+/// The request path behind the gRPC edge: routes → cache → coalescer → cascade. Its state
+/// is swapped whole on reload ([`Router::reload`]): calls in flight finish on the state they
+/// started with.
 pub struct Router {
-    routes: Routes,
-    cache: Option<Arc<Cache>>,
-    coalescer: Coalescer,
-    cascade: Arc<Cascade>,
-    /// Providers in priority order, for ListProviders.
-    upstreams: Vec<Arc<Upstream>>,
+    state: ArcSwap<State>,
     metrics: Arc<Metrics>,
+}
+
+/// What a reload kept and what it built anew.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Providers whose settings did not change: pools, breakers and counters carried over.
+    pub kept: Vec<String>,
+    /// Providers added or changed: built anew.
+    pub built: Vec<String>,
+    pub cache_kept: bool,
 }
 
 impl Router {
     pub fn new(config: &Config) -> Result<Router, BuildError> {
         let metrics = Arc::new(Metrics::new());
-        let cache = match &config.cache {
-            Some(c) => Some(Arc::new(Cache::new(c, metrics.cache.clone())?)),
-            None => None,
-        };
-        let upstreams = build_upstreams(config, &metrics)?;
+        let (state, _) = State::build(config, &metrics, None)?;
         Ok(Router {
-            routes: Routes::new(config, &upstreams),
-            cache,
-            coalescer: Coalescer::default(),
-            cascade: Arc::new(Cascade::new(config.cascade.clone())),
-            upstreams,
+            state: ArcSwap::from_pointee(state),
             metrics,
         })
     }
@@ -173,12 +177,110 @@ impl Router {
         request: &Arc<CompletionRequest>,
         deadline: Instant,
     ) -> Result<Answer, RouterError> {
+        self.state.load_full().complete(request, deadline).await
+    }
+
+    /// Swaps in a new validated config. New calls use it at once; calls in flight finish on
+    /// the old one. Providers whose settings did not change keep their pools, breakers and
+    /// counters, and the cache is kept when its settings did not change.
+    pub fn reload(&self, config: &Config) -> Result<Reloaded, BuildError> {
+        let old = self.state.load_full();
+        let (state, reloaded) = State::build(config, &self.metrics, Some(&old))?;
+        self.state.store(Arc::new(state));
+        Ok(reloaded)
+    }
+
+    /// The Prometheus text exposition of this router's metrics, with the cache settled first.
+    pub fn render_metrics(&self) -> String {
+        if let Some((_, cache)) = &self.state.load().cache {
+            cache.settle();
+        }
+        self.metrics.render()
+    }
+
+    /// Providers in priority order, with their live state.
+    pub fn providers(&self) -> Vec<Snapshot> {
+        self.state
+            .load()
+            .upstreams
+            .iter()
+            .map(|(_, u)| u.snapshot())
+            .collect()
+    }
+}
+
+/// One config's worth of the request path.
+struct State {
+    routes: Routes,
+    cache: Option<(CacheConfig, Arc<Cache>)>,
+    coalescer: Coalescer,
+    cascade: Arc<Cascade>,
+    breaker: BreakerConfig,
+    /// Providers in priority order, with the settings each was built from.
+    upstreams: Vec<(ProviderConfig, Arc<Upstream>)>,
+    metrics: Arc<Metrics>,
+}
+
+impl State {
+    /// The state for `config`, reusing from `old` what did not change.
+    fn build(
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        old: Option<&State>,
+    ) -> Result<(State, Reloaded), BuildError> {
+        let mut reloaded = Reloaded::default();
+        let mut upstreams = Vec::with_capacity(config.providers.len());
+        for p in &config.providers {
+            let same = old
+                .filter(|o| o.breaker == config.cascade.breaker)
+                .and_then(|o| o.upstreams.iter().find(|(q, _)| q == p));
+            let up = match same {
+                Some((_, up)) => {
+                    reloaded.kept.push(p.name.clone());
+                    up.clone()
+                }
+                None => {
+                    reloaded.built.push(p.name.clone());
+                    Arc::new(Upstream::new(p, config.cascade.breaker, metrics)?)
+                }
+            };
+            upstreams.push((p.clone(), up));
+        }
+        let cache = match &config.cache {
+            None => None,
+            Some(c) => match old.and_then(|o| o.cache.as_ref()).filter(|(q, _)| q == c) {
+                Some(kept) => {
+                    reloaded.cache_kept = true;
+                    Some(kept.clone())
+                }
+                None => Some((c.clone(), Arc::new(Cache::new(c, metrics.cache.clone())?))),
+            },
+        };
+        let targets: Vec<Arc<Upstream>> = upstreams.iter().map(|(_, u)| u.clone()).collect();
+        let state = State {
+            routes: Routes::new(config, &targets),
+            cache,
+            coalescer: Coalescer::default(),
+            cascade: Arc::new(Cascade::new(config.cascade.clone())),
+            breaker: config.cascade.breaker,
+            upstreams,
+            metrics: metrics.clone(),
+        };
+        Ok((state, reloaded))
+    }
+
+    async fn complete(
+        &self,
+        request: &Arc<CompletionRequest>,
+        deadline: Instant,
+    ) -> Result<Answer, RouterError> {
         let (route, targets) = self.routes.resolve_named(&request.model, &request.agent)?;
         let mode = request.cache;
         // Only deterministic requests are cached or coalesced: others must each get their own sample.
         let cached = self
             .cache
             .as_ref()
+            .map(|(_, c)| c)
             .filter(|_| mode != CacheMode::Bypass && deterministic(&request.params))
             .map(|c| (c, c.key(route, request)));
         if let Some((cache, key)) = &cached
@@ -219,25 +321,21 @@ impl Router {
             tracing::debug!("joined an identical request in flight");
             self.metrics.cache.coalesced.inc();
         };
-        match timeout_at(deadline, self.coalescer.run(key, work, joined)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(RouterError::DeadlineExceeded {
-                attempts: Vec::new(),
-            }),
+        // A shared flight runs on the deadline of the caller who started it. If that ran out
+        // while this caller still has time, the flight failed for someone else's deadline:
+        // fly again, on this caller's deadline (joined by any other caller still waiting).
+        for _ in 0..REFLIGHTS {
+            match timeout_at(deadline, self.coalescer.run(key, &work, &joined)).await {
+                Ok(Err(RouterError::DeadlineExceeded { .. })) if Instant::now() < deadline => {
+                    tracing::debug!("the shared call ran out of its first caller's time; again");
+                }
+                Ok(outcome) => return outcome,
+                Err(_) => break,
+            }
         }
-    }
-
-    /// The Prometheus text exposition of this router's metrics, with the cache settled first.
-    pub fn render_metrics(&self) -> String {
-        if let Some(cache) = &self.cache {
-            cache.settle();
-        }
-        self.metrics.render()
-    }
-
-    /// Providers in priority order, with their live state.
-    pub fn providers(&self) -> Vec<Snapshot> {
-        self.upstreams.iter().map(|u| u.snapshot()).collect()
+        Err(RouterError::DeadlineExceeded {
+            attempts: Vec::new(),
+        })
     }
 }
 

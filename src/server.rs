@@ -4,13 +4,14 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, task::JoinSet, time::Instant};
-use tonic::{Request, Response, Status, codegen::http, transport::server::TcpIncoming};
+use tonic::{Request, Response, Status, codegen::http};
 use tracing::Instrument;
 
 use crate::{
     completion::CompletionRequest,
     config::ServerConfig,
     error::RouterError,
+    inflight::InFlight,
     proto::{
         self,
         v1::{self, router_server::RouterServer},
@@ -33,11 +34,20 @@ struct Arrival(Instant);
 pub struct RouterService {
     router: Arc<Router>,
     config: ServerConfig,
+    inflight: Arc<InFlight>,
 }
 
 impl RouterService {
-    pub fn new(router: Arc<Router>, config: ServerConfig) -> RouterService {
-        RouterService { router, config }
+    /// Runs `work` for one admitted call: shed when `limits.max_in_flight` calls are
+    /// running, refused while draining, and answered UNAVAILABLE if the shutdown grace ends
+    /// before it does.
+    async fn call<T>(&self, work: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+        let _ticket = self.inflight.enter()?;
+        tokio::select! {
+            biased;
+            r = work => r,
+            () = self.inflight.abandoned() => Err(RouterError::ShuttingDown.into()),
+        }
     }
 
     /// The caller's deadline from `grpc-timeout`, or the configured default.
@@ -121,16 +131,41 @@ impl v1::router_server::Router for RouterService {
         &self,
         req: Request<v1::CompleteRequest>,
     ) -> Result<Response<v1::CompleteResponse>, Status> {
-        let deadline = self.deadline(&req);
-        let request = admit(req.into_inner())?;
-        let answer = handle(&self.router, &request, deadline).await?;
-        Ok(Response::new(v1::CompleteResponse::from_answer(
-            answer,
-            request.request_id.clone(),
-        )))
+        self.call(async {
+            let deadline = self.deadline(&req);
+            let request = admit(req.into_inner())?;
+            let answer = handle(&self.router, &request, deadline).await?;
+            Ok(Response::new(v1::CompleteResponse::from_answer(
+                answer,
+                request.request_id.clone(),
+            )))
+        })
+        .await
     }
 
     async fn complete_batch(
+        &self,
+        req: Request<v1::CompleteBatchRequest>,
+    ) -> Result<Response<v1::CompleteBatchResponse>, Status> {
+        self.call(self.batch(req)).await
+    }
+
+    async fn list_providers(
+        &self,
+        _req: Request<v1::ListProvidersRequest>,
+    ) -> Result<Response<v1::ListProvidersResponse>, Status> {
+        let providers = self
+            .router
+            .providers()
+            .into_iter()
+            .map(v1::ProviderStatus::from)
+            .collect();
+        Ok(Response::new(v1::ListProvidersResponse { providers }))
+    }
+}
+
+impl RouterService {
+    async fn batch(
         &self,
         req: Request<v1::CompleteBatchRequest>,
     ) -> Result<Response<v1::CompleteBatchResponse>, Status> {
@@ -175,19 +210,6 @@ impl v1::router_server::Router for RouterService {
             results: results.into_iter().map(Option::unwrap_or_default).collect(),
         }))
     }
-
-    async fn list_providers(
-        &self,
-        _req: Request<v1::ListProvidersRequest>,
-    ) -> Result<Response<v1::ListProvidersResponse>, Status> {
-        let providers = self
-            .router
-            .providers()
-            .into_iter()
-            .map(v1::ProviderStatus::from)
-            .collect();
-        Ok(Response::new(v1::ListProvidersResponse { providers }))
-    }
 }
 
 /// Errors that stop the server from starting or serving.
@@ -201,8 +223,15 @@ pub enum ServeError {
     Metrics(std::net::SocketAddr, std::io::Error),
 }
 
+/// How long, after the calls in flight are answered, connections get to deliver those answers
+/// and close before the process moves on; an idle client that keeps its connection open does
+/// not hold the exit longer than this.
+const FLUSH: Duration = Duration::from_millis(500);
+
 /// Serves `cascade.v1.Router`, `grpc.health.v1.Health` and reflection (v1 and v1alpha) on
-/// `listener` until `shutdown` completes.
+/// `listener` until `shutdown` completes, then drains: health turns NOT_SERVING, the listener
+/// stops accepting, connections get GOAWAY, and calls in flight have
+/// `server.shutdown_grace` to finish; those still running then get UNAVAILABLE.
 pub async fn serve(
     router: Arc<Router>,
     config: ServerConfig,
@@ -235,22 +264,102 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let stamp =
         tower::ServiceBuilder::new().map_request(|mut r: http::Request<tonic::body::Body>| {
             r.extensions_mut().insert(Arrival(Instant::now()));
             r
         });
-    tonic::transport::Server::builder()
-        .http2_adaptive_window(Some(true))
+    let inflight = Arc::new(InFlight::new(config.limits.max_in_flight));
+    let grace = config.shutdown_grace;
+    let service = RouterService {
+        router,
+        inflight: inflight.clone(),
+        config: config.clone(),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let serving = tonic::transport::Server::builder()
+        // Fixed, generous flow-control windows rather than the adaptive one: h2 closes a
+        // connection (GOAWAY ENHANCE_YOUR_CALM) once the small DATA frames it buffers exceed
+        // half its connection window, and with the 64 KiB starting window that is ~140
+        // unary calls arriving at once on one connection. 16 MiB allows tens of thousands.
+        .initial_connection_window_size(Some(16 << 20))
+        .initial_stream_window_size(Some(1 << 20))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .max_concurrent_streams(config.limits.max_concurrent_streams)
         .layer(stamp)
-        .add_service(RouterServer::new(RouterService::new(router, config)))
+        .add_service(RouterServer::new(service))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(incoming(listener), async move {
+            let mut stopped = stopped;
+            let _ = stopped.wait_for(|s| *s).await;
+        });
+    tokio::pin!(serving);
+    tokio::select! {
+        served = &mut serving => return Ok(served?),
+        () = shutdown => {}
+    }
+
+    tracing::info!(
+        in_flight = inflight.count(),
+        grace_s = grace.as_secs_f64(),
+        "draining: refusing new calls, finishing those in flight"
+    );
+    health_reporter
+        .set_not_serving::<RouterServer<RouterService>>()
+        .await;
+    inflight.drain();
+    let _ = stop.send(true);
+    tokio::select! {
+        served = &mut serving => return Ok(served?),
+        () = inflight.idle() => {}
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(
+                in_flight = inflight.count(),
+                "shutdown grace is over: answering the calls still running with UNAVAILABLE"
+            );
+            inflight.abandon();
+            let _ = tokio::time::timeout(FLUSH, inflight.idle()).await;
+        }
+    }
+    // Every call is answered: let the connections deliver the answers and close.
+    let _ = tokio::time::timeout(FLUSH, &mut serving).await;
+    tracing::info!("drained");
     Ok(())
+}
+
+/// Accepted connections, with `TCP_NODELAY`. An accept error (out of file descriptors, say)
+/// is logged once while it lasts and retried after a pause that grows to a second, instead of
+/// spinning on a listener that cannot accept.
+fn incoming(
+    listener: TcpListener,
+) -> impl futures_util::Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
+    futures_util::stream::unfold(listener, |listener| async move {
+        let mut pause = Duration::from_millis(5);
+        let mut failing = false;
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    if failing {
+                        tracing::info!("accepting connections again");
+                    }
+                    let _ = stream.set_nodelay(true);
+                    return Some((Ok(stream), listener));
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "cannot accept connections; retrying with backoff");
+                        failing = true;
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    })
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

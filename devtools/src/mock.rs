@@ -96,13 +96,41 @@ pub enum Fault {
     Hang,
     /// 200 with a body that is not JSON.
     MalformedJson,
+    /// A correct answer, this much later than usual.
+    Slow(Duration),
+    /// One of these, picked at random for each faulty request.
+    AnyOf(Vec<Fault>),
+}
+
+impl Fault {
+    /// The fault a request gets: `AnyOf` resolved to one of its members.
+    fn pick(&self) -> &Fault {
+        match self {
+            Fault::AnyOf(all) if !all.is_empty() => all[fastrand::usize(..all.len())].pick(),
+            other => other,
+        }
+    }
 }
 
 impl FromStr for Fault {
     type Err = String;
 
-    /// `500` (any status), `429:2` (with Retry-After), `reset`, `hang`, `malformed`.
+    /// `500` (any status), `429:2` (with Retry-After), `reset`, `hang`, `malformed`,
+    /// `slow:MS`, or several of these separated by commas (one picked per request).
     fn from_str(s: &str) -> Result<Fault, String> {
+        if s.contains(',') {
+            return s
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .map(Fault::AnyOf);
+        }
+        if let Some(ms) = s.strip_prefix("slow:") {
+            return ms
+                .parse::<u64>()
+                .map(|ms| Fault::Slow(Duration::from_millis(ms)))
+                .map_err(|_| format!("{s:?}: use slow:MILLISECONDS"));
+        }
         match s {
             "reset" => Ok(Fault::ResetMidBody),
             "hang" => Ok(Fault::Hang),
@@ -118,7 +146,7 @@ impl FromStr for Fault {
                     .map(Fault::Status)
                     .ok_or_else(|| {
                         format!(
-                            "{s:?}: use a status 400-599, 429:SECONDS, reset, hang or malformed"
+                            "{s:?}: use a status 400-599, 429:SECONDS, reset, hang, malformed or slow:MS"
                         )
                     }),
             },
@@ -395,7 +423,10 @@ async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     if let Some(fault) = &script.fault
         && (script.fault_rate >= 1.0 || fastrand::f64() < script.fault_rate)
     {
-        return faulty(fault).await;
+        match fault.pick() {
+            Fault::Slow(extra) => tokio::time::sleep(*extra).await,
+            other => return faulty(other).await,
+        }
     }
     if let Some(marker) = &script.reject_marker
         && prompts.iter().any(|p| p.contains(marker.as_str()))
@@ -483,6 +514,8 @@ async fn faulty(fault: &Fault) -> Response<Body> {
             r
         }
         Fault::MalformedJson => full(StatusCode::OK, "{\"choices\": [ this is not json"),
+        // Resolved before a response is made (see `Fault::pick`).
+        Fault::Slow(_) | Fault::AnyOf(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "no fault"),
         Fault::Hang => std::future::pending().await,
         Fault::ResetMidBody => {
             let chunks: Vec<Result<Frame<Bytes>, io::Error>> = vec![
@@ -517,6 +550,13 @@ mod tests {
             })
         );
         assert_eq!("hang".parse(), Ok(Fault::Hang));
+        assert_eq!(
+            "500,slow:20".parse(),
+            Ok(Fault::AnyOf(vec![
+                Fault::Status(500),
+                Fault::Slow(Duration::from_millis(20))
+            ]))
+        );
         assert!("200".parse::<Fault>().is_err());
     }
 }

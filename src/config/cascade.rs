@@ -11,9 +11,19 @@ pub struct CascadePolicy {
     pub max_retries_per_provider: u32,
     pub retry_delay: Duration,
     pub breaker: BreakerConfig,
+    pub retry_budget: RetryBudget,
 }
 
-#[derive(Clone, Copy, Debug)]
+/// Retries on the same provider allowed: `ratio` of the requests of the last `ttl`, plus
+/// `min_per_second`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetryBudget {
+    pub ratio: f32,
+    pub min_per_second: u32,
+    pub ttl: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BreakerConfig {
     pub failure_threshold: u32,
     pub recovery_timeout: Duration,
@@ -52,7 +62,28 @@ impl Check<'_> {
             b.recovery_timeout,
             false,
         )?;
+        let rb = c.retry_budget;
+        if !(0.0..=1000.0).contains(&rb.ratio) {
+            return Err(self.err(
+                "cascade.retry_budget.ratio",
+                format!("{} is out of range", rb.ratio),
+                "use a fraction of recent requests, e.g. 0.2 for 20%",
+            ));
+        }
+        let ttl = self.seconds("cascade.retry_budget.ttl_seconds", rb.ttl_seconds, false)?;
+        if !(1.0..=60.0).contains(&rb.ttl_seconds) {
+            return Err(self.err(
+                "cascade.retry_budget.ttl_seconds",
+                format!("{} is out of range", rb.ttl_seconds),
+                "use 1 to 60 seconds",
+            ));
+        }
         Ok(CascadePolicy {
+            retry_budget: RetryBudget {
+                ratio: rb.ratio,
+                min_per_second: rb.min_per_second,
+                ttl,
+            },
             attempt_timeout,
             max_retries_per_provider: c.max_retries_per_provider,
             retry_delay,

@@ -22,9 +22,9 @@ use std::{collections::BTreeMap, collections::BTreeSet, path::Path, time::Durati
 use serde_yaml::Value;
 
 pub use cache::{CacheConfig, CacheScope, RedisConfig};
-pub use cascade::{BreakerConfig, CascadePolicy};
+pub use cascade::{BreakerConfig, CascadePolicy, RetryBudget};
 pub use providers::{ApiKey, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind};
-pub use server::ServerConfig;
+pub use server::{Limits, ServerConfig};
 
 use raw::RawFile;
 
@@ -259,7 +259,7 @@ impl Check<'_> {
 
     fn validate(mut self, raw: RawFile) -> Result<Config, ConfigError> {
         let cascade = self.cascade(raw.cascade)?;
-        let server = self.server(raw.server)?;
+        let server = self.server(raw.server, raw.limits)?;
         let cache = match raw.cache {
             None => None,
             Some(c) => self.cache(c)?,

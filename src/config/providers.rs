@@ -67,7 +67,7 @@ impl fmt::Debug for ApiKey {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ProviderConfig {
     pub name: String,
     pub kind: ProviderKind,
@@ -79,6 +79,7 @@ pub struct ProviderConfig {
     pub models: Vec<String>,
     pub timeout: Duration,
     pub max_concurrency: usize,
+    pub max_waiting: usize,
     pub http: HttpConfig,
     pub simulated_latency: Duration,
     /// Batching for every model of this provider, unless overridden per model.
@@ -101,7 +102,7 @@ pub struct BatchingConfig {
     pub max_queue: usize,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct HttpConfig {
     /// Kept below common servers' keep-alive so the pool does not reuse a closing connection.
     pub pool_idle_timeout: Duration,
@@ -298,6 +299,7 @@ impl Check<'_> {
             models,
             timeout,
             max_concurrency: p.max_concurrency,
+            max_waiting: p.max_waiting,
             http,
             simulated_latency,
             batching,

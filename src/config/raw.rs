@@ -27,6 +27,7 @@ pub struct RawFile {
     pub fallback_chains: BTreeMap<String, Vec<String>>,
     pub agent_model_assignments: BTreeMap<String, String>,
     pub server: RawServer,
+    pub limits: RawLimits,
     /// Absent: no cache.
     pub cache: Option<RawCache>,
 }
@@ -38,6 +39,8 @@ pub struct RawCascade {
     pub max_retries_per_provider: u32,
     pub retry_delay_seconds: f64,
     pub circuit_breaker: RawBreaker,
+    /// (cascade-router) Bounds retries on the same provider across all requests.
+    pub retry_budget: RawRetryBudget,
 }
 
 impl Default for RawCascade {
@@ -47,6 +50,27 @@ impl Default for RawCascade {
             max_retries_per_provider: 2,
             retry_delay_seconds: 1.0,
             circuit_breaker: RawBreaker::default(),
+            retry_budget: RawRetryBudget::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRetryBudget {
+    /// Retries allowed per request of the last `ttl_seconds` (0.2: 20%).
+    pub ratio: f32,
+    /// Retries allowed per second on top, so a quiet router can still retry.
+    pub min_per_second: u32,
+    pub ttl_seconds: f64,
+}
+
+impl Default for RawRetryBudget {
+    fn default() -> Self {
+        RawRetryBudget {
+            ratio: 0.2,
+            min_per_second: 10,
+            ttl_seconds: 10.0,
         }
     }
 }
@@ -127,6 +151,8 @@ pub struct RawProvider {
     pub timeout_seconds: Option<f64>,
     /// Requests in flight to this provider at most (bounds its connection count too).
     pub max_concurrency: usize,
+    /// Unbatched requests waiting for one of those slots at most; past it a request moves on.
+    pub max_waiting: usize,
     pub http: RawHttp,
     pub simulated: RawSimulated,
     /// Micro-batching for this provider; absent means no batching.
@@ -150,6 +176,7 @@ impl Default for RawProvider {
             models: Vec::new(),
             timeout_seconds: None,
             max_concurrency: 256,
+            max_waiting: 1024,
             http: RawHttp::default(),
             simulated: RawSimulated::default(),
             batching: None,
@@ -279,6 +306,8 @@ pub struct RawServer {
     pub max_batch_items: usize,
     /// Where to serve Prometheus metrics (`GET /metrics`); absent means not served.
     pub metrics_listen: Option<String>,
+    /// On SIGTERM / SIGINT, how long calls in flight may take to finish.
+    pub shutdown_grace_seconds: f64,
 }
 
 impl Default for RawServer {
@@ -288,6 +317,26 @@ impl Default for RawServer {
             request_timeout_seconds: 60.0,
             max_batch_items: 1024,
             metrics_listen: None,
+            shutdown_grace_seconds: 30.0,
+        }
+    }
+}
+
+/// Global bounds (this router's own section).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLimits {
+    /// Calls (Complete, CompleteBatch) running at once at most; beyond it, RESOURCE_EXHAUSTED.
+    pub max_in_flight: usize,
+    /// Concurrent streams (calls) one HTTP/2 connection may carry.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_in_flight: 10_000,
+            max_concurrent_streams: 1024,
         }
     }
 }

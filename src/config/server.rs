@@ -2,18 +2,30 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use super::{Check, ConfigError, raw::RawServer};
+use super::{
+    Check, ConfigError,
+    raw::{RawLimits, RawServer},
+};
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub request_timeout: Duration,
     pub max_batch_items: usize,
     pub metrics_listen: Option<SocketAddr>,
+    pub shutdown_grace: Duration,
+    pub limits: Limits,
+}
+
+/// Global bounds on what clients may hold of the router.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    pub max_in_flight: usize,
+    pub max_concurrent_streams: u32,
 }
 
 impl Check<'_> {
-    pub(super) fn server(&self, s: RawServer) -> Result<ServerConfig, ConfigError> {
+    pub(super) fn server(&self, s: RawServer, l: RawLimits) -> Result<ServerConfig, ConfigError> {
         let address = |key: &str, text: &str, example: &str| {
             text.parse::<SocketAddr>().map_err(|_| {
                 self.err(
@@ -40,11 +52,36 @@ impl Check<'_> {
             None => None,
             Some(text) => Some(address("server.metrics_listen", text, "127.0.0.1:9464")?),
         };
+        let shutdown_grace = self.seconds(
+            "server.shutdown_grace_seconds",
+            s.shutdown_grace_seconds,
+            true,
+        )?;
+        if l.max_in_flight == 0 {
+            return Err(self.err(
+                "limits.max_in_flight",
+                "must be at least 1",
+                "set the most calls to run at once, e.g. 10000",
+            ));
+        }
+        if l.max_concurrent_streams == 0 {
+            return Err(self.err(
+                "limits.max_concurrent_streams",
+                "must be at least 1",
+                "set the most calls one connection may carry at once, e.g. 1024",
+            ));
+        }
+        let limits = Limits {
+            max_in_flight: l.max_in_flight,
+            max_concurrent_streams: l.max_concurrent_streams,
+        };
         Ok(ServerConfig {
             listen,
             request_timeout,
             max_batch_items: s.max_batch_items,
             metrics_listen,
+            shutdown_grace,
+            limits,
         })
     }
 }

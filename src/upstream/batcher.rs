@@ -29,7 +29,7 @@ use tracing::Instrument;
 
 use super::{
     Delivered,
-    link::{Link, Slot},
+    link::{Link, Slot, Window},
 };
 use crate::{
     completion::{CompletionRequest, FailureKind, Input},
@@ -72,7 +72,8 @@ type Reply = Result<Delivered, ProviderError>;
 /// so what happens to it in the worker is logged as part of its request.
 struct Item {
     request: Arc<CompletionRequest>,
-    deadline: Instant,
+    /// When this caller's try ends.
+    window: Window,
     enqueued: Instant,
     span: tracing::Span,
     /// `None` once answered.
@@ -128,13 +129,13 @@ impl Batcher {
         model: &Arc<str>,
         request: &Arc<CompletionRequest>,
         settings: BatchingConfig,
-        deadline: Instant,
+        window: Window,
     ) -> Reply {
         let key = BatchKey::of(model, request);
         let (tx, rx) = oneshot::channel();
         let mut item = Item {
             request: request.clone(),
-            deadline,
+            window,
             enqueued: Instant::now(),
             span: tracing::Span::current(),
             tx: Some(tx),
@@ -279,6 +280,16 @@ async fn worker(
         queued.fetch_sub(batch.len(), Relaxed);
         link.stats.dequeued(batch.len());
         batch.retain(|i| !i.gone());
+        // The wait for a slot is the router's, not the provider's: a try whose time ran out
+        // meanwhile moves on without being sent (and without a verdict on the provider).
+        let now = Instant::now();
+        for item in batch.iter_mut().filter(|i| i.window.until <= now) {
+            item.answer(Err(ProviderError::new(
+                FailureKind::Overloaded,
+                "no free slot before its time ran out",
+            )));
+        }
+        batch.retain(|i| !i.gone());
         if batch.is_empty() {
             continue;
         }
@@ -300,22 +311,30 @@ async fn worker(
     }
 }
 
-/// The latest an item can be sent and still be answered before its deadline: its deadline
-/// less the provider's fastest answer so far, and never less than a quarter of the item's
-/// budget (up to 50 ms) while that is still unknown.
+/// The latest an item can be sent and still be answered before its try ends: that end less
+/// the provider's fastest answer so far, and never less than a quarter of the item's time (up
+/// to 50 ms) while that is still unknown.
 fn latest_send(item: &Item, fastest: Duration) -> Instant {
-    let budget = item.deadline.saturating_duration_since(item.enqueued);
+    let until = item.window.until;
+    let budget = until.saturating_duration_since(item.enqueued);
     let reserve = fastest.max((budget / 4).min(Duration::from_millis(50)));
-    item.deadline.checked_sub(reserve).unwrap_or(item.enqueued)
+    until.checked_sub(reserve).unwrap_or(item.enqueued)
 }
 
 /// One upstream request carrying every prompt of the batch.
 async fn send_native(link: Arc<Link>, model: Arc<str>, mut batch: Vec<Item>, slot: Slot) {
     let requests: Vec<Arc<CompletionRequest>> = batch.iter().map(|i| i.request.clone()).collect();
     let sent = Instant::now();
-    // The request serves until the provider's timeout or the last caller's deadline.
-    let last_deadline = batch.iter().map(|i| i.deadline).max().unwrap_or(sent);
-    let budget = link.budget(sent, last_deadline);
+    // The request serves until the provider's timeout or the last caller's try ends.
+    let window = Window {
+        until: batch.iter().map(|i| i.window.until).max().unwrap_or(sent),
+        deadline: batch
+            .iter()
+            .map(|i| i.window.deadline)
+            .max()
+            .unwrap_or(sent),
+    };
+    let budget = link.budget(sent, window);
     let all_gone = async {
         for item in &mut batch {
             if let Some(tx) = item.tx.as_mut() {
@@ -363,7 +382,7 @@ async fn send_parallel(link: Arc<Link>, model: Arc<str>, mut batch: Vec<Item>) {
         let span = item.span.clone();
         async move {
             let Some(tx) = item.tx.as_mut() else { return };
-            let call = link.complete(model, &item.request, link.budget(sent, item.deadline));
+            let call = link.complete(model, &item.request, item.window);
             let result = tokio::select! {
                 r = call => r,
                 () = tx.closed() => return,
@@ -416,8 +435,8 @@ mod tests {
         })
     }
 
-    fn later(ms: u64) -> Instant {
-        Instant::now() + Duration::from_millis(ms)
+    fn later(ms: u64) -> Window {
+        Window::whole(Instant::now() + Duration::from_millis(ms))
     }
 
     #[tokio::test(start_paused = true)]

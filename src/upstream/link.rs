@@ -2,7 +2,14 @@
 //! and the one lifecycle every upstream request goes through, batched or not: hold a slot,
 //! ask the breaker, send within a budget, judge the outcome once, record it ([`Link::send`]).
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
+};
 
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -26,10 +33,33 @@ pub(super) struct Link {
     pub(super) breaker: Breaker,
     /// Caps upstream requests in flight, and so the connections the pool opens.
     slots: Arc<Semaphore>,
+    /// Requests waiting for a slot, at most `max_waiting`: past that a request moves on.
+    waiting: AtomicUsize,
+    max_waiting: usize,
     pub(super) stats: Stats,
     timeout: Duration,
+    max_concurrency: usize,
     label: ProviderLabel,
     metrics: Arc<Metrics>,
+}
+
+/// When one try must end: its share of the caller's time (`until`), within the caller's
+/// `deadline`. A try that runs out of its share has been too slow, which counts against the
+/// provider; one that runs out of the caller's deadline says nothing about the provider.
+#[derive(Clone, Copy, Debug)]
+pub struct Window {
+    pub until: Instant,
+    pub deadline: Instant,
+}
+
+impl Window {
+    /// All of the caller's time.
+    pub fn whole(deadline: Instant) -> Window {
+        Window {
+            until: deadline,
+            deadline,
+        }
+    }
 }
 
 /// One of the provider's concurrency slots, held while a request is in flight.
@@ -56,8 +86,11 @@ impl Link {
             provider,
             breaker: Breaker::new(breaker),
             slots: Arc::new(Semaphore::new(config.max_concurrency)),
+            waiting: AtomicUsize::new(0),
+            max_waiting: config.max_waiting,
             stats: Stats::new(metrics, &label),
             timeout: config.timeout,
+            max_concurrency: config.max_concurrency,
             label,
             metrics: metrics.clone(),
         }
@@ -77,20 +110,40 @@ impl Link {
             .map_err(|_| ProviderError::new(FailureKind::Overloaded, "provider is shutting down"))
     }
 
-    /// Waits for a concurrency slot until `end`.
+    /// Waits for a concurrency slot until `end`, in a bounded queue. The router's own wait is
+    /// not the provider's fault: running out of room or time here is [`FailureKind::Overloaded`]
+    /// (the request moves on), never judged against the provider.
     pub(super) async fn slot_by(&self, end: Instant) -> Result<Slot, ProviderError> {
-        timeout_at(end, self.slot()).await.map_err(|_| {
-            ProviderError::new(FailureKind::Timeout, "no free concurrency slot in time")
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Ok(Slot(p));
+        }
+        if self.waiting.fetch_add(1, Relaxed) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Relaxed);
+            return Err(ProviderError::new(
+                FailureKind::Overloaded,
+                format!(
+                    "{} requests already wait for one of its {} slots",
+                    self.max_waiting, self.max_concurrency
+                ),
+            ));
+        }
+        let waited = timeout_at(end, self.slot()).await;
+        self.waiting.fetch_sub(1, Relaxed);
+        waited.map_err(|_| {
+            ProviderError::new(
+                FailureKind::Overloaded,
+                format!("no free slot of {} in time", self.max_concurrency),
+            )
         })?
     }
 
-    /// The time a request starting at `from` may take: this provider's timeout or the
-    /// caller's `deadline`, whichever comes first.
-    pub(super) fn budget(&self, from: Instant, deadline: Instant) -> Budget {
+    /// The time a request sent at `from` may take: this provider's timeout or the try's
+    /// `window`, whichever ends first.
+    pub(super) fn budget(&self, from: Instant, window: Window) -> Budget {
         let provider_end = from + self.timeout;
         Budget {
-            end: provider_end.min(deadline),
-            deadline_bound: deadline <= provider_end,
+            end: provider_end.min(window.until),
+            deadline_bound: window.until == window.deadline && window.deadline <= provider_end,
         }
     }
 
@@ -138,14 +191,20 @@ impl Link {
         }
     }
 
-    /// One unbatched request: a slot (waiting no later than `budget.end`), then [`Link::send`].
+    /// One unbatched request: a slot (waiting no later than a send could still be answered
+    /// within `window`), then [`Link::send`], its timeout counted from the send.
     pub(super) async fn complete(
         &self,
         model: &str,
         request: &CompletionRequest,
-        budget: Budget,
+        window: Window,
     ) -> Result<(Completion, Duration), ProviderError> {
-        let slot = self.slot_by(budget.end).await?;
+        let latest = window
+            .until
+            .checked_sub(self.stats.fastest())
+            .unwrap_or(window.until);
+        let slot = self.slot_by(latest).await?;
+        let budget = self.budget(Instant::now(), window);
         self.send(slot, 1, budget, self.provider.complete(model, request))
             .await
     }

@@ -19,6 +19,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::time::{Instant, timeout_at};
 
 pub use breaker::Circuit;
+pub use link::Window;
 pub use stats::Counts;
 
 use batcher::Batcher;
@@ -53,8 +54,8 @@ pub struct Delivered {
 /// How a try that produced no completion ended.
 #[derive(Debug)]
 pub enum Miss {
-    /// Nothing was sent: the breaker refused, or less time was left than this provider has
-    /// ever needed.
+    /// Nothing was sent: the breaker refused, its queue was full, or less time was left than
+    /// this provider has ever needed.
     Skipped(ProviderError),
     /// The try failed at the provider, or could not get into its queue.
     Failed(ProviderError),
@@ -118,15 +119,15 @@ impl Upstream {
         self.models.first().map(String::as_str).unwrap_or_default()
     }
 
-    /// One try at `model` for `request`, before `deadline`.
+    /// One try at `model` for `request`, ending by `window.until`.
     pub async fn attempt(
         &self,
         model: &Arc<str>,
         request: &Arc<CompletionRequest>,
-        deadline: Instant,
+        window: Window,
     ) -> Result<Delivered, Miss> {
         let now = Instant::now();
-        if now >= deadline {
+        if now >= window.deadline {
             return Err(Miss::OutOfTime(None));
         }
         let queue = self
@@ -142,27 +143,27 @@ impl Upstream {
                 .map_err(|r| Miss::Skipped(refused(r)))?;
         }
         let fastest = self.link.stats.fastest();
-        if deadline - now < fastest {
+        let left = window.until.saturating_duration_since(now);
+        if left < fastest {
             return Err(Miss::Skipped(ProviderError::new(
                 FailureKind::NoTimeLeft,
                 format!(
-                    "{} ms left, it never answered in under {} ms",
-                    (deadline - now).as_millis(),
+                    "{} ms left for this try, it never answered in under {} ms",
+                    left.as_millis(),
                     fastest.as_millis()
                 ),
             )));
         }
-        let budget = self.link.budget(now, deadline);
+        let budget = self.link.budget(now, window);
         let result = match queue {
-            Some((batcher, settings)) => timeout_at(
-                budget.end,
-                batcher.submit(model, request, settings, deadline),
-            )
-            .await
-            .unwrap_or_else(|_| Err(timed_out(now.elapsed()))),
+            Some((batcher, settings)) => {
+                timeout_at(budget.end, batcher.submit(model, request, settings, window))
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out(now.elapsed())))
+            }
             None => self
                 .link
-                .complete(model, request, budget)
+                .complete(model, request, window)
                 .await
                 .map(|(completion, took)| Delivered {
                     completion,
@@ -186,14 +187,21 @@ impl Upstream {
                     ),
                 ))))
             }
-            // Unbatched, the breaker's refusal comes before anything is sent.
-            Err(e) if queue.is_none() && e.kind.is_refusal() => Err(Miss::Skipped(e)),
+            // Nothing was sent: refused by the breaker before sending (unbatched), or no room
+            // in the router's own queue for this provider.
+            Err(e)
+                if e.kind == FailureKind::Overloaded
+                    || (queue.is_none() && e.kind.is_refusal()) =>
+            {
+                Err(Miss::Skipped(e))
+            }
             Err(e) => Err(Miss::Failed(e)),
         }
     }
 
     /// Whether a try starting at `at` could still be answered before `deadline`, judging by
     /// the quickest answer this provider ever gave.
+    #[must_use]
     pub fn fits(&self, at: Instant, deadline: Instant) -> bool {
         at + self.link.stats.fastest() < deadline
     }
@@ -334,7 +342,7 @@ mod tests {
         let m: Arc<str> = "m".into();
         let far = Instant::now() + Duration::from_secs(3600);
         for _ in 0..2 {
-            match up.attempt(&m, &req(), far).await {
+            match up.attempt(&m, &req(), Window::whole(far)).await {
                 Err(Miss::Failed(e)) => assert_eq!(e.kind, FailureKind::ServerError),
                 other => panic!("expected the scripted 500, got {other:?}"),
             }
@@ -344,7 +352,7 @@ mod tests {
             2,
             "each failed try was one request"
         );
-        match up.attempt(&m, &req(), far).await {
+        match up.attempt(&m, &req(), Window::whole(far)).await {
             Err(Miss::Skipped(e)) => assert_eq!(e.kind, FailureKind::CircuitOpen),
             other => panic!("expected the open circuit to skip, got {other:?}"),
         }
@@ -354,7 +362,10 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         s.failing.store(false, SeqCst);
         let (ra, rb) = (req(), req());
-        let (a, b) = tokio::join!(up.attempt(&m, &ra, far), up.attempt(&m, &rb, far));
+        let (a, b) = tokio::join!(
+            up.attempt(&m, &ra, Window::whole(far)),
+            up.attempt(&m, &rb, Window::whole(far))
+        );
         assert_eq!(s.requests.load(SeqCst), 3, "half-open: one probe request");
         (a, b)
     }
@@ -362,7 +373,11 @@ mod tests {
     async fn closes_after_the_probe(up: &Upstream, s: &Scripted) {
         assert_eq!(up.snapshot().circuit, Circuit::Closed);
         let far = Instant::now() + Duration::from_secs(3600);
-        assert!(up.attempt(&"m".into(), &req(), far).await.is_ok());
+        assert!(
+            up.attempt(&"m".into(), &req(), Window::whole(far))
+                .await
+                .is_ok()
+        );
         assert_eq!(s.requests.load(SeqCst), 4);
     }
 

@@ -183,3 +183,146 @@ pub fn metric(router: &RunningRouter, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
+
+/// The real `cascade-router serve` binary, its stderr lines arriving on a channel, so tests
+/// can wait for what it logs (an event) rather than for time to pass.
+pub struct Served {
+    pub addr: String,
+    pid: u32,
+    lines: std::sync::mpsc::Receiver<String>,
+    exited: std::sync::mpsc::Receiver<std::process::ExitStatus>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    seen: Vec<String>,
+    /// Set once the process is known to have ended: its pid must not be signalled again.
+    gone: bool,
+}
+
+impl Served {
+    /// Starts `cascade-router [global args] serve --config PATH --listen 127.0.0.1:0` and waits
+    /// for it to say where it listens.
+    pub fn start(global: &[&str], config: &std::path::Path, rust_log: &str) -> Served {
+        use std::{
+            io::{BufRead, BufReader},
+            process::{Command, Stdio},
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cascade-router"))
+            .args(global)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(config)
+            .env("RUST_LOG", rust_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let pid = child.id();
+        let (done, exited) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            if let Ok(status) = child.wait() {
+                let _ = done.send(status);
+            }
+        });
+        let mut served = Served {
+            addr: String::new(),
+            pid,
+            lines,
+            exited,
+            reader: Some(reader),
+            seen: Vec::new(),
+            gone: false,
+        };
+        let line = served.wait_for_line("cascade-router serving");
+        let start = line.find("127.0.0.1:").expect("an address in the line");
+        served.addr = line[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
+        served
+    }
+
+    /// Waits (at most 30 s) for a log line containing `needle`, and returns it.
+    pub fn wait_for_line(&mut self, needle: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no log line with {needle:?}; seen:\n{}",
+                        self.seen.join("\n")
+                    )
+                });
+            self.seen.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([format!("-{name}"), self.pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// The exit status, if the process ends within `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let status = self.exited.recv_timeout(within).ok();
+        self.gone |= status.is_some();
+        status
+    }
+
+    fn kill(&mut self) {
+        if !self.gone && self.exited.try_recv().is_err() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &self.pid.to_string()])
+                .status();
+            let _ = self.exited.recv_timeout(Duration::from_secs(30));
+        }
+        self.gone = true;
+    }
+
+    pub async fn client(&self) -> RouterClient<Channel> {
+        RouterClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    /// Every line logged so far and until the process ends (after killing it if it runs).
+    pub fn finish(mut self) -> Vec<String> {
+        self.kill();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        let mut all = std::mem::take(&mut self.seen);
+        all.extend(self.lines.try_iter());
+        all
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Writes `text` to a fresh file in the temp directory and returns its path.
+pub fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("cascade-{name}-{}-{n}.yaml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}

@@ -1,0 +1,197 @@
+//! The real binary through deploys: SIGTERM drains the calls in flight and exits 0, a second
+//! signal exits at once, SIGHUP swaps the cascade file in without losing a call.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use cascade_devtools::mock::{self, Fault, MockServer, Script};
+use cascade_router::proto::v1::CircuitState;
+use common::*;
+use tonic::Code;
+
+fn slow(ms: u64) -> Script {
+    Script {
+        base_latency: Duration::from_millis(ms),
+        ..Script::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_answers_every_call_in_flight_then_exits_zero() {
+    let up = MockServer::start(slow(2000)).await.unwrap();
+    let path = temp_file(
+        "drain",
+        &format!(
+            "server: {{shutdown_grace_seconds: 30}}\nproviders:\n{}",
+            openai("up", 1, &up.url())
+        ),
+    );
+    let mut served = Served::start(&[], &path, "info");
+    // An idle client: connected, then silent through the shutdown.
+    let mut idle = served.client().await;
+    providers(&mut idle).await;
+
+    let busy = served.client().await;
+    let calls: Vec<_> = (0..200)
+        .map(|i| {
+            let mut c = busy.clone();
+            tokio::spawn(async move {
+                c.complete(with_timeout(
+                    prompt(&format!("p{i}")),
+                    Duration::from_secs(60),
+                ))
+                .await
+            })
+        })
+        .collect();
+    up.wait_for(|s| s.requests >= 200).await;
+
+    served.signal("TERM");
+    served.wait_for_line("draining");
+    let after = idle.complete(prompt("too late")).await;
+    assert!(after.is_err(), "a call after the signal is refused");
+
+    for (i, call) in calls.into_iter().enumerate() {
+        let r = call.await.unwrap().unwrap().into_inner();
+        assert_eq!(r.text, mock::reply(&format!("p{i}")));
+    }
+    let status = served
+        .wait_exit(Duration::from_secs(20))
+        .expect("exits well within the grace, idle client or not");
+    assert!(status.success(), "{status:?}");
+    drop(idle);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_exits_at_once() {
+    let up = MockServer::start(Script::failing(Fault::Hang))
+        .await
+        .unwrap();
+    let path = temp_file(
+        "twice",
+        &format!(
+            "server: {{shutdown_grace_seconds: 600}}\nproviders:\n{}",
+            openai("up", 1, &up.url())
+        ),
+    );
+    let mut served = Served::start(&[], &path, "info");
+    let mut c = served.client().await;
+    let stuck = tokio::spawn(async move { c.complete(prompt("hangs")).await });
+    up.wait_for(|s| s.requests >= 1).await;
+
+    served.signal("TERM");
+    served.wait_for_line("draining");
+    served.signal("TERM");
+    let status = served
+        .wait_exit(Duration::from_secs(20))
+        .expect("the second signal ends the process, not the 600 s grace");
+    assert!(!status.success(), "{status:?}");
+    assert!(stuck.await.unwrap().is_err());
+}
+
+fn reload_yaml(dead: &str, second: &str) -> String {
+    format!(
+        "cascade:\n  max_retries_per_provider: 0\n  circuit_breaker: {{failure_threshold: 1, recovery_timeout: 600, half_open_max_calls: 1}}\nproviders:\n{}{second}",
+        openai("dead", 1, dead)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_swaps_routing_without_failing_calls_in_flight() {
+    let one = MockServer::start(slow(1000)).await.unwrap();
+    let two = MockServer::start(Script::default()).await.unwrap();
+    let dead = refused_url().await;
+    let path = temp_file("reload", &reload_yaml(&dead, &openai("one", 2, &one.url())));
+    let mut served = Served::start(&[], &path, "info");
+    let mut c = served.client().await;
+
+    // The first call opens the dead provider's breaker (threshold 1) and is served by `one`.
+    let r = c.ask(prompt("first")).await;
+    assert_eq!(r.provider, "one");
+    assert_eq!(
+        circuit_of(&providers(&mut c).await, "dead"),
+        CircuitState::Open
+    );
+
+    let in_flight: Vec<_> = (0..20)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move { c.ask(prompt(&format!("in flight {i}"))).await })
+        })
+        .collect();
+    one.wait_for(|s| s.requests >= 21).await;
+
+    std::fs::write(&path, reload_yaml(&dead, &openai("two", 2, &two.url()))).unwrap();
+    served.signal("HUP");
+    served.wait_for_line("reloaded");
+    let r = c.ask(prompt("after")).await;
+    assert_eq!(r.provider, "two", "new calls take the new routes");
+    for call in in_flight {
+        assert_eq!(
+            call.await.unwrap().provider,
+            "one",
+            "calls in flight finish on the old config"
+        );
+    }
+    assert_eq!(
+        circuit_of(&providers(&mut c).await, "dead"),
+        CircuitState::Open,
+        "an unchanged provider keeps its breaker"
+    );
+
+    std::fs::write(
+        &path,
+        "providers:\n  - {name: x, type: nope, models: [m]}\n",
+    )
+    .unwrap();
+    served.signal("HUP");
+    let line = served.wait_for_line("reload rejected");
+    assert!(line.contains("providers[0].type"), "{line}");
+    assert_eq!(c.ask(prompt("still")).await.provider, "two");
+    let names: Vec<String> = providers(&mut c)
+        .await
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, ["dead", "two"]);
+    assert!(
+        served.wait_exit(Duration::ZERO).is_none(),
+        "SIGHUP never ends the process"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_over_the_in_flight_limit_are_shed_at_once() {
+    let up = MockServer::start(Script::failing(Fault::Hang))
+        .await
+        .unwrap();
+    let router = start(&format!(
+        "limits: {{max_in_flight: 3}}\nproviders:\n{}",
+        openai("up", 1, &up.url())
+    ))
+    .await;
+    let held: Vec<_> = (0..3)
+        .map(|i| {
+            let mut c = router.client.clone();
+            tokio::spawn(async move { c.complete(prompt(&format!("hold {i}"))).await })
+        })
+        .collect();
+    up.wait_for(|s| s.requests >= 3).await;
+    let err = router
+        .client
+        .clone()
+        .complete(prompt("one too many"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    assert!(
+        err.message().contains("limits.max_in_flight"),
+        "{}",
+        err.message()
+    );
+    for h in held {
+        h.abort();
+    }
+}
