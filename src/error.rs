@@ -27,6 +27,12 @@ pub enum RouterError {
     /// Every provider's queue was full; retry later, with backoff.
     #[error("{}", with_attempts("every provider's queue is full", .attempts))]
     Overloaded { attempts: Vec<Attempt> },
+    /// The client has used its quota (`server.quotas`); it may call again after `retry_after`.
+    #[error("quota of {per_minute} calls a minute used; retry in {} ms", .retry_after.as_millis().max(1))]
+    QuotaExceeded {
+        per_minute: u32,
+        retry_after: std::time::Duration,
+    },
     /// The router is draining for shutdown; another replica (or this one restarted) will serve.
     #[error("the router is shutting down; retry on another replica")]
     ShuttingDown,
@@ -77,9 +83,9 @@ impl RouterError {
             }
             RouterError::Unavailable { .. } => Code::Unavailable,
             RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-            RouterError::Overloaded { .. } | RouterError::AtCapacity { .. } => {
-                Code::ResourceExhausted
-            }
+            RouterError::Overloaded { .. }
+            | RouterError::AtCapacity { .. }
+            | RouterError::QuotaExceeded { .. } => Code::ResourceExhausted,
             RouterError::ShuttingDown => Code::Unavailable,
             RouterError::NotCached(_) => Code::NotFound,
             RouterError::Internal(_) => Code::Internal,
@@ -97,6 +103,7 @@ impl RouterError {
             | RouterError::NotCached(_)
             | RouterError::ShuttingDown
             | RouterError::AtCapacity { .. }
+            | RouterError::QuotaExceeded { .. }
             | RouterError::Internal(_) => &[],
         }
     }
@@ -104,7 +111,16 @@ impl RouterError {
 
 impl From<RouterError> for Status {
     fn from(err: RouterError) -> Status {
-        Status::new(err.code(), err.to_string())
+        let mut status = Status::new(err.code(), err.to_string());
+        // A retry hint a client can act on without parsing the message, in whole seconds as
+        // HTTP's Retry-After.
+        if let RouterError::QuotaExceeded { retry_after, .. } = &err {
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            if let Ok(v) = secs.max(1).to_string().parse() {
+                status.metadata_mut().insert("retry-after", v);
+            }
+        }
+        status
     }
 }
 

@@ -24,6 +24,7 @@
 //! - `cascade`: the ordered fallback loop with retries and backoff inside the deadline.
 //! - `upstream`: one provider's health and load — its breaker, concurrency slots, counters and
 //!   batch queues — and the one way a request is sent to it.
+//! - `rate`: provider quotas (requests and tokens per minute) and per-client quotas.
 //! - `provider`: one module per upstream API behind one trait, each with a pooled client.
 //! - [`config`]: the cascade file: raw serde structs → validation by concern → runtime values.
 //! - `inflight`: the bound on calls in flight and the drain at shutdown.
@@ -44,6 +45,7 @@ mod error;
 mod inflight;
 mod metrics;
 mod provider;
+mod rate;
 mod router;
 mod upstream;
 

@@ -16,6 +16,7 @@ use crate::{
         self,
         v1::{self, router_server::RouterServer},
     },
+    rate::TenantQuotas,
     router::Router,
 };
 
@@ -35,6 +36,7 @@ pub struct RouterService {
     router: Arc<Router>,
     config: ServerConfig,
     inflight: Arc<InFlight>,
+    quotas: Option<TenantQuotas>,
 }
 
 impl RouterService {
@@ -134,6 +136,7 @@ impl v1::router_server::Router for RouterService {
         self.call(async {
             let deadline = self.deadline(&req);
             let request = admit(req.into_inner())?;
+            self.charge(&request.agent)?;
             let answer = handle(&self.router, &request, deadline).await?;
             Ok(Response::new(v1::CompleteResponse::from_answer(
                 answer,
@@ -165,6 +168,20 @@ impl v1::router_server::Router for RouterService {
 }
 
 impl RouterService {
+    /// Takes one call from `tenant`'s quota, if quotas are on. The tenant is the caller's
+    /// `agent` (the client key's name once authentication lands).
+    fn charge(&self, tenant: &str) -> Result<(), RouterError> {
+        match &self.quotas {
+            None => Ok(()),
+            Some(q) => q
+                .check(tenant)
+                .map_err(|retry_after| RouterError::QuotaExceeded {
+                    per_minute: q.per_minute(),
+                    retry_after,
+                }),
+        }
+    }
+
     async fn batch(
         &self,
         req: Request<v1::CompleteBatchRequest>,
@@ -184,8 +201,9 @@ impl RouterService {
         let mut tasks = JoinSet::new();
         for (i, item) in items.into_iter().enumerate() {
             let router = self.router.clone();
+            let charged = self.charge(&item.agent);
             tasks.spawn(async move {
-                let result = match admit(item) {
+                let result = match charged.and_then(|()| admit(item)) {
                     Err(e) => v1::batch_result::Result::Error(e.into()),
                     Ok(r) => match handle(&router, &r, deadline).await {
                         Ok(a) => v1::batch_result::Result::Response(
@@ -274,6 +292,7 @@ pub async fn serve(
     let service = RouterService {
         router,
         inflight: inflight.clone(),
+        quotas: config.quotas.as_ref().map(TenantQuotas::new),
         config: config.clone(),
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -210,3 +210,74 @@ async fn fault_soak_answers_every_call_within_the_retry_budget() {
     );
     assert!(a.stats().requests > 0 && c.stats().requests > 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_quota_sends_the_burst_on_and_the_rest_elsewhere() {
+    let a = MockServer::start(Script::default()).await.unwrap();
+    let b = MockServer::start(Script::default()).await.unwrap();
+    let router = start(&format!(
+        "providers:\n  - {{name: a, type: openai, priority: 1, base_url: \"{}/v1\", models: [m], rate_limit: {{requests_per_minute: 60, burst: 10}}}}\n{}",
+        a.url(),
+        openai("b", 2, &b.url())
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..100)
+        .map(|i| {
+            let mut c = router.client.clone();
+            tokio::spawn(async move {
+                c.complete(with_timeout(
+                    prompt(&format!("r{i}")),
+                    Duration::from_secs(2),
+                ))
+                .await
+            })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let r = call.await.unwrap().unwrap().into_inner();
+        assert_eq!(r.text, mock::reply(&format!("r{i}")));
+    }
+    // One request a second refills the bucket after its burst of ten.
+    let refilled = started.elapsed().as_secs() + 1;
+    let to_a = a.stats().requests;
+    assert!(
+        (10..=10 + refilled).contains(&to_a),
+        "{to_a} requests reached a (burst 10, {refilled} refilled)"
+    );
+    // A request that got a cell late in its share may still be cut short at a and answered
+    // by b, so b sees at least the rest.
+    assert!(b.stats().requests >= 100 - to_a);
+}
+
+#[tokio::test]
+async fn a_client_over_its_quota_gets_resource_exhausted_with_a_retry_hint() {
+    let up = MockServer::start(Script::default()).await.unwrap();
+    let router = start(&format!(
+        "server: {{quotas: {{requests_per_minute: 60, burst: 3}}}}\nproviders:\n{}",
+        openai("up", 1, &up.url())
+    ))
+    .await;
+    let mut c = router.client.clone();
+    let as_agent = |agent: &str| v1::CompleteRequest {
+        agent: agent.into(),
+        ..prompt("q")
+    };
+    for _ in 0..3 {
+        c.ask(as_agent("greedy")).await;
+    }
+    let err = c.complete(as_agent("greedy")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    assert_eq!(
+        err.metadata()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    assert_eq!(c.ask(as_agent("modest")).await.text, mock::reply("q"));
+    assert_eq!(
+        up.stats().requests,
+        4,
+        "the refused call never went upstream"
+    );
+}

@@ -23,8 +23,10 @@ use serde_yaml::Value;
 
 pub use cache::{CacheConfig, CacheScope, RedisConfig};
 pub use cascade::{BreakerConfig, CascadePolicy, RetryBudget};
-pub use providers::{ApiKey, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind};
-pub use server::{Limits, ServerConfig};
+pub use providers::{
+    ApiKey, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind, RateLimitConfig,
+};
+pub use server::{Limits, QuotaConfig, ServerConfig};
 
 use raw::RawFile;
 

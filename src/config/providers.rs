@@ -3,12 +3,13 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
+    num::NonZeroU32,
     time::Duration,
 };
 
 use super::{
     CascadePolicy, Check, ConfigError,
-    raw::{RawBatching, RawKind, RawModel, RawProvider, SUPPORTED_TYPES},
+    raw::{RawBatching, RawKind, RawModel, RawProvider, RawRateLimit, SUPPORTED_TYPES},
 };
 
 /// The upstream APIs this router speaks.
@@ -85,6 +86,16 @@ pub struct ProviderConfig {
     /// Batching for every model of this provider, unless overridden per model.
     pub batching: Option<BatchingConfig>,
     pub model_batching: BTreeMap<String, BatchingConfig>,
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// A provider's quota.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    pub requests_per_minute: Option<NonZeroU32>,
+    pub tokens_per_minute: Option<NonZeroU32>,
+    /// Requests that may go back to back.
+    pub burst: NonZeroU32,
 }
 
 impl ProviderConfig {
@@ -266,6 +277,10 @@ impl Check<'_> {
                 );
             }
         }
+        let rate_limit = match &p.rate_limit {
+            None => None,
+            Some(r) => Some(self.rate_limit(&format!("{at}.rate_limit"), r)?),
+        };
         if !p.enabled {
             return Ok(None);
         }
@@ -304,7 +319,39 @@ impl Check<'_> {
             simulated_latency,
             batching,
             model_batching,
+            rate_limit,
         }))
+    }
+
+    fn rate_limit(&self, at: &str, r: &RawRateLimit) -> Result<RateLimitConfig, ConfigError> {
+        let positive = |key: &str, v: Option<u32>| match v {
+            None => Ok(None),
+            Some(n) => NonZeroU32::new(n).map(Some).ok_or_else(|| {
+                self.err(
+                    format!("{at}.{key}"),
+                    "must be at least 1",
+                    "leave it out for no limit, or give a count per minute",
+                )
+            }),
+        };
+        let rpm = positive("requests_per_minute", r.requests_per_minute)?;
+        let tpm = positive("tokens_per_minute", r.tokens_per_minute)?;
+        if rpm.is_none() && tpm.is_none() {
+            return Err(self.err(
+                at,
+                "sets no limit",
+                "give requests_per_minute, tokens_per_minute or both",
+            ));
+        }
+        let burst = match positive("burst", r.burst)? {
+            Some(b) => b,
+            None => ten_seconds_of(rpm),
+        };
+        Ok(RateLimitConfig {
+            requests_per_minute: rpm,
+            tokens_per_minute: tpm,
+            burst,
+        })
     }
 
     /// Model names, the default first (the first entry when none is marked).
@@ -371,6 +418,13 @@ impl Check<'_> {
         u.set_path(&trimmed);
         Ok(u)
     }
+}
+
+/// A burst of ten seconds' worth of a per-minute rate (at least 1).
+pub(super) fn ten_seconds_of(per_minute: Option<NonZeroU32>) -> NonZeroU32 {
+    per_minute
+        .and_then(|n| NonZeroU32::new(n.get() / 6))
+        .unwrap_or(NonZeroU32::MIN)
 }
 
 #[cfg(test)]

@@ -157,6 +157,8 @@ pub struct RawProvider {
     pub simulated: RawSimulated,
     /// Micro-batching for this provider; absent means no batching.
     pub batching: Option<RawBatching>,
+    /// This provider's quota; absent means none.
+    pub rate_limit: Option<RawRateLimit>,
     // The Python router's keys that this router does not use.
     pub description: Ignored,
     pub tags: Ignored,
@@ -180,6 +182,7 @@ impl Default for RawProvider {
             http: RawHttp::default(),
             simulated: RawSimulated::default(),
             batching: None,
+            rate_limit: None,
             description: None,
             tags: None,
             notes: None,
@@ -245,6 +248,25 @@ impl<'de> Deserialize<'de> for RawModel {
     }
 }
 
+/// A provider's quota: requests and tokens per minute, and how many requests may go at once.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    /// Requests that may go back to back; absent: ten seconds' worth.
+    pub burst: Option<u32>,
+}
+
+/// Per-client quotas (this router's own section).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuotas {
+    pub requests_per_minute: u32,
+    /// Absent: ten seconds' worth.
+    pub burst: Option<u32>,
+}
+
 /// Connection pool settings for one provider's HTTP client.
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -308,6 +330,8 @@ pub struct RawServer {
     pub metrics_listen: Option<String>,
     /// On SIGTERM / SIGINT, how long calls in flight may take to finish.
     pub shutdown_grace_seconds: f64,
+    /// Calls per minute each client (tenant) may make; absent means no quota.
+    pub quotas: Option<RawQuotas>,
 }
 
 impl Default for RawServer {
@@ -318,6 +342,7 @@ impl Default for RawServer {
             max_batch_items: 1024,
             metrics_listen: None,
             shutdown_grace_seconds: 30.0,
+            quotas: None,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `server:` — this router's own listener and request settings.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, num::NonZeroU32, time::Duration};
 
 use super::{
     Check, ConfigError,
@@ -15,6 +15,15 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub shutdown_grace: Duration,
     pub limits: Limits,
+    /// Per-client quotas; `None`: none.
+    pub quotas: Option<QuotaConfig>,
+}
+
+/// Each client's (tenant's) calls per minute, with a burst.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuotaConfig {
+    pub requests_per_minute: NonZeroU32,
+    pub burst: NonZeroU32,
 }
 
 /// Global bounds on what clients may hold of the router.
@@ -75,7 +84,30 @@ impl Check<'_> {
             max_in_flight: l.max_in_flight,
             max_concurrent_streams: l.max_concurrent_streams,
         };
+        let quotas = match s.quotas {
+            None => None,
+            Some(q) => {
+                let rpm = NonZeroU32::new(q.requests_per_minute).ok_or_else(|| {
+                    self.err(
+                        "server.quotas.requests_per_minute",
+                        "must be at least 1",
+                        "leave `quotas` out for none, or give calls per minute per client",
+                    )
+                })?;
+                let burst = match q.burst {
+                    None => super::providers::ten_seconds_of(Some(rpm)),
+                    Some(b) => NonZeroU32::new(b).ok_or_else(|| {
+                        self.err("server.quotas.burst", "must be at least 1", "e.g. 10")
+                    })?,
+                };
+                Some(QuotaConfig {
+                    requests_per_minute: rpm,
+                    burst,
+                })
+            }
+        };
         Ok(ServerConfig {
+            quotas,
             listen,
             request_timeout,
             max_batch_items: s.max_batch_items,

@@ -25,6 +25,7 @@ use crate::{
     config::{BreakerConfig, ProviderConfig},
     metrics::{Metrics, ProviderLabel},
     provider::{Provider, ProviderError},
+    rate::{ProviderLimit, estimate_tokens},
 };
 
 pub(super) struct Link {
@@ -37,6 +38,8 @@ pub(super) struct Link {
     waiting: AtomicUsize,
     max_waiting: usize,
     pub(super) stats: Stats,
+    /// The provider's quota, when it has one.
+    rate: Option<ProviderLimit>,
     timeout: Duration,
     max_concurrency: usize,
     label: ProviderLabel,
@@ -89,6 +92,7 @@ impl Link {
             waiting: AtomicUsize::new(0),
             max_waiting: config.max_waiting,
             stats: Stats::new(metrics, &label),
+            rate: config.rate_limit.as_ref().map(ProviderLimit::new),
             timeout: config.timeout,
             max_concurrency: config.max_concurrency,
             label,
@@ -203,10 +207,21 @@ impl Link {
             .until
             .checked_sub(self.stats.fastest())
             .unwrap_or(window.until);
+        if let Some(rate) = &self.rate {
+            rate.take(&[request], latest).await?;
+        }
         let slot = self.slot_by(latest).await?;
         let budget = self.budget(Instant::now(), window);
-        self.send(slot, 1, budget, self.provider.complete(model, request))
-            .await
+        let answered = self
+            .send(slot, 1, budget, self.provider.complete(model, request))
+            .await?;
+        if let (Some(rate), Some(usage)) = (&self.rate, &answered.0.usage) {
+            rate.used(
+                estimate_tokens(request),
+                usage.prompt_tokens.saturating_add(usage.completion_tokens),
+            );
+        }
+        Ok(answered)
     }
 
     /// Many prompts in one upstream request ([`Provider::complete_batch`]): one result per
@@ -218,6 +233,10 @@ impl Link {
         requests: &[Arc<CompletionRequest>],
         budget: Budget,
     ) -> Result<(Vec<Result<Completion, ProviderError>>, Duration), ProviderError> {
+        if let Some(rate) = &self.rate {
+            let each: Vec<&CompletionRequest> = requests.iter().map(|r| r.as_ref()).collect();
+            rate.take(&each, budget.end).await?;
+        }
         self.send(
             slot,
             requests.len(),
@@ -240,6 +259,9 @@ impl Link {
         }
         if let Some(wait) = e.retry_after {
             self.breaker.cool_down(Instant::now() + wait);
+        }
+        if let (Some(rate), Some(429)) = (&self.rate, e.http_status) {
+            rate.tightened();
         }
         if e.kind == FailureKind::Unauthorized {
             tracing::warn!(provider = %self.name, status = e.http_status, "provider refused our credentials; check its api_key");

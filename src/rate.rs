@@ -1,0 +1,335 @@
+//! Rate limits, as GCRA buckets (governor): a provider's quota of requests and tokens per
+//! minute, which a request waits for when its time allows and otherwise goes elsewhere, and
+//! per-client quotas at the edge.
+//!
+//! The buckets run on tokio's clock, so a paused test clock drives them exactly.
+
+use std::{
+    num::NonZeroU32,
+    sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
+
+use governor::{
+    Quota, RateLimiter,
+    clock::Clock,
+    middleware::NoOpMiddleware,
+    state::{InMemoryState, NotKeyed, keyed::DashMapStateStore},
+};
+use tokio::time::Instant;
+
+use crate::{
+    completion::{CompletionRequest, FailureKind, Input},
+    config::{QuotaConfig, RateLimitConfig},
+    provider::ProviderError,
+};
+
+/// governor's clock on tokio's time: a duration since the bucket was made.
+#[derive(Clone, Debug)]
+struct TokioClock(Instant);
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+type Bucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+
+/// How long a 429 keeps a provider's request rate tightened, and how often it relaxes by half
+/// after that.
+const TIGHTEN_FOR: Duration = Duration::from_secs(60);
+
+/// A provider's request and token buckets.
+pub struct ProviderLimit {
+    clock: TokioClock,
+    requests: Option<Bucket>,
+    burst: u32,
+    tokens: Option<(Bucket, u32)>,
+    /// Cells each request costs: 1, doubled by each 429 (up to the burst), halved again
+    /// after each `TIGHTEN_FOR` without one — so a 429 lowers the rate without resetting the
+    /// bucket.
+    cost: AtomicU32,
+    /// When the cost may next be halved, in µs on `clock`.
+    relax_at_us: AtomicU64,
+}
+
+impl ProviderLimit {
+    pub fn new(c: &RateLimitConfig) -> ProviderLimit {
+        let clock = TokioClock(Instant::now());
+        let requests = c.requests_per_minute.map(|rpm| {
+            let quota = Quota::per_minute(rpm).allow_burst(c.burst);
+            RateLimiter::direct_with_clock(quota, clock.clone())
+        });
+        let tokens = c.tokens_per_minute.map(|tpm| {
+            let quota = Quota::per_minute(tpm);
+            (
+                RateLimiter::direct_with_clock(quota, clock.clone()),
+                tpm.get(),
+            )
+        });
+        ProviderLimit {
+            clock,
+            requests,
+            burst: c.burst.get(),
+            tokens,
+            cost: AtomicU32::new(1),
+            relax_at_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes one request (and `request`s estimated tokens) from the buckets, waiting while
+    /// that still leaves the try time to finish by `until`; otherwise says when there will be
+    /// room, as a [`FailureKind::RateLimited`] error that moves the request on.
+    pub async fn take(
+        &self,
+        requests: &[&CompletionRequest],
+        until: Instant,
+    ) -> Result<(), ProviderError> {
+        self.relax();
+        let cost = self.cost.load(Relaxed).max(1);
+        if let Some(bucket) = &self.requests {
+            self.wait(bucket, cost, until, "requests_per_minute")
+                .await?;
+        }
+        if let Some((bucket, per_minute)) = &self.tokens {
+            let estimate: u32 = requests.iter().map(|r| estimate_tokens(r)).sum();
+            self.wait(
+                bucket,
+                estimate.clamp(1, *per_minute),
+                until,
+                "tokens_per_minute",
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Charges what the answer used beyond the estimate, when the bucket has it.
+    pub fn used(&self, estimated: u32, actual: u32) {
+        if let (Some((bucket, per_minute)), Some(extra)) = (
+            &self.tokens,
+            NonZeroU32::new(actual.saturating_sub(estimated)),
+        ) {
+            let _ = bucket.check_n(extra.min(NonZeroU32::new(*per_minute).unwrap_or(extra)));
+        }
+    }
+
+    /// The provider said 429: each request costs twice as many cells for a while.
+    pub fn tightened(&self) {
+        let cost = self.cost.load(Relaxed);
+        self.cost
+            .store(cost.saturating_mul(2).min(self.burst.max(1)), Relaxed);
+        self.relax_at_us
+            .store(micros(self.clock.now() + TIGHTEN_FOR), Relaxed);
+    }
+
+    fn relax(&self) {
+        let now = self.clock.now();
+        let at = self.relax_at_us.load(Relaxed);
+        if self.cost.load(Relaxed) > 1
+            && micros(now) >= at
+            && self
+                .relax_at_us
+                .compare_exchange(at, micros(now + TIGHTEN_FOR), Relaxed, Relaxed)
+                .is_ok()
+        {
+            let cost = self.cost.load(Relaxed);
+            self.cost.store((cost / 2).max(1), Relaxed);
+        }
+    }
+
+    async fn wait(
+        &self,
+        bucket: &Bucket,
+        cells: u32,
+        until: Instant,
+        what: &str,
+    ) -> Result<(), ProviderError> {
+        let n = NonZeroU32::new(cells).unwrap_or(NonZeroU32::MIN);
+        loop {
+            let wait = match bucket.check_n(n) {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(not_until)) => not_until.wait_time_from(self.clock.now()),
+                Err(_) => {
+                    return Err(ProviderError::new(
+                        FailureKind::RateLimited,
+                        format!("asks {cells} of {what}, more than the bucket holds"),
+                    ));
+                }
+            };
+            if Instant::now() + wait >= until {
+                return Err(ProviderError::new(
+                    FailureKind::RateLimited,
+                    format!(
+                        "{what} reached; room again in {} ms",
+                        wait.as_millis().max(1)
+                    ),
+                ));
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// What a request will likely cost in tokens: its text at ~4 bytes a token, plus what it may
+/// generate (`max_tokens`, or 256 when unset).
+pub fn estimate_tokens(r: &CompletionRequest) -> u32 {
+    let bytes = match &r.input {
+        Input::Prompt(p) => p.len(),
+        Input::Chat(m) => m.iter().map(|m| m.content.len() + 4).sum(),
+    };
+    let prompt = u32::try_from(bytes / 4).unwrap_or(u32::MAX);
+    prompt.saturating_add(r.params.max_tokens.unwrap_or(256))
+}
+
+type Keyed = RateLimiter<String, DashMapStateStore<String>, TokioClock, NoOpMiddleware<Duration>>;
+
+/// Keyed buckets beyond this many are pruned of those that are full again.
+const MAX_TRACKED_TENANTS: usize = 10_000;
+
+/// Per-client quotas: each tenant's calls per minute, with a burst.
+pub struct TenantQuotas {
+    clock: TokioClock,
+    buckets: Keyed,
+    per_minute: u32,
+}
+
+impl TenantQuotas {
+    pub fn new(c: &QuotaConfig) -> TenantQuotas {
+        let clock = TokioClock(Instant::now());
+        let quota = Quota::per_minute(c.requests_per_minute).allow_burst(c.burst);
+        TenantQuotas {
+            buckets: RateLimiter::dashmap_with_clock(quota, clock.clone()),
+            clock,
+            per_minute: c.requests_per_minute.get(),
+        }
+    }
+
+    pub fn per_minute(&self) -> u32 {
+        self.per_minute
+    }
+
+    /// `Err(wait)` when `tenant` has used its quota: it may call again after `wait`.
+    pub fn check(&self, tenant: &str) -> Result<(), Duration> {
+        if self.buckets.len() > MAX_TRACKED_TENANTS {
+            self.buckets.retain_recent();
+        }
+        self.buckets
+            .check_key(&tenant.to_string())
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::completion::{CacheMode, GenParams};
+
+    fn req() -> CompletionRequest {
+        CompletionRequest {
+            model: "m".into(),
+            input: Input::Prompt("x".repeat(400)),
+            params: GenParams {
+                max_tokens: Some(100),
+                ..GenParams::default()
+            },
+            agent: String::new(),
+            request_id: String::new(),
+            cache: CacheMode::Default,
+        }
+    }
+
+    fn limit(rpm: u32, burst: u32, tpm: Option<u32>) -> ProviderLimit {
+        ProviderLimit::new(&RateLimitConfig {
+            requests_per_minute: NonZeroU32::new(rpm),
+            tokens_per_minute: tpm.and_then(NonZeroU32::new),
+            burst: NonZeroU32::new(burst).unwrap(),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn burst_then_waits_while_the_deadline_allows() {
+        let l = limit(60, 3, None);
+        let r = req();
+        let far = Instant::now() + Duration::from_secs(60);
+        for _ in 0..3 {
+            l.take(&[&r], far).await.unwrap();
+        }
+        let before = Instant::now();
+        l.take(&[&r], far).await.unwrap();
+        assert_eq!(
+            before.elapsed(),
+            Duration::from_secs(1),
+            "one a second after the burst"
+        );
+        let soon = Instant::now() + Duration::from_millis(500);
+        let e = l.take(&[&r], soon).await.unwrap_err();
+        assert_eq!(e.kind, FailureKind::RateLimited);
+        assert!(e.message.contains("room again in 1000 ms"), "{}", e.message);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_halves_the_rate_for_a_while() {
+        let l = limit(60, 4, None);
+        let r = req();
+        let far = Instant::now() + Duration::from_secs(600);
+        for _ in 0..4 {
+            l.take(&[&r], far).await.unwrap();
+        }
+        l.tightened();
+        let before = Instant::now();
+        l.take(&[&r], far).await.unwrap();
+        assert_eq!(
+            before.elapsed(),
+            Duration::from_secs(2),
+            "two cells a request"
+        );
+        tokio::time::advance(TIGHTEN_FOR).await;
+        let before = Instant::now();
+        for _ in 0..4 {
+            l.take(&[&r], far).await.unwrap();
+        }
+        assert_eq!(
+            before.elapsed(),
+            Duration::ZERO,
+            "relaxed: the full bucket holds four one-cell requests again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_are_estimated_from_prompt_and_max_tokens() {
+        assert_eq!(estimate_tokens(&req()), 100 + 100);
+        let l = limit(6000, 100, Some(400));
+        let r = req();
+        let far = Instant::now() + Duration::from_secs(60);
+        l.take(&[&r], far).await.unwrap();
+        l.take(&[&r], far).await.unwrap();
+        let before = Instant::now();
+        l.take(&[&r], far).await.unwrap();
+        assert_eq!(
+            before.elapsed(),
+            Duration::from_secs(30),
+            "200 of 400 tokens a minute"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tenant_quotas_are_per_tenant() {
+        let q = TenantQuotas::new(&QuotaConfig {
+            requests_per_minute: NonZeroU32::new(60).unwrap(),
+            burst: NonZeroU32::new(2).unwrap(),
+        });
+        assert!(q.check("a").is_ok() && q.check("a").is_ok());
+        assert_eq!(q.check("a"), Err(Duration::from_secs(1)));
+        assert!(q.check("b").is_ok(), "another tenant has its own bucket");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(q.check("a").is_ok());
+    }
+}
