@@ -337,6 +337,95 @@ def agent_loop(b):
                  ["how the agent sends", "prompts", "iteration s", "upstream requests"], rows)
 
 
+class RssSampler:
+    """Samples a process's resident set every 0.5 s while a load runs."""
+
+    def __init__(self, pid):
+        import threading
+        self.pid, self.samples, self.stop = pid, [], threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.is_set():
+            self.samples.append(status_kib(self.pid, "VmRSS") / 1024)
+            self.stop.wait(0.5)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def overload(b):
+    """Offered 10x what the upstream serves, batching off and on: shed at once, serve the rest
+    with a bounded tail, memory flat, and serve again as soon as the load stops."""
+    latency_ms, per_item_ms, slots = 50, 1, 2
+    mock, mport = b.mock("--latency-ms", latency_ms, "--per-item-ms", per_item_ms, "--concurrency", slots)
+    base = f"http://127.0.0.1:{mport}/v1"
+    entry = (f"  - name: slow\n    type: openai\n    base_url: \"{base}\"\n    models: [m]\n"
+             f"    max_concurrency: {slots}\n")
+    configs = [
+        ("batching off", entry + "    max_waiting: 16\n",
+         slots * 1000 / (latency_ms + per_item_ms)),
+        ("batching on (8, 5 ms)", entry + "    batching: {max_batch_size: 8, max_wait_ms: 5, max_queue: 64}\n",
+         slots * 8 * 1000 / (latency_ms + 8 * per_item_ms)),
+    ]
+    secs = 1 if b.smoke else 20
+    rows = []
+    for name, yaml, capacity in configs:
+        router, rport = b.router(yaml)
+        rate = int(capacity * 10)
+        with RssSampler(router.pid) as rss:
+            r = b.load("--addr", f"127.0.0.1:{rport}", "--rate", rate, "-c", 4096, "--connections", 4,
+                       "--duration", secs, "--timeout", 5, "-d", DATA)
+        after = b.load("--addr", f"127.0.0.1:{rport}", "-c", 1, "-n", 20, "-d", DATA)
+        shed = r["errors"].get("ResourceExhausted", 0)
+        other = sum(v for k, v in r["errors"].items() if k != "ResourceExhausted")
+        rows.append([name, f"{capacity:.0f}", rate, r["requests"], r["ok"], f"{shed / max(1, r['requests']):.0%}",
+                     other, f"{pct(r, 'p50', 'ok_latency_us') / 1000:.0f}",
+                     f"{pct(r, 'p99', 'ok_latency_us') / 1000:.0f}",
+                     f"{pct(r, 'p99') / 1000:.0f}",
+                     f"{rss.samples[0]:.0f} / {max(rss.samples):.0f} / {rss.samples[-1]:.0f}",
+                     f"{pct(after, 'p50') / 1000:.0f}", sum(after["errors"].values())])
+        b.stop(router)
+    b.stop_all()
+    return table(f"Overload: offered 10x capacity for {secs} s (mock: {latency_ms} ms + {per_item_ms} ms per prompt, "
+                 f"{slots} at a time; open loop, 5 s deadlines)",
+                 ["router", "capacity req/s", "offered req/s", "calls", "served", "shed (RESOURCE_EXHAUSTED)",
+                  "other errors", "served p50 ms", "served p99 ms", "all calls p99 ms", "RSS MiB first / max / last",
+                  "right after: p50 ms", "right after: errors"], rows)
+
+
+def soak(b):
+    """Long fault soak: three providers, two failing a fifth of their requests in every way."""
+    faults = "500,429:1,reset,hang,malformed,slow:50"
+    flaky_a, pa = b.mock("--fault", faults, "--fault-rate", 0.2)
+    flaky_b, pb = b.mock("--fault", faults, "--fault-rate", 0.2)
+    healthy, pc = b.mock()
+    yaml = "".join(f"  - {{name: {n}, type: openai, priority: {i}, base_url: \"http://127.0.0.1:{p}/v1\", "
+                   f"models: [m], timeout_seconds: 0.5}}\n"
+                   for i, (n, p) in enumerate([("a", pa), ("b", pb), ("c", pc)], 1))
+    router, rport = b.router(yaml, cascade_yaml="cascade:\n  max_retries_per_provider: 2\n  retry_delay_seconds: 0.01\n"
+                             "  circuit_breaker: {failure_threshold: 5, recovery_timeout: 1, half_open_max_calls: 1}\n")
+    n = 2000 if b.smoke else 100_000
+    with RssSampler(router.pid) as rss:
+        r = b.load("--addr", f"127.0.0.1:{rport}", "-c", 64, "--connections", 4, "-n", n, "--timeout", 20, "-d", DATA)
+    sent = {name: mock_stats(p)["requests"] for name, p in [("a", pa), ("b", pb), ("c", pc)]}
+    total = sum(sent.values())
+    b.stop_all()
+    return table(f"Fault soak: {n} calls, 64 callers; providers a and b fail 20% of requests "
+                 f"({faults}), c is healthy",
+                 ["calls", "answered ok", "errors", "p50 ms", "p99 ms", "calls/s", "upstream requests a / b / c",
+                  "upstream requests per call", "RSS MiB first / max / last"],
+                 [[r["requests"], r["ok"], sum(r["errors"].values()), f"{pct(r, 'p50') / 1000:.1f}",
+                   f"{pct(r, 'p99') / 1000:.0f}", f"{r['throughput_rps']:.0f}",
+                   f"{sent['a']} / {sent['b']} / {sent['c']}", f"{total / max(1, r['requests']):.2f}",
+                   f"{rss.samples[0]:.0f} / {max(rss.samples):.0f} / {rss.samples[-1]:.0f}"]])
+
+
 def table(title, header, rows):
     out = [f"#### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -344,7 +433,8 @@ def table(title, header, rows):
 
 
 SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory,
-             "batching": batching, "window": window, "agent_loop": agent_loop}
+             "batching": batching, "window": window, "agent_loop": agent_loop,
+             "overload": overload, "soak": soak}
 
 
 def machine():

@@ -307,6 +307,8 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_keepalive(Some(Duration::from_secs(60)))
         .max_concurrent_streams(config.limits.max_concurrent_streams)
+        .max_connection_age(config.limits.max_connection_age)
+        .max_connection_age_grace(config.request_timeout)
         .layer(stamp)
         .add_service(RouterServer::new(service))
         .add_service(health)

@@ -112,8 +112,10 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     pub elapsed_s: f64,
     pub throughput_rps: f64,
-    /// Client-observed latency (from the due time when a rate is set).
+    /// Client-observed latency (from the due time when a rate is set), of every call.
     pub latency_us: Option<Percentiles>,
+    /// The same, of the successful calls only (what a shed call costs is not in it).
+    pub ok_latency_us: Option<Percentiles>,
     /// The router's `upstream_us` of successful answers (gRPC only).
     pub upstream_us: Option<Percentiles>,
     /// Open loop: the most a send started after it was due (the generator's own lag).
@@ -138,6 +140,7 @@ fn histogram() -> Histogram<u64> {
 
 struct Recorder {
     latency: Mutex<Histogram<u64>>,
+    ok_latency: Mutex<Histogram<u64>>,
     upstream: Mutex<Histogram<u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
     ok: AtomicU64,
@@ -149,6 +152,7 @@ impl Recorder {
     fn new() -> Recorder {
         Recorder {
             latency: Mutex::new(histogram()),
+            ok_latency: Mutex::new(histogram()),
             upstream: Mutex::new(histogram()),
             errors: Mutex::default(),
             ok: AtomicU64::new(0),
@@ -168,6 +172,11 @@ impl Recorder {
         match outcome {
             Ok(upstream) => {
                 self.ok.fetch_add(1, Relaxed);
+                let _ = self
+                    .ok_latency
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .record(us);
                 if let Some(u) = upstream {
                     let _ = self
                         .upstream
@@ -361,6 +370,10 @@ pub async fn run(spec: Spec) -> Result<Report, LoadError> {
         .upstream
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
+    let ok_latency = recorder
+        .ok_latency
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     Ok(Report {
         target: match &spec.target {
             Target::Grpc(a) => format!("grpc://{a}"),
@@ -376,6 +389,7 @@ pub async fn run(spec: Spec) -> Result<Report, LoadError> {
         elapsed_s: elapsed.as_secs_f64(),
         throughput_rps: sent as f64 / elapsed.as_secs_f64().max(1e-9),
         latency_us: Percentiles::of(&latency),
+        ok_latency_us: Percentiles::of(&ok_latency),
         upstream_us: Percentiles::of(&upstream),
         max_send_lag_us: recorder.lag_us.load(Relaxed),
     })

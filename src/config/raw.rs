@@ -355,6 +355,10 @@ pub struct RawLimits {
     pub max_in_flight: usize,
     /// Concurrent streams (calls) one HTTP/2 connection may carry.
     pub max_concurrent_streams: u32,
+    /// Seconds after which a client connection is asked to go away (GOAWAY; its calls in
+    /// flight get `server.request_timeout_seconds` to finish), so idle or forgotten
+    /// connections do not pile up and clients rebalance across replicas.
+    pub max_connection_age_seconds: f64,
 }
 
 impl Default for RawLimits {
@@ -362,6 +366,7 @@ impl Default for RawLimits {
         RawLimits {
             max_in_flight: 10_000,
             max_concurrent_streams: 1024,
+            max_connection_age_seconds: 600.0,
         }
     }
 }

@@ -31,6 +31,7 @@ pub struct QuotaConfig {
 pub struct Limits {
     pub max_in_flight: usize,
     pub max_concurrent_streams: u32,
+    pub max_connection_age: Duration,
 }
 
 impl Check<'_> {
@@ -83,6 +84,11 @@ impl Check<'_> {
         let limits = Limits {
             max_in_flight: l.max_in_flight,
             max_concurrent_streams: l.max_concurrent_streams,
+            max_connection_age: self.seconds(
+                "limits.max_connection_age_seconds",
+                l.max_connection_age_seconds,
+                false,
+            )?,
         };
         let quotas = match s.quotas {
             None => None,
