@@ -198,6 +198,7 @@ impl From<Snapshot> for v1::ProviderStatus {
             cooling_down_ms: u64::try_from(s.cooling_down.as_millis()).unwrap_or(u64::MAX),
             queued: c.queued,
             items: c.items,
+            native_batching: s.native_batching,
         }
     }
 }

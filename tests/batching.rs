@@ -244,7 +244,55 @@ async fn failed_batch_moves_every_item_on() {
         assert_eq!(r.attempts[0].kind(), FailureKind::ServerError);
         assert_eq!(r.batch_size, 8, "batched again at the next provider");
     }
-    assert_eq!((failing.stats().requests, backup.stats().requests), (1, 1));
+    // The batch, then one prompt alone to tell an outage from a server that takes no arrays.
+    assert_eq!((failing.stats().requests, backup.stats().requests), (2, 1));
+}
+
+#[tokio::test]
+async fn a_server_that_refuses_prompt_arrays_is_sent_single_prompts_from_then_on() {
+    let (router, up) = one_provider(
+        Script {
+            refuse_arrays: true,
+            ..Script::default()
+        },
+        "{max_batch_size: 8, max_wait_ms: 200}",
+    )
+    .await;
+    let mut c = router.client.clone();
+    assert!(providers(&mut c).await[0].native_batching);
+
+    let prompts: Vec<String> = (0..8).map(|i| format!("first {i}")).collect();
+    for (p, r) in prompts
+        .iter()
+        .zip(concurrently(&router.client, &prompts).await)
+    {
+        assert_eq!(r.text, mock::reply(p), "answered from single requests");
+        assert!(r.attempts.is_empty());
+    }
+    let after_first = up.stats();
+    assert_eq!(
+        (after_first.requests, after_first.items),
+        (1 + 8, 8 + 8),
+        "one refused array of 8, then 8 single prompts"
+    );
+    assert!(!providers(&mut c).await[0].native_batching, "remembered");
+
+    let prompts: Vec<String> = (0..8).map(|i| format!("second {i}")).collect();
+    for (p, r) in prompts
+        .iter()
+        .zip(concurrently(&router.client, &prompts).await)
+    {
+        assert_eq!(r.text, mock::reply(p));
+    }
+    let s = up.stats();
+    assert_eq!(
+        (
+            s.requests - after_first.requests,
+            s.items - after_first.items
+        ),
+        (8, 8),
+        "no array tried again: eight single requests"
+    );
 }
 
 #[tokio::test]

@@ -153,6 +153,7 @@ fn main() -> ExitCode {
                 fault_rate,
                 reject_marker: None,
                 omit_marker: None,
+                refuse_arrays: false,
             };
             runtime.block_on(async {
                 let started = match tls_cert_out {

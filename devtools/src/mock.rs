@@ -58,6 +58,9 @@ pub struct Script {
     /// `/v1/completions` leaves out the choices of prompts containing this text, as a buggy
     /// or truncating batch server would.
     pub omit_marker: Option<String>,
+    /// Refuse a `/v1/completions` request with more than one prompt with a bare 500, as
+    /// llama-cpp-python's server does; single prompts are served.
+    pub refuse_arrays: bool,
 }
 
 impl Default for Script {
@@ -70,6 +73,7 @@ impl Default for Script {
             fault_rate: 1.0,
             reject_marker: None,
             omit_marker: None,
+            refuse_arrays: false,
         }
     }
 }
@@ -427,6 +431,9 @@ async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             Fault::Slow(extra) => tokio::time::sleep(*extra).await,
             other => return faulty(other).await,
         }
+    }
+    if script.refuse_arrays && prompts.len() > 1 {
+        return full(StatusCode::INTERNAL_SERVER_ERROR, "");
     }
     if let Some(marker) = &script.reject_marker
         && prompts.iter().any(|p| p.contains(marker.as_str()))

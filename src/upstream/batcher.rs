@@ -200,7 +200,9 @@ fn spawn_worker(link: &Arc<Link>, key: &BatchKey, settings: BatchingConfig) -> Q
     // The channel holds at most what `queued` admits, plus slack for the race in `submit`.
     let (tx, rx) = mpsc::channel(settings.max_queue + 1);
     let queued = Arc::new(AtomicUsize::new(0));
-    let native = !key.chat && link.batches_prompts();
+    // Chat requests have no array form; prompt requests go as arrays when the provider takes
+    // them (decided again for each batch: a provider can stop taking them).
+    let native = !key.chat;
     tokio::spawn(worker(
         link.clone(),
         key.model.clone(),
@@ -265,7 +267,7 @@ async fn worker(
         }
         // Native batches take one concurrency slot; while waiting for it, more items queue and
         // join this batch, so batches grow with load.
-        let slot = if native {
+        let slot = if native && link.takes_arrays() {
             match link.slot().await {
                 Ok(s) => Some(s),
                 Err(e) => return fail_all(&mut batch, &e),
@@ -306,7 +308,10 @@ async fn worker(
         let (link, model) = (link.clone(), model.clone());
         match slot {
             Some(slot) => tokio::spawn(send_native(link, model, batch, slot)),
-            None => tokio::spawn(send_parallel(link, model, batch)),
+            None => tokio::spawn(async move {
+                let mut batch = batch;
+                send_parallel(&link, &model, &mut batch).await;
+            }),
         };
     }
 }
@@ -365,28 +370,43 @@ async fn send_native(link: Arc<Link>, model: Arc<str>, mut batch: Vec<Item>, slo
         }
         // One bad prompt makes the whole request a 400/413/422: find it by sending the
         // prompts one by one, so the good ones are still answered here.
-        Err(e) if e.kind == FailureKind::Rejected && batch.len() > 1 => {
-            send_parallel(link, model, batch).await;
+        Err(e) if batch.len() > 1 && e.kind == FailureKind::Rejected => {
+            send_parallel(&link, &model, &mut batch).await;
+        }
+        // Some servers answer a prompt array with a 500 (they take one prompt at a time). One
+        // prompt sent alone tells that from an outage at the cost of one request: if it is
+        // answered, the provider is sent no arrays for a while and the rest go singly too;
+        // if not, every item moves on, as from any failed batch.
+        Err(e) if batch.len() > 1 && e.kind == FailureKind::ServerError => {
+            let (probe, rest) = batch.split_at_mut(1);
+            if send_parallel(&link, &model, probe).await == 1 {
+                link.arrays_refused(&e);
+                send_parallel(&link, &model, rest).await;
+            } else {
+                fail_all(rest, &e);
+            }
         }
         Err(e) => fail_all(&mut batch, &e),
     }
 }
 
 /// The batch as concurrent single requests, each with its own concurrency slot, each
-/// dropped as soon as its caller goes away.
-async fn send_parallel(link: Arc<Link>, model: Arc<str>, mut batch: Vec<Item>) {
+/// dropped as soon as its caller goes away. Returns how many were answered with a completion.
+async fn send_parallel(link: &Link, model: &str, batch: &mut [Item]) -> usize {
     let sent = Instant::now();
     let size = u32::try_from(batch.len()).unwrap_or(u32::MAX);
     let calls = batch.iter_mut().map(|item| {
-        let (link, model) = (&link, &model);
         let span = item.span.clone();
         async move {
-            let Some(tx) = item.tx.as_mut() else { return };
+            let Some(tx) = item.tx.as_mut() else {
+                return false;
+            };
             let call = link.complete(model, &item.request, item.window);
             let result = tokio::select! {
                 r = call => r,
-                () = tx.closed() => return,
+                () = tx.closed() => return false,
             };
+            let answered = result.is_ok();
             let queue_wait = sent.saturating_duration_since(item.enqueued);
             item.answer(result.map(|(completion, took)| Delivered {
                 completion,
@@ -394,10 +414,15 @@ async fn send_parallel(link: Arc<Link>, model: Arc<str>, mut batch: Vec<Item>) {
                 queue_wait,
                 upstream: took,
             }));
+            answered
         }
         .instrument(span)
     });
-    futures_util::future::join_all(calls).await;
+    futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter(|answered| *answered)
+        .count()
 }
 
 fn fail_all(batch: &mut [Item], e: &ProviderError) {

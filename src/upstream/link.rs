@@ -5,7 +5,7 @@
 use std::{
     future::Future,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicUsize, Ordering::Relaxed},
     },
     time::Duration,
@@ -40,11 +40,18 @@ pub(super) struct Link {
     pub(super) stats: Stats,
     /// The provider's quota, when it has one.
     rate: Option<ProviderLimit>,
+    /// Set when the provider refused a prompt array that it served singly: until then its
+    /// batches go as single requests. A std mutex: a few instructions, never held across await.
+    arrays_off_until: Mutex<Option<Instant>>,
     timeout: Duration,
     max_concurrency: usize,
     label: ProviderLabel,
     metrics: Arc<Metrics>,
 }
+
+/// How long a provider that refused a prompt array is sent single requests before arrays are
+/// tried again.
+const ARRAYS_RETRY: Duration = Duration::from_secs(600);
 
 /// When one try must end: its share of the caller's time (`until`), within the caller's
 /// `deadline`. A try that runs out of its share has been too slow, which counts against the
@@ -93,6 +100,7 @@ impl Link {
             max_waiting: config.max_waiting,
             stats: Stats::new(metrics, &label),
             rate: config.rate_limit.as_ref().map(ProviderLimit::new),
+            arrays_off_until: Mutex::new(None),
             timeout: config.timeout,
             max_concurrency: config.max_concurrency,
             label,
@@ -100,8 +108,33 @@ impl Link {
         }
     }
 
-    pub(super) fn batches_prompts(&self) -> bool {
+    /// Whether a batch of prompts goes as one request now: the provider takes prompt arrays
+    /// and has not refused one lately.
+    pub(super) fn takes_arrays(&self) -> bool {
         self.provider.batches_prompts()
+            && self
+                .arrays_off_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_none_or(|until| Instant::now() >= until)
+    }
+
+    /// The provider refused a prompt array that it then served as single requests: send it
+    /// none for [`ARRAYS_RETRY`]. Said once in the log each time it happens.
+    pub(super) fn arrays_refused(&self, e: &ProviderError) {
+        let mut off = self
+            .arrays_off_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if off.is_none_or(|until| Instant::now() >= until) {
+            tracing::warn!(
+                provider = %self.name,
+                error = %e,
+                retry_in_s = ARRAYS_RETRY.as_secs(),
+                "provider refused a prompt array but answered the prompts singly; batches go as single requests for a while"
+            );
+        }
+        *off = Some(Instant::now() + ARRAYS_RETRY);
     }
 
     /// Waits for a concurrency slot as long as it takes.

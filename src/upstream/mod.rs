@@ -73,6 +73,8 @@ pub struct Snapshot {
     pub circuit: Circuit,
     pub cooling_down: Duration,
     pub counts: Counts,
+    /// Whether batches go to it as one multi-prompt request now.
+    pub native_batching: bool,
 }
 
 impl Upstream {
@@ -215,6 +217,7 @@ impl Upstream {
             circuit: self.link.breaker.circuit(),
             cooling_down: self.link.breaker.cooling_down_for(),
             counts: self.link.stats.counts(),
+            native_batching: self.link.takes_arrays(),
         }
     }
 }
