@@ -2,85 +2,13 @@
 //! unbatched and through a batch queue — in both log formats, and prompts are not logged.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::Duration,
-};
+mod common;
 
 use cascade_devtools::mock::{MockServer, Script};
 use cascade_router::proto::v1::{self, router_client::RouterClient};
+use common::{Served, temp_file};
 
 const PROMPT: &str = "a private prompt that must stay out of the logs";
-
-/// The real binary serving `config`, its stderr lines arriving on the receiver.
-struct Served {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    reader: std::thread::JoinHandle<()>,
-}
-
-impl Served {
-    fn start(format: &str, config: &str) -> Served {
-        let path = std::env::temp_dir().join(format!(
-            "cascade-logging-{}-{format}.yaml",
-            std::process::id()
-        ));
-        std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cascade-router"))
-            .args(["--log-format", format, "serve", "--listen", "127.0.0.1:0"])
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "cascade_router=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Served {
-            child,
-            lines,
-            reader,
-        }
-    }
-
-    /// Waits for the line that says the router is serving, and reads its address from it.
-    fn addr(&self) -> String {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(Duration::from_secs(30))
-                .expect("the router never said it was serving");
-            if !line.contains("cascade-router serving") {
-                continue;
-            }
-            let start = line.find("127.0.0.1:").expect("an address in the line");
-            let addr: String = line[start..]
-                .chars()
-                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                .collect();
-            return addr;
-        }
-    }
-
-    /// Stops the router and returns every line it wrote after the serving line.
-    fn stop(mut self) -> Vec<String> {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        self.reader.join().unwrap();
-        self.lines.try_iter().collect()
-    }
-}
 
 async fn ask(client: &mut RouterClient<tonic::transport::Channel>, model: &str, id: &str) {
     let r = client
@@ -107,14 +35,12 @@ async fn request_ids_reach_the_provider_call(format: &str) -> Vec<String> {
         "providers:\n  - name: up\n    type: openai\n    base_url: \"{}/v1\"\n    models:\n      - m\n      - {{name: b, batching: {{max_batch_size: 4, max_wait_ms: 1}}}}\n",
         mock.url()
     );
-    let served = Served::start(format, &config);
-    let addr = served.addr();
-    let mut client = RouterClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let path = temp_file("logging", &config);
+    let served = Served::start(&["--log-format", format], &path, "cascade_router=debug");
+    let mut client = served.client().await;
     ask(&mut client, "m", "trace-unbatched-1").await;
     ask(&mut client, "b", "trace-batched-2").await;
-    let lines = served.stop();
+    let lines = served.finish();
 
     for (id, provider_line) in [
         ("trace-unbatched-1", "upstream request sent"),
