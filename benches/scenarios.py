@@ -72,9 +72,9 @@ class Bench:
         self.procs = []
         self.tmp = tempfile.mkdtemp(prefix="cascade-bench-")
 
-    def spawn(self, args, port):
-        log = open(os.path.join(self.tmp, f"{args[0]}-{port}.log"), "w")
-        exe = self.bin if args[0] == "serve" else self.tools
+    def spawn(self, args, port, exe=None):
+        log = open(os.path.join(self.tmp, f"{os.path.basename(str(args[0]))}-{port}.log"), "w")
+        exe = exe or (self.bin if args[0] == "serve" else self.tools)
         p = subprocess.Popen([exe, *map(str, args)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         self.procs.append(p)
         wait_port(port, p)
@@ -427,6 +427,54 @@ def soak(b):
                   "upstream requests a / b / c", "upstream requests per call", "RSS MiB first / max / last"], rows)
 
 
+def real_servers():
+    """The real model servers (installed on first use by scripts/real-servers)."""
+    out = subprocess.run([os.path.join(ROOT, "scripts", "real-servers")], capture_output=True, text=True, check=True)
+    return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+
+
+def wait_ok(url, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+def real(b):
+    """Real CPU inference: llama-server with SmolLM2-135M (-np 4), 32 callers, 8-token
+    completions: straight at llama-server vs through the router, batching off and on."""
+    paths = real_servers()
+    port = free_port()
+    b.spawn(["-m", paths["CASCADE_GGUF"], "--alias", "smollm2", "--host", "127.0.0.1", "--port", port,
+             "-c", 4096, "-t", 2, "-np", 4], port, exe=paths["CASCADE_LLAMA_SERVER"])
+    wait_ok(f"http://127.0.0.1:{port}/health")
+    base = f"http://127.0.0.1:{port}/v1"
+    entry = f"  - {{name: llama, type: openai, base_url: \"{base}\", models: [smollm2], timeout_seconds: 120"
+    _, off_port = b.router(entry + "}\n")
+    _, on_port = b.router(entry + ", batching: {max_batch_size: 8, max_wait_ms: 5}}\n")
+    data = '{"model":"smollm2","prompt":"Name one animal, number {{n}}:","max_tokens":8,"temperature":0}'
+    reps, secs = (1, 2) if b.smoke else (3, 20)
+    common = ["-c", 32, "--duration", secs, "--timeout", 120, "-d", data]
+    res = {"straight at llama-server": [], "router, batching off": [], "router, batching on (8, 5 ms)": []}
+    for _ in range(reps):
+        res["straight at llama-server"].append(b.load("--http", base, "--connections", 4, *common))
+        res["router, batching off"].append(b.load("--addr", f"127.0.0.1:{off_port}", *common))
+        res["router, batching on (8, 5 ms)"].append(b.load("--addr", f"127.0.0.1:{on_port}", *common))
+    rows = [[name, f"{med([r['throughput_rps'] for r in runs]):.1f}", f"{med([pct(r, 'p50') for r in runs]) / 1000:.0f}",
+             f"{med([pct(r, 'p99') for r in runs]) / 1000:.0f}", sum(sum(r["errors"].values()) for r in runs)]
+            for name, runs in res.items()]
+    b.stop_all()
+    return table(f"Real CPU inference: llama-server + SmolLM2-135M-Instruct (Q4_1, -np 4, 2 threads), "
+                 f"32 callers, 8 new tokens, {secs} s x {reps} alternating",
+                 ["path", "completions/s", "p50 ms", "p99 ms", "errors"], rows)
+
+
 def table(title, header, rows):
     out = [f"#### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -435,7 +483,7 @@ def table(title, header, rows):
 
 SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory,
              "batching": batching, "window": window, "agent_loop": agent_loop,
-             "overload": overload, "soak": soak}
+             "overload": overload, "soak": soak, "real": real}
 
 
 def machine():

