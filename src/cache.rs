@@ -33,7 +33,8 @@ impl CacheKey {
             model: _, // replaced by the resolved `route`
             input,
             params,
-            agent: _,      // the tenant, when scoped, is passed in
+            agent: _,      // picks the model assignment, not the answer
+            tenant: _,     // passed in when the cache is scoped per tenant
             request_id: _, // differs per call by design
             cache: _,      // how to use the cache, not what is asked
         } = request;
@@ -150,7 +151,7 @@ impl Cache {
     /// The key for `request` routed as `route`, scoped per the config.
     pub fn key(&self, route: &str, request: &CompletionRequest) -> CacheKey {
         let tenant = match self.scope {
-            CacheScope::Tenant => request.agent.as_str(),
+            CacheScope::Tenant => request.tenant.as_str(),
             CacheScope::Shared => "",
         };
         CacheKey::new(tenant, route, request)
@@ -331,6 +332,7 @@ mod tests {
                 ..GenParams::default()
             },
             agent: agent.into(),
+            tenant: agent.into(),
             request_id: "r".into(),
             cache: CacheMode::Default,
         }

@@ -11,6 +11,9 @@ pub struct CompletionRequest {
     pub params: GenParams,
     /// The caller's id, for per-agent model assignment.
     pub agent: String,
+    /// Whose request it is, for the cache's scope and the quotas: the client key's name when
+    /// authentication is on, else `agent` (which the caller chooses freely).
+    pub tenant: String,
     pub request_id: String,
     pub cache: CacheMode,
 }

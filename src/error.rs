@@ -33,6 +33,12 @@ pub enum RouterError {
         per_minute: u32,
         retry_after: std::time::Duration,
     },
+    /// Authentication is on and the call brought no known key.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// The caller's key may not ask for this model or chain.
+    #[error("client {client:?} may not use {model:?} (server.auth.keys[].models)")]
+    PermissionDenied { client: String, model: String },
     /// The router is draining for shutdown; another replica (or this one restarted) will serve.
     #[error("the router is shutting down; retry on another replica")]
     ShuttingDown,
@@ -87,6 +93,8 @@ impl RouterError {
             | RouterError::AtCapacity { .. }
             | RouterError::QuotaExceeded { .. } => Code::ResourceExhausted,
             RouterError::ShuttingDown => Code::Unavailable,
+            RouterError::Unauthenticated(_) => Code::Unauthenticated,
+            RouterError::PermissionDenied { .. } => Code::PermissionDenied,
             RouterError::NotCached(_) => Code::NotFound,
             RouterError::Internal(_) => Code::Internal,
         }
@@ -102,6 +110,8 @@ impl RouterError {
             | RouterError::UnknownModel { .. }
             | RouterError::NotCached(_)
             | RouterError::ShuttingDown
+            | RouterError::Unauthenticated(_)
+            | RouterError::PermissionDenied { .. }
             | RouterError::AtCapacity { .. }
             | RouterError::QuotaExceeded { .. }
             | RouterError::Internal(_) => &[],

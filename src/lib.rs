@@ -15,7 +15,8 @@
 //! ```
 //!
 //! - [`server`]: the tonic service — the caller's deadline, a span per request, health,
-//!   reflection — with [`proto`] converting wire types to validated domain values at the edge.
+//!   reflection — with [`proto`] converting wire types to validated domain values at the edge
+//!   and `auth` checking client keys.
 //! - `completion`: those domain values: the request, the completion, the attempts.
 //! - `router` ([`Router`], [`Routes`]): resolves a model, chain or agent to ordered targets
 //!   and runs the request through the stages below.
@@ -37,6 +38,7 @@ pub mod config;
 pub mod proto;
 pub mod server;
 
+mod auth;
 mod cache;
 mod cascade;
 mod coalescer;

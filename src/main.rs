@@ -133,6 +133,20 @@ async fn serve(config: Config, path: Option<PathBuf>, listen: Option<SocketAddr>
     if let Some(addr) = listen {
         server_config.listen = addr;
     }
+    if let Err(e) = config::open_to_network(
+        server_config.listen,
+        server_config.auth.as_ref(),
+        server_config.allow_unauthenticated,
+    ) {
+        eprintln!("error: --listen {e}");
+        return ExitCode::from(2);
+    }
+    if server_config.auth.is_none() && !server_config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %server_config.listen,
+            "serving WITHOUT client keys on a non-loopback address (server.allow_unauthenticated: true)"
+        );
+    }
     let router = match Router::new(&config) {
         Ok(r) => Arc::new(r),
         Err(e) => {

@@ -101,6 +101,7 @@ impl TryFrom<v1::CompleteRequest> for CompletionRequest {
                 stop: r.stop,
                 seed: r.seed,
             },
+            tenant: r.agent.clone(),
             agent: r.agent,
             request_id,
             cache: match v1::CacheMode::try_from(r.cache) {

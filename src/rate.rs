@@ -241,6 +241,7 @@ mod tests {
                 ..GenParams::default()
             },
             agent: String::new(),
+            tenant: String::new(),
             request_id: String::new(),
             cache: CacheMode::Default,
         }

@@ -180,6 +180,16 @@ impl Router {
         self.state.load_full().complete(request, deadline).await
     }
 
+    /// The model or chain a request for `model` by `agent` resolves to ("" for the default
+    /// cascade).
+    pub fn route_name(&self, model: &str, agent: &str) -> Result<String, RouterError> {
+        let state = self.state.load();
+        state
+            .routes
+            .resolve_named(model, agent)
+            .map(|(name, _)| name.to_string())
+    }
+
     /// Swaps in a new validated config. New calls use it at once; calls in flight finish on
     /// the old one. Providers whose settings did not change keep their pools, breakers and
     /// counters, and the cache is kept when its settings did not change.

@@ -4,10 +4,11 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, task::JoinSet, time::Instant};
-use tonic::{Request, Response, Status, codegen::http};
+use tonic::{Request, Response, Status, codegen::http, service::interceptor::InterceptedService};
 use tracing::Instrument;
 
 use crate::{
+    auth::{Authenticate, Client},
     completion::CompletionRequest,
     config::ServerConfig,
     error::RouterError,
@@ -87,16 +88,6 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-/// A validated request with an id: the caller's `request_id`, or one made here so that every
-/// request's log lines can be found together.
-fn admit(msg: v1::CompleteRequest) -> Result<Arc<CompletionRequest>, RouterError> {
-    let mut request = CompletionRequest::try_from(msg)?;
-    if request.request_id.is_empty() {
-        request.request_id = format!("req-{:016x}", fastrand::u64(..));
-    }
-    Ok(Arc::new(request))
-}
-
 /// Runs one request inside its span. The span is at debug level, so at the default level it
 /// costs nothing on the hot path; batch items carry it through the batcher to the provider
 /// call.
@@ -135,8 +126,8 @@ impl v1::router_server::Router for RouterService {
     ) -> Result<Response<v1::CompleteResponse>, Status> {
         self.call(async {
             let deadline = self.deadline(&req);
-            let request = admit(req.into_inner())?;
-            self.charge(&request.agent)?;
+            let client = req.extensions().get::<Client>().cloned();
+            let request = self.admit(req.into_inner(), client.as_ref())?;
             let answer = handle(&self.router, &request, deadline).await?;
             Ok(Response::new(v1::CompleteResponse::from_answer(
                 answer,
@@ -168,6 +159,34 @@ impl v1::router_server::Router for RouterService {
 }
 
 impl RouterService {
+    /// A validated request with an id (the caller's `request_id`, or one made here so that
+    /// every request's log lines can be found together), its tenant (the client key's name
+    /// when authentication is on), allowed for that client's models, within its quota.
+    fn admit(
+        &self,
+        msg: v1::CompleteRequest,
+        client: Option<&Client>,
+    ) -> Result<Arc<CompletionRequest>, RouterError> {
+        let mut request = CompletionRequest::try_from(msg)?;
+        if request.request_id.is_empty() {
+            request.request_id = format!("req-{:016x}", fastrand::u64(..));
+        }
+        if let Some(client) = client {
+            request.tenant = client.name.to_string();
+            if let Some(allowed) = &client.models {
+                let route = self.router.route_name(&request.model, &request.agent)?;
+                if !allowed.contains(&route) {
+                    return Err(RouterError::PermissionDenied {
+                        client: client.name.to_string(),
+                        model: route,
+                    });
+                }
+            }
+        }
+        self.charge(&request.tenant)?;
+        Ok(Arc::new(request))
+    }
+
     /// Takes one call from `tenant`'s quota, if quotas are on. The tenant is the caller's
     /// `agent` (the client key's name once authentication lands).
     fn charge(&self, tenant: &str) -> Result<(), RouterError> {
@@ -187,6 +206,7 @@ impl RouterService {
         req: Request<v1::CompleteBatchRequest>,
     ) -> Result<Response<v1::CompleteBatchResponse>, Status> {
         let deadline = self.deadline(&req);
+        let client = req.extensions().get::<Client>().cloned();
         let items = req.into_inner().requests;
         if items.len() > self.config.max_batch_items {
             return Err(RouterError::InvalidArgument(format!(
@@ -201,9 +221,9 @@ impl RouterService {
         let mut tasks = JoinSet::new();
         for (i, item) in items.into_iter().enumerate() {
             let router = self.router.clone();
-            let charged = self.charge(&item.agent);
+            let admitted = self.admit(item, client.as_ref());
             tasks.spawn(async move {
-                let result = match charged.and_then(|()| admit(item)) {
+                let result = match admitted {
                     Err(e) => v1::batch_result::Result::Error(e.into()),
                     Ok(r) => match handle(&router, &r, deadline).await {
                         Ok(a) => v1::batch_result::Result::Response(
@@ -288,6 +308,7 @@ pub async fn serve(
             r
         });
     let inflight = Arc::new(InFlight::new(config.limits.max_in_flight));
+    let auth = Authenticate::new(config.auth.as_ref());
     let grace = config.shutdown_grace;
     let service = RouterService {
         router,
@@ -310,10 +331,11 @@ pub async fn serve(
         .max_connection_age(config.limits.max_connection_age)
         .max_connection_age_grace(config.request_timeout)
         .layer(stamp)
-        .add_service(RouterServer::new(service))
+        // Every service but health needs a client key when authentication is on.
+        .add_service(RouterServer::with_interceptor(service, auth.clone()))
         .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(InterceptedService::new(reflection_v1, auth.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, auth))
         .serve_with_incoming_shutdown(incoming(listener), async move {
             let mut stopped = stopped;
             let _ = stopped.wait_for(|s| *s).await;

@@ -6,9 +6,10 @@
 //! use, a provider whose key variable is unset) becomes a warning in [`Config::warnings`].
 //!
 //! - [`raw`]: the file as written, with defaults; the known keys are the types' fields.
-//! - `cascade`, `providers`, `chains`, `server`, `cache`: validation of each section.
+//! - `cascade`, `providers`, `chains`, `server` (with `auth`), `cache`: validation of each section.
 //! - `env`: `${VAR}` and `${VAR:-default}` expansion.
 
+mod auth;
 mod cache;
 mod cascade;
 mod chains;
@@ -21,6 +22,7 @@ use std::{collections::BTreeMap, collections::BTreeSet, path::Path, time::Durati
 
 use serde_yaml::Value;
 
+pub use auth::{AuthConfig, ClientKey, KeyHash, open_to_network};
 pub use cache::{CacheConfig, CacheScope, RedisConfig};
 pub use cascade::{BreakerConfig, CascadePolicy, RetryBudget};
 pub use providers::{
@@ -278,6 +280,7 @@ impl Check<'_> {
             &all_models,
             &raw.fallback_chains,
         )?;
+        self.key_models(server.auth.as_ref(), &all_models, &raw.fallback_chains)?;
         Ok(Config {
             server,
             cascade,

@@ -332,6 +332,29 @@ pub struct RawServer {
     pub shutdown_grace_seconds: f64,
     /// Calls per minute each client (tenant) may make; absent means no quota.
     pub quotas: Option<RawQuotas>,
+    /// Client keys; absent means no authentication (and loopback only, unless allowed).
+    pub auth: Option<RawAuth>,
+    /// Serve without keys on a non-loopback address. Said at startup.
+    pub allow_unauthenticated: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub keys: Vec<RawClientKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientKey {
+    #[serde(default)]
+    pub name: String,
+    /// The key, usually `"${ENV_VAR}"`.
+    pub key: Option<String>,
+    /// Or the SHA-256 of the key, hex.
+    pub sha256: Option<String>,
+    /// Models or chains this key may ask for; absent: any.
+    pub models: Option<Vec<String>>,
 }
 
 impl Default for RawServer {
@@ -343,6 +366,8 @@ impl Default for RawServer {
             metrics_listen: None,
             shutdown_grace_seconds: 30.0,
             quotas: None,
+            auth: None,
+            allow_unauthenticated: false,
         }
     }
 }

@@ -4,6 +4,7 @@ use std::{net::SocketAddr, num::NonZeroU32, time::Duration};
 
 use super::{
     Check, ConfigError,
+    auth::{AuthConfig, open_to_network},
     raw::{RawLimits, RawServer},
 };
 
@@ -17,6 +18,9 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Per-client quotas; `None`: none.
     pub quotas: Option<QuotaConfig>,
+    /// Client keys; `None`: no authentication.
+    pub auth: Option<AuthConfig>,
+    pub allow_unauthenticated: bool,
 }
 
 /// Each client's (tenant's) calls per minute, with a burst.
@@ -112,7 +116,14 @@ impl Check<'_> {
                 })
             }
         };
+        let auth = self.auth(s.auth)?;
+        open_to_network(listen, auth.as_ref(), s.allow_unauthenticated).map_err(|e| {
+            let (problem, fix) = e.split_once(" (fix: ").unwrap_or((&e, ""));
+            self.err("server.listen", problem, fix.trim_end_matches(')'))
+        })?;
         Ok(ServerConfig {
+            auth,
+            allow_unauthenticated: s.allow_unauthenticated,
             quotas,
             listen,
             request_timeout,

@@ -455,6 +455,7 @@ mod tests {
             input: Input::Prompt(prompt.into()),
             params: GenParams::default(),
             agent: String::new(),
+            tenant: String::new(),
             request_id: String::new(),
             cache: crate::completion::CacheMode::Default,
         })

@@ -330,6 +330,7 @@ mod tests {
             input: Input::Prompt("x".into()),
             params: GenParams::default(),
             agent: String::new(),
+            tenant: String::new(),
             request_id: String::new(),
             cache: CacheMode::Default,
         })

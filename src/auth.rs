@@ -1,0 +1,116 @@
+//! Client authentication at the edge: `authorization: Bearer <key>` checked against the SHA-256
+//! of each configured key, in constant time and always against every key (never by prefix),
+//! as a tonic interceptor on every service but health. The client it names rides in the
+//! request's extensions to the handlers: its name is the tenant, its list bounds the models.
+
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+use tonic::{Request, Status, service::Interceptor};
+
+use crate::{
+    config::{AuthConfig, KeyHash},
+    error::RouterError,
+};
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub name: Arc<str>,
+    /// Models or chains it may ask for; `None`: any.
+    pub models: Option<Arc<[String]>>,
+}
+
+/// The interceptor; with no keys configured it lets every call through.
+#[derive(Clone)]
+pub struct Authenticate {
+    keys: Arc<[(KeyHash, Client)]>,
+    on: bool,
+}
+
+impl Authenticate {
+    pub fn new(auth: Option<&AuthConfig>) -> Authenticate {
+        let keys = auth
+            .map(|a| {
+                a.keys
+                    .iter()
+                    .map(|k| {
+                        let client = Client {
+                            name: k.name.as_str().into(),
+                            models: k.models.as_ref().map(|m| m.clone().into()),
+                        };
+                        (k.hash, client)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Authenticate {
+            keys,
+            on: auth.is_some(),
+        }
+    }
+
+    /// The client whose key this is: hashed, then compared with every key without stopping
+    /// early, so neither the time taken nor a shared prefix tells anything about the keys.
+    fn find(&self, presented: &str) -> Option<&Client> {
+        let hash = KeyHash::of(presented);
+        let mut found = None;
+        for (k, client) in self.keys.iter() {
+            if bool::from(k.0.ct_eq(&hash.0)) {
+                found = Some(client);
+            }
+        }
+        found
+    }
+}
+
+impl Interceptor for Authenticate {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if !self.on {
+            return Ok(req);
+        }
+        let presented = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let client = match presented {
+            None => {
+                return Err(RouterError::Unauthenticated(
+                    "no client key: send the metadata `authorization: Bearer <key>`",
+                )
+                .into());
+            }
+            Some(key) => self
+                .find(key)
+                .cloned()
+                .ok_or(RouterError::Unauthenticated("unknown client key"))?,
+        };
+        req.extensions_mut().insert(client);
+        Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ClientKey;
+
+    #[test]
+    fn only_the_whole_key_matches() {
+        let key = "sk-router-0123456789abcdefghij-rest";
+        let auth = AuthConfig {
+            keys: vec![ClientKey {
+                name: "a".into(),
+                hash: KeyHash::of(key),
+                models: None,
+            }],
+        };
+        let a = Authenticate::new(Some(&auth));
+        assert_eq!(a.find(key).map(|c| &*c.name), Some("a"));
+        assert!(a.find(&key[..20]).is_none(), "a prefix is not the key");
+        assert!(a.find(&format!("{}x", &key[..key.len() - 1])).is_none());
+        assert!(a.find("").is_none());
+    }
+}
