@@ -248,6 +248,27 @@ fn unknown_keys_in_provider_and_model_entries_fail_check_with_a_suggestion() {
 }
 
 #[test]
+fn check_refuses_what_serve_would() {
+    rejects(
+        &format!(
+            "cache: {{backend: redis, redis_url: \"redis://127.0.0.1:notaport\"}}\nproviders:\n{OK_PROVIDER}"
+        ),
+        "cache.redis_url",
+        "is not a redis:// URL",
+    );
+    let not_pem = write_config("this is not a certificate\n");
+    rejects(
+        &format!(
+            "providers:\n  - {{name: a, type: openai, base_url: \"https://127.0.0.1:1/v1\", models: [m], http: {{ca_file: \"{}\"}}}}\n",
+            not_pem.display()
+        ),
+        "providers[0].http.ca_file",
+        "holds no PEM certificate",
+    );
+    let _ = std::fs::remove_file(not_pem);
+}
+
+#[test]
 fn missing_file_and_serve_fail_the_same_way() {
     let out = run(&["check", "--config", "/nonexistent/cascade.yaml"]);
     let stderr = String::from_utf8_lossy(&out.stderr);

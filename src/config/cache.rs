@@ -53,7 +53,10 @@ impl Check<'_> {
             RawBackend::Memory => None,
             RawBackend::Redis => {
                 let url = c.redis_url;
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                // The same parse `serve` does, so `check` refuses what `serve` would.
+                if !(url.starts_with("redis://") || url.starts_with("rediss://"))
+                    || redis::Client::open(url.as_str()).is_err()
+                {
                     return Err(self.err(
                         "cache.redis_url",
                         format!("{url:?} is not a redis:// URL"),

@@ -43,6 +43,7 @@ mod tests {
             origin: "t",
             env: &env,
             warnings: vec![],
+            unset: vec![],
         };
         assert_eq!(
             check.expand("http://${HOST}:1/x").as_deref(),

@@ -121,6 +121,7 @@ pub fn parse(
         origin,
         env,
         warnings: Vec::new(),
+        unset: Vec::new(),
     };
     let doc: Value = serde_yaml::from_str(text).map_err(|e| {
         let key = e
@@ -146,6 +147,8 @@ struct Check<'a> {
     origin: &'a str,
     env: &'a dyn Fn(&str) -> Option<String>,
     warnings: Vec<String>,
+    /// Variables whose absence disabled a provider, named if none is left.
+    unset: Vec<String>,
 }
 
 impl Check<'_> {
@@ -405,6 +408,30 @@ mod tests {
             c.map(|c| c.providers[0].kind),
             Ok(ProviderKind::OpenAi),
             "type ignores case"
+        );
+    }
+
+    #[test]
+    fn keys_with_a_trailing_newline_are_refused_and_unset_ones_named() {
+        let env = |n: &str| (n == "KEY").then(|| "sk-secret-key\n".to_string());
+        let y = "providers:\n - {name: a, type: openai, api_key: \"${KEY}\", models: [m]}\n";
+        let e = parse(y, "f.yaml", &env)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.starts_with("f.yaml: providers[0].api_key: ${KEY} has spaces or a newline"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("sk-secret"),
+            "the key itself is never shown: {e}"
+        );
+        let y = "providers:\n - {name: a, type: openai, api_key: \"${NOPE}\", models: [m]}\n";
+        let e = error(y);
+        assert!(
+            e.contains("no usable provider") && e.contains("unset: ${NOPE}"),
+            "{e}"
         );
     }
 

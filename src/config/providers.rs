@@ -155,9 +155,17 @@ impl Check<'_> {
         }
         providers.sort_by_key(|p| p.priority);
         if providers.is_empty() {
+            let unset = if self.unset.is_empty() {
+                String::new()
+            } else {
+                let vars: Vec<String> = self.unset.iter().map(|v| format!("${{{v}}}")).collect();
+                format!("; unset: {}", vars.join(", "))
+            };
             return Err(self.err(
                 "providers",
-                "no usable provider (all missing, disabled, skipped or without keys)",
+                format!(
+                    "no usable provider (all missing, disabled, skipped or without keys{unset})"
+                ),
                 "enable at least one provider of a supported type with its key variable set",
             ));
         }
@@ -215,6 +223,7 @@ impl Check<'_> {
                             "{at}.{key_name}: ${{{var}}} is unset; provider {:?} disabled",
                             p.name
                         ));
+                        self.unset.push(var);
                     }
                     return Ok(None);
                 }
@@ -248,13 +257,7 @@ impl Check<'_> {
             http2_prior_knowledge: h.http2_prior_knowledge,
             ca_pem: match &h.ca_file {
                 None => None,
-                Some(path) => Some(std::fs::read(path).map_err(|e| {
-                    self.err(
-                        format!("{at}.http.ca_file"),
-                        format!("cannot read {path:?}: {e}"),
-                        "name a readable PEM file of CA certificates",
-                    )
-                })?),
+                Some(path) => Some(self.ca_file(&format!("{at}.http.ca_file"), path)?),
             },
         };
         let simulated_latency = self.seconds(
@@ -288,12 +291,27 @@ impl Check<'_> {
             None => None,
             Some(text) => match self.expand(text) {
                 Ok(k) if k.is_empty() => None,
+                // A key read from a file with `$(cat ...)` often ends in a newline, which
+                // would make the header invalid and silently send no key at all.
+                Ok(k) if k.trim() != k => {
+                    let source = if text.contains("${") {
+                        text.as_str()
+                    } else {
+                        "the key"
+                    };
+                    return Err(self.err(
+                        format!("{at}.api_key"),
+                        format!("{source} has spaces or a newline around it"),
+                        "set it to the key alone, with no trailing newline",
+                    ));
+                }
                 Ok(k) => Some(ApiKey::new(k)),
                 Err(var) => {
                     self.warn(format!(
                         "{at}.api_key: ${{{var}}} is unset; provider {:?} disabled",
                         p.name
                     ));
+                    self.unset.push(var);
                     return Ok(None);
                 }
             },
@@ -405,6 +423,25 @@ impl Check<'_> {
             max_wait,
             max_queue: b.max_queue,
         })
+    }
+
+    /// The PEM file's bytes, once it is known to hold at least one certificate.
+    fn ca_file(&self, key: &str, path: &str) -> Result<Vec<u8>, ConfigError> {
+        let pem = std::fs::read(path).map_err(|e| {
+            self.err(
+                key,
+                format!("cannot read {path:?}: {e}"),
+                "name a readable PEM file of CA certificates",
+            )
+        })?;
+        match reqwest::Certificate::from_pem_bundle(&pem) {
+            Ok(certs) if !certs.is_empty() => Ok(pem),
+            _ => Err(self.err(
+                key,
+                format!("{path:?} holds no PEM certificate"),
+                "name a PEM file with one or more -----BEGIN CERTIFICATE----- blocks",
+            )),
+        }
     }
 
     fn url(&self, key: &str, text: &str) -> Result<url::Url, ConfigError> {

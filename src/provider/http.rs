@@ -16,8 +16,8 @@ use crate::{completion::FailureKind, config::ProviderConfig};
 const MAX_BODY: usize = 32 << 20;
 /// A `Retry-After` longer than this is capped: the provider is probed again after it.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
-/// How much of an error body is quoted back.
-const ERROR_SNIPPET: usize = 200;
+/// The longest provider error code or type quoted back to callers.
+const MAX_ERROR_CODE: usize = 64;
 
 /// One pooled client per provider: keep-alive with an idle timeout below common servers'
 /// keep-alive, TCP_NODELAY, HTTP/2 through ALPN on TLS (or prior knowledge when configured).
@@ -145,14 +145,39 @@ fn status_error(status: StatusCode, body: &[u8], retry_after: Option<Duration>) 
         500..=599 => FailureKind::ServerError,
         _ => FailureKind::Malformed,
     };
-    let text = String::from_utf8_lossy(body);
-    let snippet: String = text.chars().take(ERROR_SNIPPET).collect();
+    // An upstream's error body may echo the request — the prompt, even the Authorization
+    // header — so none of it goes back to callers or into the logs: only the status and the
+    // provider's own short error code or type, when its JSON has one (never for 401/403).
+    let code = match kind {
+        FailureKind::Unauthorized => None,
+        _ => error_code(body),
+    };
     ProviderError {
         kind,
         http_status: Some(status.as_u16()),
-        message: format!("HTTP {status}: {}", snippet.trim()),
+        message: match code {
+            Some(code) => format!("HTTP {status} ({code})"),
+            None => format!("HTTP {status}"),
+        },
         retry_after,
     }
+}
+
+/// `error.code` or `error.type` from an OpenAI- or Anthropic-shaped error body, if it is a
+/// short identifier (letters, digits, `_`, `-`, `.`): never free text.
+fn error_code(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let err = v.get("error")?;
+    ["code", "type"]
+        .iter()
+        .filter_map(|k| err.get(k)?.as_str())
+        .find(|c| {
+            !c.is_empty()
+                && c.len() <= MAX_ERROR_CODE
+                && c.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '-' | '.'))
+        })
+        .map(str::to_string)
 }
 
 /// Parses `Retry-After` as seconds or an HTTP date, capped at [`MAX_RETRY_AFTER`].
@@ -205,6 +230,23 @@ mod tests {
         assert_eq!(k(401), FailureKind::Unauthorized);
         assert_eq!(k(422), FailureKind::Rejected);
         assert_eq!(k(503), FailureKind::ServerError);
+    }
+
+    #[test]
+    fn error_bodies_give_at_most_a_short_code() {
+        let secret = br#"{"error": {"message": "Incorrect API key sk-abc123 for prompt 'my secret'", "type": "invalid_request_error", "code": "invalid_api_key"}}"#;
+        let e = status_error(StatusCode::BAD_REQUEST, secret, None);
+        assert_eq!(e.message, "HTTP 400 Bad Request (invalid_api_key)");
+        let e = status_error(StatusCode::UNAUTHORIZED, secret, None);
+        assert_eq!(
+            e.message, "HTTP 401 Unauthorized",
+            "nothing from a 401's body"
+        );
+        let free_text = br#"{"error": {"type": "the prompt was: my secret"}}"#;
+        let e = status_error(StatusCode::INTERNAL_SERVER_ERROR, free_text, None);
+        assert_eq!(e.message, "HTTP 500 Internal Server Error");
+        let e = status_error(StatusCode::BAD_GATEWAY, b"<html>oops</html>", None);
+        assert_eq!(e.message, "HTTP 502 Bad Gateway");
     }
 
     #[test]
