@@ -317,7 +317,13 @@ pub async fn serve(
         config: config.clone(),
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let serving = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        builder =
+            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    let serving = builder
         // Fixed, generous flow-control windows rather than the adaptive one: h2 closes a
         // connection (GOAWAY ENHANCE_YOUR_CALM) once the small DATA frames it buffers exceed
         // half its connection window, and with the 64 KiB starting window that is ~140

@@ -28,7 +28,7 @@ pub use cascade::{BreakerConfig, CascadePolicy, RetryBudget};
 pub use providers::{
     ApiKey, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind, RateLimitConfig,
 };
-pub use server::{Limits, QuotaConfig, ServerConfig};
+pub use server::{Limits, QuotaConfig, ServerConfig, TlsFiles};
 
 use raw::RawFile;
 

@@ -336,6 +336,15 @@ pub struct RawServer {
     pub auth: Option<RawAuth>,
     /// Serve without keys on a non-loopback address. Said at startup.
     pub allow_unauthenticated: bool,
+    /// Serve TLS with this certificate chain and key (PEM files); absent: plaintext.
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: String,
+    pub key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -368,6 +377,7 @@ impl Default for RawServer {
             quotas: None,
             auth: None,
             allow_unauthenticated: false,
+            tls: None,
         }
     }
 }

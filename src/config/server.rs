@@ -5,7 +5,7 @@ use std::{net::SocketAddr, num::NonZeroU32, time::Duration};
 use super::{
     Check, ConfigError,
     auth::{AuthConfig, open_to_network},
-    raw::{RawLimits, RawServer},
+    raw::{RawLimits, RawServer, RawTls},
 };
 
 #[derive(Clone, Debug, PartialEq)]
@@ -21,6 +21,21 @@ pub struct ServerConfig {
     /// Client keys; `None`: no authentication.
     pub auth: Option<AuthConfig>,
     pub allow_unauthenticated: bool,
+    /// The listener's certificate chain and key, PEM; `None`: plaintext.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM bytes read (and checked) at load, so `check` refuses what `serve` would.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsFiles(<cert>, <key redacted>)")
+    }
 }
 
 /// Each client's (tenant's) calls per minute, with a burst.
@@ -39,6 +54,36 @@ pub struct Limits {
 }
 
 impl Check<'_> {
+    fn tls(&self, t: &RawTls) -> Result<TlsFiles, ConfigError> {
+        let read = |key: &str, path: &str, what: &str| {
+            std::fs::read(path).map_err(|e| {
+                self.err(
+                    key,
+                    format!("cannot read {path:?}: {e}"),
+                    format!("name a readable PEM file with the {what}"),
+                )
+            })
+        };
+        let cert_pem = read("server.tls.cert", &t.cert, "certificate chain")?;
+        let key_pem = read("server.tls.key", &t.key, "private key")?;
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        if !text(&cert_pem).contains("-----BEGIN CERTIFICATE-----") {
+            return Err(self.err(
+                "server.tls.cert",
+                format!("{:?} holds no PEM certificate", t.cert),
+                "name the PEM certificate chain (-----BEGIN CERTIFICATE-----)",
+            ));
+        }
+        if !text(&key_pem).contains("PRIVATE KEY-----") {
+            return Err(self.err(
+                "server.tls.key",
+                format!("{:?} holds no PEM private key", t.key),
+                "name the PEM private key (-----BEGIN PRIVATE KEY-----)",
+            ));
+        }
+        Ok(TlsFiles { cert_pem, key_pem })
+    }
+
     pub(super) fn server(&self, s: RawServer, l: RawLimits) -> Result<ServerConfig, ConfigError> {
         let address = |key: &str, text: &str, example: &str| {
             text.parse::<SocketAddr>().map_err(|_| {
@@ -117,11 +162,16 @@ impl Check<'_> {
             }
         };
         let auth = self.auth(s.auth)?;
+        let tls = match &s.tls {
+            None => None,
+            Some(t) => Some(self.tls(t)?),
+        };
         open_to_network(listen, auth.as_ref(), s.allow_unauthenticated).map_err(|e| {
             let (problem, fix) = e.split_once(" (fix: ").unwrap_or((&e, ""));
             self.err("server.listen", problem, fix.trim_end_matches(')'))
         })?;
         Ok(ServerConfig {
+            tls,
             auth,
             allow_unauthenticated: s.allow_unauthenticated,
             quotas,
