@@ -9,8 +9,8 @@ use tracing::Instrument;
 
 use crate::{
     auth::{Authenticate, Client},
-    completion::CompletionRequest,
-    config::ServerConfig,
+    completion::{CompletionRequest, Input},
+    config::{Limits, ServerConfig},
     error::RouterError,
     inflight::InFlight,
     proto::{
@@ -86,6 +86,39 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// The configured bounds on what one request may carry, each breach named.
+fn within_limits(r: &CompletionRequest, l: &Limits) -> Result<(), RouterError> {
+    let over = |what: String| Err(RouterError::InvalidArgument(what));
+    let bytes = match &r.input {
+        Input::Prompt(p) => p.len(),
+        Input::Chat(m) => {
+            if m.len() > l.max_messages {
+                return over(format!(
+                    "{} messages; at most {} (limits.max_messages)",
+                    m.len(),
+                    l.max_messages
+                ));
+            }
+            m.iter().map(|m| m.content.len()).sum()
+        }
+    };
+    if bytes > l.max_prompt_bytes {
+        return over(format!(
+            "{bytes} bytes of prompt; at most {} (limits.max_prompt_bytes)",
+            l.max_prompt_bytes
+        ));
+    }
+    if let Some(t) = r.params.max_tokens
+        && t > l.max_tokens
+    {
+        return over(format!(
+            "max_tokens {t}; at most {} (limits.max_tokens)",
+            l.max_tokens
+        ));
+    }
+    Ok(())
 }
 
 /// Runs one request inside its span. The span is at debug level, so at the default level it
@@ -168,6 +201,7 @@ impl RouterService {
         client: Option<&Client>,
     ) -> Result<Arc<CompletionRequest>, RouterError> {
         let mut request = CompletionRequest::try_from(msg)?;
+        within_limits(&request, &self.config.limits)?;
         if request.request_id.is_empty() {
             request.request_id = format!("req-{:016x}", fastrand::u64(..));
         }
@@ -338,7 +372,10 @@ pub async fn serve(
         .max_connection_age_grace(config.request_timeout)
         .layer(stamp)
         // Every service but health needs a client key when authentication is on.
-        .add_service(RouterServer::with_interceptor(service, auth.clone()))
+        .add_service(InterceptedService::new(
+            RouterServer::new(service).max_decoding_message_size(config.limits.max_message_bytes),
+            auth.clone(),
+        ))
         .add_service(health)
         .add_service(InterceptedService::new(reflection_v1, auth.clone()))
         .add_service(InterceptedService::new(reflection_v1alpha, auth))

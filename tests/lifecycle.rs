@@ -195,3 +195,52 @@ async fn calls_over_the_in_flight_limit_are_shed_at_once() {
         h.abort();
     }
 }
+
+#[tokio::test]
+async fn each_input_limit_is_named_when_breached_and_nothing_else_fails() {
+    let up = MockServer::start(Script::default()).await.unwrap();
+    let router = start(&format!(
+        "limits: {{max_prompt_bytes: 100, max_messages: 2, max_tokens: 50, max_message_bytes: 2048}}\nproviders:\n{}",
+        openai("up", 1, &up.url())
+    ))
+    .await;
+    let mut c = router.client.clone();
+    let chat = |n: usize| cascade_router::proto::v1::CompleteRequest {
+        prompt: String::new(),
+        messages: (0..n)
+            .map(|_| cascade_router::proto::v1::ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            })
+            .collect(),
+        ..prompt("")
+    };
+    let big_tokens = cascade_router::proto::v1::CompleteRequest {
+        max_tokens: Some(51),
+        ..prompt("hi")
+    };
+    for (req, limit) in [
+        (prompt(&"x".repeat(101)), "limits.max_prompt_bytes"),
+        (chat(3), "limits.max_messages"),
+        (big_tokens, "limits.max_tokens"),
+    ] {
+        let err = c.complete(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(err.message().contains(limit), "{}", err.message());
+    }
+    let huge = c.complete(prompt(&"x".repeat(4096))).await.unwrap_err();
+    // tonic answers its decode limit with OUT_OF_RANGE (not configurable without a codec of
+    // our own), naming the sizes.
+    assert_eq!(huge.code(), Code::OutOfRange, "{}", huge.message());
+    assert!(
+        huge.message().contains("the limit is: 2048"),
+        "{}",
+        huge.message()
+    );
+    assert_eq!(
+        c.ask(prompt("still fine")).await.text,
+        mock::reply("still fine")
+    );
+    assert_eq!(c.ask(chat(2)).await.text, mock::reply("hi"));
+    assert_eq!(up.stats().requests, 2, "no refused call went upstream");
+}

@@ -394,6 +394,14 @@ pub struct RawLimits {
     /// flight get `server.request_timeout_seconds` to finish), so idle or forgotten
     /// connections do not pile up and clients rebalance across replicas.
     pub max_connection_age_seconds: f64,
+    /// Bytes of prompt (or of all messages' contents) one request may carry.
+    pub max_prompt_bytes: usize,
+    /// Chat messages one request may carry.
+    pub max_messages: usize,
+    /// The largest `max_tokens` a request may ask for.
+    pub max_tokens: u32,
+    /// The largest encoded request message accepted (gRPC decode limit).
+    pub max_message_bytes: usize,
 }
 
 impl Default for RawLimits {
@@ -402,6 +410,10 @@ impl Default for RawLimits {
             max_in_flight: 10_000,
             max_concurrent_streams: 1024,
             max_connection_age_seconds: 600.0,
+            max_prompt_bytes: 1 << 20,
+            max_messages: 256,
+            max_tokens: 32_768,
+            max_message_bytes: 4 << 20,
         }
     }
 }

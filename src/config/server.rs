@@ -51,6 +51,10 @@ pub struct Limits {
     pub max_in_flight: usize,
     pub max_concurrent_streams: u32,
     pub max_connection_age: Duration,
+    pub max_prompt_bytes: usize,
+    pub max_messages: usize,
+    pub max_tokens: u32,
+    pub max_message_bytes: usize,
 }
 
 impl Check<'_> {
@@ -133,6 +137,10 @@ impl Check<'_> {
         let limits = Limits {
             max_in_flight: l.max_in_flight,
             max_concurrent_streams: l.max_concurrent_streams,
+            max_prompt_bytes: l.max_prompt_bytes.max(1),
+            max_messages: l.max_messages.max(1),
+            max_tokens: l.max_tokens.max(1),
+            max_message_bytes: l.max_message_bytes.max(1024),
             max_connection_age: self.seconds(
                 "limits.max_connection_age_seconds",
                 l.max_connection_age_seconds,
