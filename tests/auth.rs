@@ -215,3 +215,74 @@ fn an_unauthenticated_router_stays_on_loopback_unless_told() {
     let allowed = yaml.replacen("}\n", ", allow_unauthenticated: true}\n", 1);
     assert!(cascade_router::config::parse(&allowed, "f.yaml", &|_| None).is_ok());
 }
+
+const PROVIDER_KEY: &str = "sk-provider-secret-5555-abcdef";
+const PROMPT: &str = "my private question about invoice 7781";
+
+/// Providers whose 401 and 400 bodies echo the Authorization header and the prompt, a healthy
+/// one behind them; the binary logging at trace in `format`. Returns every log line and what
+/// the client saw.
+async fn echoes(format: &str) -> (Vec<String>, String) {
+    use cascade_devtools::mock::Fault;
+    let echo = |code| Script {
+        fault: Some(Fault::Echo(code)),
+        ..Script::default()
+    };
+    let a = MockServer::start(echo(401)).await.unwrap();
+    let b = MockServer::start(echo(400)).await.unwrap();
+    let c = MockServer::start(Script::default()).await.unwrap();
+    let entry = |name: &str, priority: i32, url: &str| {
+        format!(
+            "  - {{name: {name}, type: openai, priority: {priority}, base_url: \"{url}/v1\", api_key: \"${{PROVIDER_KEY}}\", models: [m]}}\n"
+        )
+    };
+    let yaml = format!(
+        "server:\n  auth:\n    keys:\n      - {{name: client, key: \"${{CLIENT_KEY}}\"}}\nproviders:\n{}{}{}",
+        entry("a", 1, &a.url()),
+        entry("b", 2, &b.url()),
+        entry("c", 3, &c.url()),
+    );
+    let path = temp_file("echo", &yaml);
+    let served = Served::start_with_env(
+        &["--log-format", format],
+        &path,
+        "trace",
+        &[("PROVIDER_KEY", PROVIDER_KEY), ("CLIENT_KEY", TRIAGE_KEY)],
+    );
+    let mut client = served.client().await;
+    let r = client
+        .complete(with_key(prompt(PROMPT), TRIAGE_KEY))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.provider, "c");
+    assert!(
+        a.stats().requests == 1 && b.stats().requests == 1,
+        "both echoing providers were asked"
+    );
+    // The answer itself echoes the prompt (that is the mock's reply); what the router says
+    // about the failed attempts must not.
+    let seen = format!("{:?}", r.attempts);
+    (served.finish(), seen)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_key_or_prompt_leaves_through_errors_or_logs_at_any_level() {
+    for format in ["text", "json"] {
+        let (lines, client_saw) = echoes(format).await;
+        assert!(
+            lines.len() > 20,
+            "trace logging was on: {} lines",
+            lines.len()
+        );
+        for secret in [PROVIDER_KEY, TRIAGE_KEY, PROMPT, "invoice 7781"] {
+            assert!(
+                !client_saw.contains(secret),
+                "the client saw {secret:?}: {client_saw}"
+            );
+            if let Some(line) = lines.iter().find(|l| l.contains(secret)) {
+                panic!("{format} log holds {secret:?}: {line}");
+            }
+        }
+    }
+}

@@ -104,6 +104,9 @@ pub enum Fault {
     Slow(Duration),
     /// One of these, picked at random for each faulty request.
     AnyOf(Vec<Fault>),
+    /// This status, with an OpenAI-shaped error whose message echoes the request's
+    /// Authorization header and prompts, as careless providers do.
+    Echo(u16),
 }
 
 impl Fault {
@@ -380,6 +383,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
 }
 
 async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let authorization = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let endpoint = match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/completions") => Endpoint::Completions,
         (&Method::POST, "/v1/chat/completions") => Endpoint::Chat,
@@ -429,6 +438,17 @@ async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     {
         match fault.pick() {
             Fault::Slow(extra) => tokio::time::sleep(*extra).await,
+            Fault::Echo(code) => {
+                let message = format!(
+                    "Incorrect API key provided: {authorization}; prompt was {}",
+                    prompts.join(" | ")
+                );
+                let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_REQUEST);
+                return full(
+                    status,
+                    json!({"error": {"message": message, "type": message}}).to_string(),
+                );
+            }
             other => return faulty(other).await,
         }
     }
@@ -522,7 +542,9 @@ async fn faulty(fault: &Fault) -> Response<Body> {
         }
         Fault::MalformedJson => full(StatusCode::OK, "{\"choices\": [ this is not json"),
         // Resolved before a response is made (see `Fault::pick`).
-        Fault::Slow(_) | Fault::AnyOf(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "no fault"),
+        Fault::Slow(_) | Fault::AnyOf(_) | Fault::Echo(_) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, "no fault")
+        }
         Fault::Hang => std::future::pending().await,
         Fault::ResetMidBody => {
             let chunks: Vec<Result<Frame<Bytes>, io::Error>> = vec![

@@ -201,6 +201,16 @@ impl Served {
     /// Starts `cascade-router [global args] serve --config PATH --listen 127.0.0.1:0` and waits
     /// for it to say where it listens.
     pub fn start(global: &[&str], config: &std::path::Path, rust_log: &str) -> Served {
+        Served::start_with_env(global, config, rust_log, &[])
+    }
+
+    /// [`Served::start`] with extra environment variables.
+    pub fn start_with_env(
+        global: &[&str],
+        config: &std::path::Path,
+        rust_log: &str,
+        env: &[(&str, &str)],
+    ) -> Served {
         use std::{
             io::{BufRead, BufReader},
             process::{Command, Stdio},
@@ -210,6 +220,7 @@ impl Served {
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(config)
             .env("RUST_LOG", rust_log)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
