@@ -34,18 +34,7 @@ async fn sigterm_answers_every_call_in_flight_then_exits_zero() {
     providers(&mut idle).await;
 
     let busy = served.client().await;
-    let calls: Vec<_> = (0..200)
-        .map(|i| {
-            let mut c = busy.clone();
-            tokio::spawn(async move {
-                c.complete(with_timeout(
-                    prompt(&format!("p{i}")),
-                    Duration::from_secs(60),
-                ))
-                .await
-            })
-        })
-        .collect();
+    let calls = spawn_calls(&busy, 200, "p", Duration::from_secs(60));
     up.wait_for(|s| s.requests >= 200).await;
 
     served.signal("TERM");

@@ -26,18 +26,7 @@ async fn a_hanging_first_provider_leaves_time_for_the_next() {
         openai("third", 3, &third.url()),
     ))
     .await;
-    let calls: Vec<_> = (0..200)
-        .map(|i| {
-            let mut c = router.client.clone();
-            tokio::spawn(async move {
-                c.complete(with_timeout(
-                    prompt(&format!("q{i}")),
-                    Duration::from_secs(5),
-                ))
-                .await
-            })
-        })
-        .collect();
+    let calls = spawn_calls(&router.client, 200, "q", Duration::from_secs(5));
     for (i, call) in calls.into_iter().enumerate() {
         let r = call.await.unwrap().unwrap().into_inner();
         assert_eq!(
@@ -74,18 +63,7 @@ async fn a_slow_provider_at_capacity_sheds_without_opening_its_breaker() {
         slow.url()
     ))
     .await;
-    let calls: Vec<_> = (0..600)
-        .map(|i| {
-            let mut c = router.client.clone();
-            tokio::spawn(async move {
-                c.complete(with_timeout(
-                    prompt(&format!("s{i}")),
-                    Duration::from_secs(5),
-                ))
-                .await
-            })
-        })
-        .collect();
+    let calls = spawn_calls(&router.client, 600, "s", Duration::from_secs(5));
     let (mut served, mut shed) = (0, 0);
     for call in calls {
         match call.await.unwrap() {
@@ -222,18 +200,7 @@ async fn a_provider_quota_sends_the_burst_on_and_the_rest_elsewhere() {
     ))
     .await;
     let started = std::time::Instant::now();
-    let calls: Vec<_> = (0..100)
-        .map(|i| {
-            let mut c = router.client.clone();
-            tokio::spawn(async move {
-                c.complete(with_timeout(
-                    prompt(&format!("r{i}")),
-                    Duration::from_secs(2),
-                ))
-                .await
-            })
-        })
-        .collect();
+    let calls = spawn_calls(&router.client, 100, "r", Duration::from_secs(2));
     for (i, call) in calls.into_iter().enumerate() {
         let r = call.await.unwrap().unwrap().into_inner();
         assert_eq!(r.text, mock::reply(&format!("r{i}")));

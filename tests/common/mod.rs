@@ -129,6 +129,23 @@ pub async fn complete_batch(
         .results
 }
 
+/// Calls in flight: `n` Completes of the prompts `{tag}{i}`, each with `timeout`, each in a task
+/// of its own, all started at once; await the handles for the answers, in order.
+pub fn spawn_calls(
+    client: &RouterClient<Channel>,
+    n: usize,
+    tag: &str,
+    timeout: Duration,
+) -> Vec<JoinHandle<Result<tonic::Response<v1::CompleteResponse>, tonic::Status>>> {
+    (0..n)
+        .map(|i| {
+            let mut c = client.clone();
+            let req = with_timeout(prompt(&format!("{tag}{i}")), timeout);
+            tokio::spawn(async move { c.complete(req).await })
+        })
+        .collect()
+}
+
 pub fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(timeout);
