@@ -141,6 +141,24 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    /// The label value in metrics: snake case, stable.
+    pub fn metric_name(self) -> &'static str {
+        match self {
+            FailureKind::Connect => "connect",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Io => "io",
+            FailureKind::ServerError => "server_error",
+            FailureKind::RateLimited => "rate_limited",
+            FailureKind::Unauthorized => "unauthorized",
+            FailureKind::Rejected => "rejected",
+            FailureKind::Malformed => "malformed",
+            FailureKind::CircuitOpen => "circuit_open",
+            FailureKind::CoolingDown => "cooling_down",
+            FailureKind::NoTimeLeft => "no_time_left",
+            FailureKind::Overloaded => "overloaded",
+        }
+    }
+
     /// A provider skipped by its breaker or `Retry-After` cool-down, with no request sent.
     pub fn is_refusal(self) -> bool {
         matches!(self, FailureKind::CircuitOpen | FailureKind::CoolingDown)

@@ -34,6 +34,25 @@ impl ProviderLabel {
 
 type HistogramFamily = Family<ProviderLabel, Histogram, fn() -> Histogram>;
 
+/// A call at the edge: its method and the gRPC code it ended with.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabel {
+    pub method: &'static str,
+    pub code: String,
+}
+
+/// A failed upstream request: the provider and how it failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabel {
+    pub provider: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: &'static str,
+}
+
 /// Completion-cache counters.
 #[derive(Clone, Default)]
 pub struct CacheMetrics {
@@ -53,6 +72,17 @@ pub struct Metrics {
     pub upstream_items: Family<ProviderLabel, Counter>,
     pub batch_size: HistogramFamily,
     pub queue_wait_seconds: HistogramFamily,
+    /// Calls answered, by method and gRPC code (`cascade_requests_total`).
+    pub calls: Family<CallLabel, Counter>,
+    /// Time from a call's arrival to its answer, by method.
+    pub call_seconds: Family<MethodLabel, Histogram, fn() -> Histogram>,
+    /// Upstream requests that failed, by provider and failure kind.
+    pub upstream_failures: Family<FailureLabel, Counter>,
+    /// Each provider's circuit: 0 closed, 1 half-open, 2 open (set when scraped).
+    pub circuit: Family<ProviderLabel, Gauge>,
+    /// Calls running now (set when scraped) and calls shed by `limits.max_in_flight`.
+    pub in_flight: Gauge,
+    pub shed: Counter,
 }
 
 fn batch_buckets() -> Histogram {
@@ -60,7 +90,7 @@ fn batch_buckets() -> Histogram {
 }
 
 fn wait_buckets() -> Histogram {
-    // 50 µs .. ~1.6 s
+    // 50 µs .. ~1.6 s, then +Inf
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
@@ -127,6 +157,40 @@ impl Metrics {
             "Time a prompt waited in its batch queue",
             queue_wait_seconds.clone(),
         );
+        let calls = Family::default();
+        let call_seconds: Family<MethodLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(wait_buckets);
+        let upstream_failures = Family::default();
+        let circuit = Family::default();
+        let in_flight = Gauge::default();
+        let shed = Counter::default();
+        registry.register(
+            "requests",
+            "Calls answered, by method and gRPC code",
+            calls.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a call's arrival to its answer",
+            call_seconds.clone(),
+        );
+        registry.register("in_flight", "Calls running now", in_flight.clone());
+        registry.register(
+            "shed",
+            "Calls refused at once by limits.max_in_flight",
+            shed.clone(),
+        );
+        let u = registry.sub_registry_with_prefix("upstream");
+        u.register(
+            "failures",
+            "Upstream requests that failed, by kind",
+            upstream_failures.clone(),
+        );
+        u.register(
+            "circuit_state",
+            "Circuit per provider: 0 closed, 1 half-open, 2 open",
+            circuit.clone(),
+        );
         Metrics {
             registry,
             cache,
@@ -134,6 +198,12 @@ impl Metrics {
             upstream_items,
             batch_size,
             queue_wait_seconds,
+            calls,
+            call_seconds,
+            upstream_failures,
+            circuit,
+            in_flight,
+            shed,
         }
     }
 

@@ -15,8 +15,8 @@ use crate::{
     completion::{Answer, CacheMode, CompletionRequest},
     config::{BreakerConfig, CacheConfig, Config, ProviderConfig},
     error::RouterError,
-    metrics::Metrics,
-    upstream::{Snapshot, Upstream},
+    metrics::{Metrics, ProviderLabel},
+    upstream::{Circuit, Snapshot, Upstream},
 };
 
 /// How many times a caller starts a shared flight again after another caller's deadline
@@ -202,10 +202,28 @@ impl Router {
 
     /// The Prometheus text exposition of this router's metrics, with the cache settled first.
     pub fn render_metrics(&self) -> String {
-        if let Some((_, cache)) = &self.state.load().cache {
+        let state = self.state.load();
+        if let Some((_, cache)) = &state.cache {
             cache.settle();
         }
+        for (_, up) in &state.upstreams {
+            let s = up.snapshot();
+            let value = match s.circuit {
+                Circuit::Closed => 0,
+                Circuit::HalfOpen => 1,
+                Circuit::Open => 2,
+            };
+            self.metrics
+                .circuit
+                .get_or_create(&ProviderLabel::of(&s.name))
+                .set(value);
+        }
         self.metrics.render()
+    }
+
+    /// The registry's handles, for the edge's own series (calls, in flight, shed).
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Providers in priority order, with their live state.

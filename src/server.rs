@@ -13,6 +13,7 @@ use crate::{
     config::{Limits, ServerConfig},
     error::RouterError,
     inflight::InFlight,
+    metrics::{CallLabel, MethodLabel},
     proto::{
         self,
         v1::{self, router_server::RouterServer},
@@ -43,14 +44,43 @@ pub struct RouterService {
 impl RouterService {
     /// Runs `work` for one admitted call: shed when `limits.max_in_flight` calls are
     /// running, refused while draining, and answered UNAVAILABLE if the shutdown grace ends
-    /// before it does.
-    async fn call<T>(&self, work: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
-        let _ticket = self.inflight.enter()?;
-        tokio::select! {
-            biased;
-            r = work => r,
-            () = self.inflight.abandoned() => Err(RouterError::ShuttingDown.into()),
-        }
+    /// before it does. Counted by method and code, and timed.
+    async fn call<T>(
+        &self,
+        method: &'static str,
+        work: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let started = Instant::now();
+        let result = match self.inflight.enter() {
+            Err(e) => {
+                if matches!(e, RouterError::AtCapacity { .. }) {
+                    self.router.metrics().shed.inc();
+                }
+                Err(e.into())
+            }
+            Ok(_ticket) => tokio::select! {
+                biased;
+                r = work => r,
+                () = self.inflight.abandoned() => Err(RouterError::ShuttingDown.into()),
+            },
+        };
+        let metrics = self.router.metrics();
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        metrics
+            .calls
+            .get_or_create(&CallLabel {
+                method,
+                code: format!("{code:?}"),
+            })
+            .inc();
+        metrics
+            .call_seconds
+            .get_or_create(&MethodLabel { method })
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 
     /// The caller's deadline from `grpc-timeout`, or the configured default.
@@ -157,7 +187,7 @@ impl v1::router_server::Router for RouterService {
         &self,
         req: Request<v1::CompleteRequest>,
     ) -> Result<Response<v1::CompleteResponse>, Status> {
-        self.call(async {
+        self.call("Complete", async {
             let deadline = self.deadline(&req);
             let client = req.extensions().get::<Client>().cloned();
             let request = self.admit(req.into_inner(), client.as_ref())?;
@@ -174,7 +204,7 @@ impl v1::router_server::Router for RouterService {
         &self,
         req: Request<v1::CompleteBatchRequest>,
     ) -> Result<Response<v1::CompleteBatchResponse>, Status> {
-        self.call(self.batch(req)).await
+        self.call("CompleteBatch", self.batch(req)).await
     }
 
     async fn list_providers(
@@ -319,6 +349,7 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
+    let inflight = Arc::new(InFlight::new(config.limits.max_in_flight));
     // Dropped (and so stopped) when serving ends.
     let _metrics = match config.metrics_listen {
         None => None,
@@ -326,9 +357,13 @@ pub async fn serve(
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| ServeError::Metrics(addr, e))?;
-            let scraped = router.clone();
+            let (scraped, running) = (router.clone(), inflight.clone());
             let task = tokio::spawn(crate::metrics::serve(
-                Arc::new(move || scraped.render_metrics()),
+                Arc::new(move || {
+                    let n = i64::try_from(running.count()).unwrap_or(i64::MAX);
+                    scraped.metrics().in_flight.set(n);
+                    scraped.render_metrics()
+                }),
                 listener,
             ));
             Some(AbortOnDrop(task))
@@ -341,7 +376,6 @@ pub async fn serve(
             r.extensions_mut().insert(Arrival(Instant::now()));
             r
         });
-    let inflight = Arc::new(InFlight::new(config.limits.max_in_flight));
     let auth = Authenticate::new(config.auth.as_ref());
     let grace = config.shutdown_grace;
     let service = RouterService {

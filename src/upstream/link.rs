@@ -23,7 +23,7 @@ use super::{
 use crate::{
     completion::{Completion, CompletionRequest, FailureKind},
     config::{BreakerConfig, ProviderConfig},
-    metrics::{Metrics, ProviderLabel},
+    metrics::{FailureLabel, Metrics, ProviderLabel},
     provider::{Provider, ProviderError},
     rate::{ProviderLimit, estimate_tokens},
 };
@@ -218,6 +218,7 @@ impl Link {
                 if budget.deadline_bound {
                     // The caller's deadline, not the provider, ran out: not the provider's fault.
                     self.stats.failure();
+                    self.count_failure(FailureKind::Timeout);
                     pass.neutral();
                     tracing::debug!(provider = %self.name, "caller's deadline passed during the upstream request");
                 } else {
@@ -279,12 +280,23 @@ impl Link {
         .await
     }
 
+    fn count_failure(&self, kind: FailureKind) {
+        self.metrics
+            .upstream_failures
+            .get_or_create(&FailureLabel {
+                provider: self.label.provider.clone(),
+                kind: kind.metric_name(),
+            })
+            .inc();
+    }
+
     pub(super) fn observe_batch(&self, size: usize, waits: impl Iterator<Item = Duration>) {
         self.metrics.observe_batch(&self.label, size, waits);
     }
 
     fn failed(&self, pass: Pass<'_>, e: &ProviderError) {
         self.stats.failure();
+        self.count_failure(e.kind);
         if e.counts_against_provider() {
             pass.failure();
         } else {
