@@ -452,3 +452,76 @@ mod tests {
         assert_eq!(unknown_key("invalid type: string"), None);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Whatever a cascade file holds, loading it never panics, and a refusal is one line.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    /// Provider entries made of keys we know, keys we do not, and values of every type.
+    fn entry() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            Just("name"),
+            Just("type"),
+            Just("models"),
+            Just("batching"),
+            Just("url"),
+            Just("base_url"),
+            Just("api_key"),
+            Just("priority"),
+            Just("timeout_seconds"),
+            Just("max_concurrency"),
+            Just("rate_limit"),
+            Just("http"),
+            Just("batchng"),
+            Just("enabled"),
+            Just("max_waiting"),
+            Just("description"),
+        ];
+        let value = prop_oneof![
+            Just("simulated".to_string()),
+            Just("openai".to_string()),
+            Just("[m]".to_string()),
+            Just("{max_batch_size: 0}".to_string()),
+            Just("-1".to_string()),
+            Just("1e300".to_string()),
+            Just("\"http://127.0.0.1:1/v1\"".to_string()),
+            Just("{}".to_string()),
+            Just("null".to_string()),
+            Just("[{name: m, default: true, batching: {max_wait_ms: 99999}}]".to_string()),
+            Just("{requests_per_minute: 0}".to_string()),
+            Just("\"${UNSET}\"".to_string()),
+            "[a-z]{0,8}".prop_map(String::from),
+        ];
+        proptest::collection::vec((key, value), 0..8).prop_map(|kv| {
+            let fields: Vec<String> = kv.into_iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            format!("  - {{{}}}\n", fields.join(", "))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_text_loads_or_fails_in_one_line(text in "\\PC{0,200}") {
+            if let Err(e) = parse(&text, "f.yaml", &no_env) {
+                prop_assert!(!e.to_string().contains('\n'), "{}", e);
+            }
+        }
+
+        #[test]
+        fn any_provider_entries_load_or_fail_in_one_line(entries in proptest::collection::vec(entry(), 0..4)) {
+            let text = format!("providers:\n{}", entries.concat());
+            if let Err(e) = parse(&text, "f.yaml", &no_env) {
+                prop_assert!(!e.to_string().contains('\n'), "{}", e);
+                prop_assert!(e.to_string().starts_with("f.yaml: "), "{}", e);
+            }
+        }
+    }
+}

@@ -288,3 +288,42 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Whatever an upstream sends, parsing it never panics and every caller gets exactly one
+    //! result.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_body_parses_or_fails_cleanly(body in proptest::collection::vec(any::<u8>(), 0..512), n in 0usize..16) {
+            if let Ok(resp) = serde_json::from_slice::<CompletionsResponse>(&body) {
+                prop_assert_eq!(match_choices(n, resp.choices).len(), n);
+            }
+        }
+
+        #[test]
+        fn any_choices_map_to_one_result_per_prompt(
+            indices in proptest::collection::vec(any::<u32>(), 0..40),
+            small in proptest::collection::vec(0u32..12, 0..40),
+            n in 0usize..12,
+        ) {
+            let choices = |ix: &[u32]| ix.iter().map(|&index| TextChoice {
+                index,
+                text: format!("t{index}"),
+                finish_reason: None,
+            }).collect::<Vec<_>>();
+            prop_assert_eq!(match_choices(n, choices(&indices)).len(), n);
+            let out = match_choices(n, choices(&small));
+            for (i, r) in out.iter().enumerate() {
+                let times = small.iter().filter(|&&x| x as usize == i).count();
+                prop_assert_eq!(r.is_ok(), times == 1, "prompt {} had {} choices", i, times);
+            }
+        }
+    }
+}
