@@ -281,7 +281,6 @@ async fn worker(
         }
         queued.fetch_sub(batch.len(), Relaxed);
         link.stats.dequeued(batch.len());
-        batch.retain(|i| !i.gone());
         // The wait for a slot is the router's, not the provider's: a try whose time ran out
         // meanwhile moves on without being sent (and without a verdict on the provider).
         let now = Instant::now();
@@ -291,11 +290,11 @@ async fn worker(
                 "no free slot before its time ran out",
             )));
         }
+        // Drops those, and the items whose callers went away.
         batch.retain(|i| !i.gone());
         if batch.is_empty() {
             continue;
         }
-        let now = Instant::now();
         let waits = batch
             .iter()
             .map(|i| now.saturating_duration_since(i.enqueued));
