@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use prometheus_client::metrics::counter::Counter;
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status, service::Interceptor};
 
@@ -26,10 +27,12 @@ pub struct Client {
 pub struct Authenticate {
     keys: Arc<[(KeyHash, Client)]>,
     on: bool,
+    /// Counts the calls refused here, which no handler sees.
+    refused: Counter,
 }
 
 impl Authenticate {
-    pub fn new(auth: Option<&AuthConfig>) -> Authenticate {
+    pub fn new(auth: Option<&AuthConfig>, refused: Counter) -> Authenticate {
         let keys = auth
             .map(|a| {
                 a.keys
@@ -47,6 +50,7 @@ impl Authenticate {
         Authenticate {
             keys,
             on: auth.is_some(),
+            refused,
         }
     }
 
@@ -75,20 +79,20 @@ impl Interceptor for Authenticate {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
-        let client = match presented {
-            None => {
-                return Err(RouterError::Unauthenticated(
-                    "no client key: send the metadata `authorization: Bearer <key>`",
-                )
-                .into());
-            }
-            Some(key) => self
-                .find(key)
-                .cloned()
-                .ok_or(RouterError::Unauthenticated("unknown client key"))?,
+        let found = match presented {
+            None => Err("no client key: send the metadata `authorization: Bearer <key>`"),
+            Some(key) => self.find(key).cloned().ok_or("unknown client key"),
         };
-        req.extensions_mut().insert(client);
-        Ok(req)
+        match found {
+            Ok(client) => {
+                req.extensions_mut().insert(client);
+                Ok(req)
+            }
+            Err(why) => {
+                self.refused.inc();
+                Err(RouterError::Unauthenticated(why).into())
+            }
+        }
     }
 }
 
@@ -107,7 +111,7 @@ mod tests {
                 models: None,
             }],
         };
-        let a = Authenticate::new(Some(&auth));
+        let a = Authenticate::new(Some(&auth), Counter::default());
         assert_eq!(a.find(key).map(|c| &*c.name), Some("a"));
         assert!(a.find(&key[..20]).is_none(), "a prefix is not the key");
         assert!(a.find(&format!("{}x", &key[..key.len() - 1])).is_none());

@@ -124,7 +124,7 @@ pub struct Answer {
 }
 
 /// Why a provider did not answer (mirrors `cascade.v1.FailureKind`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FailureKind {
     Connect,
     Timeout,

@@ -119,6 +119,34 @@ impl RouterError {
     }
 }
 
+/// tonic refuses a message over the decode limit (OUT_OF_RANGE) or one that is not valid
+/// protobuf (INTERNAL) before any handler runs. Both are the caller's doing, so the response
+/// is re-coded RESOURCE_EXHAUSTED, naming the limit, and INVALID_ARGUMENT — the codes a
+/// client acts on. Any other response passes untouched: only trailers-only answers carry
+/// `grpc-status` in their headers, so the common case is one header lookup.
+pub(crate) fn recode_codec_refusal<B>(
+    mut r: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    let Some(status) = Status::from_header_map(r.headers()) else {
+        return r;
+    };
+    let recoded = match status.code() {
+        Code::OutOfRange if status.message().contains("message length too large") => {
+            Status::resource_exhausted(format!("{} (limits.max_message_bytes)", status.message()))
+        }
+        Code::Internal
+            if status
+                .message()
+                .starts_with("failed to decode Protobuf message") =>
+        {
+            Status::invalid_argument(format!("not a valid request: {}", status.message()))
+        }
+        _ => return r,
+    };
+    let _ = recoded.add_header(r.headers_mut());
+    r
+}
+
 impl From<RouterError> for Status {
     fn from(err: RouterError) -> Status {
         let mut status = Status::new(err.code(), err.to_string());

@@ -31,12 +31,18 @@
 //! - `inflight`: the bound on calls in flight and the drain at shutdown.
 //! - `error`: the router's error type and its one mapping to `tonic::Status`.
 //! - `metrics`: the Prometheus registry served at `server.metrics_listen`.
+//! - `fuzzing` (tests, feature `fuzzing`): the untrusted-input entry points that the property
+//!   tests and the fuzz targets in `fuzz/` drive.
 //!
 //! The team's tools (mock provider, load harness) live in the `devtools` crate, not here.
 
 pub mod config;
 pub mod proto;
 pub mod server;
+
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 
 mod auth;
 mod cache;

@@ -83,6 +83,17 @@ pub struct Metrics {
     /// Calls running now (set when scraped) and calls shed by `limits.max_in_flight`.
     pub in_flight: Gauge,
     pub shed: Counter,
+    /// Calls refused for a missing or unknown client key (before any handler runs).
+    pub unauthenticated: Counter,
+    /// Each upstream request's time from send to outcome, per provider.
+    pub upstream_seconds: HistogramFamily,
+    /// Time a request waited for the provider's `rate_limit` before it could be sent.
+    pub rate_wait_seconds: HistogramFamily,
+    /// Requests the provider's `rate_limit` held back past their time (they moved on).
+    pub rate_limited: Family<ProviderLabel, Counter>,
+    /// The router's own share of an answered, uncached call: its duration less the time
+    /// in a batch queue and at the provider.
+    pub overhead_seconds: Histogram,
 }
 
 fn batch_buckets() -> Histogram {
@@ -164,6 +175,21 @@ impl Metrics {
         let circuit = Family::default();
         let in_flight = Gauge::default();
         let shed = Counter::default();
+        let unauthenticated = Counter::default();
+        let upstream_seconds: HistogramFamily = Family::new_with_constructor(wait_buckets);
+        let rate_wait_seconds: HistogramFamily = Family::new_with_constructor(wait_buckets);
+        let rate_limited = Family::default();
+        let overhead_seconds = wait_buckets();
+        registry.register(
+            "unauthenticated",
+            "Calls refused for a missing or unknown client key",
+            unauthenticated.clone(),
+        );
+        registry.register(
+            "router_overhead_seconds",
+            "An answered uncached call's time less its batch-queue wait and upstream time",
+            overhead_seconds.clone(),
+        );
         registry.register(
             "requests",
             "Calls answered, by method and gRPC code",
@@ -191,6 +217,21 @@ impl Metrics {
             "Circuit per provider: 0 closed, 1 half-open, 2 open",
             circuit.clone(),
         );
+        u.register(
+            "request_duration_seconds",
+            "Upstream HTTP requests' time from send to outcome",
+            upstream_seconds.clone(),
+        );
+        u.register(
+            "rate_limit_wait_seconds",
+            "Time a request waited for its provider's rate_limit",
+            rate_wait_seconds.clone(),
+        );
+        u.register(
+            "rate_limited",
+            "Requests the provider's rate_limit held back past their time",
+            rate_limited.clone(),
+        );
         Metrics {
             registry,
             cache,
@@ -204,6 +245,11 @@ impl Metrics {
             circuit,
             in_flight,
             shed,
+            unauthenticated,
+            upstream_seconds,
+            rate_wait_seconds,
+            rate_limited,
+            overhead_seconds,
         }
     }
 

@@ -158,6 +158,7 @@ async fn handle(
     router: &Router,
     request: &Arc<CompletionRequest>,
     deadline: Instant,
+    log_prompts: bool,
 ) -> Result<crate::completion::Answer, RouterError> {
     let span = tracing::debug_span!(
         "request",
@@ -170,7 +171,23 @@ async fn handle(
             timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64,
             "request received"
         );
+        if log_prompts {
+            tracing::info!(request_id = %request.request_id, prompt = %shown(&request.input), "prompt (server.log_prompts)");
+        }
+        let started = Instant::now();
         let outcome = router.complete(request, deadline).await;
+        if let Ok(a) = &outcome
+            && !a.cached
+        {
+            let own = started
+                .elapsed()
+                .saturating_sub(a.queue_wait)
+                .saturating_sub(a.upstream);
+            router.metrics().overhead_seconds.observe(own.as_secs_f64());
+        }
+        if log_prompts && let Ok(a) = &outcome {
+            tracing::info!(request_id = %request.request_id, completion = %a.completion.text, "completion (server.log_prompts)");
+        }
         match &outcome {
             Ok(a) => tracing::debug!(provider = %a.provider, cached = a.cached, batch_size = a.batch_size, "answered"),
             Err(e) => tracing::debug!(code = ?e.code(), error = %e, "failed"),
@@ -179,6 +196,18 @@ async fn handle(
     }
     .instrument(span)
     .await
+}
+
+/// A request's prompt or messages as one line of text, for `server.log_prompts`.
+fn shown(input: &Input) -> String {
+    match input {
+        Input::Prompt(p) => p.clone(),
+        Input::Chat(messages) => messages
+            .iter()
+            .map(|m| format!("{:?}: {}", m.role, m.content))
+            .collect::<Vec<_>>()
+            .join(" | "),
+    }
 }
 
 #[tonic::async_trait]
@@ -191,7 +220,7 @@ impl v1::router_server::Router for RouterService {
             let deadline = self.deadline(&req);
             let client = req.extensions().get::<Client>().cloned();
             let request = self.admit(req.into_inner(), client.as_ref())?;
-            let answer = handle(&self.router, &request, deadline).await?;
+            let answer = handle(&self.router, &request, deadline, self.config.log_prompts).await?;
             Ok(Response::new(v1::CompleteResponse::from_answer(
                 answer,
                 request.request_id.clone(),
@@ -285,11 +314,12 @@ impl RouterService {
         let mut tasks = JoinSet::new();
         for (i, item) in items.into_iter().enumerate() {
             let router = self.router.clone();
+            let log_prompts = self.config.log_prompts;
             let admitted = self.admit(item, client.as_ref());
             tasks.spawn(async move {
                 let result = match admitted {
                     Err(e) => v1::batch_result::Result::Error(e.into()),
-                    Ok(r) => match handle(&router, &r, deadline).await {
+                    Ok(r) => match handle(&router, &r, deadline, log_prompts).await {
                         Ok(a) => v1::batch_result::Result::Response(
                             v1::CompleteResponse::from_answer(a, r.request_id.clone()),
                         ),
@@ -371,12 +401,16 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let stamp =
-        tower::ServiceBuilder::new().map_request(|mut r: http::Request<tonic::body::Body>| {
+    let stamp = tower::ServiceBuilder::new()
+        .map_response(crate::error::recode_codec_refusal::<tonic::body::Body>)
+        .map_request(|mut r: http::Request<tonic::body::Body>| {
             r.extensions_mut().insert(Arrival(Instant::now()));
             r
         });
-    let auth = Authenticate::new(config.auth.as_ref());
+    let auth = Authenticate::new(
+        config.auth.as_ref(),
+        router.metrics().unauthenticated.clone(),
+    );
     let grace = config.shutdown_grace;
     let service = RouterService {
         router,

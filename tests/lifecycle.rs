@@ -185,6 +185,30 @@ async fn calls_over_the_in_flight_limit_are_shed_at_once() {
     }
 }
 
+/// A message on the Complete method that is not a CompleteRequest: field 1 (the model, a
+/// string) sent as a 64-bit number, which protobuf cannot decode.
+async fn not_a_request(router: &RunningRouter) -> tonic::Status {
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Wrong {
+        #[prost(fixed64, tag = "1")]
+        model: u64,
+    }
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", router.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc.unary::<_, cascade_router::proto::v1::CompleteResponse, _>(
+        tonic::Request::new(Wrong { model: 7 }),
+        tonic::codegen::http::uri::PathAndQuery::from_static("/cascade.v1.Router/Complete"),
+        tonic_prost::ProstCodec::default(),
+    )
+    .await
+    .unwrap_err()
+}
+
 #[tokio::test]
 async fn each_input_limit_is_named_when_breached_and_nothing_else_fails() {
     let up = MockServer::start(Script::default()).await.unwrap();
@@ -218,13 +242,16 @@ async fn each_input_limit_is_named_when_breached_and_nothing_else_fails() {
         assert!(err.message().contains(limit), "{}", err.message());
     }
     let huge = c.complete(prompt(&"x".repeat(4096))).await.unwrap_err();
-    // tonic answers its decode limit with OUT_OF_RANGE (not configurable without a codec of
-    // our own), naming the sizes.
-    assert_eq!(huge.code(), Code::OutOfRange, "{}", huge.message());
-    assert!(
-        huge.message().contains("the limit is: 2048"),
+    assert_eq!(huge.code(), Code::ResourceExhausted, "{}", huge.message());
+    for named in ["the limit is: 2048", "limits.max_message_bytes"] {
+        assert!(huge.message().contains(named), "{}", huge.message());
+    }
+    let garbage = not_a_request(&router).await;
+    assert_eq!(
+        garbage.code(),
+        Code::InvalidArgument,
         "{}",
-        huge.message()
+        garbage.message()
     );
     assert_eq!(
         c.ask(prompt("still fine")).await.text,

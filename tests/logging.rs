@@ -4,7 +4,7 @@
 
 mod common;
 
-use cascade_devtools::mock::{MockServer, Script};
+use cascade_devtools::mock::{Fault, MockServer, Script};
 use cascade_router::proto::v1::{self, router_client::RouterClient};
 use common::{Served, temp_file};
 
@@ -85,4 +85,68 @@ async fn json_logs_carry_the_request_id_to_the_provider_call() {
         .find(|v| v["message"] == "upstream request sent")
         .expect("an upstream request line");
     assert_eq!(sent["span"]["request_id"], "trace-unbatched-1", "{sent}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prompts_and_completions_are_logged_only_when_asked() {
+    let mock = MockServer::start(Script::default()).await.unwrap();
+    let config = format!(
+        "server: {{log_prompts: true}}\nproviders:\n  - {{name: up, type: openai, base_url: \"{}/v1\", models: [m]}}\n",
+        mock.url()
+    );
+    let path = temp_file("log-prompts", &config);
+    let served = Served::start(&[], &path, "info");
+    let mut client = served.client().await;
+    ask(&mut client, "m", "asked-to-log-1").await;
+    let lines = served.finish();
+    let with = |needle: &str| lines.iter().any(|l| l.contains(needle));
+    assert!(with(PROMPT), "the prompt, at info:\n{}", lines.join("\n"));
+    assert!(
+        with(&cascade_devtools::mock::reply(PROMPT)),
+        "the completion:\n{}",
+        lines.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_refusing_our_key_is_warned_about_once_not_per_request() {
+    let mock = MockServer::start(Script::failing(Fault::Status(401)))
+        .await
+        .unwrap();
+    // The breaker stays closed throughout, so every call reaches the provider.
+    let config = format!(
+        "cascade: {{max_retries_per_provider: 0, circuit_breaker: {{failure_threshold: 1000}}}}\nproviders:\n  - {{name: up, type: openai, base_url: \"{}/v1\", models: [m]}}\n",
+        mock.url()
+    );
+    let path = temp_file("log-repeats", &config);
+    let served = Served::start(&[], &path, "info");
+    let mut client = served.client().await;
+    let calls = 30;
+    for _ in 0..calls {
+        let e = client
+            .complete(v1::CompleteRequest {
+                model: "m".into(),
+                prompt: PROMPT.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+    }
+    let lines = served.finish();
+    assert_eq!(
+        mock.stats().requests,
+        calls,
+        "each call reached the provider"
+    );
+    let warned = lines
+        .iter()
+        .filter(|l| l.contains("refused our credentials"))
+        .count();
+    // One line per 10 s at most: the first at once, another only if the calls took longer.
+    assert!(
+        (1..5).contains(&warned),
+        "{warned} warnings for {calls} refusals:\n{}",
+        lines.join("\n")
+    );
 }

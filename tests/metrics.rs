@@ -61,4 +61,65 @@ async fn series_add_up_after_traffic() {
         m(r#"cascade_upstream_requests_total{provider="up"}"#),
         up.stats().requests as f64
     );
+    assert_eq!(
+        m(r#"cascade_upstream_request_duration_seconds_count{provider="up"}"#),
+        up.stats().requests as f64,
+        "every upstream request timed"
+    );
+    assert_eq!(
+        m(r#"cascade_upstream_request_duration_seconds_count{provider="dead"}"#),
+        1.0
+    );
+    assert_eq!(
+        m("cascade_router_overhead_seconds_count"),
+        2.0,
+        "the router's share measured for each answered uncached call"
+    );
+}
+
+#[tokio::test]
+async fn refused_keys_and_rate_limit_waits_are_counted() {
+    let a = MockServer::start(Script::default()).await.unwrap();
+    let b = MockServer::start(Script::default()).await.unwrap();
+    let key = "sk-router-metrics-0123456789";
+    let router = start_with_env(
+        &format!(
+            "server: {{auth: {{keys: [{{name: m, key: \"${{KEY}}\"}}]}}}}\nproviders:\n  - {{name: a, type: openai, priority: 1, base_url: \"{}/v1\", models: [m], rate_limit: {{requests_per_minute: 1, burst: 2}}}}\n{}",
+            a.url(),
+            openai("b", 2, &b.url())
+        ),
+        std::collections::HashMap::from([("KEY".to_string(), key.to_string())]),
+    )
+    .await;
+    let mut c = router.client.clone();
+    for _ in 0..3 {
+        let e = c.complete(prompt("no key")).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+    }
+    let calls = 6;
+    for i in 0..calls {
+        let mut r = tonic::Request::new(prompt(&format!("p{i}")));
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        c.complete(r).await.unwrap();
+    }
+    let m = |name: &str| metric(&router, name);
+    assert_eq!(m("cascade_unauthenticated_total"), 3.0);
+    assert_eq!(
+        m(r#"cascade_requests_total{method="Complete",code="Ok"}"#),
+        calls as f64
+    );
+    assert_eq!(
+        m(r#"cascade_upstream_rate_limit_wait_seconds_count{provider="a"}"#),
+        calls as f64,
+        "every request to a waited (perhaps 0 s) for its quota"
+    );
+    let held = m(r#"cascade_upstream_rate_limited_total{provider="a"}"#);
+    assert!(held >= 1.0, "a burst of 2 cannot take 6 calls in a minute");
+    assert_eq!(
+        held + a.stats().requests as f64,
+        calls as f64,
+        "each call either reached a or was held back by its quota"
+    );
+    assert_eq!(b.stats().requests as f64, held, "those held back went to b");
 }

@@ -338,6 +338,8 @@ pub struct RawServer {
     pub allow_unauthenticated: bool,
     /// Serve TLS with this certificate chain and key (PEM files); absent: plaintext.
     pub tls: Option<RawTls>,
+    /// Log each prompt and completion (at info). Off: they are logged at no level.
+    pub log_prompts: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -378,6 +380,7 @@ impl Default for RawServer {
             auth: None,
             allow_unauthenticated: false,
             tls: None,
+            log_prompts: false,
         }
     }
 }

@@ -23,6 +23,8 @@ pub struct ServerConfig {
     pub allow_unauthenticated: bool,
     /// The listener's certificate chain and key, PEM; `None`: plaintext.
     pub tls: Option<TlsFiles>,
+    /// Log prompts and completions (at info); otherwise they are logged at no level.
+    pub log_prompts: bool,
 }
 
 /// PEM bytes read (and checked) at load, so `check` refuses what `serve` would.
@@ -180,6 +182,7 @@ impl Check<'_> {
         })?;
         Ok(ServerConfig {
             tls,
+            log_prompts: s.log_prompts,
             auth,
             allow_unauthenticated: s.allow_unauthenticated,
             quotas,

@@ -125,13 +125,20 @@ impl Provider for Anthropic {
             stop_sequences: &p.stop,
         };
         let r: Response = http::post_json(&self.client, &self.messages, &body).await?;
-        if r.content.is_empty() {
+        r.into_completion()
+    }
+}
+
+impl Response {
+    /// The text blocks joined; an answer with no content at all is malformed.
+    fn into_completion(self) -> Result<Completion, ProviderError> {
+        if self.content.is_empty() {
             return Err(ProviderError::new(
                 FailureKind::Malformed,
                 "response has no content",
             ));
         }
-        let text: String = r
+        let text: String = self
             .content
             .iter()
             .filter(|b| b.kind == "text")
@@ -139,11 +146,21 @@ impl Provider for Anthropic {
             .collect();
         Ok(Completion {
             text,
-            finish_reason: r.stop_reason.unwrap_or_default(),
-            usage: r.usage.map(|u| Usage {
+            finish_reason: self.stop_reason.unwrap_or_default(),
+            usage: self.usage.map(|u| Usage {
                 prompt_tokens: u.input_tokens,
                 completion_tokens: u.output_tokens,
             }),
         })
     }
+}
+
+/// An answer (status, `Retry-After`, body) read as [`Provider::complete`] reads it.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn read_answer(
+    status: u16,
+    retry_after: &[u8],
+    body: &[u8],
+) -> Result<Completion, ProviderError> {
+    http::read_answer::<Response>(status, retry_after, body)?.into_completion()
 }

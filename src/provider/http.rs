@@ -106,8 +106,33 @@ pub async fn post_json<B: Serialize + ?Sized, R: DeserializeOwned>(
     if !status.is_success() {
         return Err(status_error(status, &bytes, retry_after));
     }
-    serde_json::from_slice(&bytes)
+    decode(&bytes)
+}
+
+/// A successful answer's body as `R`, or a [`FailureKind::Malformed`] error.
+pub fn decode<R: DeserializeOwned>(body: &[u8]) -> Result<R, ProviderError> {
+    serde_json::from_slice(body)
         .map_err(|e| ProviderError::new(FailureKind::Malformed, format!("unexpected JSON: {e}")))
+}
+
+/// What an answer with `status`, `body` and a `Retry-After` of `retry_after_value` becomes
+/// (for the fuzz targets and property tests).
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn read_answer<R: DeserializeOwned>(
+    status: u16,
+    retry_after_value: &[u8],
+    body: &[u8],
+) -> Result<R, ProviderError> {
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = reqwest::header::HeaderValue::from_bytes(retry_after_value) {
+        headers.insert(RETRY_AFTER, v);
+    }
+    let wait = retry_after(&headers);
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if !status.is_success() {
+        return Err(status_error(status, body, wait));
+    }
+    decode(body)
 }
 
 fn transport_error(e: reqwest::Error) -> ProviderError {

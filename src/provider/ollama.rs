@@ -110,6 +110,34 @@ impl Tail {
     }
 }
 
+impl From<GenerateResponse> for Completion {
+    fn from(r: GenerateResponse) -> Completion {
+        r.tail.finish(r.response)
+    }
+}
+
+impl From<ChatResponse> for Completion {
+    fn from(r: ChatResponse) -> Completion {
+        r.tail.finish(r.message.content)
+    }
+}
+
+/// An answer (status, `Retry-After`, body) read as [`Provider::complete`] reads it, from
+/// `/api/chat` when `chat`, else `/api/generate`.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn read_answer(
+    chat: bool,
+    status: u16,
+    retry_after: &[u8],
+    body: &[u8],
+) -> Result<Completion, ProviderError> {
+    if chat {
+        http::read_answer::<ChatResponse>(status, retry_after, body).map(Completion::from)
+    } else {
+        http::read_answer::<GenerateResponse>(status, retry_after, body).map(Completion::from)
+    }
+}
+
 #[async_trait]
 impl Provider for Ollama {
     async fn complete(
@@ -128,7 +156,7 @@ impl Provider for Ollama {
                 };
                 let r: GenerateResponse =
                     http::post_json(&self.client, &self.generate, &body).await?;
-                Ok(r.tail.finish(r.response))
+                Ok(r.into())
             }
             Input::Chat(messages) => {
                 let body = ChatBody {
@@ -138,7 +166,7 @@ impl Provider for Ollama {
                     options,
                 };
                 let r: ChatResponse = http::post_json(&self.client, &self.chat, &body).await?;
-                Ok(r.tail.finish(r.message.content))
+                Ok(r.into())
             }
         }
     }

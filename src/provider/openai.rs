@@ -129,6 +129,62 @@ impl From<WireUsage> for Usage {
     }
 }
 
+impl CompletionsResponse {
+    /// The answer to a single prompt: the choice with index 0.
+    fn first(self) -> Result<Completion, ProviderError> {
+        let choice = self
+            .choices
+            .into_iter()
+            .find(|c| c.index == 0)
+            .ok_or_else(no_choice)?;
+        Ok(Completion {
+            text: choice.text,
+            finish_reason: choice.finish_reason.unwrap_or_default(),
+            usage: self.usage.map(Usage::from),
+        })
+    }
+}
+
+impl ChatResponse {
+    /// The answer to the messages: the choice with index 0.
+    fn first(self) -> Result<Completion, ProviderError> {
+        let choice = self
+            .choices
+            .into_iter()
+            .find(|c| c.index == 0)
+            .ok_or_else(no_choice)?;
+        Ok(Completion {
+            text: choice.message.content.unwrap_or_default(),
+            finish_reason: choice.finish_reason.unwrap_or_default(),
+            usage: self.usage.map(Usage::from),
+        })
+    }
+}
+
+/// An answer (status, `Retry-After`, body) read as the provider reads it: from
+/// `/chat/completions` when `chat`; else from `/completions`, for one prompt when `prompts`
+/// is 1 and as a batch of that many otherwise (then one result per prompt).
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn read_answer(
+    chat: bool,
+    prompts: usize,
+    status: u16,
+    retry_after: &[u8],
+    body: &[u8],
+) -> Result<Vec<Result<Completion, ProviderError>>, ProviderError> {
+    if chat {
+        return Ok(vec![
+            http::read_answer::<ChatResponse>(status, retry_after, body)?.first(),
+        ]);
+    }
+    let resp: CompletionsResponse = http::read_answer(status, retry_after, body)?;
+    Ok(if prompts == 1 {
+        vec![resp.first()]
+    } else {
+        match_choices(prompts, resp.choices)
+    })
+}
+
 fn no_choice() -> ProviderError {
     ProviderError::new(
         FailureKind::Malformed,
@@ -216,16 +272,7 @@ impl Provider for OpenAi {
                 };
                 let resp: CompletionsResponse =
                     http::post_json(&self.client, &self.completions, &body).await?;
-                let choice = resp
-                    .choices
-                    .into_iter()
-                    .find(|c| c.index == 0)
-                    .ok_or_else(no_choice)?;
-                Ok(Completion {
-                    text: choice.text,
-                    finish_reason: choice.finish_reason.unwrap_or_default(),
-                    usage: resp.usage.map(Usage::from),
-                })
+                resp.first()
             }
             Input::Chat(messages) => {
                 let body = ChatBody {
@@ -234,16 +281,7 @@ impl Provider for OpenAi {
                     sampling,
                 };
                 let resp: ChatResponse = http::post_json(&self.client, &self.chat, &body).await?;
-                let choice = resp
-                    .choices
-                    .into_iter()
-                    .find(|c| c.index == 0)
-                    .ok_or_else(no_choice)?;
-                Ok(Completion {
-                    text: choice.message.content.unwrap_or_default(),
-                    finish_reason: choice.finish_reason.unwrap_or_default(),
-                    usage: resp.usage.map(Usage::from),
-                })
+                resp.first()
             }
         }
     }

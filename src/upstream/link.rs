@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
     time::{Instant, timeout_at},
@@ -19,6 +20,7 @@ use tokio::{
 use super::{
     breaker::{Breaker, Pass, Refusal},
     stats::Stats,
+    warnings::{EVERY, Warnings},
 };
 use crate::{
     completion::{Completion, CompletionRequest, FailureKind},
@@ -47,6 +49,9 @@ pub(super) struct Link {
     max_concurrency: usize,
     label: ProviderLabel,
     metrics: Arc<Metrics>,
+    /// This provider's series of `cascade_upstream_request_duration_seconds`.
+    upstream_seconds: Histogram,
+    warnings: Warnings,
 }
 
 /// How long a provider that refused a prompt array is sent single requests before arrays are
@@ -103,8 +108,10 @@ impl Link {
             arrays_off_until: Mutex::new(None),
             timeout: config.timeout,
             max_concurrency: config.max_concurrency,
+            upstream_seconds: metrics.upstream_seconds.get_or_create(&label).clone(),
             label,
             metrics: metrics.clone(),
+            warnings: Warnings::default(),
         }
     }
 
@@ -202,6 +209,7 @@ impl Link {
         let outcome = timeout_at(budget.end, call).await;
         let took = sent.elapsed();
         drop(slot);
+        self.upstream_seconds.observe(took.as_secs_f64());
         match outcome {
             Ok(Ok(v)) => {
                 pass.success();
@@ -242,7 +250,7 @@ impl Link {
             .checked_sub(self.stats.fastest())
             .unwrap_or(window.until);
         if let Some(rate) = &self.rate {
-            rate.take(&[request], latest).await?;
+            self.rate_take(rate, &[request], latest).await?;
         }
         let slot = self.slot_by(latest).await?;
         let budget = self.budget(Instant::now(), window);
@@ -269,7 +277,7 @@ impl Link {
     ) -> Result<(Vec<Result<Completion, ProviderError>>, Duration), ProviderError> {
         if let Some(rate) = &self.rate {
             let each: Vec<&CompletionRequest> = requests.iter().map(|r| r.as_ref()).collect();
-            rate.take(&each, budget.end).await?;
+            self.rate_take(rate, &each, budget.end).await?;
         }
         self.send(
             slot,
@@ -278,6 +286,25 @@ impl Link {
             self.provider.complete_batch(model, requests),
         )
         .await
+    }
+
+    /// Waits for the provider's quota ([`ProviderLimit::take`]), timed and counted.
+    async fn rate_take(
+        &self,
+        rate: &ProviderLimit,
+        requests: &[&CompletionRequest],
+        until: Instant,
+    ) -> Result<(), ProviderError> {
+        let start = Instant::now();
+        let taken = rate.take(requests, until).await;
+        self.metrics
+            .rate_wait_seconds
+            .get_or_create(&self.label)
+            .observe(start.elapsed().as_secs_f64());
+        if taken.is_err() {
+            self.metrics.rate_limited.get_or_create(&self.label).inc();
+        }
+        taken
     }
 
     fn count_failure(&self, kind: FailureKind) {
@@ -308,10 +335,34 @@ impl Link {
         if let (Some(rate), Some(429)) = (&self.rate, e.http_status) {
             rate.tightened();
         }
+        self.say(e);
+    }
+
+    /// Logs a failure: at debug each time; at warn, bounded by [`Warnings`], when it is the
+    /// provider's doing (the caller's own bad request or deadline is not).
+    fn say(&self, e: &ProviderError) {
+        tracing::debug!(provider = %self.name, kind = %e.kind, status = e.http_status, error = %e.message, "upstream request failed");
+        let worth_a_warning = matches!(
+            e.kind,
+            FailureKind::Connect
+                | FailureKind::Timeout
+                | FailureKind::Io
+                | FailureKind::ServerError
+                | FailureKind::RateLimited
+                | FailureKind::Unauthorized
+                | FailureKind::Malformed
+        );
+        if !worth_a_warning {
+            return;
+        }
+        let Some(unsaid) = self.warnings.admit(e.kind) else {
+            return;
+        };
+        let every_s = EVERY.as_secs();
         if e.kind == FailureKind::Unauthorized {
-            tracing::warn!(provider = %self.name, status = e.http_status, "provider refused our credentials; check its api_key");
+            tracing::warn!(provider = %self.name, status = e.http_status, more_since_last = unsaid, "provider refused our credentials; check its api_key (said at most every {every_s} s)");
         } else {
-            tracing::debug!(provider = %self.name, kind = %e.kind, status = e.http_status, error = %e.message, "upstream request failed");
+            tracing::warn!(provider = %self.name, kind = %e.kind, error = %e.message, more_since_last = unsaid, "upstream requests failing (said at most every {every_s} s)");
         }
     }
 }

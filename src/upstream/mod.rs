@@ -7,12 +7,14 @@
 //!   every upstream request goes through (slot → breaker → send → judge → record);
 //! - [`batcher`]: the batch queues, which only group items and hand each batch to the link;
 //! - [`breaker`]: the circuit breaker and the `Retry-After` cool-down;
-//! - [`stats`]: the counters behind ListProviders and Prometheus.
+//! - [`stats`]: the counters behind ListProviders and Prometheus;
+//! - [`warnings`]: upstream failures said in the log at a bounded rate.
 
 mod batcher;
 mod breaker;
 mod link;
 mod stats;
+mod warnings;
 
 use std::{sync::Arc, time::Duration};
 

@@ -1,0 +1,221 @@
+//! Entry points for the fuzz targets (`fuzz/`, built with the `fuzzing` feature) and the
+//! property tests below: each reads untrusted input the way the service does — a cascade
+//! file, a provider's HTTP answer, a request off the wire — and must never panic. Not a
+//! stable API.
+
+use prost::Message;
+
+use crate::{
+    completion::CompletionRequest,
+    config,
+    proto::v1,
+    provider::{anthropic, ollama, openai},
+};
+
+/// Loads a cascade file from `text`; `${VAR}`s resolve to `"x"`. Returns whether it loaded.
+pub fn cascade_file(text: &str) -> bool {
+    config::parse(text, "fuzz.yaml", &|_| Some("x".into())).is_ok()
+}
+
+/// An OpenAI-shaped answer, as read for a chat call, one prompt, or a batch of `prompts`.
+/// Returns the number of results (one per prompt) or `None` for a failed request.
+pub fn openai_answer(
+    chat: bool,
+    prompts: usize,
+    status: u16,
+    retry_after: &[u8],
+    body: &[u8],
+) -> Option<usize> {
+    openai::read_answer(chat, prompts.max(1), status, retry_after, body)
+        .ok()
+        .map(|r| r.len())
+}
+
+/// An Ollama answer; whether it gave a completion.
+pub fn ollama_answer(chat: bool, status: u16, retry_after: &[u8], body: &[u8]) -> bool {
+    ollama::read_answer(chat, status, retry_after, body).is_ok()
+}
+
+/// An Anthropic answer; whether it gave a completion.
+pub fn anthropic_answer(status: u16, retry_after: &[u8], body: &[u8]) -> bool {
+    anthropic::read_answer(status, retry_after, body).is_ok()
+}
+
+/// A `Complete` request off the wire: decoded, then validated into a domain request.
+pub fn complete_request(bytes: &[u8]) -> bool {
+    v1::CompleteRequest::decode(bytes)
+        .ok()
+        .and_then(|m| CompletionRequest::try_from(m).ok())
+        .is_some()
+}
+
+#[cfg(test)]
+mod properties {
+    //! Bounded cases in CI; `fuzz/README.md` runs the same entry points for longer.
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use super::*;
+
+    /// JSON values whose keys come from `keys`, so generated bodies get past the outer shape
+    /// and into the fields a parser reads.
+    fn json_with(keys: &'static [&'static str]) -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (0u32..4).prop_map(Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            ".{0,12}".prop_map(Value::from),
+            prop::sample::select(keys).prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                prop::collection::vec((prop::sample::select(keys), inner), 0..6).prop_map(|kv| {
+                    Value::Object(
+                        kv.into_iter()
+                            .map(|(k, v)| (k.to_string(), v))
+                            .collect::<Map<_, _>>(),
+                    )
+                }),
+            ]
+        })
+    }
+
+    const OPENAI_KEYS: &[&str] = &[
+        "choices",
+        "index",
+        "text",
+        "finish_reason",
+        "usage",
+        "prompt_tokens",
+        "completion_tokens",
+        "message",
+        "content",
+        "error",
+        "code",
+        "type",
+    ];
+    const OLLAMA_KEYS: &[&str] = &[
+        "response",
+        "message",
+        "content",
+        "done_reason",
+        "prompt_eval_count",
+        "eval_count",
+        "done",
+        "error",
+    ];
+    const ANTHROPIC_KEYS: &[&str] = &[
+        "content",
+        "type",
+        "text",
+        "stop_reason",
+        "usage",
+        "input_tokens",
+        "output_tokens",
+        "error",
+    ];
+
+    fn status() -> impl Strategy<Value = u16> {
+        prop_oneof![
+            Just(200u16),
+            Just(400),
+            Just(401),
+            Just(429),
+            Just(500),
+            0u16..1000
+        ]
+    }
+
+    fn retry_after() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(Vec::new()),
+            "[0-9]{1,12}(\\.[0-9]{0,4})?".prop_map(String::into_bytes),
+            prop::collection::vec(any::<u8>(), 0..40),
+        ]
+    }
+
+    fn bytes_or(json: impl Strategy<Value = Value>) -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..256),
+            json.prop_map(|v| v.to_string().into_bytes()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn openai_answers_give_one_result_per_prompt_or_fail(
+            chat in any::<bool>(),
+            prompts in 1usize..12,
+            status in status(),
+            wait in retry_after(),
+            body in bytes_or(json_with(OPENAI_KEYS)),
+        ) {
+            if let Some(n) = openai_answer(chat, prompts, status, &wait, &body) {
+                prop_assert_eq!(n, if chat { 1 } else { prompts });
+                prop_assert!((200..300).contains(&status));
+            }
+        }
+
+        #[test]
+        fn ollama_answers_parse_or_fail(
+            chat in any::<bool>(),
+            status in status(),
+            wait in retry_after(),
+            body in bytes_or(json_with(OLLAMA_KEYS)),
+        ) {
+            if ollama_answer(chat, status, &wait, &body) {
+                prop_assert!((200..300).contains(&status));
+            }
+        }
+
+        #[test]
+        fn anthropic_answers_parse_or_fail(
+            status in status(),
+            wait in retry_after(),
+            body in bytes_or(json_with(ANTHROPIC_KEYS)),
+        ) {
+            if anthropic_answer(status, &wait, &body) {
+                prop_assert!((200..300).contains(&status));
+            }
+        }
+
+        #[test]
+        fn wire_requests_decode_or_fail(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            complete_request(&bytes);
+        }
+    }
+
+    #[test]
+    fn the_entry_points_read_good_answers() {
+        let openai = br#"{"choices": [{"index": 1, "text": "b"}, {"index": 0, "text": "a"}]}"#;
+        assert_eq!(openai_answer(false, 2, 200, b"", openai), Some(2));
+        assert_eq!(openai_answer(false, 2, 500, b"1", openai), None);
+        assert!(ollama_answer(
+            false,
+            200,
+            b"",
+            br#"{"response": "hi", "done": true}"#
+        ));
+        assert!(anthropic_answer(
+            200,
+            b"",
+            br#"{"content": [{"type": "text", "text": "hi"}]}"#
+        ));
+        assert!(!anthropic_answer(200, b"", br#"{"content": []}"#));
+        let wire = v1::CompleteRequest {
+            prompt: "hi".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert!(complete_request(&wire));
+        assert!(cascade_file(
+            "providers:\n  - {name: s, type: simulated, models: [m]}\n"
+        ));
+        assert!(!cascade_file("providers: 3"));
+    }
+}
