@@ -263,23 +263,27 @@ def batched_run(b, mport, rport, secs):
 
 
 def batching(b):
-    """64 callers against a GPU-like upstream: batching on vs off."""
+    """64 callers against a GPU-like upstream: batching off, fixed and adaptive."""
     mock, mport = b.mock(*GPU)
     base = f"http://127.0.0.1:{mport}/v1"
-    on, on_port = b.router(openai_provider("gpu", base, "    batching: {max_batch_size: 32, max_wait_ms: 5}\n"))
-    off, off_port = b.router(openai_provider("gpu", base))
+    ports = {
+        "batching off": b.router(openai_provider("gpu", base))[1],
+        "batching on, fixed (32, 5 ms)": b.router(openai_provider(
+            "gpu", base, "    batching: {mode: fixed, max_batch_size: 32, max_wait_ms: 5}\n"))[1],
+        "batching on, adaptive (the default)": b.router(openai_provider("gpu", base, "    batching: {}\n"))[1],
+    }
     reps, secs = (1, 0.5) if b.smoke else (3, 5)
-    res = {"batching off": [], "batching on (32, 5 ms)": []}
+    res = {name: [] for name in ports}
     for _ in range(reps):
-        res["batching off"].append(batched_run(b, mport, off_port, secs))
-        res["batching on (32, 5 ms)"].append(batched_run(b, mport, on_port, secs))
+        for name, port in ports.items():
+            res[name].append(batched_run(b, mport, port, secs))
     rows = []
     for name, runs in res.items():
         rows.append([name, f"{med([r['upstream_requests'] / max(1, r['prompts']) for r in runs]):.3f}",
                      f"{med([r['throughput_rps'] for r in runs]):.0f}",
                      med([pct(r, "p50") / 1000 for r in runs]), med([pct(r, "p99") / 1000 for r in runs]),
                      sum(sum(r["errors"].values()) for r in runs)])
-    off_r, on_r = (res[k] for k in res)
+    off_r, on_r = res["batching off"], res["batching on, adaptive (the default)"]
     fewer = 1 - med([r["upstream_requests"] / max(1, r["prompts"]) for r in on_r]) / med([r["upstream_requests"] / max(1, r["prompts"]) for r in off_r])
     faster = 1 - med([pct(r, "p50") for r in on_r]) / med([pct(r, "p50") for r in off_r])
     b.stop_all()
@@ -293,7 +297,7 @@ def window(b):
     mock, mport = b.mock(*GPU)
     base = f"http://127.0.0.1:{mport}/v1"
     waits = [0, 5] if b.smoke else [0, 1, 2, 5, 10]
-    routers = {w: b.router(openai_provider("gpu", base, f"    batching: {{max_batch_size: 32, max_wait_ms: {w}}}\n"))[1] for w in waits}
+    routers = {w: b.router(openai_provider("gpu", base, f"    batching: {{mode: fixed, max_batch_size: 32, max_wait_ms: {w}}}\n"))[1] for w in waits}
     reps, secs = (1, 0.5) if b.smoke else (3, 4)
     res = {w: [] for w in waits}
     for _ in range(reps):
@@ -306,7 +310,7 @@ def window(b):
                      f"{med([r['throughput_rps'] for r in runs]):.0f}",
                      med([pct(r, "p50") / 1000 for r in runs]), med([pct(r, "p99") / 1000 for r in runs])])
     b.stop_all()
-    return table(f"Window sweep: max_batch_size 32, 64 callers ({GPU_NOTE})",
+    return table(f"Window sweep (fixed mode): max_batch_size 32, 64 callers ({GPU_NOTE})",
                  ["max_wait_ms", "mean batch size", "upstream requests per prompt", "prompts/s", "p50 ms", "p99 ms"], rows)
 
 
@@ -335,6 +339,67 @@ def agent_loop(b):
     b.stop_all()
     return table(f"Agent loop: {n} prompts per iteration ({GPU_NOTE}): the iteration is {1 - batch / one:.0%} shorter as one batch",
                  ["how the agent sends", "prompts", "iteration s", "upstream requests"], rows)
+
+
+COST_MODELS = [
+    ("20 ms + 1 ms/prompt, 8 slots", ["--latency-ms", 20, "--per-item-ms", 1, "--concurrency", 8]),
+    ("50 ms + 0.5 ms/prompt, 4 slots", ["--latency-ms", 50, "--per-item-ms", 0.5, "--concurrency", 4]),
+    ("5 ms + 2 ms/prompt, 16 slots", ["--latency-ms", 5, "--per-item-ms", 2, "--concurrency", 16]),
+]
+FIXED_SWEEP = [(size, wait) for size in (8, 32, 128) for wait in (0, 1, 5)]
+
+
+def closed_run(b, mport, rport, callers, secs):
+    """`callers` closed-loop callers with distinct prompts for `secs`; adds the mock's counts."""
+    before = mock_stats(mport)
+    r = b.load("--addr", f"127.0.0.1:{rport}", "-c", callers, "--connections", min(4, callers),
+               "--duration", secs, "-d", '{"model":"m","prompt":"prompt {{n}}"}', "--timeout", 60)
+    after = mock_stats(mport)
+    r["upstream_requests"] = after["requests"] - before["requests"]
+    r["prompts"] = after["items"] - before["items"]
+    return r
+
+
+def adaptive(b):
+    """Adaptive batching against the best fixed setting of a window/size sweep, per cost model
+    and caller count (closed loop), with batching off for reference."""
+    callers_list = [1, 64] if b.smoke else [1, 8, 64, 256]
+    models = COST_MODELS[:1] if b.smoke else COST_MODELS
+    sweep = [(32, 5)] if b.smoke else FIXED_SWEEP
+    reps, secs = (1, 0.5) if b.smoke else (3, 2)
+    out = []
+    for model_name, args in models:
+        mock, mport = b.mock(*args)
+        base = f"http://127.0.0.1:{mport}/v1"
+        ports = {"off": b.router(openai_provider("up", base))[1],
+                 "adaptive": b.router(openai_provider("up", base, "    batching: {mode: adaptive}\n"))[1]}
+        for size, wait in sweep:
+            ports[f"fixed {size}/{wait} ms"] = b.router(openai_provider(
+                "up", base, f"    batching: {{mode: fixed, max_batch_size: {size}, max_wait_ms: {wait}}}\n"))[1]
+        res = {(k, c): [] for k in ports for c in callers_list}
+        for _ in range(reps):
+            for c in callers_list:
+                for k, port in ports.items():
+                    res[(k, c)].append(closed_run(b, mport, port, c, secs))
+        rate = lambda k, c: med([r["throughput_rps"] for r in res[(k, c)]])
+        p50 = lambda k, c: med([pct(r, "p50") for r in res[(k, c)]]) / 1000
+        size = lambda k, c: med([r["prompts"] / max(1, r["upstream_requests"]) for r in res[(k, c)]])
+        rows = []
+        for c in callers_list:
+            fixed = [k for k in ports if k.startswith("fixed")]
+            best = max(fixed, key=lambda k: rate(k, c))
+            rows.append([c, f"{rate('off', c):.0f} ({p50('off', c):.1f})",
+                         f"{rate('adaptive', c):.0f} ({p50('adaptive', c):.1f}, {size('adaptive', c):.1f})",
+                         best, f"{rate(best, c):.0f} ({p50(best, c):.1f}, {size(best, c):.1f})",
+                         f"{rate('adaptive', c) / rate(best, c):.2f}"])
+        b.stop_all()
+        lone = p50("adaptive", 1) - p50("off", 1)
+        out.append(table(f"Adaptive batching, mock {model_name}: {secs} s x {reps} alternating, medians; "
+                         f"lone caller p50 {lone:+.2f} ms against batching off",
+                         ["callers", "off: prompts/s (p50 ms)", "adaptive: prompts/s (p50 ms, mean batch)",
+                          f"best fixed of {len(sweep)} (size/window)", "best fixed: prompts/s (p50 ms, mean batch)",
+                          "adaptive / best fixed"], rows))
+    return "\n".join(out)
 
 
 class RssSampler:
@@ -456,16 +521,20 @@ def real(b):
     wait_ok(f"http://127.0.0.1:{port}/health")
     base = f"http://127.0.0.1:{port}/v1"
     entry = f"  - {{name: llama, type: openai, base_url: \"{base}\", models: [smollm2], timeout_seconds: 120"
-    _, off_port = b.router(entry + "}\n")
-    _, on_port = b.router(entry + ", batching: {max_batch_size: 8, max_wait_ms: 5}}\n")
+    routers = {"router, batching off": entry + "}\n",
+               "router, adaptive batching": entry + ", batching: {mode: adaptive}}\n"}
+    for size, wait in ([(8, 5)] if b.smoke else [(4, 2), (8, 5), (16, 10)]):
+        routers[f"router, fixed ({size}, {wait} ms)"] = (
+            entry + f", batching: {{mode: fixed, max_batch_size: {size}, max_wait_ms: {wait}}}}}\n")
+    ports = {name: b.router(yaml)[1] for name, yaml in routers.items()}
     data = '{"model":"smollm2","prompt":"Name one animal, number {{n}}:","max_tokens":8,"temperature":0}'
     reps, secs = (1, 2) if b.smoke else (3, 20)
     common = ["-c", 32, "--duration", secs, "--timeout", 120, "-d", data]
-    res = {"straight at llama-server": [], "router, batching off": [], "router, batching on (8, 5 ms)": []}
+    res = {"straight at llama-server": [], **{name: [] for name in ports}}
     for _ in range(reps):
         res["straight at llama-server"].append(b.load("--http", base, "--connections", 4, *common))
-        res["router, batching off"].append(b.load("--addr", f"127.0.0.1:{off_port}", *common))
-        res["router, batching on (8, 5 ms)"].append(b.load("--addr", f"127.0.0.1:{on_port}", *common))
+        for name, port in ports.items():
+            res[name].append(b.load("--addr", f"127.0.0.1:{port}", *common))
     rows = [[name, f"{med([r['throughput_rps'] for r in runs]):.1f}", f"{med([pct(r, 'p50') for r in runs]) / 1000:.0f}",
              f"{med([pct(r, 'p99') for r in runs]) / 1000:.0f}", sum(sum(r["errors"].values()) for r in runs)]
             for name, runs in res.items()]
@@ -482,7 +551,7 @@ def table(title, header, rows):
 
 
 SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory,
-             "batching": batching, "window": window, "agent_loop": agent_loop,
+             "batching": batching, "window": window, "adaptive": adaptive, "agent_loop": agent_loop,
              "overload": overload, "soak": soak, "real": real}
 
 

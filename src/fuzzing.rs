@@ -218,4 +218,19 @@ mod properties {
         ));
         assert!(!cascade_file("providers: 3"));
     }
+
+    /// Found by the `cascade_file` fuzz target: a named file that never ends hung the load.
+    #[test]
+    fn named_files_that_never_end_fail_at_once() {
+        for path in ["/dev/zero", "/dev/urandom", "/"] {
+            let yaml = format!(
+                "server: {{tls: {{cert: {path}, key: {path}}}}}\nproviders:\n  - {{name: s, type: simulated, models: [m]}}\n"
+            );
+            assert!(!cascade_file(&yaml), "{path}");
+            let yaml = format!(
+                "providers:\n  - {{name: o, type: openai, base_url: \"http://127.0.0.1:1/v1\", models: [m], http: {{ca_file: {path}}}}}\n"
+            );
+            assert!(!cascade_file(&yaml), "{path}");
+        }
+    }
 }

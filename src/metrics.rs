@@ -80,6 +80,8 @@ pub struct Metrics {
     pub upstream_failures: Family<FailureLabel, Counter>,
     /// Each provider's circuit: 0 closed, 1 half-open, 2 open (set when scraped).
     pub circuit: Family<ProviderLabel, Gauge>,
+    /// Each provider's concurrency limit now (set when scraped).
+    pub concurrency_limit: Family<ProviderLabel, Gauge>,
     /// Calls running now (set when scraped) and calls shed by `limits.max_in_flight`.
     pub in_flight: Gauge,
     pub shed: Counter,
@@ -173,6 +175,7 @@ impl Metrics {
             Family::new_with_constructor(wait_buckets);
         let upstream_failures = Family::default();
         let circuit = Family::default();
+        let concurrency_limit = Family::default();
         let in_flight = Gauge::default();
         let shed = Counter::default();
         let unauthenticated = Counter::default();
@@ -218,6 +221,11 @@ impl Metrics {
             circuit.clone(),
         );
         u.register(
+            "concurrency_limit",
+            "Requests a provider is sent at once at most now (learned with adaptive batching)",
+            concurrency_limit.clone(),
+        );
+        u.register(
             "request_duration_seconds",
             "Upstream HTTP requests' time from send to outcome",
             upstream_seconds.clone(),
@@ -243,6 +251,7 @@ impl Metrics {
             call_seconds,
             upstream_failures,
             circuit,
+            concurrency_limit,
             in_flight,
             shed,
             unauthenticated,

@@ -200,6 +200,12 @@ impl From<Snapshot> for v1::ProviderStatus {
             queued: c.queued,
             items: c.items,
             native_batching: s.native_batching,
+            concurrency_limit: u32::try_from(s.concurrency_limit).unwrap_or(u32::MAX),
+            mean_batch_size: match c.requests {
+                0 => 0.0,
+                n => c.items as f64 / n as f64,
+            },
+            adaptive: s.adaptive,
         }
     }
 }

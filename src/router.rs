@@ -213,10 +213,12 @@ impl Router {
                 Circuit::HalfOpen => 1,
                 Circuit::Open => 2,
             };
+            let label = ProviderLabel::of(&s.name);
+            self.metrics.circuit.get_or_create(&label).set(value);
             self.metrics
-                .circuit
-                .get_or_create(&ProviderLabel::of(&s.name))
-                .set(value);
+                .concurrency_limit
+                .get_or_create(&label)
+                .set(i64::try_from(s.concurrency_limit).unwrap_or(i64::MAX));
         }
         self.metrics.render()
     }

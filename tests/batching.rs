@@ -68,7 +68,11 @@ async fn sixty_four_clients(client: &RouterClient<Channel>) -> Vec<u32> {
 
 #[tokio::test]
 async fn sixty_four_callers_share_upstream_requests_and_get_their_own_answers() {
-    let (router, upstream) = one_provider(gpu_like(), "{max_batch_size: 32, max_wait_ms: 5}").await;
+    let (router, upstream) = one_provider(
+        gpu_like(),
+        "{mode: fixed, max_batch_size: 32, max_wait_ms: 5}",
+    )
+    .await;
 
     let sizes = sixty_four_clients(&router.client).await;
 
@@ -83,6 +87,76 @@ async fn sixty_four_callers_share_upstream_requests_and_get_their_own_answers() 
 }
 
 #[tokio::test]
+async fn adaptive_batches_form_when_the_upstream_is_busy() {
+    // 8 requests in service at once, 10 ms each: the learned limit stays near 8, so 64
+    // callers' prompts leave in batches of about 64 / 8.
+    let (router, upstream) = one_provider(
+        Script {
+            max_concurrency: 8,
+            ..gpu_like()
+        },
+        "{}",
+    )
+    .await;
+
+    let sizes = sixty_four_clients(&router.client).await;
+
+    let s = upstream.stats();
+    assert_eq!(s.items, 3200);
+    assert!(
+        s.requests <= 800,
+        "{} upstream requests for 3200 prompts",
+        s.requests
+    );
+    assert!(sizes.iter().any(|&b| b > 1));
+    let mut c = router.client.clone();
+    let status = &providers(&mut c).await[0];
+    assert!(status.adaptive);
+    assert!(
+        (1..=256).contains(&status.concurrency_limit),
+        "{}",
+        status.concurrency_limit
+    );
+    let mean = status.items as f64 / status.requests as f64;
+    assert!((status.mean_batch_size - mean).abs() < 1e-9);
+}
+
+#[tokio::test]
+async fn adaptive_sends_a_lone_caller_at_once() {
+    let (mut router, _upstream) = one_provider(Script::default(), "{max_wait_ms: 5000}").await;
+
+    let r = router.client.ask(prompt("alone")).await;
+
+    assert_eq!(r.batch_size, 1);
+    // The window is an upper bound only: with room at the provider nothing waits for it.
+    assert!(
+        r.queue_wait_us < 5_000_000,
+        "queue_wait_us = {}",
+        r.queue_wait_us
+    );
+}
+
+#[tokio::test]
+async fn a_provider_answering_429_is_sent_fewer_requests_at_once() {
+    let (router, upstream) = one_provider(
+        Script::failing(Fault::RateLimited {
+            retry_after: "0".into(),
+        }),
+        "{}",
+    )
+    .await;
+    let mut c = router.client.clone();
+    assert_eq!(providers(&mut c).await[0].concurrency_limit, 4, "the start");
+    for i in 0..3 {
+        let e = c.complete(prompt(&format!("p{i}"))).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    }
+    assert!(upstream.stats().requests >= 3);
+    // Halved by each 429 to a request sent after the last cut: 4 → 2 → 1.
+    assert_eq!(providers(&mut c).await[0].concurrency_limit, 1);
+}
+
+#[tokio::test]
 async fn without_batching_each_prompt_is_its_own_request() {
     let (router, upstream) = one_provider(gpu_like(), "").await;
 
@@ -94,8 +168,11 @@ async fn without_batching_each_prompt_is_its_own_request() {
 
 #[tokio::test]
 async fn lone_caller_waits_about_the_window() {
-    let (mut router, _upstream) =
-        one_provider(Script::default(), "{max_batch_size: 32, max_wait_ms: 50}").await;
+    let (mut router, _upstream) = one_provider(
+        Script::default(),
+        "{mode: fixed, max_batch_size: 32, max_wait_ms: 50}",
+    )
+    .await;
 
     let r = router.client.ask(prompt("alone")).await;
 
@@ -115,8 +192,11 @@ async fn lone_caller_waits_about_the_window() {
 
 #[tokio::test]
 async fn short_deadline_is_flushed_early_instead_of_expiring() {
-    let (mut router, _upstream) =
-        one_provider(Script::default(), "{max_batch_size: 32, max_wait_ms: 5000}").await;
+    let (mut router, _upstream) = one_provider(
+        Script::default(),
+        "{mode: fixed, max_batch_size: 32, max_wait_ms: 5000}",
+    )
+    .await;
 
     let r = router
         .client
@@ -133,8 +213,11 @@ async fn short_deadline_is_flushed_early_instead_of_expiring() {
 
 #[tokio::test]
 async fn cancelled_item_is_removed_before_its_batch_is_sent() {
-    let (mut router, upstream) =
-        one_provider(Script::default(), "{max_batch_size: 32, max_wait_ms: 400}").await;
+    let (mut router, upstream) = one_provider(
+        Script::default(),
+        "{mode: fixed, max_batch_size: 32, max_wait_ms: 400}",
+    )
+    .await;
 
     let mut client = router.client.clone();
     let leaver = tokio::spawn(async move { client.complete(prompt("I will leave")).await });
@@ -180,7 +263,7 @@ async fn missing_choices_fail_over_alone() {
             "batched",
             1,
             &batched.url(),
-            "{max_batch_size: 8, max_wait_ms: 200}"
+            "{mode: fixed, max_batch_size: 8, max_wait_ms: 200}"
         ),
         batching_provider("backup", 2, &backup.url(), "")
     );
@@ -222,13 +305,13 @@ async fn failed_batch_moves_every_item_on() {
             "failing",
             1,
             &failing.url(),
-            "{max_batch_size: 8, max_wait_ms: 200}"
+            "{mode: fixed, max_batch_size: 8, max_wait_ms: 200}"
         ),
         batching_provider(
             "backup",
             2,
             &backup.url(),
-            "{max_batch_size: 8, max_wait_ms: 200}"
+            "{mode: fixed, max_batch_size: 8, max_wait_ms: 200}"
         )
     );
     let router = start(&yaml).await;
@@ -255,7 +338,7 @@ async fn a_server_that_refuses_prompt_arrays_is_sent_single_prompts_from_then_on
             refuse_arrays: true,
             ..Script::default()
         },
-        "{max_batch_size: 8, max_wait_ms: 200}",
+        "{mode: fixed, max_batch_size: 8, max_wait_ms: 200}",
     )
     .await;
     let mut c = router.client.clone();
@@ -299,7 +382,7 @@ async fn a_server_that_refuses_prompt_arrays_is_sent_single_prompts_from_then_on
 async fn full_queue_answers_resource_exhausted() {
     let (mut router, _upstream) = one_provider(
         Script::default(),
-        "{max_batch_size: 32, max_wait_ms: 300, max_queue: 2}",
+        "{mode: fixed, max_batch_size: 32, max_wait_ms: 300, max_queue: 2}",
     )
     .await;
 
@@ -325,8 +408,11 @@ async fn full_queue_answers_resource_exhausted() {
 
 #[tokio::test]
 async fn an_agents_complete_batch_rides_one_upstream_request() {
-    let (mut router, upstream) =
-        one_provider(Script::default(), "{max_batch_size: 32, max_wait_ms: 50}").await;
+    let (mut router, upstream) = one_provider(
+        Script::default(),
+        "{mode: fixed, max_batch_size: 32, max_wait_ms: 50}",
+    )
+    .await;
 
     let prompts: Vec<String> = (0..10).map(|i| format!("item {i}")).collect();
     let results = complete_batch(&mut router.client, &prompts).await;

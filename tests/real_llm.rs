@@ -309,7 +309,7 @@ async fn a_server_that_cannot_batch_is_split_and_remembered() {
             1,
             &py.url,
             "smollm2",
-            ", batching: {max_batch_size: 4, max_wait_ms: 100}"
+            ", batching: {mode: fixed, max_batch_size: 4, max_wait_ms: 100}"
         )
     ))
     .await;

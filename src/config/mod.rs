@@ -26,7 +26,7 @@ pub use auth::{AuthConfig, ClientKey, KeyHash, open_to_network};
 pub use cache::{CacheConfig, CacheScope, RedisConfig};
 pub use cascade::{BreakerConfig, CascadePolicy, RetryBudget};
 pub use providers::{
-    ApiKey, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind, RateLimitConfig,
+    ApiKey, BatchMode, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind, RateLimitConfig,
 };
 pub use server::{Limits, QuotaConfig, ServerConfig, TlsFiles};
 
@@ -92,6 +92,32 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         fix: "pass --config with the path of a readable cascade file".into(),
     })?;
     parse(&text, &file, &|name| std::env::var(name).ok())
+}
+
+/// The most a file the cascade file names (a PEM certificate, key or CA bundle) may hold.
+const MAX_NAMED_FILE: u64 = 1 << 20;
+
+/// Reads a file the cascade file names: a regular file of at most [`MAX_NAMED_FILE`] bytes,
+/// so a path such as `/dev/zero` or a FIFO fails at load instead of hanging it (found by the
+/// `cascade_file` fuzz target).
+fn read_named_file(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    // Looked at before opening: opening a FIFO blocks until a writer appears.
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    if meta.len() > MAX_NAMED_FILE {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{} bytes, over the {MAX_NAMED_FILE}-byte limit", meta.len()),
+        ));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_NAMED_FILE)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Validates cascade-file text; `origin` names it in errors, `env` resolves `${VAR}`.

@@ -98,16 +98,41 @@ pub struct RateLimitConfig {
     pub burst: NonZeroU32,
 }
 
+/// `batching.mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchMode {
+    /// Send at once while the provider has room under a concurrency limit learned from its
+    /// latency; what arrives while it is busy goes together when room frees, in batches sized
+    /// to spread the waiting prompts over the limit.
+    #[default]
+    Adaptive,
+    /// Send when `max_batch_size` prompts wait or the oldest has waited `max_wait_ms`
+    /// (Triton's dynamic-batcher rule), under the fixed `max_concurrency`.
+    Fixed,
+}
+
 impl ProviderConfig {
+    /// Whether the provider's concurrency limit is learned (some model batches adaptively).
+    pub fn adaptive(&self) -> bool {
+        self.batching
+            .iter()
+            .chain(self.model_batching.values())
+            .any(|b| b.mode == BatchMode::Adaptive)
+    }
+
     pub fn default_model(&self) -> &str {
         self.models.first().map(String::as_str).unwrap_or_default()
     }
 }
 
-/// Send queued prompts when `max_batch_size` are waiting or the oldest has waited `max_wait`.
+/// How a provider's prompts are grouped into upstream requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchingConfig {
+    pub mode: BatchMode,
     pub max_batch_size: usize,
+    /// Fixed mode's window. Adaptive mode waits for no company while the provider has room:
+    /// items only gather while it is busy.
     pub max_wait: Duration,
     /// Items waiting per queue at most; past it, RESOURCE_EXHAUSTED.
     pub max_queue: usize,
@@ -396,10 +421,14 @@ impl Check<'_> {
     }
 
     fn batching(&self, at: &str, b: &RawBatching) -> Result<BatchingConfig, ConfigError> {
-        if !(1..=4096).contains(&b.max_batch_size) {
+        let max_batch_size = b.max_batch_size.unwrap_or(match b.mode {
+            BatchMode::Fixed => 32,
+            BatchMode::Adaptive => 256,
+        });
+        if !(1..=4096).contains(&max_batch_size) {
             return Err(self.err(
                 format!("{at}.max_batch_size"),
-                format!("{} is out of range", b.max_batch_size),
+                format!("{max_batch_size} is out of range"),
                 "use 1 to 4096 prompts per upstream request",
             ));
         }
@@ -419,7 +448,8 @@ impl Check<'_> {
             ));
         }
         Ok(BatchingConfig {
-            max_batch_size: b.max_batch_size,
+            mode: b.mode,
+            max_batch_size,
             max_wait,
             max_queue: b.max_queue,
         })
@@ -427,7 +457,7 @@ impl Check<'_> {
 
     /// The PEM file's bytes, once it is known to hold at least one certificate.
     fn ca_file(&self, key: &str, path: &str) -> Result<Vec<u8>, ConfigError> {
-        let pem = std::fs::read(path).map_err(|e| {
+        let pem = super::read_named_file(path).map_err(|e| {
             self.err(
                 key,
                 format!("cannot read {path:?}: {e}"),

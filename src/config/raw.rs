@@ -297,7 +297,9 @@ impl Default for RawHttp {
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawBatching {
-    pub max_batch_size: usize,
+    pub mode: super::BatchMode,
+    /// Default 32 (fixed), 256 (adaptive, where it is only a ceiling).
+    pub max_batch_size: Option<usize>,
     pub max_wait_ms: f64,
     pub max_queue: usize,
 }
@@ -305,7 +307,8 @@ pub struct RawBatching {
 impl Default for RawBatching {
     fn default() -> Self {
         RawBatching {
-            max_batch_size: 32,
+            mode: super::BatchMode::Adaptive,
+            max_batch_size: None,
             max_wait_ms: 5.0,
             max_queue: 1024,
         }

@@ -62,7 +62,7 @@ pub struct Limits {
 impl Check<'_> {
     fn tls(&self, t: &RawTls) -> Result<TlsFiles, ConfigError> {
         let read = |key: &str, path: &str, what: &str| {
-            std::fs::read(path).map_err(|e| {
+            super::read_named_file(path).map_err(|e| {
                 self.err(
                     key,
                     format!("cannot read {path:?}: {e}"),

@@ -2,17 +2,26 @@
 //! close together go upstream as one request, and each answer goes back to its caller.
 //!
 //! A [`Batcher`] per provider keeps one queue per [`BatchKey`]: a handle (bounded channel plus
-//! a count of queued items) and a worker task, in the shape of tower's `Buffer`. The worker
-//! closes a batch when `max_batch_size` items are queued or the oldest has waited
-//! `max_wait` — Triton's dynamic batcher rule — and earlier when an item's deadline is near
-//! (its deadline minus the provider's fastest answer). It then waits for a concurrency slot,
-//! tops the batch up with whatever arrived meanwhile, drops items whose callers went away, and
-//! sends. Providers that take many prompts in one request (OpenAI-style `/completions`) get
+//! a count of queued items) and a worker task, in the shape of tower's `Buffer`. Two policies:
+//!
+//! - **adaptive** (the default): an item goes at once while the provider has room under its
+//!   learned concurrency limit (`limit`); what arrives while it is busy gathers and leaves
+//!   when a slot frees, in batches of ceil((waiting + in flight) / limit) prompts, so the
+//!   load spreads evenly over the requests the provider serves in parallel. A lone caller
+//!   pays no window.
+//! - **fixed**: the worker closes a batch when `max_batch_size` items are queued or the oldest
+//!   has waited `max_wait` — Triton's dynamic batcher rule — and earlier when an item's
+//!   deadline is near (its deadline minus the provider's fastest answer). It then waits for a
+//!   concurrency slot, tops the batch up with whatever arrived meanwhile, drops items whose
+//!   callers went away, and sends.
+//!
+//! Either way: Providers that take many prompts in one request (OpenAI-style `/completions`) get
 //! one request, answers matched by `choices[].index`; others get the batch as concurrent
 //! requests over the pooled connections. A batch-level failure fails every item (each then
 //! moves on in its own cascade); a per-item failure fails only that item.
 
 use std::{
+    collections::VecDeque,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering::Relaxed},
@@ -33,7 +42,7 @@ use super::{
 };
 use crate::{
     completion::{CompletionRequest, FailureKind, Input},
-    config::{BatchingConfig, ProviderConfig},
+    config::{BatchMode, BatchingConfig, ProviderConfig},
     provider::ProviderError,
 };
 
@@ -203,17 +212,144 @@ fn spawn_worker(link: &Arc<Link>, key: &BatchKey, settings: BatchingConfig) -> Q
     // Chat requests have no array form; prompt requests go as arrays when the provider takes
     // them (decided again for each batch: a provider can stop taking them).
     let native = !key.chat;
-    tokio::spawn(worker(
-        link.clone(),
-        key.model.clone(),
-        native,
-        settings,
-        rx,
-        queued.clone(),
-    ));
+    let (link, model, counted) = (link.clone(), key.model.clone(), queued.clone());
+    match settings.mode {
+        BatchMode::Fixed => tokio::spawn(worker(link, model, native, settings, rx, counted)),
+        BatchMode::Adaptive => {
+            tokio::spawn(adaptive_worker(link, model, native, settings, rx, counted))
+        }
+    };
     Queue { tx, queued }
 }
 
+/// The next item, or `None` once the queue has been idle for [`IDLE_EXIT`] (new items are
+/// then refused; any that slipped in before the close are still served) or is closed.
+async fn next_or_idle(rx: &mut mpsc::Receiver<Item>) -> Option<Item> {
+    match timeout_at(Instant::now() + IDLE_EXIT, rx.recv()).await {
+        Ok(item) => item,
+        Err(_) => {
+            rx.close();
+            rx.try_recv().ok()
+        }
+    }
+}
+
+/// Adaptive batching: an item goes at once while the provider has room under its learned
+/// concurrency limit; items arriving while it is busy gather and leave together when room
+/// frees, in batches sized to spread the waiting prompts evenly over the limit (at most
+/// `max_batch_size`). No item waits for company while the provider has room.
+async fn adaptive_worker(
+    link: Arc<Link>,
+    model: Arc<str>,
+    native: bool,
+    settings: BatchingConfig,
+    mut rx: mpsc::Receiver<Item>,
+    queued: Arc<AtomicUsize>,
+) {
+    let mut pending: VecDeque<Item> = VecDeque::new();
+    loop {
+        if pending.is_empty() {
+            match next_or_idle(&mut rx).await {
+                Some(item) => pending.push_back(item),
+                None => return,
+            }
+        }
+        // Room at the provider, waited for in arrival order while more items gather.
+        let slot = {
+            let room = link.slot();
+            tokio::pin!(room);
+            loop {
+                tokio::select! {
+                    biased;
+                    slot = &mut room => break slot,
+                    Some(item) = rx.recv() => pending.push_back(item),
+                }
+            }
+        };
+        while let Ok(item) = rx.try_recv() {
+            pending.push_back(item);
+        }
+        let mut slot = match slot {
+            Ok(slot) => slot,
+            Err(e) => {
+                let n = pending.len();
+                queued.fetch_sub(n, Relaxed);
+                link.stats.dequeued(n);
+                return fail_all(pending.make_contiguous(), &e);
+            }
+        };
+        // Callers that went away, or whose try ended while the provider was busy, leave.
+        let now = Instant::now();
+        let before = pending.len();
+        pending.retain_mut(|i| {
+            if i.window.until <= now {
+                i.answer(Err(ProviderError::new(
+                    FailureKind::Overloaded,
+                    "no free slot before its time ran out",
+                )));
+            }
+            !i.gone()
+        });
+        let left = before - pending.len();
+        queued.fetch_sub(left, Relaxed);
+        link.stats.dequeued(left);
+        if pending.is_empty() {
+            continue;
+        }
+        let arrays = native && link.takes_arrays();
+        let size = if arrays {
+            let limit = link.concurrency_limit().max(1);
+            (pending.len() + link.items_in_flight())
+                .div_ceil(limit)
+                .clamp(1, settings.max_batch_size)
+                .min(pending.len())
+        } else {
+            1
+        };
+        // Counted in flight from now, so the next batch's size sees this one.
+        slot.carry(size);
+        let mut batch: Vec<Item> = pending.drain(..size).collect();
+        queued.fetch_sub(size, Relaxed);
+        link.stats.dequeued(size);
+        link.observe_batch(
+            size,
+            batch
+                .iter()
+                .map(|i| now.saturating_duration_since(i.enqueued)),
+        );
+        for item in &batch {
+            item.span.in_scope(|| {
+                tracing::debug!(provider = %link.name, batch_size = size, "batch closed");
+            });
+        }
+        let (link, model) = (link.clone(), model.clone());
+        if arrays {
+            tokio::spawn(send_native(link, model, batch, slot));
+        } else if let Some(item) = batch.pop() {
+            tokio::spawn(send_on(link, model, item, slot));
+        }
+    }
+}
+
+/// One item as its own request, on a slot the worker holds for it.
+async fn send_on(link: Arc<Link>, model: Arc<str>, mut item: Item, slot: Slot) {
+    let Some(tx) = item.tx.as_mut() else { return };
+    let sent = Instant::now();
+    let call = link.complete_on(slot, &model, &item.request, item.window);
+    let result = tokio::select! {
+        r = call.instrument(item.span.clone()) => r,
+        () = tx.closed() => return,
+    };
+    let queue_wait = sent.saturating_duration_since(item.enqueued);
+    item.answer(result.map(|(completion, took)| Delivered {
+        completion,
+        batch_size: 1,
+        queue_wait,
+        upstream: took,
+    }));
+}
+
+/// Fixed batching: Triton's dynamic-batcher rule (see the module docs).
 async fn worker(
     link: Arc<Link>,
     model: Arc<str>,
@@ -224,17 +360,8 @@ async fn worker(
 ) {
     let max = settings.max_batch_size;
     loop {
-        let first = match timeout_at(Instant::now() + IDLE_EXIT, rx.recv()).await {
-            Ok(Some(item)) => item,
-            Ok(None) => return,
-            Err(_) => {
-                // Idle: refuse new items, then serve any that slipped in before the close.
-                rx.close();
-                match rx.try_recv() {
-                    Ok(item) => item,
-                    Err(_) => return,
-                }
-            }
+        let Some(first) = next_or_idle(&mut rx).await else {
+            return;
         };
         let fastest = link.stats.fastest();
         let mut flush_at = first.enqueued + settings.max_wait;
@@ -436,8 +563,13 @@ mod tests {
     use crate::{completion::GenParams, config};
 
     fn batcher(batching: &str) -> (Arc<Link>, Batcher) {
+        batcher_with(batching, "")
+    }
+
+    /// `extra`: more of the provider's settings, each followed by a comma.
+    fn batcher_with(batching: &str, extra: &str) -> (Arc<Link>, Batcher) {
         let yaml = format!(
-            "providers:\n  - {{name: sim, type: simulated, models: [m], batching: {batching}}}\n"
+            "providers:\n  - {{name: sim, type: simulated, models: [m], {extra} batching: {batching}}}\n"
         );
         let c = config::parse(&yaml, "t", &|_| None).unwrap();
         let p = &c.providers[0];
@@ -466,7 +598,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn lone_item_waits_exactly_the_window() {
-        let (_, b) = batcher("{max_batch_size: 8, max_wait_ms: 5}");
+        let (_, b) = batcher("{mode: fixed, max_batch_size: 8, max_wait_ms: 5}");
         let s = b.settings("m").unwrap();
         let r = b
             .submit(&"m".into(), &req("x"), s, later(60_000))
@@ -478,7 +610,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn full_batch_goes_at_once() {
-        let (up, b) = batcher("{max_batch_size: 4, max_wait_ms: 1000}");
+        let (up, b) = batcher("{mode: fixed, max_batch_size: 4, max_wait_ms: 1000}");
         let s = b.settings("m").unwrap();
         let model: Arc<str> = "m".into();
         let reqs: Vec<_> = (0..4).map(|i| req(&format!("p{i}"))).collect();
@@ -500,7 +632,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn near_deadline_flushes_early() {
-        let (_, b) = batcher("{max_batch_size: 8, max_wait_ms: 1000}");
+        let (_, b) = batcher("{mode: fixed, max_batch_size: 8, max_wait_ms: 1000}");
         let s = b.settings("m").unwrap();
         let r = b
             .submit(&"m".into(), &req("x"), s, later(100))
@@ -512,7 +644,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn cancelled_item_is_dropped_before_send() {
-        let (up, b) = batcher("{max_batch_size: 8, max_wait_ms: 10}");
+        let (up, b) = batcher("{mode: fixed, max_batch_size: 8, max_wait_ms: 10}");
         let s = b.settings("m").unwrap();
         let model: Arc<str> = "m".into();
         let ra = req("a");
@@ -532,7 +664,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn full_queue_refuses_at_once() {
-        let (_, b) = batcher("{max_batch_size: 8, max_wait_ms: 1000, max_queue: 2}");
+        let (_, b) = batcher("{mode: fixed, max_batch_size: 8, max_wait_ms: 1000, max_queue: 2}");
         let s = b.settings("m").unwrap();
         let model: Arc<str> = "m".into();
         let (r1, r2) = (req("1"), req("2"));
@@ -559,5 +691,74 @@ mod tests {
             "the queued two still go, together"
         );
         assert!(two.await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_sends_a_lone_item_at_once() {
+        let (_, b) = batcher("{max_batch_size: 8, max_wait_ms: 5}");
+        let s = b.settings("m").unwrap();
+        assert_eq!(s.mode, BatchMode::Adaptive, "the default");
+        let started = Instant::now();
+        let r = b
+            .submit(&"m".into(), &req("x"), s, later(60_000))
+            .await
+            .unwrap();
+        assert_eq!((r.batch_size, r.queue_wait), (1, Duration::ZERO));
+        assert_eq!(started.elapsed(), Duration::ZERO, "no window paid");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_gathers_what_arrives_while_the_provider_is_busy() {
+        let (up, b) = batcher_with("{}", "max_concurrency: 1, simulated: {latency_ms: 10},");
+        let s = b.settings("m").unwrap();
+        let model: Arc<str> = "m".into();
+        let first = req("first");
+        let mut a = Box::pin(b.submit(&model, &first, s, later(60_000)));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(4), &mut a)
+                .await
+                .is_err(),
+            "in flight for 10 ms"
+        );
+        assert_eq!(up.stats.counts().requests, 1, "sent alone, at once");
+        let reqs: Vec<_> = (0..3).map(|i| req(&format!("p{i}"))).collect();
+        let (a, rest) = tokio::join!(
+            a,
+            futures_util::future::join_all(reqs.iter().map(|r| b.submit(
+                &model,
+                r,
+                s,
+                later(60_000)
+            )))
+        );
+        assert_eq!(a.unwrap().batch_size, 1);
+        for (i, r) in rest.into_iter().enumerate() {
+            let r = r.unwrap();
+            assert_eq!(
+                (r.batch_size, r.queue_wait),
+                (3, Duration::from_millis(6)),
+                "together, as soon as the slot freed"
+            );
+            assert_eq!(r.completion.text, format!("[m] you said: p{i}"));
+        }
+        assert_eq!(up.stats.counts().requests, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_spreads_the_waiting_items_over_the_limit() {
+        // Four slots (the starting limit), 40 callers at once: four batches of ten.
+        let (up, b) = batcher_with("{}", "simulated: {latency_ms: 10},");
+        let s = b.settings("m").unwrap();
+        let model: Arc<str> = "m".into();
+        let reqs: Vec<_> = (0..40).map(|i| req(&format!("p{i}"))).collect();
+        let out = futures_util::future::join_all(
+            reqs.iter().map(|r| b.submit(&model, r, s, later(60_000))),
+        )
+        .await;
+        let mut sizes: Vec<u32> = out.iter().map(|r| r.as_ref().unwrap().batch_size).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        assert_eq!(sizes, [10], "{sizes:?}");
+        assert_eq!(up.stats.counts().requests, 4);
     }
 }

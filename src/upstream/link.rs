@@ -12,16 +12,16 @@ use std::{
 };
 
 use prometheus_client::metrics::histogram::Histogram;
-use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore},
-    time::{Instant, timeout_at},
-};
+use tokio::time::{Instant, timeout_at};
 
 use super::{
     breaker::{Breaker, Pass, Refusal},
+    limit::{Limit, Verdict},
     stats::Stats,
     warnings::{EVERY, Warnings},
 };
+
+pub(super) use super::limit::Slot;
 use crate::{
     completion::{Completion, CompletionRequest, FailureKind},
     config::{BreakerConfig, ProviderConfig},
@@ -35,7 +35,7 @@ pub(super) struct Link {
     provider: Arc<dyn Provider>,
     pub(super) breaker: Breaker,
     /// Caps upstream requests in flight, and so the connections the pool opens.
-    slots: Arc<Semaphore>,
+    limit: Arc<Limit>,
     /// Requests waiting for a slot, at most `max_waiting`: past that a request moves on.
     waiting: AtomicUsize,
     max_waiting: usize,
@@ -46,7 +46,6 @@ pub(super) struct Link {
     /// batches go as single requests. A std mutex: a few instructions, never held across await.
     arrays_off_until: Mutex<Option<Instant>>,
     timeout: Duration,
-    max_concurrency: usize,
     label: ProviderLabel,
     metrics: Arc<Metrics>,
     /// This provider's series of `cascade_upstream_request_duration_seconds`.
@@ -77,9 +76,6 @@ impl Window {
     }
 }
 
-/// One of the provider's concurrency slots, held while a request is in flight.
-pub(super) struct Slot(#[allow(dead_code, reason = "held, never read")] OwnedSemaphorePermit);
-
 /// When a request gives up, and whether that is the caller's deadline rather than the
 /// provider's timeout.
 #[derive(Clone, Copy, Debug)]
@@ -100,14 +96,17 @@ impl Link {
             name: config.name.as_str().into(),
             provider,
             breaker: Breaker::new(breaker),
-            slots: Arc::new(Semaphore::new(config.max_concurrency)),
+            limit: if config.adaptive() {
+                Limit::adaptive(config.max_concurrency)
+            } else {
+                Limit::fixed(config.max_concurrency)
+            },
             waiting: AtomicUsize::new(0),
             max_waiting: config.max_waiting,
             stats: Stats::new(metrics, &label),
             rate: config.rate_limit.as_ref().map(ProviderLimit::new),
             arrays_off_until: Mutex::new(None),
             timeout: config.timeout,
-            max_concurrency: config.max_concurrency,
             upstream_seconds: metrics.upstream_seconds.get_or_create(&label).clone(),
             label,
             metrics: metrics.clone(),
@@ -146,20 +145,33 @@ impl Link {
 
     /// Waits for a concurrency slot as long as it takes.
     pub(super) async fn slot(&self) -> Result<Slot, ProviderError> {
-        self.slots
-            .clone()
-            .acquire_owned()
+        self.limit
+            .acquire()
             .await
-            .map(Slot)
-            .map_err(|_| ProviderError::new(FailureKind::Overloaded, "provider is shutting down"))
+            .ok_or_else(|| ProviderError::new(FailureKind::Overloaded, "provider is shutting down"))
+    }
+
+    /// Requests allowed in flight now (learned, when adaptive).
+    pub(super) fn concurrency_limit(&self) -> usize {
+        self.limit.current()
+    }
+
+    /// Whether the concurrency limit is learned.
+    pub(super) fn adaptive(&self) -> bool {
+        self.limit.is_adaptive()
+    }
+
+    /// Prompts in requests in flight now (or on their way: see [`Slot::carry`]).
+    pub(super) fn items_in_flight(&self) -> usize {
+        self.limit.items_in_flight()
     }
 
     /// Waits for a concurrency slot until `end`, in a bounded queue. The router's own wait is
     /// not the provider's fault: running out of room or time here is [`FailureKind::Overloaded`]
     /// (the request moves on), never judged against the provider.
     pub(super) async fn slot_by(&self, end: Instant) -> Result<Slot, ProviderError> {
-        if let Ok(p) = self.slots.clone().try_acquire_owned() {
-            return Ok(Slot(p));
+        if let Some(slot) = self.limit.try_acquire() {
+            return Ok(slot);
         }
         if self.waiting.fetch_add(1, Relaxed) >= self.max_waiting {
             self.waiting.fetch_sub(1, Relaxed);
@@ -167,7 +179,8 @@ impl Link {
                 FailureKind::Overloaded,
                 format!(
                     "{} requests already wait for one of its {} slots",
-                    self.max_waiting, self.max_concurrency
+                    self.max_waiting,
+                    self.limit.current()
                 ),
             ));
         }
@@ -176,7 +189,7 @@ impl Link {
         waited.map_err(|_| {
             ProviderError::new(
                 FailureKind::Overloaded,
-                format!("no free slot of {} in time", self.max_concurrency),
+                format!("no free slot of {} in time", self.limit.current()),
             )
         })?
     }
@@ -197,17 +210,27 @@ impl Link {
     /// Dropping the future (every caller went away) withdraws the request and judges nothing.
     pub(super) async fn send<T>(
         &self,
-        slot: Slot,
+        mut slot: Slot,
         items: usize,
         budget: Budget,
         call: impl Future<Output = Result<T, ProviderError>>,
     ) -> Result<(T, Duration), ProviderError> {
+        slot.carry(items);
         let pass = self.breaker.admit().map_err(refused)?;
         let sent = Instant::now();
         self.stats.sent(items);
         tracing::debug!(provider = %self.name, items, "upstream request sent");
         let outcome = timeout_at(budget.end, call).await;
         let took = sent.elapsed();
+        let verdict = match &outcome {
+            Ok(Ok(_)) => Verdict::Took(took, items),
+            Ok(Err(e)) if e.kind == FailureKind::RateLimited || e.http_status == Some(503) => {
+                Verdict::Overloaded
+            }
+            Err(_) if !budget.deadline_bound => Verdict::Overloaded,
+            _ => Verdict::Nothing,
+        };
+        self.limit.observe(&slot, verdict);
         drop(slot);
         self.upstream_seconds.observe(took.as_secs_f64());
         match outcome {
@@ -253,6 +276,34 @@ impl Link {
             self.rate_take(rate, &[request], latest).await?;
         }
         let slot = self.slot_by(latest).await?;
+        self.send_one(slot, model, request, window).await
+    }
+
+    /// One unbatched request on a slot already held: its quota, then [`Link::send`].
+    pub(super) async fn complete_on(
+        &self,
+        slot: Slot,
+        model: &str,
+        request: &CompletionRequest,
+        window: Window,
+    ) -> Result<(Completion, Duration), ProviderError> {
+        if let Some(rate) = &self.rate {
+            let latest = window
+                .until
+                .checked_sub(self.stats.fastest())
+                .unwrap_or(window.until);
+            self.rate_take(rate, &[request], latest).await?;
+        }
+        self.send_one(slot, model, request, window).await
+    }
+
+    async fn send_one(
+        &self,
+        slot: Slot,
+        model: &str,
+        request: &CompletionRequest,
+        window: Window,
+    ) -> Result<(Completion, Duration), ProviderError> {
         let budget = self.budget(Instant::now(), window);
         let answered = self
             .send(slot, 1, budget, self.provider.complete(model, request))

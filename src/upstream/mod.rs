@@ -7,11 +7,13 @@
 //!   every upstream request goes through (slot → breaker → send → judge → record);
 //! - [`batcher`]: the batch queues, which only group items and hand each batch to the link;
 //! - [`breaker`]: the circuit breaker and the `Retry-After` cool-down;
+//! - [`limit`]: how many requests the provider is sent at once, fixed or learned;
 //! - [`stats`]: the counters behind ListProviders and Prometheus;
 //! - [`warnings`]: upstream failures said in the log at a bounded rate.
 
 mod batcher;
 mod breaker;
+mod limit;
 mod link;
 mod stats;
 mod warnings;
@@ -77,6 +79,10 @@ pub struct Snapshot {
     pub counts: Counts,
     /// Whether batches go to it as one multi-prompt request now.
     pub native_batching: bool,
+    /// Requests it is sent at once at most now.
+    pub concurrency_limit: usize,
+    /// Whether that limit is learned.
+    pub adaptive: bool,
 }
 
 impl Upstream {
@@ -220,6 +226,8 @@ impl Upstream {
             cooling_down: self.link.breaker.cooling_down_for(),
             counts: self.link.stats.counts(),
             native_batching: self.link.takes_arrays(),
+            concurrency_limit: self.link.concurrency_limit(),
+            adaptive: self.link.adaptive(),
         }
     }
 }
@@ -304,7 +312,10 @@ mod tests {
     fn upstream(path: Path) -> (Upstream, Arc<Scripted>) {
         let batching = match path {
             Path::Unbatched => "",
-            Path::Native | Path::Parallel => ", batching: {max_batch_size: 8, max_wait_ms: 5}",
+            // A window, so both tries ride in one batch.
+            Path::Native | Path::Parallel => {
+                ", batching: {mode: fixed, max_batch_size: 8, max_wait_ms: 5}"
+            }
         };
         let yaml = format!(
             "cascade: {{circuit_breaker: {{failure_threshold: 2, recovery_timeout: 10, half_open_max_calls: 1}}}}\n\

@@ -1,0 +1,406 @@
+//! How many requests a provider is sent at once.
+//!
+//! Fixed: `max_concurrency`. Adaptive (with adaptive batching): learned from the provider's
+//! answers in the manner of TCP Vegas and Netflix's concurrency-limits — grow while answers
+//! come back about as fast as the provider has answered requests of that size before, shrink
+//! when they slow down (it is queueing them) or when it answers 429 or 503 — with
+//! `max_concurrency` as the ceiling.
+//!
+//! Hand-written: the crates that adapt a limit (tower-acc, tower-resilience-adaptive) compare
+//! every answer with one baseline latency, but a batch of 32 prompts takes longer than a
+//! batch of 1 without any queueing. Here the baseline is kept per batch size (one bucket per
+//! size up to 16, then buckets an eighth apart), so only queueing reads as congestion.
+//!
+//! The slots are a tokio semaphore (FIFO-fair and cancel-safe) whose permits follow the
+//! limit: a rise adds permits; a fall forgets free ones, or takes busy ones back as they are
+//! released.
+
+use std::{
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
+
+/// The limit an adaptive provider starts at (or its ceiling, if lower).
+const INITIAL: usize = 4;
+/// An answer this many times slower than the baseline for its size, plus [`SLACK`], means
+/// the provider is queueing.
+const TOLERANCE: f64 = 1.5;
+/// Absolute slack on the baseline, so sub-millisecond jitter is not read as queueing.
+const SLACK: Duration = Duration::from_millis(1);
+/// The limit falls to this fraction when answers slow down, and to [`BACKOFF_OVERLOAD`] on a
+/// 429 or 503: at most once per round trip (answers to requests sent before the last fall
+/// do not count again).
+const BACKOFF_SLOW: f64 = 0.9;
+const BACKOFF_OVERLOAD: f64 = 0.5;
+/// Each answer at or under its baseline moves the baseline this fraction of the way up to it,
+/// so a provider that became slower for good (new hardware, other tenants) is relearned.
+const BASELINE_DRIFT: f64 = 1.0 / 256.0;
+const BUCKETS: usize = 64;
+
+/// What an answer says about the provider's load.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Verdict {
+    /// Answered (or failed on its own account) in this time, for this many prompts.
+    Took(Duration, usize),
+    /// 429, 503, or the provider's own timeout: it is overloaded.
+    Overloaded,
+    /// Says nothing about load (a refused prompt, a caller gone).
+    Nothing,
+}
+
+pub(super) struct Limit {
+    slots: Arc<Semaphore>,
+    /// Prompts carried by the requests holding slots now.
+    items: AtomicUsize,
+    /// Permits taken back from busy requests: forgotten when released instead of returned.
+    owed: AtomicUsize,
+    /// `None` for a fixed limit.
+    adaptive: Option<Mutex<Gradient>>,
+    ceiling: usize,
+}
+
+/// One concurrency slot, held while a request is in flight.
+pub(super) struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    limit: Arc<Limit>,
+    /// When it was taken, to ignore answers to requests sent before the limit last fell.
+    taken: Instant,
+    /// Prompts it carries (counted in [`Limit::items_in_flight`]).
+    items: usize,
+}
+
+impl Slot {
+    /// Says how many prompts the request on this slot carries.
+    pub(super) fn carry(&mut self, items: usize) {
+        let counted = &self.limit.items;
+        if items > self.items {
+            counted.fetch_add(items - self.items, Relaxed);
+        } else {
+            counted.fetch_sub(self.items - items, Relaxed);
+        }
+        self.items = items;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.carry(0);
+        if let Some(p) = self.permit.take() {
+            let owed = &self.limit.owed;
+            if owed
+                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                p.forget();
+            }
+        }
+    }
+}
+
+impl Limit {
+    pub(super) fn fixed(max: usize) -> Arc<Limit> {
+        Arc::new(Limit {
+            slots: Arc::new(Semaphore::new(max)),
+            items: AtomicUsize::new(0),
+            owed: AtomicUsize::new(0),
+            adaptive: None,
+            ceiling: max,
+        })
+    }
+
+    pub(super) fn adaptive(ceiling: usize) -> Arc<Limit> {
+        let start = INITIAL.min(ceiling).max(1);
+        Arc::new(Limit {
+            slots: Arc::new(Semaphore::new(start)),
+            items: AtomicUsize::new(0),
+            owed: AtomicUsize::new(0),
+            adaptive: Some(Mutex::new(Gradient::new(start, ceiling))),
+            ceiling,
+        })
+    }
+
+    /// Requests allowed in flight now.
+    pub(super) fn current(&self) -> usize {
+        match &self.adaptive {
+            None => self.ceiling,
+            Some(g) => g.lock().unwrap_or_else(PoisonError::into_inner).permits,
+        }
+    }
+
+    fn slot(self: &Arc<Limit>, permit: OwnedSemaphorePermit) -> Slot {
+        Slot {
+            permit: Some(permit),
+            limit: self.clone(),
+            taken: Instant::now(),
+            items: 0,
+        }
+    }
+
+    pub(super) fn is_adaptive(&self) -> bool {
+        self.adaptive.is_some()
+    }
+
+    /// Prompts carried by requests in flight now.
+    pub(super) fn items_in_flight(&self) -> usize {
+        self.items.load(Relaxed)
+    }
+
+    /// A free slot now, if there is one.
+    pub(super) fn try_acquire(self: &Arc<Limit>) -> Option<Slot> {
+        let p = self.slots.clone().try_acquire_owned().ok()?;
+        Some(self.slot(p))
+    }
+
+    /// Waits for a slot, in arrival order. `None` once the semaphore is closed.
+    pub(super) async fn acquire(self: &Arc<Limit>) -> Option<Slot> {
+        let p = self.slots.clone().acquire_owned().await.ok()?;
+        Some(self.slot(p))
+    }
+
+    /// Learns from one answer to a request sent on `slot` (still held). A good answer says
+    /// the limit is too low only when every slot is taken: waiting requests take a freed
+    /// permit at once, so none is free while demand exceeds the limit.
+    pub(super) fn observe(&self, slot: &Slot, verdict: Verdict) {
+        let Some(g) = &self.adaptive else { return };
+        let saturated = self.slots.available_permits() == 0;
+        let (before, after) = {
+            let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
+            let before = g.permits;
+            g.learn(slot.taken, saturated, verdict);
+            (before, g.permits)
+        };
+        if after > before {
+            // Settle what is owed first, then add.
+            let mut add = after - before;
+            while add > 0
+                && self
+                    .owed
+                    .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                add -= 1;
+            }
+            self.slots.add_permits(add);
+        } else if before > after {
+            let drop = before - after;
+            let forgotten = self.slots.forget_permits(drop);
+            self.owed.fetch_add(drop - forgotten, Relaxed);
+        }
+    }
+}
+
+/// The adaptive policy: a per-size latency baseline, additive increase while answers stay
+/// near it and the limit is what holds requests back, multiplicative decrease when they do
+/// not — slow start (one more per good answer) until the first fall.
+#[derive(Debug)]
+struct Gradient {
+    estimate: f64,
+    permits: usize,
+    ceiling: usize,
+    slow_start: bool,
+    /// Answers to requests sent before this do not lower the limit again.
+    fell_at: Option<Instant>,
+    baseline: [Option<Duration>; BUCKETS],
+}
+
+/// The baseline bucket for a request of `items` prompts.
+fn bucket(items: usize) -> usize {
+    if items <= 16 {
+        return items.saturating_sub(1);
+    }
+    // Eighth-wide buckets above 16: log base 1.125 of items / 16.
+    let steps = ((items as f64 / 16.0).ln() / 1.125f64.ln()) as usize;
+    (16 + steps).min(BUCKETS - 1)
+}
+
+impl Gradient {
+    fn new(start: usize, ceiling: usize) -> Gradient {
+        Gradient {
+            estimate: start as f64,
+            permits: start,
+            ceiling,
+            slow_start: true,
+            fell_at: None,
+            baseline: [None; BUCKETS],
+        }
+    }
+
+    fn learn(&mut self, sent: Instant, saturated: bool, verdict: Verdict) {
+        match verdict {
+            Verdict::Nothing => {}
+            Verdict::Overloaded => self.fall(sent, BACKOFF_OVERLOAD),
+            Verdict::Took(took, items) => {
+                let b = bucket(items);
+                let base = self.baseline[b].unwrap_or(took);
+                if took <= base {
+                    self.baseline[b] = Some(took);
+                } else {
+                    self.baseline[b] = Some(base + (took - base).mul_f64(BASELINE_DRIFT));
+                }
+                if took.as_secs_f64() > base.as_secs_f64() * TOLERANCE + SLACK.as_secs_f64() {
+                    self.fall(sent, BACKOFF_SLOW);
+                } else if saturated {
+                    self.estimate += if self.slow_start {
+                        1.0
+                    } else {
+                        1.0 / self.estimate
+                    };
+                }
+            }
+        }
+        self.estimate = self.estimate.clamp(1.0, self.ceiling as f64);
+        self.permits = (self.estimate.floor() as usize).clamp(1, self.ceiling);
+    }
+
+    fn fall(&mut self, sent: Instant, factor: f64) {
+        if self.fell_at.is_some_and(|at| sent <= at) {
+            return;
+        }
+        self.slow_start = false;
+        self.estimate *= factor;
+        self.fell_at = Some(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Takes `n` slots at once (all that `limit` gives, when fewer).
+    fn take(limit: &Arc<Limit>, n: usize) -> Vec<Slot> {
+        (0..n).filter_map(|_| limit.try_acquire()).collect()
+    }
+
+    /// `answers` answers of `took` for `items` prompts each, with `demand` callers: each
+    /// answered slot is released and the free capacity taken up again, as waiting callers do.
+    fn serve(limit: &Arc<Limit>, demand: usize, answers: usize, took: Duration, items: usize) {
+        let mut held: VecDeque<Slot> = take(limit, demand).into();
+        for _ in 0..answers {
+            let Some(s) = held.pop_front() else { break };
+            limit.observe(&s, Verdict::Took(took, items));
+            drop(s);
+            let more = take(limit, demand - held.len());
+            held.extend(more);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grows_while_saturated_and_latency_stays_flat() {
+        let limit = Limit::adaptive(64);
+        assert_eq!(limit.current(), INITIAL);
+        serve(&limit, 1000, 4, 20 * MS, 1);
+        assert_eq!(limit.current(), 8, "slow start: one more per good answer");
+        serve(&limit, 1000, 200, 20 * MS, 1);
+        assert_eq!(limit.current(), 64, "up to the ceiling, no further");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unsaturated_limit_does_not_grow() {
+        let limit = Limit::adaptive(64);
+        serve(&limit, 3, 100, 20 * MS, 1);
+        assert_eq!(
+            limit.current(),
+            INITIAL,
+            "three callers never fill four slots"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shrinks_once_per_round_trip_when_latency_rises() {
+        let limit = Limit::adaptive(64);
+        serve(&limit, 1000, 12, 20 * MS, 1);
+        assert_eq!(limit.current(), 16);
+        let slots = take(&limit, 64);
+        assert_eq!(slots.len(), 16);
+        tokio::time::advance(40 * MS).await;
+        // Every one of them answers twice as slowly: one fall, not sixteen.
+        for s in &slots {
+            limit.observe(s, Verdict::Took(40 * MS, 1));
+        }
+        assert_eq!(limit.current(), 14, "16 × 0.9, once");
+        drop(slots);
+        // A request sent after the fall that is slow again lowers it again.
+        tokio::time::advance(MS).await;
+        let late = limit.try_acquire().unwrap();
+        limit.observe(&late, Verdict::Took(40 * MS, 1));
+        assert_eq!(limit.current(), 12, "14.4 × 0.9");
+        drop(late);
+        assert_eq!(take(&limit, 64).len(), 12, "the semaphore follows");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn halves_on_overload_and_takes_back_busy_slots_as_they_return() {
+        let limit = Limit::adaptive(64);
+        serve(&limit, 1000, 4, 20 * MS, 1);
+        let busy = take(&limit, 64);
+        assert_eq!(busy.len(), 8);
+        tokio::time::advance(MS).await;
+        limit.observe(&busy[0], Verdict::Overloaded);
+        assert_eq!(limit.current(), 4);
+        drop(busy);
+        assert_eq!(
+            take(&limit, 64).len(),
+            4,
+            "four of the eight were forgotten"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_fall_it_grows_by_one_per_round_trip() {
+        let limit = Limit::adaptive(64);
+        serve(&limit, 1000, 6, 20 * MS, 1);
+        let slot = limit.try_acquire().unwrap();
+        tokio::time::advance(MS).await;
+        limit.observe(&slot, Verdict::Took(60 * MS, 1));
+        drop(slot);
+        assert_eq!(limit.current(), 9, "10 × 0.9");
+        serve(&limit, 1000, 8, 20 * MS, 1);
+        assert_eq!(limit.current(), 9, "not yet: 9 + 8 × ~1/9");
+        serve(&limit, 1000, 2, 20 * MS, 1);
+        assert_eq!(
+            limit.current(),
+            10,
+            "a round trip's worth of good answers: one more"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bigger_batches_taking_longer_is_not_congestion() {
+        let limit = Limit::adaptive(64);
+        // 20 ms + 1 ms per prompt, no queueing: sizes 1, 8, 32 each against its own baseline.
+        for round in 0..30 {
+            let items = [1, 8, 32][round % 3];
+            serve(&limit, 1000, 8, (20 + items as u32) * MS, items);
+        }
+        assert_eq!(limit.current(), 64, "never fell");
+    }
+
+    #[test]
+    fn buckets_are_exact_to_16_then_an_eighth_apart() {
+        assert_eq!((bucket(1), bucket(16), bucket(17)), (0, 15, 16));
+        assert_eq!(bucket(19), 17);
+        assert!(bucket(4096) < BUCKETS);
+        assert!((17..=4096).all(|n| bucket(n) >= bucket(n - 1)), "monotone");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fixed_never_moves() {
+        let limit = Limit::fixed(3);
+        let slots = take(&limit, 10);
+        assert_eq!(slots.len(), 3);
+        limit.observe(&slots[0], Verdict::Overloaded);
+        assert_eq!(limit.current(), 3);
+    }
+}
