@@ -6,9 +6,10 @@
 //!
 //! - **adaptive** (the default): an item goes at once while the provider has room under its
 //!   learned concurrency limit (`limit`); what arrives while it is busy gathers and leaves
-//!   when a slot frees, in batches of ceil((waiting + in flight) / limit) prompts, so the
-//!   load spreads evenly over the requests the provider serves in parallel. A lone caller
-//!   pays no window.
+//!   when a slot frees, in batches of ceil((waiting + in flight) / limit) prompts, so the load
+//!   spreads evenly over the requests the provider serves in parallel (waiting up to
+//!   `max_wait` for callers of a batch just answered to send again). A lone caller pays no
+//!   window.
 //! - **fixed**: the worker closes a batch when `max_batch_size` items are queued or the oldest
 //!   has waited `max_wait` — Triton's dynamic batcher rule — and earlier when an item's
 //!   deadline is near (its deadline minus the provider's fastest answer). It then waits for a
@@ -45,6 +46,10 @@ use crate::{
     config::{BatchMode, BatchingConfig, ProviderConfig},
     provider::ProviderError,
 };
+
+/// Adaptive batching waits for callers coming back to fill a batch no longer than this
+/// without one arriving.
+const ARRIVAL_GAP: Duration = Duration::from_millis(1);
 
 /// A worker with nothing queued for this long exits; the next item starts a new one.
 const IDLE_EXIT: Duration = Duration::from_secs(30);
@@ -299,10 +304,32 @@ async fn adaptive_worker(
         let arrays = native && link.takes_arrays();
         let size = if arrays {
             let limit = link.concurrency_limit().max(1);
-            (pending.len() + link.items_in_flight())
+            let target = (pending.len() + link.items_in_flight())
                 .div_ceil(limit)
-                .clamp(1, settings.max_batch_size)
-                .min(pending.len())
+                .clamp(1, settings.max_batch_size);
+            // Under load, the callers of a batch that just came back send again a moment
+            // after its slot frees: wait for them (at most max_wait, never past an item's
+            // latest send) rather than send a fragment. A lone caller's target is 1: no wait.
+            if pending.len() < target {
+                let fastest = link.stats.fastest();
+                let until = pending
+                    .iter()
+                    .map(|i| latest_send(i, fastest))
+                    .fold(now + settings.max_wait, Instant::min);
+                while pending.len() < target {
+                    // They come back together: a pause in arrivals means no more are coming.
+                    let pause = until.min(Instant::now() + ARRIVAL_GAP);
+                    tokio::select! {
+                        biased;
+                        item = rx.recv() => match item {
+                            Some(item) => pending.push_back(item),
+                            None => break,
+                        },
+                        () = sleep_until(pause) => break,
+                    }
+                }
+            }
+            target.min(pending.len())
         } else {
             1
         };

@@ -8,8 +8,9 @@
 //!
 //! Hand-written: the crates that adapt a limit (tower-acc, tower-resilience-adaptive) compare
 //! every answer with one baseline latency, but a batch of 32 prompts takes longer than a
-//! batch of 1 without any queueing. Here the baseline is kept per batch size (one bucket per
-//! size up to 16, then buckets an eighth apart), so only queueing reads as congestion.
+//! batch of 1 without any queueing. Here an answer is judged against the fastest answers
+//! seen per batch size (one bucket per size up to 16, then buckets an eighth apart), so only
+//! queueing reads as congestion.
 //!
 //! The slots are a tokio semaphore (FIFO-fair and cancel-safe) whose permits follow the
 //! limit: a rise adds permits; a fall forgets free ones, or takes busy ones back as they are
@@ -30,18 +31,24 @@ use tokio::{
 
 /// The limit an adaptive provider starts at (or its ceiling, if lower).
 const INITIAL: usize = 4;
-/// An answer this many times slower than the baseline for its size, plus [`SLACK`], means
-/// the provider is queueing.
-const TOLERANCE: f64 = 1.5;
-/// Absolute slack on the baseline, so sub-millisecond jitter is not read as queueing.
-const SLACK: Duration = Duration::from_millis(1);
-/// The limit falls to this fraction when answers slow down, and to [`BACKOFF_OVERLOAD`] on a
-/// 429 or 503: at most once per round trip (answers to requests sent before the last fall
-/// do not count again).
-const BACKOFF_SLOW: f64 = 0.9;
+/// Requests estimated to be queued at the provider (Vegas' α and β): under `ALPHA` with
+/// every slot busy, one more slot; over `BETA` (or a tenth of the limit, if more), down to
+/// the parallelism the latencies imply.
+const ALPHA: f64 = 1.0;
+const BETA: f64 = 2.0;
+/// An answer more than this many times slower than expected for its size (plus [`SLACK`])
+/// lowers the limit at once, without waiting for the round to end.
+const SPIKE: f64 = 2.0;
+/// Absolute slack, so sub-millisecond jitter is not read as queueing.
+const SLACK: Duration = Duration::from_micros(500);
+/// The limit falls to this fraction on a spike, and to [`BACKOFF_OVERLOAD`] on a 429 or
+/// 503: at most once per round trip (answers to requests sent before the last fall do not
+/// count again).
+const BACKOFF_SPIKE: f64 = 0.9;
 const BACKOFF_OVERLOAD: f64 = 0.5;
-/// Each answer at or under its baseline moves the baseline this fraction of the way up to it,
-/// so a provider that became slower for good (new hardware, other tenants) is relearned.
+/// An answer slower than the fastest of its size but within one queued request of it moves
+/// that fastest this fraction of the way up, so a provider that became slower for good
+/// (other tenants, a smaller GPU) is relearned.
 const BASELINE_DRIFT: f64 = 1.0 / 256.0;
 const BUCKETS: usize = 64;
 
@@ -197,9 +204,12 @@ impl Limit {
     }
 }
 
-/// The adaptive policy: a per-size latency baseline, additive increase while answers stay
-/// near it and the limit is what holds requests back, multiplicative decrease when they do
-/// not — slow start (one more per good answer) until the first fall.
+/// The adaptive policy, TCP Vegas' rule over rounds of `permits` answers: each answer's time
+/// against the time expected for its size gives the mean slowdown `r` of the round, and
+/// with `permits` requests in flight, `permits × (1 − 1/r)` of them were waiting at the
+/// provider (Little's law). Few waiting and every slot busy: one more slot (doubling, in slow
+/// start, until the first fall); too many: down to `permits / r`, the parallelism the
+/// provider showed.
 #[derive(Debug)]
 struct Gradient {
     estimate: f64,
@@ -208,10 +218,20 @@ struct Gradient {
     slow_start: bool,
     /// Answers to requests sent before this do not lower the limit again.
     fell_at: Option<Instant>,
-    baseline: [Option<Duration>; BUCKETS],
+    /// The fastest answer seen per size bucket: its prompts and its time.
+    fastest: [Option<(usize, Duration)>; BUCKETS],
+    round: Round,
 }
 
-/// The baseline bucket for a request of `items` prompts.
+/// The answers of the current round.
+#[derive(Debug, Default)]
+struct Round {
+    answers: usize,
+    slowdown: f64,
+    saturated: usize,
+}
+
+/// The bucket for a request of `items` prompts.
 fn bucket(items: usize) -> usize {
     if items <= 16 {
         return items.saturating_sub(1);
@@ -229,35 +249,81 @@ impl Gradient {
             ceiling,
             slow_start: true,
             fell_at: None,
-            baseline: [None; BUCKETS],
+            fastest: [None; BUCKETS],
+            round: Round::default(),
         }
+    }
+
+    /// How long an answer for `items` prompts takes when the provider is not queueing, from
+    /// the fastest answers seen: no longer than any batch at least as big (a batch does not
+    /// get cheaper by growing), and linear between two sizes. Taking the least of these means
+    /// a size first seen while the provider was already queueing is still judged by the
+    /// others. `None` before any answer of this size or bigger, or on both sides of it.
+    fn expected(&self, items: usize) -> Option<f64> {
+        let known = || {
+            self.fastest
+                .iter()
+                .flatten()
+                .map(|&(n, t)| (n, t.as_secs_f64()))
+        };
+        let mut best = f64::INFINITY;
+        for (n, t) in known() {
+            if n >= items {
+                best = best.min(t);
+            } else {
+                for (m, u) in known().filter(|&(m, _)| m > items) {
+                    let at = (items - n) as f64 / (m - n) as f64;
+                    best = best.min(t + (u - t) * at);
+                }
+            }
+        }
+        best.is_finite().then_some(best)
     }
 
     fn learn(&mut self, sent: Instant, saturated: bool, verdict: Verdict) {
         match verdict {
             Verdict::Nothing => {}
             Verdict::Overloaded => self.fall(sent, BACKOFF_OVERLOAD),
-            Verdict::Took(took, items) => {
-                let b = bucket(items);
-                let base = self.baseline[b].unwrap_or(took);
-                if took <= base {
-                    self.baseline[b] = Some(took);
-                } else {
-                    self.baseline[b] = Some(base + (took - base).mul_f64(BASELINE_DRIFT));
-                }
-                if took.as_secs_f64() > base.as_secs_f64() * TOLERANCE + SLACK.as_secs_f64() {
-                    self.fall(sent, BACKOFF_SLOW);
-                } else if saturated {
-                    self.estimate += if self.slow_start {
-                        1.0
-                    } else {
-                        1.0 / self.estimate
-                    };
-                }
-            }
+            Verdict::Took(took, items) => self.took(sent, saturated, took, items),
         }
         self.estimate = self.estimate.clamp(1.0, self.ceiling as f64);
         self.permits = (self.estimate.floor() as usize).clamp(1, self.ceiling);
+    }
+
+    fn took(&mut self, sent: Instant, saturated: bool, took: Duration, items: usize) {
+        let slack = SLACK.as_secs_f64();
+        let slowdown = self
+            .expected(items)
+            .map_or(1.0, |e| (took.as_secs_f64() / (e + slack)).max(1.0));
+        let fastest = &mut self.fastest[bucket(items)];
+        match fastest {
+            Some((_, t)) if took >= *t => {
+                if slowdown <= 1.0 + 1.0 / self.permits as f64 {
+                    *t += (took - *t).mul_f64(BASELINE_DRIFT);
+                }
+            }
+            _ => *fastest = Some((items, took)),
+        }
+        if slowdown > SPIKE {
+            self.fall(sent, BACKOFF_SPIKE);
+        }
+        let round = &mut self.round;
+        round.answers += 1;
+        round.slowdown += slowdown;
+        round.saturated += usize::from(saturated);
+        if round.answers < self.permits {
+            return;
+        }
+        let round = std::mem::take(&mut self.round);
+        let permits = self.permits as f64;
+        let r = round.slowdown / round.answers as f64;
+        let waiting = permits * (1.0 - 1.0 / r);
+        if waiting > BETA.max(permits / 10.0) {
+            self.slow_start = false;
+            self.estimate = (permits / r).min(self.estimate - 1.0);
+        } else if waiting < ALPHA && round.saturated * 2 >= round.answers {
+            self.estimate += if self.slow_start { permits } else { 1.0 };
+        }
     }
 
     fn fall(&mut self, sent: Instant, factor: f64) {
@@ -318,26 +384,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn shrinks_once_per_round_trip_when_latency_rises() {
+    async fn falls_to_the_parallelism_the_latencies_show() {
         let limit = Limit::adaptive(64);
         serve(&limit, 1000, 12, 20 * MS, 1);
-        assert_eq!(limit.current(), 16);
+        assert_eq!(limit.current(), 16, "slow start: 4, 8, 16");
+        // A round of 16 answers, each 40 ms where 20 was enough: about half of them waited
+        // at the provider, which serves about 8 at a time.
+        serve(&limit, 1000, 16, 40 * MS, 1);
+        assert_eq!(limit.current(), 8, "16 / (40 / 21)");
+        assert_eq!(take(&limit, 64).len(), 8, "the semaphore follows");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spike_lowers_it_at_once_but_once_per_round_trip() {
+        let limit = Limit::adaptive(64);
+        serve(&limit, 1000, 12, 20 * MS, 1);
         let slots = take(&limit, 64);
         assert_eq!(slots.len(), 16);
-        tokio::time::advance(40 * MS).await;
-        // Every one of them answers twice as slowly: one fall, not sixteen.
-        for s in &slots {
-            limit.observe(s, Verdict::Took(40 * MS, 1));
-        }
-        assert_eq!(limit.current(), 14, "16 × 0.9, once");
-        drop(slots);
-        // A request sent after the fall that is slow again lowers it again.
         tokio::time::advance(MS).await;
-        let late = limit.try_acquire().unwrap();
-        limit.observe(&late, Verdict::Took(40 * MS, 1));
-        assert_eq!(limit.current(), 12, "14.4 × 0.9");
-        drop(late);
-        assert_eq!(take(&limit, 64).len(), 12, "the semaphore follows");
+        for s in &slots[..8] {
+            limit.observe(s, Verdict::Took(100 * MS, 1));
+        }
+        assert_eq!(
+            limit.current(),
+            14,
+            "16 × 0.9, once for the eight sent together"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -358,21 +430,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn after_a_fall_it_grows_by_one_per_round_trip() {
+    async fn after_a_fall_it_grows_by_one_per_round() {
         let limit = Limit::adaptive(64);
-        serve(&limit, 1000, 6, 20 * MS, 1);
+        serve(&limit, 1000, 4, 20 * MS, 1);
         let slot = limit.try_acquire().unwrap();
         tokio::time::advance(MS).await;
         limit.observe(&slot, Verdict::Took(60 * MS, 1));
         drop(slot);
-        assert_eq!(limit.current(), 9, "10 × 0.9");
-        serve(&limit, 1000, 8, 20 * MS, 1);
-        assert_eq!(limit.current(), 9, "not yet: 9 + 8 × ~1/9");
-        serve(&limit, 1000, 2, 20 * MS, 1);
+        assert_eq!(limit.current(), 7, "a spike: 8 × 0.9");
+        // The rest of that round is fast; a little waiting on average: hold.
+        serve(&limit, 1000, 6, 20 * MS, 1);
+        assert_eq!(limit.current(), 7);
+        serve(&limit, 1000, 7, 20 * MS, 1);
         assert_eq!(
             limit.current(),
-            10,
-            "a round trip's worth of good answers: one more"
+            8,
+            "a clean round with every slot busy: one more"
         );
     }
 
@@ -385,6 +458,33 @@ mod tests {
             serve(&limit, 1000, 8, (20 + items as u32) * MS, items);
         }
         assert_eq!(limit.current(), 64, "never fell");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_size_first_seen_while_queueing_is_judged_by_the_others() {
+        let limit = Limit::adaptive(64);
+        // Clean answers: 8 prompts in 28 ms, 16 in 36 ms.
+        serve(&limit, 1000, 2, 28 * MS, 8);
+        serve(&limit, 1000, 2, 36 * MS, 16);
+        assert_eq!(limit.current(), 8);
+        // Then a round of batches of 4, never seen before, at 48 ms: queued behind others (a
+        // batch of 8 takes 28 ms), although 48 ms is all this size has ever taken.
+        serve(&limit, 1000, 8, 48 * MS, 4);
+        assert_eq!(limit.current(), 4, "8 / (48 / 29)");
+    }
+
+    #[test]
+    fn expected_latency_is_bounded_by_bigger_sizes_and_linear_between() {
+        let mut g = Gradient::new(4, 64);
+        assert_eq!(g.expected(4), None);
+        g.fastest[bucket(1)] = Some((1, 21 * MS));
+        g.fastest[bucket(8)] = Some((8, 28 * MS));
+        g.fastest[bucket(4)] = Some((4, 48 * MS));
+        let ms = |n| (g.expected(n).unwrap() * 1e3 * 1e3).round() / 1e3;
+        assert_eq!(ms(4), 24.0, "between 1 and 8, not its own 48");
+        assert_eq!(ms(1), 21.0);
+        assert_eq!(ms(8), 28.0);
+        assert_eq!(g.expected(9), None, "nothing this big or bigger");
     }
 
     #[test]
