@@ -402,6 +402,55 @@ def adaptive(b):
     return "\n".join(out)
 
 
+OLD_LOOP = r"""
+import json, sys, time, urllib.request
+base, n = sys.argv[1], int(sys.argv[2])
+start = time.monotonic()
+for i in range(n):
+    body = json.dumps({"model": "m", "prompt": f"triage item {i}"}).encode()
+    req = urllib.request.Request(base + "/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:  # a new connection per call
+        json.loads(r.read())["choices"][0]["text"]
+print(time.monotonic() - start)
+"""
+
+
+def agent_cli(b):
+    """An agent's N prompts: the old loop (Python, one at a time, a new connection per call,
+    straight at the model server) vs `cascade-router batch` over a JSONL file through the
+    router (batching on), each timed as a whole command."""
+    mock, mport = b.mock(*GPU)
+    base = f"http://127.0.0.1:{mport}/v1"
+    _, rport = b.router(openai_provider("gpu", base, "    batching: {}\n"))
+    n = 20 if b.smoke else 200
+    reps = 1 if b.smoke else 3
+    prompts = os.path.join(b.tmp, "prompts.jsonl")
+    with open(prompts, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": i, "model": "m", "prompt": f"triage item {i}"}) + "\n")
+    res = {"old loop (Python, new connection per call)": [], "cascade-router batch": []}
+    for rep in range(reps):
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-c", OLD_LOOP, base, str(n)], check=True, capture_output=True, timeout=600)
+        res["old loop (Python, new connection per call)"].append(time.monotonic() - t0)
+        out = os.path.join(b.tmp, f"answers-{rep}.jsonl")
+        t0 = time.monotonic()
+        subprocess.run([b.bin, "batch", "--addr", f"http://127.0.0.1:{rport}", "--output", out, prompts],
+                       check=True, capture_output=True, timeout=600)
+        res["cascade-router batch"].append(time.monotonic() - t0)
+        with open(out) as f:
+            answers = [json.loads(l) for l in f]
+        if len(answers) != n or any("error" in a for a in answers):
+            raise RuntimeError(f"batch answered {len(answers)} lines, some failed: {answers[:3]}")
+    old, new = (med(v) for v in res.values())
+    rows = [[name, n, f"{med(v):.3f}"] for name, v in res.items()]
+    b.stop_all()
+    return table(f"Agent side: {n} prompts ({GPU_NOTE}), whole command timed, median of {reps}: "
+                 f"`cascade-router batch` is {old / new:.0f}x faster than the old loop",
+                 ["how the agent sends", "prompts", "elapsed s"], rows)
+
+
 class RssSampler:
     """Samples a process's resident set every 0.5 s while a load runs."""
 
@@ -551,7 +600,7 @@ def table(title, header, rows):
 
 
 SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory,
-             "batching": batching, "window": window, "adaptive": adaptive, "agent_loop": agent_loop,
+             "batching": batching, "window": window, "adaptive": adaptive, "agent_loop": agent_loop, "agent_cli": agent_cli,
              "overload": overload, "soak": soak, "real": real}
 
 

@@ -23,8 +23,8 @@
 //! - `cache`: the completion cache (moka in memory, Redis shared by replicas), keyed by a hash.
 //! - `coalescer`: identical deterministic requests in flight share one upstream call.
 //! - `cascade`: the ordered fallback loop with retries and backoff inside the deadline.
-//! - `upstream`: one provider's health and load — its breaker, concurrency slots, counters and
-//!   batch queues — and the one way a request is sent to it.
+//! - `upstream`: one provider's health and load — its breaker, concurrency limit (fixed or
+//!   learned), counters and batch queues — and the one way a request is sent to it.
 //! - `rate`: provider quotas (requests and tokens per minute) and per-client quotas.
 //! - `provider`: one module per upstream API behind one trait, each with a pooled client.
 //! - [`config`]: the cascade file: raw serde structs → validation by concern → runtime values.
@@ -34,8 +34,11 @@
 //! - `fuzzing` (tests, feature `fuzzing`): the untrusted-input entry points that the property
 //!   tests and the fuzz targets in `fuzz/` drive.
 //!
+//! - [`client`]: the agent side — `cascade-router complete` and `cascade-router batch`.
+//!
 //! The team's tools (mock provider, load harness) live in the `devtools` crate, not here.
 
+pub mod client;
 pub mod config;
 pub mod proto;
 pub mod server;

@@ -1,11 +1,14 @@
-//! The `cascade-router` binary: `serve` and `check`. The team's tools (mock provider, load
-//! harness) are `cascade-bench`, in the `devtools` crate.
+//! The `cascade-router` binary: `serve` and `check` for operators, `complete` and `batch` for
+//! agents and scripts. The team's tools (mock provider, load harness) are `cascade-bench`, in
+//! the `devtools` crate.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use cascade_router::{
     Router,
+    client::{self, Client, ClientError, Target, batch},
     config::{self, Config},
+    proto::v1,
     server,
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -43,6 +46,85 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Ask a running router for one completion and print it. Exit codes: 0 answered, 2
+    /// invalid, 3 unavailable, 4 deadline exceeded, 5 resource exhausted, 6 not allowed.
+    Complete {
+        #[command(flatten)]
+        to: RouterArgs,
+        /// A model or fallback chain; empty: the agent's assignment or the default cascade.
+        #[arg(long, default_value = "")]
+        model: String,
+        #[arg(long, default_value = "")]
+        agent: String,
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// Print the whole response as JSON (provider, attempts, usage, ...).
+        #[arg(long)]
+        json: bool,
+        prompt: String,
+    },
+    /// Send a JSONL file of prompts through a running router; one JSONL answer per line, in
+    /// input order, with errors in place.
+    Batch {
+        #[command(flatten)]
+        to: RouterArgs,
+        /// For lines that name no model.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        /// CompleteBatch calls in flight at most.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Prompts per CompleteBatch call.
+        #[arg(long, default_value_t = 32)]
+        chunk: usize,
+        /// Write answers here instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Skip ids already answered in --output, and append.
+        #[arg(long)]
+        resume: bool,
+        /// JSONL: {"id", "prompt" | "messages", "max_tokens", "temperature", "stop", "seed",
+        /// "agent", "model"}; a plain-text line is a prompt whose id is its line number.
+        input: PathBuf,
+    },
+}
+
+/// Which router `complete` and `batch` talk to, and how.
+#[derive(clap::Args)]
+struct RouterArgs {
+    /// The router: http://host:port or https://host:port.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Each call's deadline, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    /// The client key, when the router has `server.auth`.
+    #[arg(long, env = "CASCADE_ROUTER_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// A CA certificate (PEM) to trust for an https:// router.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+}
+
+impl RouterArgs {
+    fn target(self) -> Result<Target, ClientError> {
+        if !(self.timeout.is_finite() && self.timeout > 0.0 && self.timeout <= 86_400.0) {
+            return Err(ClientError::Usage(format!(
+                "--timeout {} must be seconds above 0, at most a day",
+                self.timeout
+            )));
+        }
+        Ok(Target {
+            addr: self.addr,
+            key: self.key.filter(|k| !k.trim().is_empty()),
+            timeout: Duration::from_secs_f64(self.timeout),
+            ca_file: self.ca_file,
+        })
+    }
 }
 
 /// Logs to stderr at `RUST_LOG`'s levels — `info` when it is unset, empty or unreadable —
@@ -103,7 +185,93 @@ fn main() -> ExitCode {
             };
             runtime.block_on(serve(loaded, config, listen))
         }
+        Command::Complete {
+            to,
+            model,
+            agent,
+            max_tokens,
+            temperature,
+            json,
+            prompt,
+        } => {
+            let request = v1::CompleteRequest {
+                model,
+                agent,
+                prompt,
+                max_tokens,
+                temperature,
+                ..Default::default()
+            };
+            finish(runtime.block_on(complete(to, request, json)))
+        }
+        Command::Batch {
+            to,
+            model,
+            agent,
+            concurrency,
+            chunk,
+            output,
+            resume,
+            input,
+        } => {
+            let opts = batch::Options {
+                input,
+                output,
+                resume,
+                concurrency,
+                chunk,
+                model,
+                agent,
+                progress: true,
+            };
+            finish(runtime.block_on(run_batch(to, opts)))
+        }
     }
+}
+
+/// A client command's outcome as its exit code, an error as one line on stderr.
+fn finish(outcome: Result<u8, ClientError>) -> ExitCode {
+    match outcome {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn complete(
+    to: RouterArgs,
+    request: v1::CompleteRequest,
+    json: bool,
+) -> Result<u8, ClientError> {
+    let mut c = Client::connect(to.target()?).await?;
+    let r = c.complete(request).await?;
+    if json {
+        say(&client::response_json(&r).to_string());
+    } else {
+        say(&r.text);
+    }
+    Ok(0)
+}
+
+/// Exit 0 when every line was answered, 1 when some failed, 130 when interrupted.
+async fn run_batch(to: RouterArgs, opts: batch::Options) -> Result<u8, ClientError> {
+    let c = Client::connect(to.target()?).await?;
+    let stop = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let summary = batch::run(&c, &opts, stop).await?;
+    eprintln!("{summary}");
+    Ok(if summary.interrupted {
+        130
+    } else if summary.failed.is_empty() {
+        0
+    } else {
+        1
+    })
 }
 
 /// Loads and validates the cascade file; a bad one prints one line and means exit code 2.

@@ -1,0 +1,90 @@
+//! The Python example (`examples/python/client.py`, grpcio with stubs generated from proto/)
+//! against the real service: its answers, a deadline, and the codes it acts on.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use cascade_devtools::mock::{self, MockServer, Script};
+use common::*;
+use serde_json::Value;
+
+/// A Python with grpcio and grpcio-tools: `CASCADE_PYTHON` (scripts/real-servers prints it),
+/// else the project's venv in the cache. Absent is a loud skip, and a failure under CI.
+fn python() -> Option<PathBuf> {
+    let python = std::env::var_os("CASCADE_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/cascade-router/venv/bin/python"))
+        })?;
+    let usable = Command::new(&python)
+        .args(["-c", "import grpc, grpc_tools"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if usable {
+        return Some(python);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "no Python with grpcio and grpcio-tools, and CI must run this test: run scripts/real-servers"
+    );
+    eprintln!(
+        "\n\n*** SKIPPED: no Python with grpcio (run scripts/real-servers, or scripts/test) ***\n\n"
+    );
+    None
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_python_example_gets_its_answers_and_acts_on_codes() {
+    let Some(python) = python() else { return };
+    let fast = MockServer::start(Script::default()).await.unwrap();
+    let slow = MockServer::start(Script {
+        base_latency: Duration::from_secs(30),
+        ..Script::default()
+    })
+    .await
+    .unwrap();
+    let router = start(&format!(
+        "providers:\n{}  - {{name: slow, type: openai, priority: 2, base_url: \"{}/v1\", models: [slow]}}\n",
+        openai("up", 1, &fast.url()),
+        slow.url()
+    ))
+    .await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/client.py");
+    let addr = router.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args([script, "--addr", &addr, "--report"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        r["complete"]["text"],
+        mock::reply("hello from python").as_str()
+    );
+    assert_eq!(r["complete"]["provider"], "up");
+    let batch: Vec<&str> = r["batch"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..5)
+        .map(|i| mock::reply(&format!("batch item {i}")))
+        .collect();
+    assert_eq!(batch, want);
+    assert_eq!(r["deadline"], "DEADLINE_EXCEEDED");
+    assert_eq!(r["unknown_model"], "INVALID_ARGUMENT");
+    assert_eq!(r["empty_prompt"], "INVALID_ARGUMENT");
+    assert_eq!(fast.stats().items, 6, "one Complete and a batch of five");
+}
