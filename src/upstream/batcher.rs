@@ -6,8 +6,8 @@
 //!
 //! - **adaptive** (the default): an item goes at once while the provider has room under its
 //!   learned concurrency limit (`limit`); what arrives while it is busy gathers and leaves
-//!   when a slot frees, in batches of ceil((waiting + in flight) / limit) prompts, so the load
-//!   spreads evenly over the requests the provider serves in parallel (waiting up to
+//!   when a slot frees, in batches of ceil((waiting + in flight) / parallelism) prompts, so
+//!   the load spreads evenly over the requests the provider serves in parallel (waiting up to
 //!   `max_wait` for callers of a batch just answered to send again). A lone caller pays no
 //!   window.
 //! - **fixed**: the worker closes a batch when `max_batch_size` items are queued or the oldest
@@ -303,9 +303,9 @@ async fn adaptive_worker(
         }
         let arrays = native && link.takes_arrays();
         let size = if arrays {
-            let limit = link.concurrency_limit().max(1);
+            let parallel = link.parallelism().max(1);
             let target = (pending.len() + link.items_in_flight())
-                .div_ceil(limit)
+                .div_ceil(parallel)
                 .clamp(1, settings.max_batch_size);
             // Under load, the callers of a batch that just came back send again a moment
             // after its slot frees: wait for them (at most max_wait, never past an item's

@@ -155,6 +155,18 @@ impl Limit {
         self.adaptive.is_some()
     }
 
+    /// Requests the provider serves at once: the limit when fixed; when learned, what the
+    /// provider showed (at most the limit).
+    pub(super) fn parallelism(&self) -> usize {
+        match &self.adaptive {
+            None => self.ceiling,
+            Some(g) => {
+                let g = g.lock().unwrap_or_else(PoisonError::into_inner);
+                (g.parallelism.round() as usize).clamp(1, g.permits)
+            }
+        }
+    }
+
     /// Prompts carried by requests in flight now.
     pub(super) fn items_in_flight(&self) -> usize {
         self.items.load(Relaxed)
@@ -214,6 +226,10 @@ impl Limit {
 struct Gradient {
     estimate: f64,
     permits: usize,
+    /// Requests the provider serves at once, as the last rounds showed: `permits / r`,
+    /// smoothed. Batches are sized to it, so the limit's headroom (requests waiting at the
+    /// provider to hide the round trip between answers) does not thin them.
+    parallelism: f64,
     ceiling: usize,
     slow_start: bool,
     /// Answers to requests sent before this do not lower the limit again.
@@ -246,6 +262,7 @@ impl Gradient {
         Gradient {
             estimate: start as f64,
             permits: start,
+            parallelism: start as f64,
             ceiling,
             slow_start: true,
             fell_at: None,
@@ -288,6 +305,7 @@ impl Gradient {
         }
         self.estimate = self.estimate.clamp(1.0, self.ceiling as f64);
         self.permits = (self.estimate.floor() as usize).clamp(1, self.ceiling);
+        self.parallelism = self.parallelism.clamp(1.0, self.permits as f64);
     }
 
     fn took(&mut self, sent: Instant, saturated: bool, took: Duration, items: usize) {
@@ -318,6 +336,11 @@ impl Gradient {
         let permits = self.permits as f64;
         let r = round.slowdown / round.answers as f64;
         let waiting = permits * (1.0 - 1.0 / r);
+        self.parallelism = if self.slow_start {
+            permits / r
+        } else {
+            (self.parallelism + permits / r) / 2.0
+        };
         if waiting > BETA.max(permits / 10.0) {
             self.slow_start = false;
             self.estimate = (permits / r).min(self.estimate - 1.0);
@@ -393,6 +416,25 @@ mod tests {
         serve(&limit, 1000, 16, 40 * MS, 1);
         assert_eq!(limit.current(), 8, "16 / (40 / 21)");
         assert_eq!(take(&limit, 64).len(), 8, "the semaphore follows");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn parallelism_is_what_the_provider_showed_not_the_headroom() {
+        let limit = Limit::adaptive(64);
+        serve(&limit, 1000, 12, 20 * MS, 1);
+        assert_eq!(
+            (limit.current(), limit.parallelism()),
+            (16, 8),
+            "slow start: the last full round had 8 served at once"
+        );
+        serve(&limit, 1000, 16, 40 * MS, 1);
+        assert_eq!((limit.current(), limit.parallelism()), (8, 8));
+        // Answers a quarter slower than expected: one or two of eight waiting at the
+        // provider — headroom the limit keeps — so the limit holds while the parallelism
+        // the batches are sized to falls below it.
+        serve(&limit, 10, 24, 25 * MS, 1);
+        assert_eq!(limit.current(), 8);
+        assert!(limit.parallelism() < 8, "{}", limit.parallelism());
     }
 
     #[tokio::test(start_paused = true)]

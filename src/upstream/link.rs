@@ -156,6 +156,11 @@ impl Link {
         self.limit.current()
     }
 
+    /// Requests the provider serves at once (learned, when adaptive; see [`Limit`]).
+    pub(super) fn parallelism(&self) -> usize {
+        self.limit.parallelism()
+    }
+
     /// Whether the concurrency limit is learned.
     pub(super) fn adaptive(&self) -> bool {
         self.limit.is_adaptive()
