@@ -219,6 +219,13 @@ mod properties {
         assert!(!cascade_file("providers: 3"));
     }
 
+    /// Found by the `cascade_file` fuzz target: a top-level key that serde names differently
+    /// from the map's own (here a tagged key) was looked for and "removed" forever.
+    #[test]
+    fn a_tagged_unknown_key_fails_instead_of_looping() {
+        assert!(!cascade_file("!\t\t\t\t\t\t\t::\t"));
+    }
+
     /// Found by the `cascade_file` fuzz target: a named file that never ends hung the load.
     #[test]
     fn named_files_that_never_end_fail_at_once() {

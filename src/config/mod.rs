@@ -245,7 +245,11 @@ impl Check<'_> {
                             } else {
                                 unknown.push(key.to_string());
                             }
-                            map.remove(key);
+                            // A key serde names differently from the map's own (a tagged or
+                            // non-string key) would be found again and again: refuse it.
+                            if map.remove(key).is_none() {
+                                return Err(self.serde_error(&path, &message));
+                            }
                         }
                         _ => return Err(self.serde_error(&path, &message)),
                     }
