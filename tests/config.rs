@@ -306,7 +306,12 @@ fn the_binary_offers_only_product_commands() {
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    assert_eq!(commands, ["serve", "check", "help"], "{help}");
+    // Operators' and agents' commands; the team's tools live in cascade-bench.
+    assert_eq!(
+        commands,
+        ["serve", "check", "complete", "batch", "help"],
+        "{help}"
+    );
 }
 
 #[test]
