@@ -129,14 +129,18 @@ impl From<WireUsage> for Usage {
     }
 }
 
+/// The choice with index 0 — the answer to a single prompt or to the messages — whatever
+/// its position.
+fn first_choice<C>(choices: Vec<C>, index: impl Fn(&C) -> u32) -> Result<C, ProviderError> {
+    choices
+        .into_iter()
+        .find(|c| index(c) == 0)
+        .ok_or_else(no_choice)
+}
+
 impl CompletionsResponse {
-    /// The answer to a single prompt: the choice with index 0.
     fn first(self) -> Result<Completion, ProviderError> {
-        let choice = self
-            .choices
-            .into_iter()
-            .find(|c| c.index == 0)
-            .ok_or_else(no_choice)?;
+        let choice = first_choice(self.choices, |c| c.index)?;
         Ok(Completion {
             text: choice.text,
             finish_reason: choice.finish_reason.unwrap_or_default(),
@@ -146,13 +150,8 @@ impl CompletionsResponse {
 }
 
 impl ChatResponse {
-    /// The answer to the messages: the choice with index 0.
     fn first(self) -> Result<Completion, ProviderError> {
-        let choice = self
-            .choices
-            .into_iter()
-            .find(|c| c.index == 0)
-            .ok_or_else(no_choice)?;
+        let choice = first_choice(self.choices, |c| c.index)?;
         Ok(Completion {
             text: choice.message.content.unwrap_or_default(),
             finish_reason: choice.finish_reason.unwrap_or_default(),

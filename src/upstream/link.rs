@@ -273,15 +273,21 @@ impl Link {
         request: &CompletionRequest,
         window: Window,
     ) -> Result<(Completion, Duration), ProviderError> {
-        let latest = window
-            .until
-            .checked_sub(self.stats.fastest())
-            .unwrap_or(window.until);
+        let latest = self.latest_send(window);
         if let Some(rate) = &self.rate {
             self.rate_take(rate, &[request], latest).await?;
         }
         let slot = self.slot_by(latest).await?;
         self.send_one(slot, model, request, window).await
+    }
+
+    /// The latest a request can be sent and still be answered within `window`, judging by
+    /// the quickest answer this provider ever gave.
+    fn latest_send(&self, window: Window) -> Instant {
+        window
+            .until
+            .checked_sub(self.stats.fastest())
+            .unwrap_or(window.until)
     }
 
     /// One unbatched request on a slot already held: its quota, then [`Link::send`].
@@ -293,11 +299,8 @@ impl Link {
         window: Window,
     ) -> Result<(Completion, Duration), ProviderError> {
         if let Some(rate) = &self.rate {
-            let latest = window
-                .until
-                .checked_sub(self.stats.fastest())
-                .unwrap_or(window.until);
-            self.rate_take(rate, &[request], latest).await?;
+            self.rate_take(rate, &[request], self.latest_send(window))
+                .await?;
         }
         self.send_one(slot, model, request, window).await
     }
