@@ -364,6 +364,24 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_limit_is_refused_by_name() {
+        for key in [
+            "max_prompt_bytes",
+            "max_messages",
+            "max_tokens",
+            "max_message_bytes",
+        ] {
+            let e = error(&format!(
+                "limits: {{{key}: 0}}\nproviders:\n  - {{name: s, type: simulated, models: [m]}}\n"
+            ));
+            assert!(
+                e.starts_with(&format!("f.yaml: limits.{key}: must be at least")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn default_yaml_is_valid() {
         let c = parse(DEFAULT_YAML, "default", &no_env).map_err(|e| e.to_string());
         assert_eq!(c.map(|c| c.providers[0].kind), Ok(ProviderKind::Simulated));

@@ -136,13 +136,34 @@ impl Check<'_> {
                 "set the most calls one connection may carry at once, e.g. 1024",
             ));
         }
+        // A zero would refuse every request: refused here, as a typo, rather than raised.
+        for (key, value, least, fix) in [
+            (
+                "limits.max_prompt_bytes",
+                l.max_prompt_bytes,
+                1,
+                "e.g. 1048576 (1 MiB)",
+            ),
+            ("limits.max_messages", l.max_messages, 1, "e.g. 256"),
+            ("limits.max_tokens", l.max_tokens as usize, 1, "e.g. 32768"),
+            (
+                "limits.max_message_bytes",
+                l.max_message_bytes,
+                1024,
+                "e.g. 4194304 (4 MiB)",
+            ),
+        ] {
+            if value < least {
+                return Err(self.err(key, format!("must be at least {least}"), fix));
+            }
+        }
         let limits = Limits {
             max_in_flight: l.max_in_flight,
             max_concurrent_streams: l.max_concurrent_streams,
-            max_prompt_bytes: l.max_prompt_bytes.max(1),
-            max_messages: l.max_messages.max(1),
-            max_tokens: l.max_tokens.max(1),
-            max_message_bytes: l.max_message_bytes.max(1024),
+            max_prompt_bytes: l.max_prompt_bytes,
+            max_messages: l.max_messages,
+            max_tokens: l.max_tokens,
+            max_message_bytes: l.max_message_bytes,
             max_connection_age: self.seconds(
                 "limits.max_connection_age_seconds",
                 l.max_connection_age_seconds,
