@@ -309,15 +309,19 @@ async fn adaptive_worker(
                 .clamp(1, settings.max_batch_size);
             // Under load, the callers of a batch that just came back send again a moment
             // after its slot frees: wait for them (at most max_wait, never past an item's
-            // latest send) rather than send a fragment. A lone caller's target is 1: no wait.
+            // latest send) rather than send a fragment. They come back together, so a pause
+            // in arrivals ends the wait — unless the provider is already serving all it
+            // serves at once (this slot is headroom): a fragment sent there would wait a
+            // whole service time at the provider, so it waits here for company or for a
+            // request to come back. A lone caller's target is 1: no wait.
             if pending.len() < target {
                 let fastest = link.stats.fastest();
                 let until = pending
                     .iter()
                     .map(|i| latest_send(i, fastest))
                     .fold(now + settings.max_wait, Instant::min);
+                let headroom = || link.requests_in_flight().saturating_sub(1) >= parallel;
                 while pending.len() < target {
-                    // They come back together: a pause in arrivals means no more are coming.
                     let pause = until.min(Instant::now() + ARRIVAL_GAP);
                     tokio::select! {
                         biased;
@@ -325,7 +329,11 @@ async fn adaptive_worker(
                             Some(item) => pending.push_back(item),
                             None => break,
                         },
-                        () = sleep_until(pause) => break,
+                        () = sleep_until(pause) => {
+                            if Instant::now() >= until || !headroom() {
+                                break;
+                            }
+                        }
                     }
                 }
             }

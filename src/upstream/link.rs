@@ -161,6 +161,11 @@ impl Link {
         self.limit.parallelism()
     }
 
+    /// Requests in flight now (slots held).
+    pub(super) fn requests_in_flight(&self) -> usize {
+        self.limit.held()
+    }
+
     /// Whether the concurrency limit is learned.
     pub(super) fn adaptive(&self) -> bool {
         self.limit.is_adaptive()
