@@ -303,8 +303,8 @@ async fn adaptive_worker(
         }
         let arrays = native && link.takes_arrays();
         let size = if arrays {
-            let parallel = link.parallelism().max(1);
-            let target = (pending.len() + link.items_in_flight())
+            let parallel = link.limit.parallelism().max(1);
+            let target = (pending.len() + link.limit.items_in_flight())
                 .div_ceil(parallel)
                 .clamp(1, settings.max_batch_size);
             // Under load, the callers of a batch that just came back send again a moment
@@ -320,7 +320,7 @@ async fn adaptive_worker(
                     .iter()
                     .map(|i| latest_send(i, fastest))
                     .fold(now + settings.max_wait, Instant::min);
-                let headroom = || link.requests_in_flight().saturating_sub(1) >= parallel;
+                let headroom = || link.limit.held().saturating_sub(1) >= parallel;
                 while pending.len() < target {
                     let pause = until.min(Instant::now() + ARRIVAL_GAP);
                     tokio::select! {

@@ -35,7 +35,7 @@ pub(super) struct Link {
     provider: Arc<dyn Provider>,
     pub(super) breaker: Breaker,
     /// Caps upstream requests in flight, and so the connections the pool opens.
-    limit: Arc<Limit>,
+    pub(super) limit: Arc<Limit>,
     /// Requests waiting for a slot, at most `max_waiting`: past that a request moves on.
     waiting: AtomicUsize,
     max_waiting: usize,
@@ -149,31 +149,6 @@ impl Link {
             .acquire()
             .await
             .ok_or_else(|| ProviderError::new(FailureKind::Overloaded, "provider is shutting down"))
-    }
-
-    /// Requests allowed in flight now (learned, when adaptive).
-    pub(super) fn concurrency_limit(&self) -> usize {
-        self.limit.current()
-    }
-
-    /// Requests the provider serves at once (learned, when adaptive; see [`Limit`]).
-    pub(super) fn parallelism(&self) -> usize {
-        self.limit.parallelism()
-    }
-
-    /// Requests in flight now (slots held).
-    pub(super) fn requests_in_flight(&self) -> usize {
-        self.limit.held()
-    }
-
-    /// Whether the concurrency limit is learned.
-    pub(super) fn adaptive(&self) -> bool {
-        self.limit.is_adaptive()
-    }
-
-    /// Prompts in requests in flight now (or on their way: see [`Slot::carry`]).
-    pub(super) fn items_in_flight(&self) -> usize {
-        self.limit.items_in_flight()
     }
 
     /// Waits for a concurrency slot until `end`, in a bounded queue. The router's own wait is

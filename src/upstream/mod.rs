@@ -3,7 +3,7 @@
 //! how it ended. Everything about a provider's health and load lives in this module, behind
 //! that one method and [`Upstream::snapshot`]:
 //!
-//! - [`link`]: the provider's client, concurrency slots and counters, and the one lifecycle
+//! - [`link`]: the provider's client, concurrency limit and counters, and the one lifecycle
 //!   every upstream request goes through (slot → breaker → send → judge → record);
 //! - [`batcher`]: the batch queues, which only group items and hand each batch to the link;
 //! - [`breaker`]: the circuit breaker and the `Retry-After` cool-down;
@@ -226,8 +226,8 @@ impl Upstream {
             cooling_down: self.link.breaker.cooling_down_for(),
             counts: self.link.stats.counts(),
             native_batching: self.link.takes_arrays(),
-            concurrency_limit: self.link.concurrency_limit(),
-            adaptive: self.link.adaptive(),
+            concurrency_limit: self.link.limit.current(),
+            adaptive: self.link.limit.is_adaptive(),
         }
     }
 }
