@@ -63,12 +63,9 @@ fn installed() -> Option<Installed> {
     if complete {
         return Some(found);
     }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "the real model servers are not installed, and CI must run these tests: run scripts/real-servers"
-    );
-    eprintln!(
-        "\n\n*** SKIPPED: real model servers not installed (run scripts/real-servers, or scripts/test) ***\n\n"
+    skip_unless_ci(
+        "the real model servers are not installed",
+        "run scripts/real-servers, or scripts/test",
     );
     None
 }

@@ -354,3 +354,13 @@ pub fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// A test's prerequisite is missing: a loud skip on a developer's machine, a failure under CI
+/// (which must run every test).
+pub fn skip_unless_ci(what: &str, fix: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{what}, and CI must run this test: {fix}"
+    );
+    eprintln!("\n\n*** SKIPPED: {what} ({fix}) ***\n\n");
+}
