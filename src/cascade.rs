@@ -3,7 +3,7 @@
 //! ([`Upstream::attempt`]: breaker, budget, batch queue); failures are collected per provider
 //! and end as one aggregate error.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 use tower::retry::budget::{Budget as _, TpsBudget};
@@ -13,7 +13,7 @@ use crate::{
     config::CascadePolicy,
     error::RouterError,
     provider::ProviderError,
-    upstream::{Delivered, Miss, Upstream, Window},
+    upstream::{Miss, Opened, Upstream, Window},
 };
 
 /// One place a request can go: a provider and the model to ask it for.
@@ -45,8 +45,8 @@ pub struct Cascade {
 }
 
 /// How one provider's turn ended.
-enum Turn {
-    Answered(Delivered),
+enum Turn<T> {
+    Answered(T),
     Failed(Attempt),
     /// The caller's deadline passed; `Some` when a try was cut short by it.
     OutOfTime(Option<Attempt>),
@@ -68,23 +68,54 @@ impl Cascade {
         request: &Arc<CompletionRequest>,
         deadline: Instant,
     ) -> Result<Answer, RouterError> {
+        let (d, target, attempts) = self
+            .walk(targets, deadline, |t: &Target, window| {
+                t.upstream.attempt(&t.model, request, window)
+            })
+            .await?;
+        Ok(Answer {
+            completion: d.completion,
+            provider: target.upstream.name().clone(),
+            model: target.model.clone(),
+            attempts,
+            queue_wait: d.queue_wait,
+            upstream: d.upstream,
+            batch_size: d.batch_size,
+            cached: false,
+        })
+    }
+
+    /// Walks `targets` in order until one starts streaming — its first event arrived — or
+    /// the deadline passes. After that first event there is no falling back.
+    pub async fn stream<'t>(
+        &self,
+        targets: &'t [Target],
+        request: &CompletionRequest,
+        deadline: Instant,
+    ) -> Result<(Opened, &'t Target, Vec<Attempt>), RouterError> {
+        self.walk(targets, deadline, |t: &Target, window| {
+            t.upstream.stream(&t.model, request, window)
+        })
+        .await
+    }
+
+    /// The fallback loop: `try_once` on each target in turn (see [`Cascade::turn`]), with
+    /// the attempts that failed before the one that answered.
+    async fn walk<'t, T, Fut>(
+        &self,
+        targets: &'t [Target],
+        deadline: Instant,
+        try_once: impl Fn(&'t Target, Window) -> Fut,
+    ) -> Result<(T, &'t Target, Vec<Attempt>), RouterError>
+    where
+        Fut: Future<Output = Result<T, Miss>>,
+    {
         self.retries.deposit();
         let mut attempts = Vec::new();
         for (i, target) in targets.iter().enumerate() {
             let last = i + 1 == targets.len();
-            match self.turn(target, last, request, deadline).await {
-                Turn::Answered(d) => {
-                    return Ok(Answer {
-                        completion: d.completion,
-                        provider: target.upstream.name().clone(),
-                        model: target.model.clone(),
-                        attempts,
-                        queue_wait: d.queue_wait,
-                        upstream: d.upstream,
-                        batch_size: d.batch_size,
-                        cached: false,
-                    });
-                }
+            match self.turn(target, last, deadline, &try_once).await {
+                Turn::Answered(t) => return Ok((t, target, attempts)),
                 Turn::Failed(attempt) => attempts.push(attempt),
                 Turn::OutOfTime(attempt) => {
                     attempts.extend(attempt);
@@ -105,13 +136,16 @@ impl Cascade {
     /// (`last` is false) a try gets at most half of the time left, so a provider that hangs
     /// cannot take the whole deadline; a try cut short by its share counts as that provider's
     /// timeout and moves on rather than retrying a provider that just hung.
-    async fn turn(
+    async fn turn<'t, T, Fut>(
         &self,
-        target: &Target,
+        target: &'t Target,
         last: bool,
-        request: &Arc<CompletionRequest>,
         deadline: Instant,
-    ) -> Turn {
+        try_once: &impl Fn(&'t Target, Window) -> Fut,
+    ) -> Turn<T>
+    where
+        Fut: Future<Output = Result<T, Miss>>,
+    {
         let up = &target.upstream;
         let began = Instant::now();
         let attempt = |e: ProviderError, tries| Attempt {
@@ -126,7 +160,7 @@ impl Cascade {
         let mut tries = 0u32;
         loop {
             let window = share(Instant::now(), deadline, last);
-            let err = match up.attempt(&target.model, request, window).await {
+            let err = match try_once(target, window).await {
                 Ok(d) => return Turn::Answered(d),
                 Err(Miss::Skipped(e)) => return Turn::Failed(attempt(e, tries)),
                 Err(Miss::OutOfTime(e)) => {

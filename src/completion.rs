@@ -2,6 +2,18 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
+use crate::error::RouterError;
+
+/// Bounds on what one request may carry, whichever edge it came in by (the configured
+/// `limits` bound them further).
+pub const MAX_STOP_SEQUENCES: usize = 16;
+pub const MAX_MESSAGES: usize = 4096;
+pub const MAX_TOKENS: u32 = 1 << 20;
+
+fn invalid(msg: impl Into<String>) -> RouterError {
+    RouterError::InvalidArgument(msg.into())
+}
+
 /// One completion request after validation at the server edge.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompletionRequest {
@@ -73,6 +85,15 @@ impl Role {
         }
     }
 
+    /// The role of `messages[i]`, or an error naming it.
+    pub fn parse_at(i: usize, s: &str) -> Result<Role, RouterError> {
+        Role::parse(s).ok_or_else(|| {
+            invalid(format!(
+                "messages[{i}].role: {s:?} is not system, user, assistant or tool"
+            ))
+        })
+    }
+
     pub fn parse(s: &str) -> Option<Role> {
         match s {
             "system" => Some(Role::System),
@@ -93,6 +114,33 @@ pub struct GenParams {
     pub seed: Option<i64>,
 }
 
+impl GenParams {
+    /// Every parameter in its range, named when not.
+    pub fn check(&self) -> Result<(), RouterError> {
+        if let Some(t) = self.temperature
+            && !(0.0..=2.0).contains(&t)
+        {
+            return Err(invalid(format!("temperature: {t} is outside 0.0 ..= 2.0")));
+        }
+        if let Some(m) = self.max_tokens
+            && !(1..=MAX_TOKENS).contains(&m)
+        {
+            return Err(invalid(format!(
+                "max_tokens: {m} is outside 1 ..= {MAX_TOKENS}"
+            )));
+        }
+        if self.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(invalid(format!(
+                "stop: more than {MAX_STOP_SEQUENCES} sequences"
+            )));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(invalid("stop: sequences must not be empty"));
+        }
+        Ok(())
+    }
+}
+
 /// What a provider answered.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Completion {
@@ -105,6 +153,29 @@ pub struct Completion {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+}
+
+/// A completion being streamed, with where it comes from.
+pub struct Streamed {
+    pub provider: Arc<str>,
+    pub model: Arc<str>,
+    /// Providers tried or skipped before the one streaming.
+    pub attempts: Vec<Attempt>,
+    /// From sending the upstream request to its first event (zero from the cache).
+    pub first_after: Duration,
+    pub cached: bool,
+    /// Text as it comes, then [`StreamEvent::End`]; or an error that ends it early.
+    pub events: futures_util::stream::BoxStream<'static, Result<StreamEvent, RouterError>>,
+}
+
+/// What a streamed completion yields: text as the model produces it, then how it ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StreamEvent {
+    Text(String),
+    End {
+        finish_reason: String,
+        usage: Option<Usage>,
+    },
 }
 
 /// A completion with where it came from and what it took.

@@ -51,6 +51,29 @@ pub enum RouterError {
     /// `cache: ONLY` and the completion is not cached.
     #[error("{0}")]
     NotCached(String),
+    /// A stream broke after its first text: what was sent stands, the rest will not come.
+    #[error("the stream from {}/{} broke after {sent}: {} ({})", .attempt.provider, .attempt.model, .attempt.kind, .attempt.error)]
+    StreamBroken { sent: Sent, attempt: Attempt },
+    /// The caller's deadline passed mid-stream.
+    #[error("deadline exceeded mid-stream after {sent}")]
+    StreamOutOfTime { sent: Sent },
+}
+
+/// How much of a streamed answer reached the caller before it ended early.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub chunks: usize,
+    pub bytes: usize,
+}
+
+impl std::fmt::Display for Sent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} chunks ({} bytes of text) were sent",
+            self.chunks, self.bytes
+        )
+    }
 }
 
 /// `reason`, then how many requests were sent to how many providers, then each attempt:
@@ -87,7 +110,10 @@ impl RouterError {
             RouterError::InvalidArgument(_) | RouterError::UnknownModel { .. } => {
                 Code::InvalidArgument
             }
-            RouterError::Unavailable { .. } => Code::Unavailable,
+            RouterError::Unavailable { .. } | RouterError::StreamBroken { .. } => {
+                Code::Unavailable
+            }
+            RouterError::StreamOutOfTime { .. } => Code::DeadlineExceeded,
             RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             RouterError::Overloaded { .. }
             | RouterError::AtCapacity { .. }
@@ -114,7 +140,9 @@ impl RouterError {
             | RouterError::PermissionDenied { .. }
             | RouterError::AtCapacity { .. }
             | RouterError::QuotaExceeded { .. }
+            | RouterError::StreamOutOfTime { .. }
             | RouterError::Internal(_) => &[],
+            RouterError::StreamBroken { attempt, .. } => std::slice::from_ref(attempt),
         }
     }
 }

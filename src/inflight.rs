@@ -5,7 +5,10 @@
 //! Hand-written because it is three atomics and a `Notify`: tower's `ConcurrencyLimit` +
 //! `LoadShed` would shed health checks and reflection too, and know nothing of draining.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
+};
 
 use tokio::sync::Notify;
 
@@ -20,11 +23,12 @@ pub struct InFlight {
     changed: Notify,
 }
 
-/// One call's place in flight, given back when dropped.
+/// One call's place in flight, given back when dropped. Owned, so a streamed answer can
+/// hold it until its last message.
 #[must_use]
-pub struct Ticket<'a>(&'a InFlight);
+pub struct Ticket(Arc<InFlight>);
 
-impl Drop for Ticket<'_> {
+impl Drop for Ticket {
     fn drop(&mut self) {
         if self.0.count.fetch_sub(1, SeqCst) == 1 {
             self.0.changed.notify_waiters();
@@ -44,7 +48,7 @@ impl InFlight {
     }
 
     /// Admits a call, or says why not: the router is draining, or `max` calls are running.
-    pub fn enter(&self) -> Result<Ticket<'_>, RouterError> {
+    pub fn enter(self: &Arc<Self>) -> Result<Ticket, RouterError> {
         if self.draining.load(SeqCst) {
             return Err(RouterError::ShuttingDown);
         }
@@ -52,7 +56,7 @@ impl InFlight {
             self.count.fetch_sub(1, SeqCst);
             return Err(RouterError::AtCapacity { max: self.max });
         }
-        Ok(Ticket(self))
+        Ok(Ticket(self.clone()))
     }
 
     pub fn count(&self) -> usize {
@@ -100,7 +104,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounds_calls_and_drains() {
-        let f = InFlight::new(2);
+        let f = Arc::new(InFlight::new(2));
         let a = f.enter().unwrap();
         let b = f.enter().unwrap();
         assert!(matches!(f.enter(), Err(RouterError::AtCapacity { max: 2 })));
@@ -121,7 +125,7 @@ mod tests {
 
     #[tokio::test]
     async fn abandon_wakes_running_calls() {
-        let f = InFlight::new(8);
+        let f = Arc::new(InFlight::new(8));
         let _running = f.enter().unwrap();
         let waiting = f.abandoned();
         tokio::pin!(waiting);

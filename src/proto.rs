@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::{
     completion::{
         Answer, Attempt, CacheMode, ChatMessage, CompletionRequest, FailureKind, GenParams, Input,
-        Role,
+        MAX_MESSAGES, Role, Usage,
     },
     error::RouterError,
     upstream::{Circuit, Snapshot},
@@ -26,10 +26,6 @@ pub mod v1 {
 /// The encoded descriptors of `cascade.v1`, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cascade_v1_descriptor");
 
-/// Bounds on what one request may carry.
-const MAX_STOP_SEQUENCES: usize = 16;
-const MAX_MESSAGES: usize = 4096;
-const MAX_TOKENS: u32 = 1 << 20;
 
 fn invalid(msg: impl Into<String>) -> RouterError {
     RouterError::InvalidArgument(msg.into())
@@ -50,12 +46,7 @@ impl TryFrom<v1::CompleteRequest> for CompletionRequest {
                     .into_iter()
                     .enumerate()
                     .map(|(i, m)| {
-                        let role = Role::parse(&m.role).ok_or_else(|| {
-                            invalid(format!(
-                                "messages[{i}].role: {:?} is not system, user, assistant or tool",
-                                m.role
-                            ))
-                        })?;
+                        let role = Role::parse_at(i, &m.role)?;
                         Ok(ChatMessage {
                             role,
                             content: m.content,
@@ -67,40 +58,22 @@ impl TryFrom<v1::CompleteRequest> for CompletionRequest {
             (true, true) => return Err(invalid("set one of prompt or messages; both are empty")),
             (false, false) => return Err(invalid("set one of prompt or messages, not both")),
         };
-        if let Some(t) = r.temperature
-            && !(0.0..=2.0).contains(&t)
-        {
-            return Err(invalid(format!("temperature: {t} is outside 0.0 ..= 2.0")));
-        }
-        if let Some(m) = r.max_tokens
-            && !(1..=MAX_TOKENS).contains(&m)
-        {
-            return Err(invalid(format!(
-                "max_tokens: {m} is outside 1 ..= {MAX_TOKENS}"
-            )));
-        }
-        if r.stop.len() > MAX_STOP_SEQUENCES {
-            return Err(invalid(format!(
-                "stop: more than {MAX_STOP_SEQUENCES} sequences"
-            )));
-        }
-        if r.stop.iter().any(String::is_empty) {
-            return Err(invalid("stop: sequences must not be empty"));
-        }
         let request_id = if r.request_id.is_empty() {
             format!("{:016x}", fastrand::u64(..))
         } else {
             r.request_id
         };
+        let params = GenParams {
+            max_tokens: r.max_tokens,
+            temperature: r.temperature,
+            stop: r.stop,
+            seed: r.seed,
+        };
+        params.check()?;
         Ok(CompletionRequest {
             model: r.model,
             input,
-            params: GenParams {
-                max_tokens: r.max_tokens,
-                temperature: r.temperature,
-                stop: r.stop,
-                seed: r.seed,
-            },
+            params,
             tenant: r.agent.clone(),
             agent: r.agent,
             request_id,
@@ -115,7 +88,7 @@ impl TryFrom<v1::CompleteRequest> for CompletionRequest {
     }
 }
 
-fn micros(d: Duration) -> u64 {
+pub(crate) fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
@@ -126,16 +99,22 @@ impl v1::CompleteResponse {
             provider: a.provider.to_string(),
             model: a.model.to_string(),
             finish_reason: a.completion.finish_reason,
-            usage: a.completion.usage.map(|u| v1::Usage {
-                prompt_tokens: u.prompt_tokens,
-                completion_tokens: u.completion_tokens,
-            }),
+            usage: a.completion.usage.map(v1::Usage::from),
             attempts: a.attempts.iter().map(v1::Attempt::from).collect(),
             queue_wait_us: micros(a.queue_wait),
             upstream_us: micros(a.upstream),
             request_id,
             batch_size: a.batch_size,
             cached: a.cached,
+        }
+    }
+}
+
+impl From<Usage> for v1::Usage {
+    fn from(u: Usage) -> v1::Usage {
+        v1::Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
         }
     }
 }

@@ -3,19 +3,24 @@
 //!
 //! Routes are computed once from the config, so a lookup is one hash-map probe.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
+use futures_util::{StreamExt, stream::BoxStream};
 use tokio::time::{Instant, timeout_at};
 
 use crate::{
-    cache::{Cache, deterministic},
+    cache::{Cache, CacheKey, deterministic},
     cascade::{Cascade, Target},
     coalescer::Coalescer,
-    completion::{Answer, CacheMode, CompletionRequest},
+    completion::{
+        Answer, Attempt, CacheMode, Completion, CompletionRequest, FailureKind, StreamEvent,
+        Streamed,
+    },
     config::{BreakerConfig, CacheConfig, Config, ProviderConfig},
-    error::RouterError,
+    error::{RouterError, Sent},
     metrics::{Metrics, ProviderLabel},
+    provider::{self, ProviderError},
     upstream::{Circuit, Snapshot, Upstream},
 };
 
@@ -88,7 +93,7 @@ impl Routes {
     /// The targets for a request's `model` and `agent`.
     pub fn resolve<'a>(
         &'a self,
-        model: &'a str,
+        model: &str,
         agent: &str,
     ) -> Result<&'a Arc<[Target]>, RouterError> {
         self.resolve_named(model, agent).map(|(_, t)| t)
@@ -97,7 +102,7 @@ impl Routes {
     /// Like [`Routes::resolve`], with the resolved model or chain name ("" for the default).
     pub fn resolve_named<'a>(
         &'a self,
-        model: &'a str,
+        model: &str,
         agent: &str,
     ) -> Result<(&'a str, &'a Arc<[Target]>), RouterError> {
         let name = match (model, self.assignments.get(agent)) {
@@ -105,7 +110,10 @@ impl Routes {
             ("", None) => return Ok(("", &self.default)),
             (named, _) => named,
         };
-        self.by_name.get(name).map(|t| (name, t)).ok_or_else(|| {
+        self.by_name
+            .get_key_value(name)
+            .map(|(name, t)| (name.as_str(), t))
+            .ok_or_else(|| {
             let mut known: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
             known.sort_unstable();
             let more = known.len().saturating_sub(20);
@@ -180,6 +188,17 @@ impl Router {
         self.state.load_full().complete(request, deadline).await
     }
 
+    /// Streams one answer: `Ok` once a provider sent its first event (falling back until
+    /// then), the rest before `deadline`. Streams bypass batching and coalescing; a cached
+    /// answer streams as one chunk, and a deterministic stream that completes is cached.
+    pub async fn stream(
+        &self,
+        request: &Arc<CompletionRequest>,
+        deadline: Instant,
+    ) -> Result<Streamed, RouterError> {
+        self.state.load_full().stream(request, deadline).await
+    }
+
     /// The model or chain a request for `model` by `agent` resolves to ("" for the default
     /// cascade).
     pub fn route_name(&self, model: &str, agent: &str) -> Result<String, RouterError> {
@@ -237,6 +256,106 @@ impl Router {
             .map(|(_, u)| u.snapshot())
             .collect()
     }
+}
+
+/// Passes a provider's stream on to the caller, counting what was sent, ending it at the
+/// caller's deadline, and caching it when it completes (for a deterministic request).
+struct Relay {
+    first: Option<StreamEvent>,
+    rest: BoxStream<'static, Result<StreamEvent, ProviderError>>,
+    deadline: Instant,
+    provider: Arc<str>,
+    model: Arc<str>,
+    began: Instant,
+    sent: Sent,
+    /// Where the answer goes, and its text so far.
+    cache: Option<(Arc<Cache>, CacheKey, String)>,
+}
+
+/// Longest streamed answer kept for the cache; a longer one is not cached.
+const MAX_CACHED_STREAM: usize = 1 << 20;
+
+impl Relay {
+    /// The next event, and whether more may follow.
+    async fn next(&mut self) -> (Result<StreamEvent, RouterError>, bool) {
+        let next = match self.first.take() {
+            Some(first) => Some(Ok(first)),
+            None => match timeout_at(self.deadline, self.rest.next()).await {
+                Ok(next) => next,
+                Err(_) => return (Err(RouterError::StreamOutOfTime { sent: self.sent }), false),
+            },
+        };
+        let broke = |relay: &Relay, e: ProviderError| RouterError::StreamBroken {
+            sent: relay.sent,
+            attempt: Attempt {
+                provider: relay.provider.clone(),
+                model: relay.model.clone(),
+                kind: e.kind,
+                http_status: e.http_status,
+                error: e.message,
+                tries: 1,
+                elapsed: relay.began.elapsed(),
+            },
+        };
+        match next {
+            Some(Ok(StreamEvent::Text(text))) => {
+                self.sent.chunks += 1;
+                self.sent.bytes += text.len();
+                if let Some((_, _, kept)) = &mut self.cache {
+                    if kept.len() + text.len() <= MAX_CACHED_STREAM {
+                        kept.push_str(&text);
+                    } else {
+                        self.cache = None;
+                    }
+                }
+                (Ok(StreamEvent::Text(text)), true)
+            }
+            Some(Ok(StreamEvent::End {
+                finish_reason,
+                usage,
+            })) => {
+                if let Some((cache, key, text)) = self.cache.take() {
+                    let answer = Answer {
+                        completion: Completion {
+                            text,
+                            finish_reason: finish_reason.clone(),
+                            usage,
+                        },
+                        provider: self.provider.clone(),
+                        model: self.model.clone(),
+                        attempts: Vec::new(),
+                        queue_wait: Duration::ZERO,
+                        upstream: self.began.elapsed(),
+                        batch_size: 1,
+                        cached: false,
+                    };
+                    cache.put(key, &answer).await;
+                }
+                (
+                    Ok(StreamEvent::End {
+                        finish_reason,
+                        usage,
+                    }),
+                    false,
+                )
+            }
+            Some(Err(e)) => (Err(broke(self, e)), false),
+            None => {
+                let e = ProviderError::new(FailureKind::Io, "the stream ended without its end");
+                (Err(broke(self, e)), false)
+            }
+        }
+    }
+}
+
+/// What the cache said about a request.
+enum Looked<'a> {
+    Hit(Answer),
+    Miss {
+        targets: &'a Arc<[Target]>,
+        /// Where the answer goes, when the request is cached.
+        cached: Option<(&'a Arc<Cache>, CacheKey)>,
+    },
 }
 
 /// One config's worth of the request path.
@@ -299,11 +418,9 @@ impl State {
         Ok((state, reloaded))
     }
 
-    async fn complete(
-        &self,
-        request: &Arc<CompletionRequest>,
-        deadline: Instant,
-    ) -> Result<Answer, RouterError> {
+    /// The request's targets and its place in the cache: a hit, or where to write the
+    /// answer (`None`: not cached).
+    async fn look_up(&self, request: &CompletionRequest) -> Result<Looked<'_>, RouterError> {
         let (route, targets) = self.routes.resolve_named(&request.model, &request.agent)?;
         let mode = request.cache;
         // Only deterministic requests are cached or coalesced: others must each get their own sample.
@@ -317,7 +434,7 @@ impl State {
             && mode != CacheMode::Refresh
             && let Some(hit) = cache.get(key).await
         {
-            return Ok(hit);
+            return Ok(Looked::Hit(hit));
         }
         if mode == CacheMode::Only {
             return Err(RouterError::NotCached(match cached {
@@ -331,6 +448,64 @@ impl State {
                 attempts: Vec::new(),
             });
         }
+        Ok(Looked::Miss { targets, cached })
+    }
+
+    async fn stream(
+        &self,
+        request: &Arc<CompletionRequest>,
+        deadline: Instant,
+    ) -> Result<Streamed, RouterError> {
+        let (targets, cached) = match self.look_up(request).await? {
+            Looked::Hit(hit) => {
+                let events = provider::in_one_piece(hit.completion)
+                    .map(|e| e.map_err(|_| RouterError::Internal("a cached answer failed".into())));
+                return Ok(Streamed {
+                    provider: hit.provider,
+                    model: hit.model,
+                    attempts: Vec::new(),
+                    first_after: Duration::ZERO,
+                    cached: true,
+                    events: events.boxed(),
+                });
+            }
+            Looked::Miss { targets, cached } => (targets, cached),
+        };
+        let (opened, target, attempts) = self.cascade.stream(targets, request, deadline).await?;
+        let relay = Relay {
+            first: Some(opened.first),
+            rest: opened.rest,
+            deadline,
+            provider: target.upstream.name().clone(),
+            model: target.model.clone(),
+            began: Instant::now(),
+            sent: Sent::default(),
+            cache: cached.map(|(c, k)| (c.clone(), k, String::new())),
+        };
+        Ok(Streamed {
+            provider: relay.provider.clone(),
+            model: relay.model.clone(),
+            attempts,
+            first_after: opened.first_after,
+            cached: false,
+            events: futures_util::stream::unfold(Some(relay), |relay| async move {
+                let mut relay = relay?;
+                let (event, more) = relay.next().await;
+                Some((event, more.then_some(relay)))
+            })
+            .boxed(),
+        })
+    }
+
+    async fn complete(
+        &self,
+        request: &Arc<CompletionRequest>,
+        deadline: Instant,
+    ) -> Result<Answer, RouterError> {
+        let (targets, cached) = match self.look_up(request).await? {
+            Looked::Hit(hit) => return Ok(hit),
+            Looked::Miss { targets, cached } => (targets, cached),
+        };
         let Some((cache, key)) = cached else {
             return self.cascade.run(targets, request, deadline).await;
         };

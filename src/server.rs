@@ -3,19 +3,20 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
+use futures_util::{StreamExt, stream::BoxStream};
 use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use tonic::{Request, Response, Status, codegen::http, service::interceptor::InterceptedService};
 use tracing::Instrument;
 
 use crate::{
     auth::{Authenticate, Client},
-    completion::{CompletionRequest, Input},
+    completion::{CompletionRequest, Input, StreamEvent, Streamed},
     config::{Limits, ServerConfig},
     error::RouterError,
-    inflight::InFlight,
-    metrics::{CallLabel, MethodLabel},
+    inflight::{InFlight, Ticket},
+    metrics::{CallLabel, Metrics, MethodLabel},
     proto::{
-        self,
+        self, micros,
         v1::{self, router_server::RouterServer},
     },
     rate::TenantQuotas,
@@ -50,37 +51,29 @@ impl RouterService {
         method: &'static str,
         work: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
-        let started = Instant::now();
-        let result = match self.inflight.enter() {
-            Err(e) => {
-                if matches!(e, RouterError::AtCapacity { .. }) {
-                    self.router.metrics().shed.inc();
-                }
-                Err(e.into())
-            }
+        let record = Record::new(self.router.metrics(), method);
+        let result = match self.enter() {
+            Err(e) => Err(e.into()),
             Ok(_ticket) => tokio::select! {
                 biased;
                 r = work => r,
                 () = self.inflight.abandoned() => Err(RouterError::ShuttingDown.into()),
             },
         };
-        let metrics = self.router.metrics();
-        let code = match &result {
+        record.done(match &result {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),
-        };
-        metrics
-            .calls
-            .get_or_create(&CallLabel {
-                method,
-                code: format!("{code:?}"),
-            })
-            .inc();
-        metrics
-            .call_seconds
-            .get_or_create(&MethodLabel { method })
-            .observe(started.elapsed().as_secs_f64());
+        });
         result
+    }
+
+    /// A place in flight, or why not (counting a shed call).
+    fn enter(&self) -> Result<Ticket, RouterError> {
+        self.inflight.enter().inspect_err(|e| {
+            if matches!(e, RouterError::AtCapacity { .. }) {
+                self.router.metrics().shed.inc();
+            }
+        })
     }
 
     /// The caller's deadline from `grpc-timeout`, or the configured default.
@@ -97,6 +90,49 @@ impl RouterService {
             .map(|t| t.saturating_sub(deadline_margin(t)))
             .unwrap_or(self.config.request_timeout);
         arrival + timeout
+    }
+}
+
+/// One call counted by method and code, and timed, when it ends: a call whose caller went
+/// away first (a stream dropped mid-way) counts as CANCELLED.
+struct Record {
+    metrics: Arc<Metrics>,
+    method: &'static str,
+    started: Instant,
+    code: Option<tonic::Code>,
+}
+
+impl Record {
+    fn new(metrics: &Arc<Metrics>, method: &'static str) -> Record {
+        Record {
+            metrics: metrics.clone(),
+            method,
+            started: Instant::now(),
+            code: None,
+        }
+    }
+
+    fn done(mut self, code: tonic::Code) {
+        self.code = Some(code);
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(tonic::Code::Cancelled);
+        self.metrics
+            .calls
+            .get_or_create(&CallLabel {
+                method: self.method,
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.metrics
+            .call_seconds
+            .get_or_create(&MethodLabel {
+                method: self.method,
+            })
+            .observe(self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -198,6 +234,91 @@ async fn handle(
     .await
 }
 
+/// Opens one streamed answer inside the request's span (see [`handle`]).
+async fn open_stream(
+    router: &Router,
+    request: &Arc<CompletionRequest>,
+    deadline: Instant,
+    log_prompts: bool,
+) -> Result<Streamed, RouterError> {
+    let span = tracing::debug_span!(
+        "stream",
+        request_id = %request.request_id,
+        agent = %request.agent,
+        model = %request.model,
+    );
+    async {
+        if log_prompts {
+            tracing::info!(request_id = %request.request_id, prompt = %shown(&request.input), "prompt (server.log_prompts)");
+        }
+        let opened = router.stream(request, deadline).await;
+        match &opened {
+            Ok(s) => tracing::debug!(provider = %s.provider, cached = s.cached, attempts = s.attempts.len(), "streaming"),
+            Err(e) => tracing::debug!(code = ?e.code(), error = %e, "failed before streaming"),
+        }
+        opened
+    }
+    .instrument(span)
+    .await
+}
+
+/// A streamed answer on its way to the caller as `CompleteStreamResponse`s: text messages,
+/// then one with `end`; an error ends it with its status. Holds the call's place in flight,
+/// and gives up with UNAVAILABLE when the shutdown grace ends first.
+struct Relay {
+    /// The last message, filled in as the stream goes.
+    end: v1::StreamEnd,
+    events: BoxStream<'static, Result<StreamEvent, RouterError>>,
+    inflight: Arc<InFlight>,
+    _ticket: Ticket,
+    /// Taken when the stream ends; dropped with the relay when the caller goes first.
+    record: Option<Record>,
+}
+
+impl Relay {
+    fn run(self) -> BoxStream<'static, Result<v1::CompleteStreamResponse, Status>> {
+        futures_util::stream::unfold(Some(self), |relay| async move {
+            let mut relay = relay?;
+            let inflight = relay.inflight.clone();
+            let next = tokio::select! {
+                biased;
+                next = relay.events.next() => next,
+                () = inflight.abandoned() => Some(Err(RouterError::ShuttingDown)),
+            };
+            let message = match next? {
+                Ok(StreamEvent::Text(text)) => {
+                    relay.end.chunks = relay.end.chunks.saturating_add(1);
+                    return Some((
+                        Ok(v1::CompleteStreamResponse { text, end: None }),
+                        Some(relay),
+                    ));
+                }
+                Ok(StreamEvent::End {
+                    finish_reason,
+                    usage,
+                }) => {
+                    let mut end = std::mem::take(&mut relay.end);
+                    end.finish_reason = finish_reason;
+                    end.usage = usage.map(v1::Usage::from);
+                    Ok(v1::CompleteStreamResponse {
+                        text: String::new(),
+                        end: Some(end),
+                    })
+                }
+                Err(e) => Err(Status::from(e)),
+            };
+            if let Some(record) = relay.record.take() {
+                record.done(match &message {
+                    Ok(_) => tonic::Code::Ok,
+                    Err(s) => s.code(),
+                });
+            }
+            Some((message, None))
+        })
+        .boxed()
+    }
+}
+
 /// A request's prompt or messages as one line of text, for `server.log_prompts`.
 fn shown(input: &Input) -> String {
     match input {
@@ -234,6 +355,66 @@ impl v1::router_server::Router for RouterService {
         req: Request<v1::CompleteBatchRequest>,
     ) -> Result<Response<v1::CompleteBatchResponse>, Status> {
         self.call("CompleteBatch", self.batch(req)).await
+    }
+
+    type CompleteStreamStream = BoxStream<'static, Result<v1::CompleteStreamResponse, Status>>;
+
+    async fn complete_stream(
+        &self,
+        req: Request<v1::CompleteRequest>,
+    ) -> Result<Response<Self::CompleteStreamStream>, Status> {
+        let record = Record::new(self.router.metrics(), "CompleteStream");
+        let opened = async {
+            let ticket = self.enter()?;
+            let deadline = self.deadline(&req);
+            let client = req.extensions().get::<Client>().cloned();
+            let request = self.admit(req.into_inner(), client.as_ref())?;
+            let streamed = tokio::select! {
+                biased;
+                r = open_stream(&self.router, &request, deadline, self.config.log_prompts) => r?,
+                () = self.inflight.abandoned() => return Err(RouterError::ShuttingDown),
+            };
+            Ok((ticket, request, streamed))
+        }
+        .await;
+        let (ticket, request, streamed) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                let status = Status::from(e);
+                record.done(status.code());
+                return Err(status);
+            }
+        };
+        let mut response = Response::new(
+            Relay {
+                end: v1::StreamEnd {
+                    provider: streamed.provider.to_string(),
+                    model: streamed.model.to_string(),
+                    attempts: streamed.attempts.iter().map(v1::Attempt::from).collect(),
+                    request_id: request.request_id.clone(),
+                    cached: streamed.cached,
+                    first_token_us: micros(streamed.first_after),
+                    ..Default::default()
+                },
+                events: streamed.events,
+                inflight: self.inflight.clone(),
+                _ticket: ticket,
+                record: Some(record),
+            }
+            .run(),
+        );
+        let headers = response.metadata_mut();
+        for (name, value) in [
+            ("x-cascade-provider", streamed.provider.to_string()),
+            ("x-cascade-model", streamed.model.to_string()),
+            ("x-cascade-attempts", streamed.attempts.len().to_string()),
+            ("x-cascade-cached", streamed.cached.to_string()),
+        ] {
+            if let Ok(v) = value.parse() {
+                headers.insert(name, v);
+            }
+        }
+        Ok(response)
     }
 
     async fn list_providers(

@@ -79,6 +79,8 @@ pub struct ProviderConfig {
     /// Model names, the default first.
     pub models: Vec<String>,
     pub timeout: Duration,
+    /// A streamed request's wait for its first event; then, between events.
+    pub first_token_timeout: Duration,
     pub max_concurrency: usize,
     pub max_waiting: usize,
     pub http: HttpConfig,
@@ -259,6 +261,10 @@ impl Check<'_> {
             None => cascade.attempt_timeout,
             Some(v) => self.seconds(&format!("{at}.timeout_seconds"), v, false)?,
         };
+        let first_token_timeout = match p.first_token_timeout_seconds {
+            None => timeout,
+            Some(v) => self.seconds(&format!("{at}.first_token_timeout_seconds"), v, false)?,
+        };
         if p.max_concurrency == 0 {
             return Err(self.err(
                 format!("{at}.max_concurrency"),
@@ -356,6 +362,7 @@ impl Check<'_> {
             api_key,
             models,
             timeout,
+            first_token_timeout,
             max_concurrency: p.max_concurrency,
             max_waiting: p.max_waiting,
             http,

@@ -149,6 +149,9 @@ pub struct RawProvider {
     pub models: Vec<RawModel>,
     /// Per-attempt timeout for this provider; absent: `cascade.timeout_seconds`.
     pub timeout_seconds: Option<f64>,
+    /// How long a streamed request waits for its first text before moving on; absent: its
+    /// `timeout_seconds`.
+    pub first_token_timeout_seconds: Option<f64>,
     /// Requests in flight to this provider at most (bounds its connection count too).
     pub max_concurrency: usize,
     /// Unbatched requests waiting for one of those slots at most; past it a request moves on.
@@ -177,6 +180,7 @@ impl Default for RawProvider {
             api_key: None,
             models: Vec::new(),
             timeout_seconds: None,
+            first_token_timeout_seconds: None,
             max_concurrency: 256,
             max_waiting: 1024,
             http: RawHttp::default(),

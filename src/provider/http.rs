@@ -14,6 +14,8 @@ use crate::{completion::FailureKind, config::ProviderConfig};
 
 /// Largest upstream body read; bigger ones are malformed for our purposes.
 const MAX_BODY: usize = 32 << 20;
+/// Most of an error body read for its code when the answer was to be streamed.
+const MAX_ERROR_BODY: usize = 64 << 10;
 /// A `Retry-After` longer than this is capped: the provider is probed again after it.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 /// The longest provider error code or type quoted back to callers.
@@ -109,6 +111,34 @@ pub async fn post_json<B: Serialize + ?Sized, R: DeserializeOwned>(
     decode(&bytes)
 }
 
+/// POSTs `body` as JSON for a streamed answer: the response once its status is a success,
+/// else the classified failure (its body read, bounded, for the error code).
+pub async fn post_for_stream<B: Serialize + ?Sized>(
+    client: &Client,
+    url: &Url,
+    body: &B,
+) -> Result<reqwest::Response, ProviderError> {
+    let mut resp = client
+        .post(url.clone())
+        .json(body)
+        .send()
+        .await
+        .map_err(transport_error)?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let retry_after = retry_after(resp.headers());
+    let mut bytes = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        if bytes.len() + chunk.len() > MAX_ERROR_BODY {
+            break;
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Err(status_error(status, &bytes, retry_after))
+}
+
 /// A successful answer's body as `R`, or a [`FailureKind::Malformed`] error.
 pub fn decode<R: DeserializeOwned>(body: &[u8]) -> Result<R, ProviderError> {
     serde_json::from_slice(body)
@@ -135,7 +165,7 @@ pub fn read_answer<R: DeserializeOwned>(
     decode(body)
 }
 
-fn transport_error(e: reqwest::Error) -> ProviderError {
+pub(super) fn transport_error(e: reqwest::Error) -> ProviderError {
     let kind = if e.is_connect() {
         FailureKind::Connect
     } else if e.is_timeout() {

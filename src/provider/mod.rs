@@ -8,13 +8,16 @@ pub mod http;
 pub mod ollama;
 pub mod openai;
 pub mod simulated;
+pub mod stream;
 
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 
+pub use stream::EventStream;
+
 use crate::{
-    completion::{Completion, CompletionRequest, FailureKind},
+    completion::{Completion, CompletionRequest, FailureKind, StreamEvent},
     config::{ProviderConfig, ProviderKind},
 };
 
@@ -26,6 +29,18 @@ pub trait Provider: Send + Sync {
         model: &str,
         request: &CompletionRequest,
     ) -> Result<Completion, ProviderError>;
+
+    /// Streams one answer: `Ok` once the provider accepted the request, then text as it is
+    /// produced, ending with [`StreamEvent::End`] (or an error: never a silent end). The
+    /// default, for APIs that cannot stream, answers in one piece.
+    async fn stream(
+        &self,
+        model: &str,
+        request: &CompletionRequest,
+    ) -> Result<EventStream, ProviderError> {
+        let c = self.complete(model, request).await?;
+        Ok(in_one_piece(c))
+    }
 
     /// Whether [`Provider::complete_batch`] sends many prompts in one request.
     fn batches_prompts(&self) -> bool {
@@ -46,6 +61,19 @@ pub trait Provider: Send + Sync {
         }
         Ok(out)
     }
+}
+
+/// A whole completion as a stream: its text, then its end.
+pub fn in_one_piece(c: Completion) -> EventStream {
+    let mut events = Vec::with_capacity(2);
+    if !c.text.is_empty() {
+        events.push(Ok(StreamEvent::Text(c.text)));
+    }
+    events.push(Ok(StreamEvent::End {
+        finish_reason: c.finish_reason,
+        usage: c.usage,
+    }));
+    Box::pin(futures_util::stream::iter(events))
 }
 
 /// Why one upstream try failed, classified so the cascade knows what to do next.

@@ -4,7 +4,11 @@ use async_trait::async_trait;
 use reqwest::{Client, Url, header::HeaderMap};
 use serde::{Deserialize, Serialize};
 
-use super::{Provider, ProviderError, WireMessage, http, wire_messages};
+use super::{
+    EventStream, Provider, ProviderError, WireMessage, http,
+    stream::{self, Decode, Framing, Read},
+    wire_messages,
+};
 use crate::{
     completion::{Completion, CompletionRequest, GenParams, Input, Usage},
     config::ProviderConfig,
@@ -122,6 +126,58 @@ impl From<ChatResponse> for Completion {
     }
 }
 
+/// One line of a streamed answer, from either endpoint.
+#[derive(Deserialize)]
+struct StreamLine {
+    /// `/api/generate`
+    response: Option<String>,
+    /// `/api/chat`
+    message: Option<ChatReply>,
+    #[serde(default)]
+    done: bool,
+    #[serde(flatten)]
+    tail: Tail,
+    error: Option<serde_json::Value>,
+}
+
+/// Reads NDJSON lines until one says `"done": true`, keeping that line's tail.
+#[derive(Default)]
+pub(crate) struct Lines {
+    tail: Option<Tail>,
+}
+
+impl Decode for Lines {
+    fn read(&mut self, payload: &[u8]) -> Result<Read, ProviderError> {
+        let line: StreamLine =
+            serde_json::from_slice(payload).map_err(|e| stream::malformed(&e))?;
+        if line.error.is_some() {
+            // Ollama's error is free text that may quote the prompt: none of it is kept.
+            return Err(stream::stream_error(None));
+        }
+        let text = line
+            .response
+            .or(line.message.map(|m| m.content))
+            .unwrap_or_default();
+        if line.done {
+            self.tail = Some(line.tail);
+        }
+        Ok(Read {
+            text,
+            end: line.done,
+        })
+    }
+
+    fn finish(self) -> (String, Option<Usage>) {
+        match self.tail {
+            Some(tail) => {
+                let c = tail.finish(String::new());
+                (c.finish_reason, c.usage)
+            }
+            None => (String::new(), None),
+        }
+    }
+}
+
 /// An answer (status, `Retry-After`, body) read as [`Provider::complete`] reads it, from
 /// `/api/chat` when `chat`, else `/api/generate`.
 #[cfg(any(test, feature = "fuzzing"))]
@@ -140,6 +196,39 @@ pub fn read_answer(
 
 #[async_trait]
 impl Provider for Ollama {
+    async fn stream(
+        &self,
+        model: &str,
+        request: &CompletionRequest,
+    ) -> Result<EventStream, ProviderError> {
+        let options = Options::from(&request.params);
+        let resp = match &request.input {
+            Input::Prompt(prompt) => {
+                let body = GenerateBody {
+                    model,
+                    prompt,
+                    stream: true,
+                    options,
+                };
+                http::post_for_stream(&self.client, &self.generate, &body).await?
+            }
+            Input::Chat(messages) => {
+                let body = ChatBody {
+                    model,
+                    messages: wire_messages(messages),
+                    stream: true,
+                    options,
+                };
+                http::post_for_stream(&self.client, &self.chat, &body).await?
+            }
+        };
+        Ok(stream::events(
+            stream::body(resp),
+            Framing::Ndjson,
+            Lines::default(),
+        ))
+    }
+
     async fn complete(
         &self,
         model: &str,

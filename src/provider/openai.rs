@@ -10,7 +10,11 @@ use reqwest::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{Provider, ProviderError, WireMessage, http, wire_messages};
+use super::{
+    EventStream, Provider, ProviderError, WireMessage, http,
+    stream::{self, Decode, Framing, Read},
+    wire_messages,
+};
 use crate::{
     completion::{Completion, CompletionRequest, FailureKind, GenParams, Input, Usage},
     config::ProviderConfig,
@@ -69,7 +73,28 @@ struct CompletionsBody<'a, P: Serialize> {
     prompt: P,
     #[serde(flatten)]
     sampling: Sampling<'a>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    stream: Option<Streamed>,
 }
+
+/// `stream: true`, with the usage in a last chunk before `[DONE]`.
+#[derive(Serialize)]
+struct Streamed {
+    stream: bool,
+    stream_options: StreamOptions,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+const STREAMED: Streamed = Streamed {
+    stream: true,
+    stream_options: StreamOptions {
+        include_usage: true,
+    },
+};
 
 #[derive(Serialize)]
 struct ChatBody<'a> {
@@ -77,6 +102,8 @@ struct ChatBody<'a> {
     messages: Vec<WireMessage<'a>>,
     #[serde(flatten)]
     sampling: Sampling<'a>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    stream: Option<Streamed>,
 }
 
 #[derive(Deserialize)]
@@ -157,6 +184,70 @@ impl ChatResponse {
             finish_reason: choice.finish_reason.unwrap_or_default(),
             usage: self.usage.map(Usage::from),
         })
+    }
+}
+
+/// One chunk of a streamed answer, from either endpoint.
+#[derive(Deserialize)]
+struct StreamChunk {
+    #[serde(default)]
+    choices: Vec<StreamChoice>,
+    usage: Option<WireUsage>,
+    error: Option<StreamError>,
+}
+
+#[derive(Deserialize)]
+struct StreamChoice {
+    #[serde(default)]
+    index: u32,
+    /// `/completions`
+    text: Option<String>,
+    /// `/chat/completions`
+    delta: Option<ChatReply>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct StreamError {
+    code: Option<serde_json::Value>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+/// Reads `data:` payloads until `[DONE]`, keeping the finish reason and usage.
+#[derive(Default)]
+pub(crate) struct Chunks {
+    finish_reason: Option<String>,
+    usage: Option<Usage>,
+}
+
+impl Decode for Chunks {
+    fn read(&mut self, payload: &[u8]) -> Result<Read, ProviderError> {
+        if payload == b"[DONE]" {
+            return Ok(Read::end());
+        }
+        let chunk: StreamChunk = serde_json::from_slice(payload).map_err(|e| stream::malformed(&e))?;
+        if let Some(e) = chunk.error {
+            let code = e.code.as_ref().and_then(|c| c.as_str()).or(e.kind.as_deref());
+            return Err(stream::stream_error(code));
+        }
+        if let Some(u) = chunk.usage {
+            self.usage = Some(u.into());
+        }
+        let mut text = String::new();
+        for c in chunk.choices.into_iter().filter(|c| c.index == 0) {
+            if let Some(t) = c.text.or(c.delta.and_then(|d| d.content)) {
+                text.push_str(&t);
+            }
+            if c.finish_reason.is_some() {
+                self.finish_reason = c.finish_reason;
+            }
+        }
+        Ok(Read::text(text))
+    }
+
+    fn finish(self) -> (String, Option<Usage>) {
+        (self.finish_reason.unwrap_or_default(), self.usage)
     }
 }
 
@@ -250,10 +341,44 @@ impl Provider for OpenAi {
             model,
             prompt: &prompts,
             sampling: Sampling::from(&first.params),
+            stream: None,
         };
         let resp: CompletionsResponse =
             http::post_json(&self.client, &self.completions, &body).await?;
         Ok(match_choices(requests.len(), resp.choices))
+    }
+
+    async fn stream(
+        &self,
+        model: &str,
+        request: &CompletionRequest,
+    ) -> Result<EventStream, ProviderError> {
+        let sampling = Sampling::from(&request.params);
+        let resp = match &request.input {
+            Input::Prompt(prompt) => {
+                let body = CompletionsBody {
+                    model,
+                    prompt,
+                    sampling,
+                    stream: Some(STREAMED),
+                };
+                http::post_for_stream(&self.client, &self.completions, &body).await?
+            }
+            Input::Chat(messages) => {
+                let body = ChatBody {
+                    model,
+                    messages: wire_messages(messages),
+                    sampling,
+                    stream: Some(STREAMED),
+                };
+                http::post_for_stream(&self.client, &self.chat, &body).await?
+            }
+        };
+        Ok(stream::events(
+            stream::body(resp),
+            Framing::Sse,
+            Chunks::default(),
+        ))
     }
 
     async fn complete(
@@ -268,6 +393,7 @@ impl Provider for OpenAi {
                     model,
                     prompt,
                     sampling,
+                    stream: None,
                 };
                 let resp: CompletionsResponse =
                     http::post_json(&self.client, &self.completions, &body).await?;
@@ -278,6 +404,7 @@ impl Provider for OpenAi {
                     model,
                     messages: wire_messages(messages),
                     sampling,
+                    stream: None,
                 };
                 let resp: ChatResponse = http::post_json(&self.client, &self.chat, &body).await?;
                 resp.first()

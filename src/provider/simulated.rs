@@ -5,8 +5,8 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 
-use super::{Provider, ProviderError};
-use crate::completion::{Completion, CompletionRequest, Input, Usage};
+use super::{EventStream, Provider, ProviderError};
+use crate::completion::{Completion, CompletionRequest, Input, StreamEvent, Usage};
 
 pub struct Simulated {
     latency: Duration,
@@ -45,6 +45,28 @@ impl Provider for Simulated {
             tokio::time::sleep(self.latency).await;
         }
         Ok(requests.iter().map(|r| Ok(answer(model, r))).collect())
+    }
+
+    /// The same answer word by word, after the latency.
+    async fn stream(
+        &self,
+        model: &str,
+        request: &CompletionRequest,
+    ) -> Result<EventStream, ProviderError> {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        let c = answer(model, request);
+        let mut events: Vec<Result<StreamEvent, ProviderError>> = c
+            .text
+            .split_inclusive(' ')
+            .map(|w| Ok(StreamEvent::Text(w.to_string())))
+            .collect();
+        events.push(Ok(StreamEvent::End {
+            finish_reason: c.finish_reason,
+            usage: c.usage,
+        }));
+        Ok(Box::pin(futures_util::stream::iter(events)))
     }
 
     async fn complete(

@@ -146,6 +146,12 @@ impl Breaker {
             .unwrap_or_default()
     }
 
+    /// A request already judged a success failed afterwards (a stream that broke after its
+    /// first text): one more failure toward opening the circuit.
+    pub fn failed_later(&self) {
+        self.record(false, Some(false));
+    }
+
     fn record(&self, probe: bool, outcome: Option<bool>) {
         let mut inner = self.lock();
         let open = State::Open {

@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use futures_util::{StreamExt, stream::BoxStream};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::{Instant, timeout_at};
 
@@ -23,10 +24,10 @@ use super::{
 
 pub(super) use super::limit::Slot;
 use crate::{
-    completion::{Completion, CompletionRequest, FailureKind},
+    completion::{Completion, CompletionRequest, FailureKind, StreamEvent},
     config::{BreakerConfig, ProviderConfig},
     metrics::{FailureLabel, Metrics, ProviderLabel},
-    provider::{Provider, ProviderError},
+    provider::{EventStream, Provider, ProviderError},
     rate::{ProviderLimit, estimate_tokens},
 };
 
@@ -46,6 +47,7 @@ pub(super) struct Link {
     /// batches go as single requests. A std mutex: a few instructions, never held across await.
     arrays_off_until: Mutex<Option<Instant>>,
     timeout: Duration,
+    first_token_timeout: Duration,
     label: ProviderLabel,
     metrics: Arc<Metrics>,
     /// This provider's series of `cascade_upstream_request_duration_seconds`.
@@ -107,6 +109,7 @@ impl Link {
             rate: config.rate_limit.as_ref().map(ProviderLimit::new),
             arrays_off_until: Mutex::new(None),
             timeout: config.timeout,
+            first_token_timeout: config.first_token_timeout,
             upstream_seconds: metrics.upstream_seconds.get_or_create(&label).clone(),
             label,
             metrics: metrics.clone(),
@@ -327,6 +330,86 @@ impl Link {
         .await
     }
 
+    /// One streamed request (never batched): its quota, a slot, the breaker, then the
+    /// provider's stream. Returns once the first event arrived — within
+    /// `first_token_timeout` and the try's `window` — since until then a failure is the
+    /// provider's and the cascade may move on; the breaker is judged there. The rest of the
+    /// stream keeps the slot until it ends, may be silent at most `first_token_timeout`
+    /// between events, and is counted when it ends: a break after the first text counts
+    /// against the provider. Dropping it (the caller went away) closes the upstream request
+    /// and judges nothing.
+    pub(super) async fn open_stream(
+        self: &Arc<Self>,
+        model: &str,
+        request: &CompletionRequest,
+        window: Window,
+    ) -> Result<Opened, ProviderError> {
+        let latest = self.latest_send(window);
+        if let Some(rate) = &self.rate {
+            self.rate_take(rate, &[request], latest).await?;
+        }
+        let mut slot = self.slot_by(latest).await?;
+        slot.carry(1);
+        let pass = self.breaker.admit().map_err(refused)?;
+        let sent = Instant::now();
+        self.stats.sent(1);
+        let first_by = sent + self.first_token_timeout;
+        let end = first_by.min(window.until);
+        let deadline_bound = window.until == window.deadline && window.deadline <= first_by;
+        let first = timeout_at(end, async {
+            let mut events = self.provider.stream(model, request).await?;
+            match events.next().await {
+                Some(Ok(first)) => Ok((first, events)),
+                Some(Err(e)) => Err(e),
+                None => Err(ProviderError::new(
+                    FailureKind::Io,
+                    "the stream ended before its first event",
+                )),
+            }
+        })
+        .await;
+        let e = match first {
+            Ok(Ok((first, events))) => {
+                pass.success();
+                return Ok(Opened {
+                    first,
+                    rest: Box::pin(Streaming {
+                        link: self.clone(),
+                        events,
+                        _slot: slot,
+                        sent,
+                        idle: self.first_token_timeout,
+                    }
+                    .run()),
+                    first_after: sent.elapsed(),
+                });
+            }
+            Ok(Err(e)) => e,
+            Err(_) if deadline_bound => {
+                pass.neutral();
+                self.stats.failure();
+                self.count_failure(FailureKind::Timeout);
+                return Err(timed_out(sent.elapsed()));
+            }
+            Err(_) => ProviderError::new(
+                FailureKind::Timeout,
+                format!(
+                    "no first token within {} ms",
+                    sent.elapsed().as_millis()
+                ),
+            ),
+        };
+        let verdict = if e.kind == FailureKind::RateLimited || e.http_status == Some(503) {
+            Verdict::Overloaded
+        } else {
+            Verdict::Nothing
+        };
+        self.limit.observe(&slot, verdict);
+        self.upstream_seconds.observe(sent.elapsed().as_secs_f64());
+        self.failed(pass, &e);
+        Err(e)
+    }
+
     /// Waits for the provider's quota ([`ProviderLimit::take`]), timed and counted.
     async fn rate_take(
         &self,
@@ -403,6 +486,65 @@ impl Link {
         } else {
             tracing::warn!(provider = %self.name, kind = %e.kind, error = %e.message, more_since_last = unsaid, "upstream requests failing (said at most every {every_s} s)");
         }
+    }
+}
+
+/// A stream whose first event has arrived.
+pub(crate) struct Opened {
+    pub(crate) first: StreamEvent,
+    /// The events after it.
+    pub(crate) rest: BoxStream<'static, Result<StreamEvent, ProviderError>>,
+    /// From sending the request to its first event.
+    pub(crate) first_after: Duration,
+}
+
+/// The rest of an opened stream, holding its slot.
+struct Streaming {
+    link: Arc<Link>,
+    events: EventStream,
+    _slot: Slot,
+    sent: Instant,
+    /// Longest silence between events.
+    idle: Duration,
+}
+
+impl Streaming {
+    /// The events until the end or the first error, which is counted against the provider;
+    /// the end is counted as a success with the whole stream's time.
+    fn run(self) -> impl futures_util::Stream<Item = Result<StreamEvent, ProviderError>> + Send {
+        futures_util::stream::unfold(Some(self), |st| async move {
+            let mut st = st?;
+            let next = match tokio::time::timeout(st.idle, st.events.next()).await {
+                Ok(Some(next)) => next,
+                Ok(None) => Err(ProviderError::new(
+                    FailureKind::Io,
+                    "the stream ended without its end",
+                )),
+                Err(_) => Err(ProviderError::new(
+                    FailureKind::Timeout,
+                    format!("silent for {} ms mid-stream", st.idle.as_millis()),
+                )),
+            };
+            let link = &st.link;
+            match &next {
+                Ok(StreamEvent::Text(_)) => return Some((next, Some(st))),
+                Ok(StreamEvent::End { .. }) => {
+                    let took = st.sent.elapsed();
+                    link.stats.success(took);
+                    link.upstream_seconds.observe(took.as_secs_f64());
+                }
+                Err(e) => {
+                    link.upstream_seconds.observe(st.sent.elapsed().as_secs_f64());
+                    link.stats.failure();
+                    link.count_failure(e.kind);
+                    if e.counts_against_provider() {
+                        link.breaker.failed_later();
+                    }
+                    link.say(e);
+                }
+            }
+            Some((next, None))
+        })
     }
 }
 

@@ -23,6 +23,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::time::{Instant, timeout_at};
 
 pub use breaker::Circuit;
+pub(crate) use link::Opened;
 pub use link::Window;
 pub use stats::Counts;
 
@@ -203,6 +204,29 @@ impl Upstream {
                 if e.kind == FailureKind::Overloaded
                     || (queue.is_none() && e.kind.is_refusal()) =>
             {
+                Err(Miss::Skipped(e))
+            }
+            Err(e) => Err(Miss::Failed(e)),
+        }
+    }
+
+    /// One try at streaming `model`'s answer to `request`: `Ok` once its first event
+    /// arrived by `window.until` (see [`Link::open_stream`]). Streams are never batched.
+    pub(crate) async fn stream(
+        &self,
+        model: &str,
+        request: &CompletionRequest,
+        window: Window,
+    ) -> Result<Opened, Miss> {
+        if Instant::now() >= window.deadline {
+            return Err(Miss::OutOfTime(None));
+        }
+        match self.link.open_stream(model, request, window).await {
+            Ok(opened) => Ok(opened),
+            Err(e) if e.kind == FailureKind::Timeout && Instant::now() >= window.deadline => {
+                Err(Miss::OutOfTime(Some(e)))
+            }
+            Err(e) if e.kind == FailureKind::Overloaded || e.kind.is_refusal() => {
                 Err(Miss::Skipped(e))
             }
             Err(e) => Err(Miss::Failed(e)),
