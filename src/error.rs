@@ -110,9 +110,7 @@ impl RouterError {
             RouterError::InvalidArgument(_) | RouterError::UnknownModel { .. } => {
                 Code::InvalidArgument
             }
-            RouterError::Unavailable { .. } | RouterError::StreamBroken { .. } => {
-                Code::Unavailable
-            }
+            RouterError::Unavailable { .. } | RouterError::StreamBroken { .. } => Code::Unavailable,
             RouterError::StreamOutOfTime { .. } => Code::DeadlineExceeded,
             RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             RouterError::Overloaded { .. }

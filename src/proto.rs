@@ -26,7 +26,6 @@ pub mod v1 {
 /// The encoded descriptors of `cascade.v1`, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cascade_v1_descriptor");
 
-
 fn invalid(msg: impl Into<String>) -> RouterError {
     RouterError::InvalidArgument(msg.into())
 }

@@ -114,19 +114,19 @@ impl Routes {
             .get_key_value(name)
             .map(|(name, t)| (name.as_str(), t))
             .ok_or_else(|| {
-            let mut known: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
-            known.sort_unstable();
-            let more = known.len().saturating_sub(20);
-            known.truncate(20);
-            let mut list = known.join(", ");
-            if more > 0 {
-                list.push_str(&format!(" and {more} more"));
-            }
-            RouterError::UnknownModel {
-                model: name.into(),
-                known: list,
-            }
-        })
+                let mut known: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                let more = known.len().saturating_sub(20);
+                known.truncate(20);
+                let mut list = known.join(", ");
+                if more > 0 {
+                    list.push_str(&format!(" and {more} more"));
+                }
+                RouterError::UnknownModel {
+                    model: name.into(),
+                    known: list,
+                }
+            })
     }
 }
 

@@ -14,7 +14,7 @@ use crate::{
     config::{Limits, ServerConfig},
     error::RouterError,
     inflight::{InFlight, Ticket},
-    metrics::{CallLabel, Metrics, MethodLabel},
+    metrics::{CallLabel, MethodLabel, Metrics},
     proto::{
         self, micros,
         v1::{self, router_server::RouterServer},

@@ -552,6 +552,17 @@ pub mod bare {
             ))
         }
 
+        type CompleteStreamStream = tokio_stream::Empty<Result<v1::CompleteStreamResponse, Status>>;
+
+        async fn complete_stream(
+            &self,
+            _r: Request<v1::CompleteRequest>,
+        ) -> Result<Response<Self::CompleteStreamStream>, Status> {
+            Err(Status::unimplemented(
+                "the bare server answers Complete only",
+            ))
+        }
+
         async fn list_providers(
             &self,
             _r: Request<v1::ListProvidersRequest>,

@@ -19,7 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the mock model server (OpenAI and Ollama shapes) with scripted latency and faults.
+    /// Run the mock model server (OpenAI, Ollama and Anthropic shapes, streamed or not) with
+    /// scripted latency and faults.
     MockProvider {
         #[arg(long, default_value = "127.0.0.1:8089")]
         listen: SocketAddr,
@@ -32,7 +33,10 @@ enum Command {
         /// Requests in service at once; the rest queue.
         #[arg(long, default_value_t = 1024)]
         concurrency: usize,
-        /// A fault: a status (500), 429:SECONDS, reset, hang or malformed.
+        /// Pause between the chunks of a streamed answer, in milliseconds.
+        #[arg(long, default_value_t = 0.0)]
+        chunk_interval_ms: f64,
+        /// A fault: a status (500), 429:SECONDS, reset, break (mid-stream), hang or malformed.
         #[arg(long)]
         fault: Option<Fault>,
         /// Fraction of requests that get the fault.
@@ -141,6 +145,7 @@ fn main() -> ExitCode {
             latency_ms,
             per_item_ms,
             concurrency,
+            chunk_interval_ms,
             fault,
             fault_rate,
             tls_cert_out,
@@ -154,6 +159,7 @@ fn main() -> ExitCode {
                 reject_marker: None,
                 omit_marker: None,
                 refuse_arrays: false,
+                chunk_interval: Duration::from_secs_f64(chunk_interval_ms.max(0.0) / 1e3),
             };
             runtime.block_on(async {
                 let started = match tls_cert_out {

@@ -1,7 +1,8 @@
 //! A real HTTP model server for tests, benchmarks and demos (`cascade-bench mock-provider`).
 //!
-//! It speaks the OpenAI (`/v1/completions`, `/v1/chat/completions`) and Ollama (`/api/generate`,
-//! `/api/chat`) shapes and follows a [`Script`]: latency as `base + per_item × prompts` with at
+//! It speaks the OpenAI (`/v1/completions`, `/v1/chat/completions`), Ollama (`/api/generate`,
+//! `/api/chat`) and Anthropic (`/v1/messages`) shapes, streamed (`"stream": true`: SSE, or
+//! NDJSON for Ollama, one word per chunk every `chunk_interval`) or not, and follows a [`Script`]: latency as `base + per_item × prompts` with at
 //! most `max_concurrency` requests in service (the rest queue, as on a GPU server), and faults
 //! (status codes, 429 + `Retry-After`, a reset mid-body, a hang, malformed JSON) on a fraction
 //! of requests. It counts accepted TCP connections, requests, prompt items, and requests whose
@@ -21,7 +22,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::{
     Method, Request, Response, StatusCode,
     body::{Frame, Incoming},
@@ -61,6 +62,8 @@ pub struct Script {
     /// Refuse a `/v1/completions` request with more than one prompt with a bare 500, as
     /// llama-cpp-python's server does; single prompts are served.
     pub refuse_arrays: bool,
+    /// Pause between the chunks of a streamed answer (after the first).
+    pub chunk_interval: Duration,
 }
 
 impl Default for Script {
@@ -74,6 +77,7 @@ impl Default for Script {
             reject_marker: None,
             omit_marker: None,
             refuse_arrays: false,
+            chunk_interval: Duration::ZERO,
         }
     }
 }
@@ -96,6 +100,9 @@ pub enum Fault {
     RateLimited { retry_after: String },
     /// Send headers and part of the body, then abort the connection.
     ResetMidBody,
+    /// A streamed answer breaks (the connection is aborted) after two chunks; an answer not
+    /// streamed is reset mid-body.
+    BreakMidStream,
     /// Never answer.
     Hang,
     /// 200 with a body that is not JSON.
@@ -140,6 +147,7 @@ impl FromStr for Fault {
         }
         match s {
             "reset" => Ok(Fault::ResetMidBody),
+            "break" => Ok(Fault::BreakMidStream),
             "hang" => Ok(Fault::Hang),
             "malformed" => Ok(Fault::MalformedJson),
             _ => match s.split_once(':') {
@@ -153,7 +161,7 @@ impl FromStr for Fault {
                     .map(Fault::Status)
                     .ok_or_else(|| {
                         format!(
-                            "{s:?}: use a status 400-599, 429:SECONDS, reset, hang, malformed or slow:MS"
+                            "{s:?}: use a status 400-599, 429:SECONDS, reset, break, hang, malformed or slow:MS"
                         )
                     }),
             },
@@ -168,7 +176,8 @@ pub struct Snapshot {
     pub requests: u64,
     pub items: u64,
     pub completed: u64,
-    /// Requests whose client closed the connection before the answer was ready.
+    /// Requests whose client closed the connection before the answer was ready (or, for a
+    /// streamed answer, before its last chunk was sent).
     pub cancelled: u64,
 }
 
@@ -183,7 +192,7 @@ struct Counters {
 
 struct Shared {
     script: Mutex<Script>,
-    gate: Semaphore,
+    gate: Arc<Semaphore>,
     counters: Counters,
     changed: Notify,
 }
@@ -220,7 +229,7 @@ impl MockServer {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            gate: Semaphore::new(script.max_concurrency.max(1)),
+            gate: Arc::new(Semaphore::new(script.max_concurrency.max(1))),
             script: Mutex::new(script),
             counters: Counters::default(),
             changed: Notify::new(),
@@ -332,10 +341,14 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<Tls
     }
 }
 
-type Body = BoxBody<Bytes, io::Error>;
+type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()).map_err(|e| match e {}).boxed());
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -364,25 +377,33 @@ impl Drop for InFlight {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Endpoint {
     Completions,
     Chat,
     Generate,
     OllamaChat,
+    Messages,
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let mut flight = InFlight {
+    let mut flight = Some(InFlight {
         shared: shared.clone(),
         done: false,
-    };
-    let response = respond(&shared, req).await;
-    flight.done = true;
+    });
+    let response = respond(&shared, req, &mut flight).await;
+    // A streamed answer took the flight into its body.
+    if let Some(mut flight) = flight {
+        flight.done = true;
+    }
     Ok(response)
 }
 
-async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+async fn respond(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    flight: &mut Option<InFlight>,
+) -> Response<Body> {
     let authorization = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -394,6 +415,7 @@ async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         (&Method::POST, "/v1/chat/completions") => Endpoint::Chat,
         (&Method::POST, "/api/generate") => Endpoint::Generate,
         (&Method::POST, "/api/chat") => Endpoint::OllamaChat,
+        (&Method::POST, "/v1/messages") => Endpoint::Messages,
         (&Method::GET, "/health") => return full(StatusCode::OK, "{}"),
         (&Method::GET, "/stats") => {
             let c = &shared.counters;
@@ -415,6 +437,7 @@ async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         return error(StatusCode::BAD_REQUEST, "body is not JSON");
     };
     let prompts = prompts(endpoint, &body);
+    let streamed = body.get("stream").and_then(Value::as_bool) == Some(true);
     let model = body
         .get("model")
         .and_then(Value::as_str)
@@ -433,11 +456,13 @@ async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
+    let mut broken = false;
     if let Some(fault) = &script.fault
         && (script.fault_rate >= 1.0 || fastrand::f64() < script.fault_rate)
     {
         match fault.pick() {
             Fault::Slow(extra) => tokio::time::sleep(*extra).await,
+            Fault::BreakMidStream if streamed => broken = true,
             Fault::Echo(code) => {
                 let message = format!(
                     "Incorrect API key provided: {authorization}; prompt was {}",
@@ -460,12 +485,23 @@ async fn respond(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     {
         return error(StatusCode::BAD_REQUEST, "prompt rejected by script");
     }
-    let Ok(_permit) = shared.gate.acquire().await else {
+    let Ok(permit) = shared.gate.clone().acquire_owned().await else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     };
     let latency = script.base_latency + script.per_item_latency * (prompts.len() as u32);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
+    }
+    if streamed && let Some(flight) = flight.take() {
+        let first = prompts.first().map(String::as_str).unwrap_or_default();
+        let chunks = stream_chunks(endpoint, &model, first);
+        return streaming(
+            endpoint,
+            chunks,
+            script.chunk_interval,
+            broken,
+            (flight, permit),
+        );
     }
     full(
         StatusCode::OK,
@@ -482,7 +518,7 @@ fn prompts(endpoint: Endpoint, body: &Value) -> Vec<String> {
             Some(v) => text(v).into_iter().collect(),
             None => Vec::new(),
         },
-        Endpoint::Chat | Endpoint::OllamaChat => body
+        Endpoint::Chat | Endpoint::OllamaChat | Endpoint::Messages => body
             .get("messages")
             .and_then(Value::as_array)
             .and_then(|m| m.last())
@@ -524,7 +560,139 @@ fn answer(endpoint: Endpoint, model: &str, prompts: &[String], omit: Option<&str
             "done": true, "done_reason": "stop",
             "prompt_eval_count": prompt_tokens, "eval_count": completion_tokens,
         }),
+        Endpoint::Messages => json!({
+            "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": reply(first)}],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens},
+        }),
     }
+}
+
+/// The payloads of a streamed answer to `prompt`, one word of the reply each, in the
+/// endpoint's shape, ending with its end marker.
+fn stream_chunks(endpoint: Endpoint, model: &str, prompt: &str) -> Vec<String> {
+    let text = reply(prompt);
+    let words: Vec<&str> = text.split_inclusive(' ').collect();
+    let (prompt_tokens, completion_tokens) = (prompt.split_whitespace().count(), words.len());
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens});
+    let mut out: Vec<Value> = Vec::new();
+    match endpoint {
+        Endpoint::Completions => {
+            for w in &words {
+                out.push(json!({"object": "text_completion", "model": model, "choices": [{"index": 0, "text": w, "finish_reason": null}]}));
+            }
+            out.push(json!({"object": "text_completion", "model": model, "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}));
+            out.push(
+                json!({"object": "text_completion", "model": model, "choices": [], "usage": usage}),
+            );
+        }
+        Endpoint::Chat => {
+            for w in &words {
+                out.push(json!({"object": "chat.completion.chunk", "model": model, "choices": [{"index": 0, "delta": {"role": "assistant", "content": w}, "finish_reason": null}]}));
+            }
+            out.push(json!({"object": "chat.completion.chunk", "model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}));
+            out.push(json!({"object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage}));
+        }
+        Endpoint::Generate | Endpoint::OllamaChat => {
+            let piece = |w: &str| match endpoint {
+                Endpoint::Generate => json!({"model": model, "response": w, "done": false}),
+                _ => {
+                    json!({"model": model, "message": {"role": "assistant", "content": w}, "done": false})
+                }
+            };
+            out.extend(words.iter().map(|w| piece(w)));
+            let mut last = piece("");
+            if let Some(o) = last.as_object_mut() {
+                o.insert("done".into(), json!(true));
+                o.insert("done_reason".into(), json!("stop"));
+                o.insert("prompt_eval_count".into(), json!(prompt_tokens));
+                o.insert("eval_count".into(), json!(completion_tokens));
+            }
+            out.push(last);
+        }
+        Endpoint::Messages => {
+            out.push(json!({"type": "message_start", "message": {"id": "msg_mock", "model": model, "usage": {"input_tokens": prompt_tokens, "output_tokens": 1}}}));
+            out.push(json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}));
+            for w in &words {
+                out.push(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}}));
+            }
+            out.push(json!({"type": "content_block_stop", "index": 0}));
+            out.push(json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": completion_tokens}}));
+            out.push(json!({"type": "message_stop"}));
+        }
+    }
+    let mut framed: Vec<String> = out
+        .into_iter()
+        .map(|v| match endpoint {
+            Endpoint::Generate | Endpoint::OllamaChat => format!("{v}\n"),
+            Endpoint::Messages => format!(
+                "event: {}\ndata: {v}\n\n",
+                v.get("type").and_then(Value::as_str).unwrap_or("ping")
+            ),
+            Endpoint::Completions | Endpoint::Chat => format!("data: {v}\n\n"),
+        })
+        .collect();
+    if matches!(endpoint, Endpoint::Completions | Endpoint::Chat) {
+        framed.push("data: [DONE]\n\n".into());
+    }
+    framed
+}
+
+/// A streamed answer: `chunks` one by one, `interval` apart, holding the request's
+/// flight and concurrency permit until the last is sent (or the client goes away: the
+/// flight then counts as cancelled). When `broken`, the connection is aborted after two
+/// chunks.
+fn streaming<G: Send + 'static>(
+    endpoint: Endpoint,
+    chunks: Vec<String>,
+    interval: Duration,
+    broken: bool,
+    held: (InFlight, G),
+) -> Response<Body> {
+    let total = if broken {
+        chunks.len().min(2)
+    } else {
+        chunks.len()
+    };
+    let state = (
+        chunks.into_iter().take(total).enumerate(),
+        Some(held),
+        broken,
+    );
+    let body =
+        futures_util::stream::unfold(state, move |(mut chunks, mut held, broken)| async move {
+            let Some((i, chunk)) = chunks.next() else {
+                let (mut flight, permit) = held.take()?;
+                drop(permit);
+                if broken {
+                    // A pause first, so the chunks before the break leave in their own writes
+                    // rather than being dropped with the connection.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    return Some((
+                        Err(io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            "scripted break",
+                        )),
+                        (chunks, None, broken),
+                    ));
+                }
+                flight.done = true;
+                return None;
+            };
+            if i > 0 && !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
+            Some((Ok(Frame::data(Bytes::from(chunk))), (chunks, held, broken)))
+        });
+    let mut r = Response::new(BodyExt::boxed_unsync(StreamBody::new(body)));
+    let kind = match endpoint {
+        Endpoint::Generate | Endpoint::OllamaChat => "application/x-ndjson",
+        _ => "text/event-stream",
+    };
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(kind));
+    r
 }
 
 async fn faulty(fault: &Fault) -> Response<Body> {
@@ -546,7 +714,7 @@ async fn faulty(fault: &Fault) -> Response<Body> {
             error(StatusCode::INTERNAL_SERVER_ERROR, "no fault")
         }
         Fault::Hang => std::future::pending().await,
-        Fault::ResetMidBody => {
+        Fault::ResetMidBody | Fault::BreakMidStream => {
             let chunks: Vec<Result<Frame<Bytes>, io::Error>> = vec![
                 Ok(Frame::data(Bytes::from_static(
                     b"{\"choices\": [{\"index\": 0, \"te",
@@ -557,7 +725,7 @@ async fn faulty(fault: &Fault) -> Response<Body> {
                 )),
             ];
             let body = StreamBody::new(tokio_stream::iter(chunks));
-            let mut r = Response::new(BodyExt::boxed(body));
+            let mut r = Response::new(BodyExt::boxed_unsync(body));
             r.headers_mut()
                 .insert(CONTENT_LENGTH, HeaderValue::from_static("4096"));
             r

@@ -145,9 +145,8 @@ impl Provider for Anthropic {
         model: &str,
         request: &CompletionRequest,
     ) -> Result<EventStream, ProviderError> {
-        let resp =
-            http::post_for_stream(&self.client, &self.messages, &body(model, request, true))
-                .await?;
+        let resp = http::post_for_stream(&self.client, &self.messages, &body(model, request, true))
+            .await?;
         Ok(stream::events(
             stream::body(resp),
             Framing::Sse,
@@ -223,8 +222,9 @@ impl Decode for Events {
                     self.stop_reason = Some(reason);
                 }
                 if let Some(u) = event.usage {
-                    self.usage.get_or_insert_with(Usage::default).completion_tokens =
-                        u.output_tokens;
+                    self.usage
+                        .get_or_insert_with(Usage::default)
+                        .completion_tokens = u.output_tokens;
                 }
                 Ok(Read::default())
             }

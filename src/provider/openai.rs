@@ -226,9 +226,14 @@ impl Decode for Chunks {
         if payload == b"[DONE]" {
             return Ok(Read::end());
         }
-        let chunk: StreamChunk = serde_json::from_slice(payload).map_err(|e| stream::malformed(&e))?;
+        let chunk: StreamChunk =
+            serde_json::from_slice(payload).map_err(|e| stream::malformed(&e))?;
         if let Some(e) = chunk.error {
-            let code = e.code.as_ref().and_then(|c| c.as_str()).or(e.kind.as_deref());
+            let code = e
+                .code
+                .as_ref()
+                .and_then(|c| c.as_str())
+                .or(e.kind.as_deref());
             return Err(stream::stream_error(code));
         }
         if let Some(u) = chunk.usage {

@@ -117,9 +117,7 @@ impl<D: Decode> Framer<D> {
             if let Some(e) = self.ready.pop_front() {
                 return Some(e);
             }
-            if self.decoder.is_none() {
-                return None;
-            }
+            self.decoder.as_ref()?;
             if let Some(at) = self.buf.iter().position(|&b| b == b'\n') {
                 let mut line: Vec<u8> = self.buf.drain(..=at).collect();
                 line.pop();
@@ -136,9 +134,7 @@ impl<D: Decode> Framer<D> {
                 ));
                 continue;
             }
-            let Some(body) = self.body.as_mut() else {
-                return None;
-            };
+            let body = self.body.as_mut()?;
             match body.next().await {
                 Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
                 Some(Err(e)) => self.fail(e),
@@ -321,7 +317,12 @@ mod tests {
 
     #[tokio::test]
     async fn ndjson_lines_and_a_last_line_without_newline() {
-        let got = read_all(vec![b"a\n\nb\nEN".to_vec(), b"D".to_vec()], Framing::Ndjson, Echo).await;
+        let got = read_all(
+            vec![b"a\n\nb\nEN".to_vec(), b"D".to_vec()],
+            Framing::Ndjson,
+            Echo,
+        )
+        .await;
         assert_eq!(texts(&got), ["a", "b"]);
         assert!(matches!(got.last(), Some(Ok(StreamEvent::End { .. }))));
     }
@@ -341,7 +342,12 @@ mod tests {
 
     #[tokio::test]
     async fn nothing_after_the_end_marker_is_read() {
-        let got = read_all(vec![b"data: END\n\ndata: more\n\n".to_vec()], Framing::Sse, Echo).await;
+        let got = read_all(
+            vec![b"data: END\n\ndata: more\n\n".to_vec()],
+            Framing::Sse,
+            Echo,
+        )
+        .await;
         assert_eq!(got.len(), 1, "{got:?}");
     }
 

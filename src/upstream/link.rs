@@ -373,14 +373,16 @@ impl Link {
                 pass.success();
                 return Ok(Opened {
                     first,
-                    rest: Box::pin(Streaming {
-                        link: self.clone(),
-                        events,
-                        _slot: slot,
-                        sent,
-                        idle: self.first_token_timeout,
-                    }
-                    .run()),
+                    rest: Box::pin(
+                        Streaming {
+                            link: self.clone(),
+                            events,
+                            _slot: slot,
+                            sent,
+                            idle: self.first_token_timeout,
+                        }
+                        .run(),
+                    ),
                     first_after: sent.elapsed(),
                 });
             }
@@ -393,10 +395,7 @@ impl Link {
             }
             Err(_) => ProviderError::new(
                 FailureKind::Timeout,
-                format!(
-                    "no first token within {} ms",
-                    sent.elapsed().as_millis()
-                ),
+                format!("no first token within {} ms", sent.elapsed().as_millis()),
             ),
         };
         let verdict = if e.kind == FailureKind::RateLimited || e.http_status == Some(503) {
@@ -534,7 +533,8 @@ impl Streaming {
                     link.upstream_seconds.observe(took.as_secs_f64());
                 }
                 Err(e) => {
-                    link.upstream_seconds.observe(st.sent.elapsed().as_secs_f64());
+                    link.upstream_seconds
+                        .observe(st.sent.elapsed().as_secs_f64());
                     link.stats.failure();
                     link.count_failure(e.kind);
                     if e.counts_against_provider() {
