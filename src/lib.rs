@@ -52,6 +52,7 @@ mod cache;
 mod cascade;
 mod coalescer;
 mod completion;
+mod edge;
 mod error;
 mod inflight;
 mod metrics;

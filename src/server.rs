@@ -6,20 +6,18 @@ use std::{future::Future, sync::Arc, time::Duration};
 use futures_util::{StreamExt, stream::BoxStream};
 use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use tonic::{Request, Response, Status, codegen::http, service::interceptor::InterceptedService};
-use tracing::Instrument;
 
 use crate::{
     auth::{Authenticate, Client},
-    completion::{CompletionRequest, Input, StreamEvent, Streamed},
-    config::{Limits, ServerConfig},
+    completion::{CompletionRequest, StreamEvent},
+    config::ServerConfig,
+    edge::{Edge, Record},
     error::RouterError,
     inflight::{InFlight, Ticket},
-    metrics::{CallLabel, MethodLabel, Metrics},
     proto::{
         self, micros,
         v1::{self, router_server::RouterServer},
     },
-    rate::TenantQuotas,
     router::Router,
 };
 
@@ -36,44 +34,17 @@ fn deadline_margin(timeout: Duration) -> Duration {
 struct Arrival(Instant);
 
 pub struct RouterService {
-    router: Arc<Router>,
-    config: ServerConfig,
-    inflight: Arc<InFlight>,
-    quotas: Option<TenantQuotas>,
+    edge: Arc<Edge>,
 }
 
 impl RouterService {
-    /// Runs `work` for one admitted call: shed when `limits.max_in_flight` calls are
-    /// running, refused while draining, and answered UNAVAILABLE if the shutdown grace ends
-    /// before it does. Counted by method and code, and timed.
-    async fn call<T>(
+    /// A wire request validated and admitted.
+    fn admit(
         &self,
-        method: &'static str,
-        work: impl Future<Output = Result<T, Status>>,
-    ) -> Result<T, Status> {
-        let record = Record::new(self.router.metrics(), method);
-        let result = match self.enter() {
-            Err(e) => Err(e.into()),
-            Ok(_ticket) => tokio::select! {
-                biased;
-                r = work => r,
-                () = self.inflight.abandoned() => Err(RouterError::ShuttingDown.into()),
-            },
-        };
-        record.done(match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(s) => s.code(),
-        });
-        result
-    }
-
-    /// A place in flight, or why not (counting a shed call).
-    fn enter(&self) -> Result<Ticket, RouterError> {
-        self.inflight.enter().inspect_err(|e| {
-            if matches!(e, RouterError::AtCapacity { .. }) {
-                self.router.metrics().shed.inc();
-            }
-        })
+        msg: v1::CompleteRequest,
+        client: Option<&Client>,
+    ) -> Result<Arc<CompletionRequest>, RouterError> {
+        self.edge.admit(CompletionRequest::try_from(msg)?, client)
     }
 
     /// The caller's deadline from `grpc-timeout`, or the configured default.
@@ -88,51 +59,8 @@ impl RouterService {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
             .map(|t| t.saturating_sub(deadline_margin(t)))
-            .unwrap_or(self.config.request_timeout);
+            .unwrap_or(self.edge.config.request_timeout);
         arrival + timeout
-    }
-}
-
-/// One call counted by method and code, and timed, when it ends: a call whose caller went
-/// away first (a stream dropped mid-way) counts as CANCELLED.
-struct Record {
-    metrics: Arc<Metrics>,
-    method: &'static str,
-    started: Instant,
-    code: Option<tonic::Code>,
-}
-
-impl Record {
-    fn new(metrics: &Arc<Metrics>, method: &'static str) -> Record {
-        Record {
-            metrics: metrics.clone(),
-            method,
-            started: Instant::now(),
-            code: None,
-        }
-    }
-
-    fn done(mut self, code: tonic::Code) {
-        self.code = Some(code);
-    }
-}
-
-impl Drop for Record {
-    fn drop(&mut self) {
-        let code = self.code.unwrap_or(tonic::Code::Cancelled);
-        self.metrics
-            .calls
-            .get_or_create(&CallLabel {
-                method: self.method,
-                code: format!("{code:?}"),
-            })
-            .inc();
-        self.metrics
-            .call_seconds
-            .get_or_create(&MethodLabel {
-                method: self.method,
-            })
-            .observe(self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -152,114 +80,6 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
-}
-
-/// The configured bounds on what one request may carry, each breach named.
-fn within_limits(r: &CompletionRequest, l: &Limits) -> Result<(), RouterError> {
-    let over = |what: String| Err(RouterError::InvalidArgument(what));
-    let bytes = match &r.input {
-        Input::Prompt(p) => p.len(),
-        Input::Chat(m) => {
-            if m.len() > l.max_messages {
-                return over(format!(
-                    "{} messages; at most {} (limits.max_messages)",
-                    m.len(),
-                    l.max_messages
-                ));
-            }
-            m.iter().map(|m| m.content.len()).sum()
-        }
-    };
-    if bytes > l.max_prompt_bytes {
-        return over(format!(
-            "{bytes} bytes of prompt; at most {} (limits.max_prompt_bytes)",
-            l.max_prompt_bytes
-        ));
-    }
-    if let Some(t) = r.params.max_tokens
-        && t > l.max_tokens
-    {
-        return over(format!(
-            "max_tokens {t}; at most {} (limits.max_tokens)",
-            l.max_tokens
-        ));
-    }
-    Ok(())
-}
-
-/// Runs one request inside its span. The span is at debug level, so at the default level it
-/// costs nothing on the hot path; batch items carry it through the batcher to the provider
-/// call.
-async fn handle(
-    router: &Router,
-    request: &Arc<CompletionRequest>,
-    deadline: Instant,
-    log_prompts: bool,
-) -> Result<crate::completion::Answer, RouterError> {
-    let span = tracing::debug_span!(
-        "request",
-        request_id = %request.request_id,
-        agent = %request.agent,
-        model = %request.model,
-    );
-    async {
-        tracing::debug!(
-            timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64,
-            "request received"
-        );
-        if log_prompts {
-            tracing::info!(request_id = %request.request_id, prompt = %shown(&request.input), "prompt (server.log_prompts)");
-        }
-        let started = Instant::now();
-        let outcome = router.complete(request, deadline).await;
-        if let Ok(a) = &outcome
-            && !a.cached
-        {
-            let own = started
-                .elapsed()
-                .saturating_sub(a.queue_wait)
-                .saturating_sub(a.upstream);
-            router.metrics().overhead_seconds.observe(own.as_secs_f64());
-        }
-        if log_prompts && let Ok(a) = &outcome {
-            tracing::info!(request_id = %request.request_id, completion = %a.completion.text, "completion (server.log_prompts)");
-        }
-        match &outcome {
-            Ok(a) => tracing::debug!(provider = %a.provider, cached = a.cached, batch_size = a.batch_size, "answered"),
-            Err(e) => tracing::debug!(code = ?e.code(), error = %e, "failed"),
-        }
-        outcome
-    }
-    .instrument(span)
-    .await
-}
-
-/// Opens one streamed answer inside the request's span (see [`handle`]).
-async fn open_stream(
-    router: &Router,
-    request: &Arc<CompletionRequest>,
-    deadline: Instant,
-    log_prompts: bool,
-) -> Result<Streamed, RouterError> {
-    let span = tracing::debug_span!(
-        "stream",
-        request_id = %request.request_id,
-        agent = %request.agent,
-        model = %request.model,
-    );
-    async {
-        if log_prompts {
-            tracing::info!(request_id = %request.request_id, prompt = %shown(&request.input), "prompt (server.log_prompts)");
-        }
-        let opened = router.stream(request, deadline).await;
-        match &opened {
-            Ok(s) => tracing::debug!(provider = %s.provider, cached = s.cached, attempts = s.attempts.len(), "streaming"),
-            Err(e) => tracing::debug!(code = ?e.code(), error = %e, "failed before streaming"),
-        }
-        opened
-    }
-    .instrument(span)
-    .await
 }
 
 /// A streamed answer on its way to the caller as `CompleteStreamResponse`s: text messages,
@@ -319,42 +139,35 @@ impl Relay {
     }
 }
 
-/// A request's prompt or messages as one line of text, for `server.log_prompts`.
-fn shown(input: &Input) -> String {
-    match input {
-        Input::Prompt(p) => p.clone(),
-        Input::Chat(messages) => messages
-            .iter()
-            .map(|m| format!("{:?}: {}", m.role, m.content))
-            .collect::<Vec<_>>()
-            .join(" | "),
-    }
-}
-
 #[tonic::async_trait]
 impl v1::router_server::Router for RouterService {
     async fn complete(
         &self,
         req: Request<v1::CompleteRequest>,
     ) -> Result<Response<v1::CompleteResponse>, Status> {
-        self.call("Complete", async {
-            let deadline = self.deadline(&req);
-            let client = req.extensions().get::<Client>().cloned();
-            let request = self.admit(req.into_inner(), client.as_ref())?;
-            let answer = handle(&self.router, &request, deadline, self.config.log_prompts).await?;
-            Ok(Response::new(v1::CompleteResponse::from_answer(
-                answer,
-                request.request_id.clone(),
-            )))
-        })
-        .await
+        self.edge
+            .call("Complete", async {
+                let deadline = self.deadline(&req);
+                let client = req.extensions().get::<Client>().cloned();
+                let request = self.admit(req.into_inner(), client.as_ref())?;
+                let answer = self.edge.complete(&request, deadline).await?;
+                Ok(Response::new(v1::CompleteResponse::from_answer(
+                    answer,
+                    request.request_id.clone(),
+                )))
+            })
+            .await
+            .map_err(Status::from)
     }
 
     async fn complete_batch(
         &self,
         req: Request<v1::CompleteBatchRequest>,
     ) -> Result<Response<v1::CompleteBatchResponse>, Status> {
-        self.call("CompleteBatch", self.batch(req)).await
+        self.edge
+            .call("CompleteBatch", self.batch(req))
+            .await
+            .map_err(Status::from)
     }
 
     type CompleteStreamStream = BoxStream<'static, Result<v1::CompleteStreamResponse, Status>>;
@@ -363,16 +176,16 @@ impl v1::router_server::Router for RouterService {
         &self,
         req: Request<v1::CompleteRequest>,
     ) -> Result<Response<Self::CompleteStreamStream>, Status> {
-        let record = Record::new(self.router.metrics(), "CompleteStream");
+        let record = self.edge.record("CompleteStream");
         let opened = async {
-            let ticket = self.enter()?;
+            let ticket = self.edge.enter()?;
             let deadline = self.deadline(&req);
             let client = req.extensions().get::<Client>().cloned();
             let request = self.admit(req.into_inner(), client.as_ref())?;
             let streamed = tokio::select! {
                 biased;
-                r = open_stream(&self.router, &request, deadline, self.config.log_prompts) => r?,
-                () = self.inflight.abandoned() => return Err(RouterError::ShuttingDown),
+                r = self.edge.stream(&request, deadline) => r?,
+                () = self.edge.inflight.abandoned() => return Err(RouterError::ShuttingDown),
             };
             Ok((ticket, request, streamed))
         }
@@ -397,7 +210,7 @@ impl v1::router_server::Router for RouterService {
                     ..Default::default()
                 },
                 events: streamed.events,
-                inflight: self.inflight.clone(),
+                inflight: self.edge.inflight.clone(),
                 _ticket: ticket,
                 record: Some(record),
             }
@@ -422,6 +235,7 @@ impl v1::router_server::Router for RouterService {
         _req: Request<v1::ListProvidersRequest>,
     ) -> Result<Response<v1::ListProvidersResponse>, Status> {
         let providers = self
+            .edge
             .router
             .providers()
             .into_iter()
@@ -432,75 +246,30 @@ impl v1::router_server::Router for RouterService {
 }
 
 impl RouterService {
-    /// A validated request with an id (the caller's `request_id`, or one made here so that
-    /// every request's log lines can be found together), its tenant (the client key's name
-    /// when authentication is on), allowed for that client's models, within its quota.
-    fn admit(
-        &self,
-        msg: v1::CompleteRequest,
-        client: Option<&Client>,
-    ) -> Result<Arc<CompletionRequest>, RouterError> {
-        let mut request = CompletionRequest::try_from(msg)?;
-        within_limits(&request, &self.config.limits)?;
-        if request.request_id.is_empty() {
-            request.request_id = format!("req-{:016x}", fastrand::u64(..));
-        }
-        if let Some(client) = client {
-            request.tenant = client.name.to_string();
-            if let Some(allowed) = &client.models {
-                let route = self.router.route_name(&request.model, &request.agent)?;
-                if !allowed.contains(&route) {
-                    return Err(RouterError::PermissionDenied {
-                        client: client.name.to_string(),
-                        model: route,
-                    });
-                }
-            }
-        }
-        self.charge(&request.tenant)?;
-        Ok(Arc::new(request))
-    }
-
-    /// Takes one call from `tenant`'s quota, if quotas are on. The tenant is the caller's
-    /// `agent` (the client key's name once authentication lands).
-    fn charge(&self, tenant: &str) -> Result<(), RouterError> {
-        match &self.quotas {
-            None => Ok(()),
-            Some(q) => q
-                .check(tenant)
-                .map_err(|retry_after| RouterError::QuotaExceeded {
-                    per_minute: q.per_minute(),
-                    retry_after,
-                }),
-        }
-    }
-
     async fn batch(
         &self,
         req: Request<v1::CompleteBatchRequest>,
-    ) -> Result<Response<v1::CompleteBatchResponse>, Status> {
+    ) -> Result<Response<v1::CompleteBatchResponse>, RouterError> {
         let deadline = self.deadline(&req);
         let client = req.extensions().get::<Client>().cloned();
         let items = req.into_inner().requests;
-        if items.len() > self.config.max_batch_items {
+        let most = self.edge.config.max_batch_items;
+        if items.len() > most {
             return Err(RouterError::InvalidArgument(format!(
-                "{} requests in one batch; at most {} (server.max_batch_items)",
+                "{} requests in one batch; at most {most} (server.max_batch_items)",
                 items.len(),
-                self.config.max_batch_items
-            ))
-            .into());
+            )));
         }
         let mut results: Vec<Option<v1::BatchResult>> = vec![None; items.len()];
         // Dropping the set (the caller went away) aborts every item's upstream work.
         let mut tasks = JoinSet::new();
         for (i, item) in items.into_iter().enumerate() {
-            let router = self.router.clone();
-            let log_prompts = self.config.log_prompts;
+            let edge = self.edge.clone();
             let admitted = self.admit(item, client.as_ref());
             tasks.spawn(async move {
                 let result = match admitted {
                     Err(e) => v1::batch_result::Result::Error(e.into()),
-                    Ok(r) => match handle(&router, &r, deadline, log_prompts).await {
+                    Ok(r) => match edge.complete(&r, deadline).await {
                         Ok(a) => v1::batch_result::Result::Response(
                             v1::CompleteResponse::from_answer(a, r.request_id.clone()),
                         ),
@@ -593,12 +362,8 @@ pub async fn serve(
         router.metrics().unauthenticated.clone(),
     );
     let grace = config.shutdown_grace;
-    let service = RouterService {
-        router,
-        inflight: inflight.clone(),
-        quotas: config.quotas.as_ref().map(TenantQuotas::new),
-        config: config.clone(),
-    };
+    let edge = Arc::new(Edge::new(router, config.clone(), inflight.clone()));
+    let service = RouterService { edge: edge.clone() };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {

@@ -13,7 +13,12 @@ use tonic_health::pb::{
 };
 use tonic_reflection::pb::{v1, v1alpha};
 
-const METHODS: [&str; 3] = ["Complete", "CompleteBatch", "ListProviders"];
+const METHODS: [&str; 4] = [
+    "Complete",
+    "CompleteBatch",
+    "CompleteStream",
+    "ListProviders",
+];
 
 fn methods_of(files: &[Vec<u8>]) -> Vec<String> {
     files

@@ -335,6 +335,9 @@ pub struct RawServer {
     pub max_batch_items: usize,
     /// Where to serve Prometheus metrics (`GET /metrics`); absent means not served.
     pub metrics_listen: Option<String>,
+    /// Where to serve the OpenAI-compatible HTTP API (`/v1/chat/completions`, ...); absent
+    /// means not served.
+    pub http_listen: Option<String>,
     /// On SIGTERM / SIGINT, how long calls in flight may take to finish.
     pub shutdown_grace_seconds: f64,
     /// Calls per minute each client (tenant) may make; absent means no quota.
@@ -382,6 +385,7 @@ impl Default for RawServer {
             request_timeout_seconds: 60.0,
             max_batch_items: 1024,
             metrics_listen: None,
+            http_listen: None,
             shutdown_grace_seconds: 30.0,
             quotas: None,
             auth: None,

@@ -14,6 +14,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     pub max_batch_items: usize,
     pub metrics_listen: Option<SocketAddr>,
+    /// The OpenAI-compatible HTTP front's address; `None`: not served.
+    pub http_listen: Option<SocketAddr>,
     pub shutdown_grace: Duration,
     pub limits: Limits,
     /// Per-client quotas; `None`: none.
@@ -117,6 +119,10 @@ impl Check<'_> {
             None => None,
             Some(text) => Some(address("server.metrics_listen", text, "127.0.0.1:9464")?),
         };
+        let http_listen = match &s.http_listen {
+            None => None,
+            Some(text) => Some(address("server.http_listen", text, "127.0.0.1:8080")?),
+        };
         let shutdown_grace = self.seconds(
             "server.shutdown_grace_seconds",
             s.shutdown_grace_seconds,
@@ -197,10 +203,16 @@ impl Check<'_> {
             None => None,
             Some(t) => Some(self.tls(t)?),
         };
-        open_to_network(listen, auth.as_ref(), s.allow_unauthenticated).map_err(|e| {
-            let (problem, fix) = e.split_once(" (fix: ").unwrap_or((&e, ""));
-            self.err("server.listen", problem, fix.trim_end_matches(')'))
-        })?;
+        for (key, addr) in [
+            ("server.listen", Some(listen)),
+            ("server.http_listen", http_listen),
+        ] {
+            let Some(addr) = addr else { continue };
+            open_to_network(addr, auth.as_ref(), s.allow_unauthenticated).map_err(|e| {
+                let (problem, fix) = e.split_once(" (fix: ").unwrap_or((&e, ""));
+                self.err(key, problem, fix.trim_end_matches(')'))
+            })?;
+        }
         Ok(ServerConfig {
             tls,
             log_prompts: s.log_prompts,
@@ -211,6 +223,7 @@ impl Check<'_> {
             request_timeout,
             max_batch_items: s.max_batch_items,
             metrics_listen,
+            http_listen,
             shutdown_grace,
             limits,
         })

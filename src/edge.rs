@@ -1,0 +1,300 @@
+//! What both fronts — the gRPC service ([`crate::server`]) and the OpenAI-compatible HTTP
+//! API ([`crate::openai_front`]) — do with a request once it is decoded: hold a place in
+//! flight, admit it (limits, the client's models, its quota), then answer or stream it
+//! through the router, each call counted and timed by method and code.
+
+use std::{future::Future, sync::Arc};
+
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::{
+    auth::Client,
+    completion::{Answer, CompletionRequest, Input, Streamed},
+    config::{Limits, ServerConfig},
+    error::RouterError,
+    inflight::{InFlight, Ticket},
+    metrics::{CallLabel, MethodLabel, Metrics},
+    rate::TenantQuotas,
+    router::Router,
+};
+
+/// The request path both fronts share, above the router.
+pub(crate) struct Edge {
+    pub(crate) router: Arc<Router>,
+    pub(crate) config: ServerConfig,
+    pub(crate) inflight: Arc<InFlight>,
+    quotas: Option<TenantQuotas>,
+}
+
+impl Edge {
+    pub(crate) fn new(router: Arc<Router>, config: ServerConfig, inflight: Arc<InFlight>) -> Edge {
+        Edge {
+            quotas: config.quotas.as_ref().map(TenantQuotas::new),
+            router,
+            config,
+            inflight,
+        }
+    }
+
+    /// Runs `work` for one admitted call: shed when `limits.max_in_flight` calls are
+    /// running, refused while draining, and answered UNAVAILABLE if the shutdown grace ends
+    /// before it does. Counted by method and code, and timed.
+    pub(crate) async fn call<T>(
+        &self,
+        method: &'static str,
+        work: impl Future<Output = Result<T, RouterError>>,
+    ) -> Result<T, RouterError> {
+        let record = self.record(method);
+        let result = match self.enter() {
+            Err(e) => Err(e),
+            Ok(_ticket) => tokio::select! {
+                biased;
+                r = work => r,
+                () = self.inflight.abandoned() => Err(RouterError::ShuttingDown),
+            },
+        };
+        record.done(match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(e) => e.code(),
+        });
+        result
+    }
+
+    /// The record of one call of `method`, counted when it is done or dropped.
+    pub(crate) fn record(&self, method: &'static str) -> Record {
+        Record::new(self.router.metrics(), method)
+    }
+
+    /// A place in flight, or why not (counting a shed call).
+    pub(crate) fn enter(&self) -> Result<Ticket, RouterError> {
+        self.inflight.enter().inspect_err(|e| {
+            if matches!(e, RouterError::AtCapacity { .. }) {
+                self.router.metrics().shed.inc();
+            }
+        })
+    }
+
+    /// A validated request with an id (the caller's `request_id`, or one made here so that
+    /// every request's log lines can be found together), its tenant (the client key's name
+    /// when authentication is on), allowed for that client's models, within its quota.
+    pub(crate) fn admit(
+        &self,
+        mut request: CompletionRequest,
+        client: Option<&Client>,
+    ) -> Result<Arc<CompletionRequest>, RouterError> {
+        within_limits(&request, &self.config.limits)?;
+        if request.request_id.is_empty() {
+            request.request_id = format!("req-{:016x}", fastrand::u64(..));
+        }
+        if let Some(client) = client {
+            request.tenant = client.name.to_string();
+            if let Some(allowed) = &client.models {
+                let route = self.router.route_name(&request.model, &request.agent)?;
+                if !allowed.contains(&route) {
+                    return Err(RouterError::PermissionDenied {
+                        client: client.name.to_string(),
+                        model: route,
+                    });
+                }
+            }
+        }
+        self.charge(&request.tenant)?;
+        Ok(Arc::new(request))
+    }
+
+    /// Takes one call from `tenant`'s quota, if quotas are on. The tenant is the caller's
+    /// `agent` (the client key's name once authentication lands).
+    fn charge(&self, tenant: &str) -> Result<(), RouterError> {
+        match &self.quotas {
+            None => Ok(()),
+            Some(q) => q
+                .check(tenant)
+                .map_err(|retry_after| RouterError::QuotaExceeded {
+                    per_minute: q.per_minute(),
+                    retry_after,
+                }),
+        }
+    }
+
+    /// Answers one admitted request (see [`handle`]).
+    pub(crate) async fn complete(
+        &self,
+        request: &Arc<CompletionRequest>,
+        deadline: Instant,
+    ) -> Result<Answer, RouterError> {
+        handle(&self.router, request, deadline, self.config.log_prompts).await
+    }
+
+    /// Opens one admitted request's streamed answer (see [`open_stream`]).
+    pub(crate) async fn stream(
+        &self,
+        request: &Arc<CompletionRequest>,
+        deadline: Instant,
+    ) -> Result<Streamed, RouterError> {
+        open_stream(&self.router, request, deadline, self.config.log_prompts).await
+    }
+}
+
+/// One call counted by method and code, and timed, when it ends: a call whose caller went
+/// away first (a stream dropped mid-way) counts as CANCELLED.
+pub(crate) struct Record {
+    metrics: Arc<Metrics>,
+    method: &'static str,
+    started: Instant,
+    code: Option<tonic::Code>,
+}
+
+impl Record {
+    fn new(metrics: &Arc<Metrics>, method: &'static str) -> Record {
+        Record {
+            metrics: metrics.clone(),
+            method,
+            started: Instant::now(),
+            code: None,
+        }
+    }
+
+    pub(crate) fn done(mut self, code: tonic::Code) {
+        self.code = Some(code);
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(tonic::Code::Cancelled);
+        self.metrics
+            .calls
+            .get_or_create(&CallLabel {
+                method: self.method,
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.metrics
+            .call_seconds
+            .get_or_create(&MethodLabel {
+                method: self.method,
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// The configured bounds on what one request may carry, each breach named.
+fn within_limits(r: &CompletionRequest, l: &Limits) -> Result<(), RouterError> {
+    let over = |what: String| Err(RouterError::InvalidArgument(what));
+    let bytes = match &r.input {
+        Input::Prompt(p) => p.len(),
+        Input::Chat(m) => {
+            if m.len() > l.max_messages {
+                return over(format!(
+                    "{} messages; at most {} (limits.max_messages)",
+                    m.len(),
+                    l.max_messages
+                ));
+            }
+            m.iter().map(|m| m.content.len()).sum()
+        }
+    };
+    if bytes > l.max_prompt_bytes {
+        return over(format!(
+            "{bytes} bytes of prompt; at most {} (limits.max_prompt_bytes)",
+            l.max_prompt_bytes
+        ));
+    }
+    if let Some(t) = r.params.max_tokens
+        && t > l.max_tokens
+    {
+        return over(format!(
+            "max_tokens {t}; at most {} (limits.max_tokens)",
+            l.max_tokens
+        ));
+    }
+    Ok(())
+}
+
+/// Runs one request inside its span. The span is at debug level, so at the default level it
+/// costs nothing on the hot path; batch items carry it through the batcher to the provider
+/// call.
+async fn handle(
+    router: &Router,
+    request: &Arc<CompletionRequest>,
+    deadline: Instant,
+    log_prompts: bool,
+) -> Result<Answer, RouterError> {
+    let span = tracing::debug_span!(
+        "request",
+        request_id = %request.request_id,
+        agent = %request.agent,
+        model = %request.model,
+    );
+    async {
+        tracing::debug!(
+            timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64,
+            "request received"
+        );
+        if log_prompts {
+            tracing::info!(request_id = %request.request_id, prompt = %shown(&request.input), "prompt (server.log_prompts)");
+        }
+        let started = Instant::now();
+        let outcome = router.complete(request, deadline).await;
+        if let Ok(a) = &outcome
+            && !a.cached
+        {
+            let own = started
+                .elapsed()
+                .saturating_sub(a.queue_wait)
+                .saturating_sub(a.upstream);
+            router.metrics().overhead_seconds.observe(own.as_secs_f64());
+        }
+        if log_prompts && let Ok(a) = &outcome {
+            tracing::info!(request_id = %request.request_id, completion = %a.completion.text, "completion (server.log_prompts)");
+        }
+        match &outcome {
+            Ok(a) => tracing::debug!(provider = %a.provider, cached = a.cached, batch_size = a.batch_size, "answered"),
+            Err(e) => tracing::debug!(code = ?e.code(), error = %e, "failed"),
+        }
+        outcome
+    }
+    .instrument(span)
+    .await
+}
+
+/// Opens one streamed answer inside the request's span (see [`handle`]).
+async fn open_stream(
+    router: &Router,
+    request: &Arc<CompletionRequest>,
+    deadline: Instant,
+    log_prompts: bool,
+) -> Result<Streamed, RouterError> {
+    let span = tracing::debug_span!(
+        "stream",
+        request_id = %request.request_id,
+        agent = %request.agent,
+        model = %request.model,
+    );
+    async {
+        if log_prompts {
+            tracing::info!(request_id = %request.request_id, prompt = %shown(&request.input), "prompt (server.log_prompts)");
+        }
+        let opened = router.stream(request, deadline).await;
+        match &opened {
+            Ok(s) => tracing::debug!(provider = %s.provider, cached = s.cached, attempts = s.attempts.len(), "streaming"),
+            Err(e) => tracing::debug!(code = ?e.code(), error = %e, "failed before streaming"),
+        }
+        opened
+    }
+    .instrument(span)
+    .await
+}
+
+/// A request's prompt or messages as one line of text, for `server.log_prompts`.
+fn shown(input: &Input) -> String {
+    match input {
+        Input::Prompt(p) => p.clone(),
+        Input::Chat(messages) => messages
+            .iter()
+            .map(|m| format!("{:?}: {}", m.role, m.content))
+            .collect::<Vec<_>>()
+            .join(" | "),
+    }
+}
