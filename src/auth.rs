@@ -1,6 +1,6 @@
 //! Client authentication at the edge: `authorization: Bearer <key>` checked against the SHA-256
 //! of each configured key, in constant time and always against every key (never by prefix),
-//! as a tonic interceptor on every service but health. The client it names rides in the
+//! as a tonic interceptor on every service but health, and by the OpenAI-compatible front. The client it names rides in the
 //! request's extensions to the handlers: its name is the tenant, its list bounds the models.
 
 use std::sync::Arc;
@@ -68,31 +68,38 @@ impl Authenticate {
     }
 }
 
-impl Interceptor for Authenticate {
-    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+impl Authenticate {
+    /// The client an `authorization` header names (`Bearer <key>`), `None` when
+    /// authentication is off; a call with no known key is refused (and counted). Both fronts
+    /// ask this.
+    pub fn client(&self, authorization: Option<&str>) -> Result<Option<Client>, RouterError> {
         if !self.on {
-            return Ok(req);
+            return Ok(None);
         }
-        let presented = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
+        let presented = authorization
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
         let found = match presented {
-            None => Err("no client key: send the metadata `authorization: Bearer <key>`"),
+            None => Err("no client key: send the header `authorization: Bearer <key>`"),
             Some(key) => self.find(key).cloned().ok_or("unknown client key"),
         };
-        match found {
-            Ok(client) => {
-                req.extensions_mut().insert(client);
-                Ok(req)
-            }
-            Err(why) => {
-                self.refused.inc();
-                Err(RouterError::Unauthenticated(why).into())
-            }
+        found.map(Some).map_err(|why| {
+            self.refused.inc();
+            RouterError::Unauthenticated(why)
+        })
+    }
+}
+
+impl Interceptor for Authenticate {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if let Some(client) = self.client(header)? {
+            req.extensions_mut().insert(client);
         }
+        Ok(req)
     }
 }
 

@@ -124,6 +124,39 @@ impl RouterError {
         }
     }
 
+    /// The HTTP status for this error on the OpenAI-compatible front: the same meaning as
+    /// [`RouterError::code`], in the statuses OpenAI's clients act on (an unknown model is
+    /// 404 there, as OpenAI answers it).
+    pub fn http_status(&self) -> u16 {
+        match self {
+            RouterError::InvalidArgument(_) => 400,
+            RouterError::UnknownModel { .. } | RouterError::NotCached(_) => 404,
+            RouterError::Unauthenticated(_) => 401,
+            RouterError::PermissionDenied { .. } => 403,
+            RouterError::QuotaExceeded { .. }
+            | RouterError::Overloaded { .. }
+            | RouterError::AtCapacity { .. } => 429,
+            RouterError::Unavailable { .. }
+            | RouterError::ShuttingDown
+            | RouterError::StreamBroken { .. } => 503,
+            RouterError::DeadlineExceeded { .. } | RouterError::StreamOutOfTime { .. } => 504,
+            RouterError::Internal(_) => 500,
+        }
+    }
+
+    /// When to try again, in whole seconds as HTTP's `Retry-After` (and the gRPC
+    /// `retry-after` trailer): a quota's own wait; a second when the router is full.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            RouterError::QuotaExceeded { retry_after, .. } => {
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                Some(secs.max(1))
+            }
+            RouterError::Overloaded { .. } | RouterError::AtCapacity { .. } => Some(1),
+            _ => None,
+        }
+    }
+
     /// Attempts made before the error, for clients that want them structured.
     pub fn attempts(&self) -> &[Attempt] {
         match self {
@@ -176,13 +209,11 @@ pub(crate) fn recode_codec_refusal<B>(
 impl From<RouterError> for Status {
     fn from(err: RouterError) -> Status {
         let mut status = Status::new(err.code(), err.to_string());
-        // A retry hint a client can act on without parsing the message, in whole seconds as
-        // HTTP's Retry-After.
-        if let RouterError::QuotaExceeded { retry_after, .. } = &err {
-            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            if let Ok(v) = secs.max(1).to_string().parse() {
-                status.metadata_mut().insert("retry-after", v);
-            }
+        // A retry hint a client can act on without parsing the message.
+        if let Some(secs) = err.retry_after_secs()
+            && let Ok(v) = secs.to_string().parse()
+        {
+            status.metadata_mut().insert("retry-after", v);
         }
         status
     }

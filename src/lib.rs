@@ -29,7 +29,9 @@
 //! - `provider`: one module per upstream API behind one trait, each with a pooled client.
 //! - [`config`]: the cascade file: raw serde structs → validation by concern → runtime values.
 //! - `inflight`: the bound on calls in flight and the drain at shutdown.
-//! - `error`: the router's error type and its one mapping to `tonic::Status`.
+//! - `openai_front`: the OpenAI-compatible HTTP API (`server.http_listen`), a second edge
+//!   over the same path; `edge`: what both fronts share above the router.
+//! - `error`: the router's error type and its one mapping to gRPC codes and HTTP statuses.
 //! - `metrics`: the Prometheus registry served at `server.metrics_listen`.
 //! - `fuzzing` (tests, feature `fuzzing`): the untrusted-input entry points that the property
 //!   tests and the fuzz targets in `fuzz/` drive.
@@ -56,6 +58,7 @@ mod edge;
 mod error;
 mod inflight;
 mod metrics;
+mod openai_front;
 mod provider;
 mod rate;
 mod router;

@@ -99,6 +99,13 @@ impl Routes {
         self.resolve_named(model, agent).map(|(_, t)| t)
     }
 
+    /// Every model and chain name a request may ask for, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.by_name.keys().cloned().collect();
+        names.sort_unstable();
+        names
+    }
+
     /// Like [`Routes::resolve`], with the resolved model or chain name ("" for the default).
     pub fn resolve_named<'a>(
         &'a self,
@@ -207,6 +214,11 @@ impl Router {
             .routes
             .resolve_named(model, agent)
             .map(|(name, _)| name.to_string())
+    }
+
+    /// Every model and chain name a request may ask for, sorted.
+    pub fn route_names(&self) -> Vec<String> {
+        self.state.load().routes.names()
     }
 
     /// Swaps in a new validated config. New calls use it at once; calls in flight finish on

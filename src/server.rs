@@ -303,6 +303,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("metrics listener on {0}: {1}")]
     Metrics(std::net::SocketAddr, std::io::Error),
+    #[error("server.http_listen {0}: {1}")]
+    Http(std::net::SocketAddr, std::io::Error),
 }
 
 /// How long, after the calls in flight are answered, connections get to deliver those answers
@@ -365,6 +367,32 @@ pub async fn serve(
     let edge = Arc::new(Edge::new(router, config.clone(), inflight.clone()));
     let service = RouterService { edge: edge.clone() };
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Dropped (and so stopped) when serving ends; stops accepting when the drain begins.
+    let _http = match config.http_listen {
+        None => None,
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServeError::Http(addr, e))?;
+            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "OpenAI-compatible HTTP front listening");
+            let app = crate::openai_front::app(edge.clone(), auth.clone());
+            let mut stopped = stopped.clone();
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let task = tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the HTTP front stopped");
+                }
+            });
+            Some(AbortOnDrop(task))
+        }
+    };
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
         let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);

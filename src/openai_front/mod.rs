@@ -1,0 +1,473 @@
+//! The OpenAI-compatible HTTP front (`server.http_listen`): `POST /v1/chat/completions`,
+//! `POST /v1/completions` (streamed as server-sent events when `stream` is true),
+//! `GET /v1/models`. A standard OpenAI client pointed at it gets the router's cache,
+//! coalescing, batching and fallback: requests go through the same [`Edge`] as gRPC calls.
+//! The router's own facts ride in `x-cascade-*` response headers, so the bodies stay exactly
+//! OpenAI's shape; errors are OpenAI's error body with the matching HTTP status.
+//!
+//! Request headers the router reads: `authorization: Bearer <key>` (when `server.auth` is
+//! on), `x-cascade-agent` (else the body's `user`), `x-cascade-timeout-ms` (else
+//! `server.request_timeout_seconds`), `x-cascade-cache` (`default`, `bypass`, `refresh`,
+//! `only`) and `x-request-id`.
+
+mod wire;
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use axum::{
+    Router as App,
+    body::{Body, Bytes},
+    extract::{Path, State},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use futures_util::{StreamExt, stream::BoxStream};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use self::wire::{ChatRequest, Extras, Kind, TextRequest, WireUsage, error_body};
+use crate::{
+    auth::{Authenticate, Client},
+    completion::{Answer, Attempt, CacheMode, CompletionRequest, StreamEvent, Usage},
+    edge::{Edge, Record},
+    error::RouterError,
+    inflight::{InFlight, Ticket},
+};
+
+/// What the handlers share.
+pub(crate) struct Front {
+    edge: Arc<Edge>,
+    auth: Authenticate,
+}
+
+/// The front's routes over `edge`, checking keys with `auth`.
+pub(crate) fn app(edge: Arc<Edge>, auth: Authenticate) -> App {
+    App::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(text))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
+        .fallback(not_found)
+        .with_state(Arc::new(Front { edge, auth }))
+}
+
+/// An error as OpenAI answers one: its status, its JSON body, and `Retry-After` when the
+/// caller should wait.
+struct Failure(RouterError);
+
+impl From<RouterError> for Failure {
+    fn from(e: RouterError) -> Failure {
+        Failure(e)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = (status, json_body(&error_body(&self.0))).into_response();
+        if let Some(secs) = self.0.retry_after_secs() {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        r
+    }
+}
+
+fn json_body(v: &Value) -> ([(HeaderName, HeaderValue); 1], String) {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        v.to_string(),
+    )
+}
+
+async fn not_found() -> Failure {
+    Failure(RouterError::NotCached(
+        "no such endpoint: the router serves POST /v1/chat/completions, POST /v1/completions and GET /v1/models".into(),
+    ))
+}
+
+impl Front {
+    /// The caller's client, or why it may not call.
+    fn client(&self, headers: &HeaderMap) -> Result<Option<Client>, RouterError> {
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        self.auth.client(authorization)
+    }
+
+    /// The caller's deadline: `x-cascade-timeout-ms`, else the configured default.
+    fn deadline(&self, headers: &HeaderMap) -> Instant {
+        let timeout = headers
+            .get("x-cascade-timeout-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&ms| ms > 0)
+            .map_or(self.edge.config.request_timeout, Duration::from_millis);
+        Instant::now() + timeout
+    }
+
+    /// The body, bounded by `limits.max_message_bytes`, read as `T`.
+    async fn read<T: serde::de::DeserializeOwned>(&self, body: Body) -> Result<T, RouterError> {
+        let limit = self.edge.config.limits.max_message_bytes;
+        let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+            RouterError::InvalidArgument(format!(
+                "the body is over {limit} bytes (limits.max_message_bytes)"
+            ))
+        })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| RouterError::InvalidArgument(format!("not a valid request body: {e}")))
+    }
+}
+
+/// The router's own request headers.
+fn extras(headers: &HeaderMap) -> Result<Extras, RouterError> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let cache = match text("x-cascade-cache").map(str::trim) {
+        None | Some("" | "default") => CacheMode::Default,
+        Some("bypass") => CacheMode::Bypass,
+        Some("refresh") => CacheMode::Refresh,
+        Some("only") => CacheMode::Only,
+        Some(other) => {
+            return Err(RouterError::InvalidArgument(format!(
+                "x-cascade-cache: {other:?} is not default, bypass, refresh or only"
+            )));
+        }
+    };
+    let request_id = text("x-request-id")
+        .filter(|id| !id.is_empty() && id.len() <= 128)
+        .map_or_else(|| format!("{:016x}", fastrand::u64(..)), str::to_string);
+    Ok(Extras {
+        agent: text("x-cascade-agent").map(str::to_string),
+        cache,
+        request_id,
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Sets each header whose value is a valid header value (a provider's name might not be).
+fn set_headers(h: &mut HeaderMap, pairs: impl IntoIterator<Item = (&'static str, String)>) {
+    for (name, value) in pairs {
+        if value.is_empty() {
+            continue;
+        }
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    }
+}
+
+/// `provider/model kind` for each attempt, `, `-separated.
+fn attempted(attempts: &[Attempt]) -> String {
+    attempts
+        .iter()
+        .map(|a| format!("{}/{} {}", a.provider, a.model, a.kind.metric_name()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn chat(
+    State(front): State<Arc<Front>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Failure> {
+    let client = front.client(&headers)?;
+    let deadline = front.deadline(&headers);
+    let extras = extras(&headers)?;
+    let req: ChatRequest = front.read(body).await?;
+    let (stream, usage) = (req.common.stream, req.common.include_usage());
+    let request = req.into_request(&extras)?;
+    if stream {
+        return front
+            .stream(Kind::Chat, request, client.as_ref(), deadline, usage)
+            .await;
+    }
+    let edge = &front.edge;
+    let answers = edge
+        .call("ChatCompletions", async {
+            let r = edge.admit(request, client.as_ref())?;
+            Ok(vec![(edge.complete(&r, deadline).await?, r)])
+        })
+        .await?;
+    Ok(whole(Kind::Chat, &answers, &extras.request_id))
+}
+
+async fn text(
+    State(front): State<Arc<Front>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Failure> {
+    let client = front.client(&headers)?;
+    let deadline = front.deadline(&headers);
+    let extras = extras(&headers)?;
+    let req: TextRequest = front.read(body).await?;
+    let (stream, usage) = (req.common.stream, req.common.include_usage());
+    let mut requests = req.into_requests(&extras)?;
+    if stream && let Some(request) = requests.pop() {
+        return front
+            .stream(Kind::Text, request, client.as_ref(), deadline, usage)
+            .await;
+    }
+    let edge = &front.edge;
+    let answers = edge
+        .call("Completions", async {
+            let admitted = requests
+                .into_iter()
+                .map(|r| edge.admit(r, client.as_ref()))
+                .collect::<Result<Vec<_>, _>>()?;
+            // Together, so the prompts of one request ride in the same upstream batches.
+            let answered =
+                futures_util::future::join_all(admitted.iter().map(|r| edge.complete(r, deadline)))
+                    .await;
+            answered
+                .into_iter()
+                .zip(admitted)
+                .map(|(a, r)| a.map(|a| (a, r)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+    Ok(whole(Kind::Text, &answers, &extras.request_id))
+}
+
+/// A whole (not streamed) response: one choice per answer, usage summed, the router's
+/// facts in headers (per answer, `, `-separated, when there are several).
+fn whole(kind: Kind, answers: &[(Answer, Arc<CompletionRequest>)], request_id: &str) -> Response {
+    let choices: Vec<Value> = answers
+        .iter()
+        .enumerate()
+        .map(|(i, (a, _))| kind.choice(i, &a.completion.text, &a.completion.finish_reason))
+        .collect();
+    let usage = answers
+        .iter()
+        .filter_map(|(a, _)| a.completion.usage)
+        .reduce(|x, y| Usage {
+            prompt_tokens: x.prompt_tokens.saturating_add(y.prompt_tokens),
+            completion_tokens: x.completion_tokens.saturating_add(y.completion_tokens),
+        });
+    let model = answers
+        .first()
+        .map(|(a, _)| a.model.to_string())
+        .unwrap_or_default();
+    let body = json!({
+        "id": kind.id(request_id),
+        "object": kind.object(),
+        "created": unix_now(),
+        "model": model,
+        "choices": choices,
+        "usage": usage.map(WireUsage::from),
+    });
+    let mut r = json_body(&body).into_response();
+    let each = |f: &dyn Fn(&Answer) -> String| {
+        answers
+            .iter()
+            .map(|(a, _)| f(a))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let attempts: Vec<Attempt> = answers
+        .iter()
+        .flat_map(|(a, _)| a.attempts.iter().cloned())
+        .collect();
+    set_headers(
+        r.headers_mut(),
+        [
+            ("x-cascade-provider", each(&|a| a.provider.to_string())),
+            ("x-cascade-model", each(&|a| a.model.to_string())),
+            ("x-cascade-attempts", attempts.len().to_string()),
+            ("x-cascade-attempted", attempted(&attempts)),
+            ("x-cascade-cached", each(&|a| a.cached.to_string())),
+            ("x-cascade-batch-size", each(&|a| a.batch_size.to_string())),
+            ("x-request-id", request_id.to_string()),
+        ],
+    );
+    r
+}
+
+impl Front {
+    /// A streamed response: server-sent events in OpenAI's chunk shape, ending with
+    /// `data: [DONE]`; a failure after the first chunk is an `error` event (which OpenAI's
+    /// clients raise) and no `[DONE]`. Headers go once a provider has sent its first event.
+    async fn stream(
+        &self,
+        kind: Kind,
+        request: CompletionRequest,
+        client: Option<&Client>,
+        deadline: Instant,
+        include_usage: bool,
+    ) -> Result<Response, Failure> {
+        let edge = &self.edge;
+        let method = match kind {
+            Kind::Chat => "ChatCompletionsStream",
+            Kind::Text => "CompletionsStream",
+        };
+        let record = edge.record(method);
+        let opened = async {
+            let ticket = edge.enter()?;
+            let request = edge.admit(request, client)?;
+            let streamed = tokio::select! {
+                biased;
+                s = edge.stream(&request, deadline) => s?,
+                () = edge.inflight.abandoned() => return Err(RouterError::ShuttingDown),
+            };
+            Ok((ticket, request, streamed))
+        }
+        .await;
+        let (ticket, request, streamed) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                record.done(e.code());
+                return Err(Failure(e));
+            }
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        set_headers(
+            &mut headers,
+            [
+                ("x-cascade-provider", streamed.provider.to_string()),
+                ("x-cascade-model", streamed.model.to_string()),
+                ("x-cascade-attempts", streamed.attempts.len().to_string()),
+                ("x-cascade-attempted", attempted(&streamed.attempts)),
+                ("x-cascade-cached", streamed.cached.to_string()),
+                ("x-request-id", request.request_id.clone()),
+            ],
+        );
+        let events = Events {
+            kind,
+            id: kind.id(&request.request_id),
+            created: unix_now(),
+            model: streamed.model.to_string(),
+            include_usage,
+            record: Some(record),
+            _ticket: ticket,
+            inflight: edge.inflight.clone(),
+            events: streamed.events,
+        };
+        Ok((headers, Body::from_stream(events.run())).into_response())
+    }
+}
+
+/// A stream's events on their way out as SSE frames; holds the call's place in flight.
+struct Events {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    record: Option<Record>,
+    _ticket: Ticket,
+    inflight: Arc<InFlight>,
+    events: BoxStream<'static, Result<StreamEvent, RouterError>>,
+}
+
+impl Events {
+    fn frame(v: &Value) -> String {
+        format!("data: {v}\n\n")
+    }
+
+    fn chunk(&self, choices: Vec<Value>, usage: Option<WireUsage>) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": self.kind.chunk_object(),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let (Some(u), Some(o)) = (usage, v.as_object_mut()) {
+            o.insert("usage".into(), json!(u));
+        }
+        v
+    }
+
+    fn run(self) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send {
+        futures_util::stream::unfold(Some(self), |st| async move {
+            let mut st = st?;
+            let inflight = st.inflight.clone();
+            let next = tokio::select! {
+                biased;
+                next = st.events.next() => next,
+                () = inflight.abandoned() => Some(Err(RouterError::ShuttingDown)),
+            };
+            let (frames, code) = match next? {
+                Ok(StreamEvent::Text(t)) => {
+                    let chunk = st.chunk(vec![st.kind.delta(Some(&t), None)], None);
+                    return Some((Ok(Bytes::from(Events::frame(&chunk))), Some(st)));
+                }
+                Ok(StreamEvent::End {
+                    finish_reason,
+                    usage,
+                }) => {
+                    let mut out = Events::frame(
+                        &st.chunk(vec![st.kind.delta(None, Some(&finish_reason))], None),
+                    );
+                    if st.include_usage {
+                        let usage = usage.map(WireUsage::from);
+                        out.push_str(&Events::frame(&st.chunk(Vec::new(), usage)));
+                    }
+                    out.push_str("data: [DONE]\n\n");
+                    (out, tonic::Code::Ok)
+                }
+                Err(e) => (Events::frame(&error_body(&e)), e.code()),
+            };
+            if let Some(record) = st.record.take() {
+                record.done(code);
+            }
+            Some((Ok(Bytes::from(frames)), None))
+        })
+    }
+}
+
+async fn models(State(front): State<Arc<Front>>, headers: HeaderMap) -> Result<Response, Failure> {
+    let client = front.client(&headers)?;
+    let data: Vec<Value> = visible(&front, client.as_ref())
+        .iter()
+        .map(|name| model_entry(name))
+        .collect();
+    Ok(json_body(&json!({"object": "list", "data": data})).into_response())
+}
+
+async fn model(
+    State(front): State<Arc<Front>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    let client = front.client(&headers)?;
+    let names = visible(&front, client.as_ref());
+    match names.iter().find(|n| **n == id) {
+        Some(name) => Ok(json_body(&model_entry(name)).into_response()),
+        None => Err(Failure(RouterError::UnknownModel {
+            model: id,
+            known: names.join(", "),
+        })),
+    }
+}
+
+/// The models and chains `client` may ask for.
+fn visible(front: &Front, client: Option<&Client>) -> Vec<String> {
+    let mut names = front.edge.router.route_names();
+    if let Some(allowed) = client.and_then(|c| c.models.as_ref()) {
+        names.retain(|n| allowed.contains(n));
+    }
+    names
+}
+
+fn model_entry(name: &str) -> Value {
+    json!({"id": name, "object": "model", "created": 0, "owned_by": "cascade-router"})
+}
