@@ -593,6 +593,130 @@ def real(b):
                  ["path", "completions/s", "p50 ms", "p99 ms", "errors"], rows)
 
 
+def tree_cpu_seconds(pid):
+    """CPU time of a process and its descendants (LiteLLM's proxy may fork workers)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            pass
+        todo.extend(children.get(p, []))
+    return total
+
+
+def litellm_bin():
+    """LiteLLM's proxy CLI, installed (once) by `benches/litellm-install`; None when absent."""
+    exe = os.path.expanduser("~/.cache/cascade-router/litellm/bin/litellm")
+    return exe if os.access(exe, os.X_OK) else None
+
+
+def start_litellm(b, mport):
+    """LiteLLM's proxy in front of the mock, offline (local cost map, no telemetry), one worker."""
+    port = free_port()
+    cfg = os.path.join(b.tmp, f"litellm-{port}.yaml")
+    with open(cfg, "w") as f:
+        f.write("model_list:\n  - model_name: m\n    litellm_params:\n      model: openai/m\n"
+                f"      api_base: http://127.0.0.1:{mport}/v1\n      api_key: mock\n"
+                "litellm_settings:\n  telemetry: false\n  set_verbose: false\n  drop_params: true\n")
+    # No master key, as the router runs without client keys here: LiteLLM asks for this
+    # variable to start so.
+    env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR",
+               LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY="true",
+               NO_PROXY="*", no_proxy="*", DISABLE_SCHEMA_UPDATE="True")
+    log = open(os.path.join(b.tmp, f"litellm-{port}.log"), "w")
+    p = subprocess.Popen([litellm_bin(), "--config", cfg, "--host", "127.0.0.1", "--port", str(port),
+                          "--num_workers", "1"], stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
+    b.procs.append(p)
+    wait_port(port, p, timeout=180.0)
+    return p, port
+
+
+def http_front(b):
+    """The OpenAI-compatible front's added latency and CPU over calling the mock directly, and
+    LiteLLM's proxy in front of the same mock in the same run (chat completions, open loop):
+    at 100, 1,000 and 5,000 req/s (LiteLLM at the rates it sustains), then each front's highest
+    sustained rate on a ladder of offered rates."""
+    mock, mport = b.mock()
+    direct = f"http://127.0.0.1:{mport}/v1"
+    hport = free_port()
+    router, _ = b.router(openai_provider("mock", direct),
+                         f"server: {{http_listen: \"127.0.0.1:{hport}\"}}\ncascade:\n  max_retries_per_provider: 0\n")
+    wait_port(hport, router)
+    fronts = {"cascade-router": (router, f"http://127.0.0.1:{hport}/v1")}
+    if litellm_bin() and not b.smoke:
+        lite, lport = start_litellm(b, mport)
+        fronts["LiteLLM proxy"] = (lite, f"http://127.0.0.1:{lport}/v1")
+    rates = [100, 300] if b.smoke else [100, 1000, 5000]
+    reps, secs = (1, 0.5) if b.smoke else (3, 5)
+    # LiteLLM with one worker breaks down between 100 and 200 req/s: above its ladder's top
+    # rung a run would only queue thousands of requests for minutes.
+    most = {"cascade-router": 10 ** 9, "LiteLLM proxy": 150}
+
+    def run(base, rate, duration, proc=None):
+        warm = 50 if rate <= 100 else 200
+        c0 = proc and tree_cpu_seconds(proc.pid)
+        r = b.load("--http", base, "--chat", "--rate", rate, "-c", 512, "--connections", 8,
+                   "-d", DATA, "--duration", duration, "--warmup", warm, "--timeout", 10)
+        if proc:
+            r["cpu_us"] = (tree_cpu_seconds(proc.pid) - c0) / (r["requests"] + warm) * 1e6
+        r["answered_rps"] = r["ok"] / r["elapsed_s"]
+        r["sustained"] = (r["answered_rps"] >= 0.95 * rate and not r["errors"]
+                          and pct(r, "p99") < 1_000_000)
+        return r
+
+    rows = []
+    for rate in rates:
+        res = {"direct": []} | {name: [] for name in fronts}
+        for _ in range(reps):
+            res["direct"].append(run(direct, rate, secs))
+            for name, (proc, base) in fronts.items():
+                if rate <= most[name]:
+                    res[name].append(run(base, rate, secs, proc))
+        d50, d99 = med([pct(r, "p50") for r in res["direct"]]), med([pct(r, "p99") for r in res["direct"]])
+        for name in fronts:
+            rs = res[name]
+            if not rs:
+                rows.append([rate, name, d50, d99, "-", "-", "-", "-", "-", "-", "-", "no (see the ladder)"])
+                continue
+            p50, p99 = med([pct(r, "p50") for r in rs]), med([pct(r, "p99") for r in rs])
+            errors = sum(sum(r["errors"].values()) for r in rs)
+            rows.append([rate, name, d50, d99, p50, p99, p50 - d50, p99 - d99,
+                         f"{med([r['cpu_us'] for r in rs]):.0f}",
+                         f"{med([r['answered_rps'] for r in rs]):.0f}", errors,
+                         "yes" if all(r["sustained"] for r in rs) else "no"])
+    out = table("HTTP front: added latency over the mock direct, cascade-router vs LiteLLM proxy "
+                "(POST /v1/chat/completions, open loop, latency in µs, CPU per request of the whole proxy process)",
+                ["offered req/s", "front", "direct p50", "direct p99", "front p50", "front p99",
+                 "added p50", "added p99", "front CPU µs/req", "answered req/s", "errors", "sustained"], rows)
+    ladders = {"cascade-router": [300] if b.smoke else [1000, 2500, 5000, 7500, 10000, 15000],
+               "LiteLLM proxy": [50, 75, 100, 125, 150, 200]}
+    ladder_rows, best = [], {}
+    for name, (proc, base) in fronts.items():
+        for rate in ladders[name]:
+            r = run(base, rate, 0.5 if b.smoke else 3, proc)
+            ladder_rows.append([name, rate, f"{r['answered_rps']:.0f}", pct(r, "p50"), pct(r, "p99"),
+                                sum(r["errors"].values()), "yes" if r["sustained"] else "no"])
+            if not r["sustained"]:
+                break
+            best[name] = rate
+    b.stop_all()
+    title = "Highest sustained rate (answered ≥ 95% of offered, no errors, p99 < 1 s; 3 s per rung, stops at the first miss)"
+    if len(best) == 2:
+        title += f": cascade-router {best['cascade-router']} req/s = {best['cascade-router'] / best['LiteLLM proxy']:.0f}x LiteLLM's {best['LiteLLM proxy']}"
+    return out + "\n" + table(title, ["front", "offered req/s", "answered req/s", "p50 µs", "p99 µs", "errors", "sustained"], ladder_rows)
+
+
 def table(title, header, rows):
     out = [f"#### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -601,7 +725,7 @@ def table(title, header, rows):
 
 SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory,
              "batching": batching, "window": window, "adaptive": adaptive, "agent_loop": agent_loop, "agent_cli": agent_cli,
-             "overload": overload, "soak": soak, "real": real}
+             "http_front": http_front, "overload": overload, "soak": soak, "real": real}
 
 
 def machine():

@@ -32,6 +32,8 @@ pub enum Target {
     Grpc(String),
     /// `POST {base}/completions` (OpenAI shape), `base` including `/v1`.
     Http(String),
+    /// `POST {base}/chat/completions`, the prompt as one user message.
+    HttpChat(String),
 }
 
 /// One request's fields; `{{n}}` in `prompt` becomes the request's index.
@@ -201,17 +203,27 @@ impl Recorder {
 #[derive(Clone)]
 enum Client {
     Grpc(RouterClient<Channel>),
-    Http(reqwest::Client, Arc<str>),
+    /// The client, the URL, and whether it is the chat endpoint.
+    Http(reqwest::Client, Arc<str>, bool),
 }
 
 #[derive(Serialize)]
 struct HttpBody<'a> {
     model: &'a str,
-    prompt: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    messages: Option<[HttpMessage<'a>; 1]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
+}
+
+#[derive(Serialize)]
+struct HttpMessage<'a> {
+    role: &'static str,
+    content: &'a str,
 }
 
 impl Client {
@@ -227,10 +239,19 @@ impl Client {
                     .map_err(|e| LoadError::Connect(uri, e))?;
                 Client::Grpc(RouterClient::new(channel))
             }
-            Target::Http(base) => Client::Http(
-                reqwest::Client::builder().tcp_nodelay(true).build()?,
-                format!("{}/completions", base.trim_end_matches('/')).into(),
-            ),
+            Target::Http(base) | Target::HttpChat(base) => {
+                let chat = matches!(target, Target::HttpChat(_));
+                let path = if chat {
+                    "chat/completions"
+                } else {
+                    "completions"
+                };
+                Client::Http(
+                    reqwest::Client::builder().tcp_nodelay(true).build()?,
+                    format!("{}/{path}", base.trim_end_matches('/')).into(),
+                    chat,
+                )
+            }
         })
     }
 
@@ -289,11 +310,15 @@ impl Client {
                     Err(s) => Err(format!("{:?}", s.code())),
                 }
             }
-            Client::Http(c, url) => {
+            Client::Http(c, url, chat) => {
                 let prompt = t.prompt_for(n);
                 let body = HttpBody {
                     model: &t.model,
-                    prompt: &prompt,
+                    prompt: (!*chat).then_some(prompt.as_str()),
+                    messages: chat.then_some([HttpMessage {
+                        role: "user",
+                        content: &prompt,
+                    }]),
                     max_tokens: t.max_tokens,
                     temperature: t.temperature,
                 };
@@ -327,7 +352,7 @@ pub async fn run(spec: Spec) -> Result<Report, LoadError> {
             "concurrency and connections must be at least 1".into(),
         ));
     }
-    if spec.batch > 1 && matches!(spec.target, Target::Http(_)) {
+    if spec.batch > 1 && matches!(spec.target, Target::Http(_) | Target::HttpChat(_)) {
         return Err(LoadError::Spec(
             "batch calls go to the router (gRPC) only".into(),
         ));
@@ -378,6 +403,7 @@ pub async fn run(spec: Spec) -> Result<Report, LoadError> {
         target: match &spec.target {
             Target::Grpc(a) => format!("grpc://{a}"),
             Target::Http(b) => b.clone(),
+            Target::HttpChat(b) => format!("{b}/chat/completions"),
         },
         requests: sent,
         ok: recorder.ok.load(Relaxed),

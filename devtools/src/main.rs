@@ -63,6 +63,10 @@ struct LoadArgs {
     /// Load this OpenAI-shaped base URL (with /v1) directly instead of the router.
     #[arg(long)]
     http: Option<String>,
+    /// With --http: `POST /chat/completions` (the prompt as one user message) rather than
+    /// `/completions`.
+    #[arg(long)]
+    chat: bool,
     /// Requests in flight at most (closed loop: workers).
     #[arg(short, long, default_value_t = 50)]
     concurrency: usize,
@@ -197,6 +201,7 @@ async fn load_test(args: LoadArgs) -> Result<String, String> {
     };
     let spec = load::Spec {
         target: match args.http {
+            Some(url) if args.chat => load::Target::HttpChat(url),
             Some(url) => load::Target::Http(url),
             None => load::Target::Grpc(args.addr),
         },
