@@ -657,7 +657,7 @@ def http_front(b):
     if litellm_bin() and not b.smoke:
         lite, lport = start_litellm(b, mport)
         fronts["LiteLLM proxy"] = (lite, f"http://127.0.0.1:{lport}/v1")
-    rates = [100, 300] if b.smoke else [100, 1000, 5000]
+    rates = [100, 300] if b.smoke else [50, 100, 1000, 5000]
     reps, secs = (1, 0.5) if b.smoke else (3, 5)
     # LiteLLM with one worker breaks down between 100 and 200 req/s: above its ladder's top
     # rung a run would only queue thousands of requests for minutes.

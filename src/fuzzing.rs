@@ -5,11 +5,16 @@
 
 use prost::Message;
 
+use futures_util::FutureExt;
+
 use crate::{
-    completion::CompletionRequest,
+    completion::{CompletionRequest, StreamEvent},
     config,
     proto::v1,
-    provider::{anthropic, ollama, openai},
+    provider::{
+        ProviderError, anthropic, ollama, openai,
+        stream::{self, Framing},
+    },
 };
 
 /// Loads a cascade file from `text`; `${VAR}`s resolve to `"x"`. Returns whether it loaded.
@@ -39,6 +44,23 @@ pub fn ollama_answer(chat: bool, status: u16, retry_after: &[u8], body: &[u8]) -
 /// An Anthropic answer; whether it gave a completion.
 pub fn anthropic_answer(status: u16, retry_after: &[u8], body: &[u8]) -> bool {
     anthropic::read_answer(status, retry_after, body).is_ok()
+}
+
+/// A streamed answer from API `api` (0 OpenAI SSE, 1 Ollama NDJSON, 2 Anthropic SSE) whose
+/// body arrives in `chunks`. Returns whether it ended as every stream must: exactly one end —
+/// [`StreamEvent::End`] or an error — and that last.
+pub fn stream_answer(api: u8, chunks: Vec<Vec<u8>>) -> bool {
+    let read = match api % 3 {
+        0 => stream::read_all(chunks, Framing::Sse, openai::Chunks::default()).boxed(),
+        1 => stream::read_all(chunks, Framing::Ndjson, ollama::Lines::default()).boxed(),
+        _ => stream::read_all(chunks, Framing::Sse, anthropic::Events::default()).boxed(),
+    };
+    // The body is a ready iterator: reading it never waits.
+    let Some(events) = read.now_or_never() else {
+        return false;
+    };
+    let is_end = |e: &Result<StreamEvent, ProviderError>| !matches!(e, Ok(StreamEvent::Text(_)));
+    events.iter().filter(|e| is_end(e)).count() == 1 && events.last().is_some_and(is_end)
 }
 
 /// A `Complete` request off the wire: decoded, then validated into a domain request.
@@ -144,8 +166,65 @@ mod properties {
         ]
     }
 
+    /// A streamed body: lines an API sends (its events, its end marker, comments, blank
+    /// lines) or junk, cut into chunks anywhere.
+    fn stream_body(
+        keys: &'static [&'static str],
+        sse: bool,
+    ) -> impl Strategy<Value = Vec<Vec<u8>>> {
+        let line = prop_oneof![
+            json_with(keys).prop_map(|v| v.to_string()),
+            Just("[DONE]".to_string()),
+            Just(r#"{"type": "message_stop"}"#.to_string()),
+            Just(r#"{"done": true}"#.to_string()),
+            Just(r#"{"choices": [{"index": 0, "text": "t"}]}"#.to_string()),
+            Just(String::new()),
+            Just(": ping".to_string()),
+            ".{0,20}",
+        ];
+        let lines = prop::collection::vec((line, any::<bool>()), 0..12).prop_map(move |ls| {
+            let mut body = Vec::new();
+            for (l, framed) in ls {
+                if sse && framed {
+                    body.extend_from_slice(format!("data: {l}\n\n").as_bytes());
+                } else {
+                    body.extend_from_slice(format!("{l}\n").as_bytes());
+                }
+            }
+            body
+        });
+        let body = prop_oneof![lines, prop::collection::vec(any::<u8>(), 0..256)];
+        (body, prop::collection::vec(0usize..300, 0..6)).prop_map(|(body, mut cuts)| {
+            cuts.push(body.len());
+            cuts.sort_unstable();
+            let mut out = Vec::new();
+            let mut from = 0;
+            for c in cuts {
+                let c = c.min(body.len()).max(from);
+                out.push(body[from..c].to_vec());
+                from = c;
+            }
+            out
+        })
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn openai_streams_end_exactly_once(chunks in stream_body(OPENAI_KEYS, true)) {
+            prop_assert!(stream_answer(0, chunks));
+        }
+
+        #[test]
+        fn ollama_streams_end_exactly_once(chunks in stream_body(OLLAMA_KEYS, false)) {
+            prop_assert!(stream_answer(1, chunks));
+        }
+
+        #[test]
+        fn anthropic_streams_end_exactly_once(chunks in stream_body(ANTHROPIC_KEYS, true)) {
+            prop_assert!(stream_answer(2, chunks));
+        }
 
         #[test]
         fn openai_answers_give_one_result_per_prompt_or_fail(
@@ -207,6 +286,17 @@ mod properties {
             br#"{"content": [{"type": "text", "text": "hi"}]}"#
         ));
         assert!(!anthropic_answer(200, b"", br#"{"content": []}"#));
+        let openai_stream =
+            b"data: {\"choices\": [{\"index\": 0, \"text\": \"a\"}]}\n\ndata: [DONE]\n\n";
+        assert!(stream_answer(0, vec![openai_stream.to_vec()]));
+        assert!(stream_answer(
+            1,
+            vec![b"{\"response\": \"a\"}\n{\"done\": true}\n".to_vec()]
+        ));
+        assert!(stream_answer(
+            2,
+            vec![b"data: {\"type\": \"message_stop\"}\n\n".to_vec()]
+        ));
         let wire = v1::CompleteRequest {
             prompt: "hi".into(),
             ..Default::default()

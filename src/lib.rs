@@ -8,15 +8,18 @@
 //! The modules follow a request's path (see `../shared/DESIGN.md`):
 //!
 //! ```text
-//! agent ─gRPC─▶ server ─▶ router ─▶ cache ─▶ coalescer ─▶ cascade ─▶ upstream ─────────▶ provider ─HTTP─▶ model
-//!               (proto)   routes    hit?     same request  ordered    breaker, slots,      one module per API,
-//!                                            in flight?    targets,   batch queues,        pooled client
-//!                                                          retries    one send lifecycle
+//! agent ─gRPC─▶ server ──────┐
+//!               (proto)       ├▶ edge ─▶ router ─▶ cache ─▶ coalescer ─▶ cascade ─▶ upstream ─────────▶ provider ─HTTP─▶ model
+//! agent ─HTTP─▶ openai_front ─┘  admit   routes    hit?     same request  ordered    breaker, slots,      one module per API,
+//!               (wire JSON)      in flight                  in flight?    targets,   batch queues,        pooled client,
+//!                                                                         retries    one send lifecycle   SSE/NDJSON streams
 //! ```
 //!
-//! - [`server`]: the tonic service — the caller's deadline, a span per request, health,
-//!   reflection — with [`proto`] converting wire types to validated domain values at the edge
-//!   and `auth` checking client keys.
+//! - [`server`]: the tonic service — the caller's deadline, health, reflection — with
+//!   [`proto`] converting wire types to validated domain values at the edge and `auth`
+//!   checking client keys; `openai_front`: the OpenAI-compatible HTTP API, a second edge over
+//!   the same path; `edge`: what both share — a place in flight, admission (limits, the
+//!   client's models, quotas), a span per request, answering or streaming, each call counted.
 //! - `completion`: those domain values: the request, the completion, the attempts.
 //! - `router` ([`Router`], [`Routes`]): resolves a model, chain or agent to ordered targets
 //!   and runs the request through the stages below.
@@ -29,8 +32,6 @@
 //! - `provider`: one module per upstream API behind one trait, each with a pooled client.
 //! - [`config`]: the cascade file: raw serde structs → validation by concern → runtime values.
 //! - `inflight`: the bound on calls in flight and the drain at shutdown.
-//! - `openai_front`: the OpenAI-compatible HTTP API (`server.http_listen`), a second edge
-//!   over the same path; `edge`: what both fronts share above the router.
 //! - `error`: the router's error type and its one mapping to gRPC codes and HTTP statuses.
 //! - `metrics`: the Prometheus registry served at `server.metrics_listen`.
 //! - `fuzzing` (tests, feature `fuzzing`): the untrusted-input entry points that the property

@@ -334,3 +334,76 @@ async fn a_server_that_cannot_batch_is_split_and_remembered() {
         "the second round went as four single requests"
     );
 }
+
+/// Reads a stream to its end: the text chunks and the end message.
+async fn streamed(
+    c: &mut cascade_router::proto::v1::router_client::RouterClient<tonic::transport::Channel>,
+    req: v1::CompleteRequest,
+) -> (Vec<String>, v1::StreamEnd) {
+    let mut s = c.complete_stream(req).await.unwrap().into_inner();
+    let mut chunks = Vec::new();
+    loop {
+        let m = within(s.message()).await.unwrap().expect("an end message");
+        match m.end {
+            Some(end) => return (chunks, end),
+            None => chunks.push(m.text),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_servers_stream_the_same_answer_token_by_token() {
+    let Some(installed) = installed() else { return };
+    let llama = llama_server(&installed, 1).await;
+    let py = llama_cpp_python(&installed).await;
+    let router = start(&format!(
+        "{}providers:\n{}{}",
+        cascade(0, 100, 60.0),
+        entry("llama", 1, &llama.url, "smollm2", ""),
+        entry("py", 2, &py.url, "smollm2-py", ""),
+    ))
+    .await;
+    let mut c = router.client.clone();
+    for model in ["smollm2", "smollm2-py"] {
+        let prompt = ask(model, "The three primary colours are", 16);
+        let whole = c.ask(prompt.clone()).await.text;
+        let (chunks, end) = streamed(&mut c, prompt).await;
+        assert!(chunks.len() > 1, "{model}: streamed in pieces: {chunks:?}");
+        assert_eq!(chunks.concat(), whole, "{model}: the same greedy answer");
+        assert!(!end.finish_reason.is_empty(), "{model}: {end:?}");
+
+        let chat = v1::CompleteRequest {
+            messages: vec![v1::ChatMessage {
+                role: "user".into(),
+                content: "Name a colour.".into(),
+            }],
+            prompt: String::new(),
+            ..ask(model, "", 8)
+        };
+        let (chunks, _) = streamed(&mut c, chat).await;
+        assert!(!chunks.concat().trim().is_empty(), "{model}: chat streamed");
+    }
+
+    // A caller that leaves a stream frees the server's one slot: the next request is served
+    // long before the abandoned 2000 tokens could have been.
+    let mut s = c
+        .complete_stream(ask(
+            "smollm2",
+            "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+            2000,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    within(s.message()).await.unwrap().expect("a first chunk");
+    drop(s);
+    let next = c
+        .complete(with_timeout(
+            ask("smollm2", "Hi", 8),
+            Duration::from_secs(15),
+        ))
+        .await
+        .expect("the slot was freed")
+        .into_inner();
+    assert!(!next.text.trim().is_empty());
+}
