@@ -5,12 +5,13 @@
 
 use std::{future::Future, sync::Arc};
 
+use futures_util::StreamExt;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
     auth::Client,
-    completion::{Answer, CompletionRequest, Input, Streamed},
+    completion::{Answer, CompletionRequest, Input, StreamEvent, Streamed},
     config::{Limits, ServerConfig},
     error::RouterError,
     inflight::{InFlight, Ticket},
@@ -126,13 +127,75 @@ impl Edge {
         handle(&self.router, request, deadline, self.config.log_prompts).await
     }
 
-    /// Opens one admitted request's streamed answer (see [`open_stream`]).
+    /// One streamed call of `method`: a place in flight, `request` admitted, its answer
+    /// opened (see [`open_stream`]; UNAVAILABLE if the shutdown grace ends first). The call
+    /// holds its place and is counted when its stream ends, or as CANCELLED when dropped.
     pub(crate) async fn stream(
         &self,
-        request: &Arc<CompletionRequest>,
+        method: &'static str,
+        request: CompletionRequest,
+        client: Option<&Client>,
         deadline: Instant,
-    ) -> Result<Streamed, RouterError> {
-        open_stream(&self.router, request, deadline, self.config.log_prompts).await
+    ) -> Result<StreamCall, RouterError> {
+        let record = self.record(method);
+        let opened = async {
+            let ticket = self.enter()?;
+            let request = self.admit(request, client)?;
+            let streamed = tokio::select! {
+                biased;
+                s = open_stream(&self.router, &request, deadline, self.config.log_prompts) => s?,
+                () = self.inflight.abandoned() => return Err(RouterError::ShuttingDown),
+            };
+            Ok((ticket, request, streamed))
+        }
+        .await;
+        match opened {
+            Ok((ticket, request, streamed)) => Ok(StreamCall {
+                request,
+                streamed,
+                inflight: self.inflight.clone(),
+                _ticket: ticket,
+                record: Some(record),
+            }),
+            Err(e) => {
+                record.done(e.code());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A streamed call on its way to the caller: the admitted request, where its answer comes
+/// from, and the call's place in flight.
+pub(crate) struct StreamCall {
+    pub(crate) request: Arc<CompletionRequest>,
+    /// Read its events with [`StreamCall::next`], not directly.
+    pub(crate) streamed: Streamed,
+    inflight: Arc<InFlight>,
+    _ticket: Ticket,
+    /// Taken when the stream ends.
+    record: Option<Record>,
+}
+
+impl StreamCall {
+    /// The next event, until the end or an error (then `None`); UNAVAILABLE when the shutdown
+    /// grace ends first. The call is counted when its stream ends.
+    pub(crate) async fn next(&mut self) -> Option<Result<StreamEvent, RouterError>> {
+        self.record.as_ref()?;
+        let next = tokio::select! {
+            biased;
+            next = self.streamed.events.next() => next,
+            () = self.inflight.abandoned() => Some(Err(RouterError::ShuttingDown)),
+        };
+        let code = match &next {
+            Some(Ok(StreamEvent::Text(_))) => return next,
+            Some(Ok(StreamEvent::End { .. })) | None => tonic::Code::Ok,
+            Some(Err(e)) => e.code(),
+        };
+        if let Some(record) = self.record.take() {
+            record.done(code);
+        }
+        next
     }
 }
 

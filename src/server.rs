@@ -11,9 +11,9 @@ use crate::{
     auth::{Authenticate, Client},
     completion::{CompletionRequest, StreamEvent},
     config::ServerConfig,
-    edge::{Edge, Record},
+    edge::{Edge, StreamCall},
     error::RouterError,
-    inflight::{InFlight, Ticket},
+    inflight::InFlight,
     proto::{
         self, micros,
         v1::{self, router_server::RouterServer},
@@ -82,61 +82,43 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-/// A streamed answer on its way to the caller as `CompleteStreamResponse`s: text messages,
-/// then one with `end`; an error ends it with its status. Holds the call's place in flight,
-/// and gives up with UNAVAILABLE when the shutdown grace ends first.
-struct Relay {
-    /// The last message, filled in as the stream goes.
-    end: v1::StreamEnd,
-    events: BoxStream<'static, Result<StreamEvent, RouterError>>,
-    inflight: Arc<InFlight>,
-    _ticket: Ticket,
-    /// Taken when the stream ends; dropped with the relay when the caller goes first.
-    record: Option<Record>,
-}
-
-impl Relay {
-    fn run(self) -> BoxStream<'static, Result<v1::CompleteStreamResponse, Status>> {
-        futures_util::stream::unfold(Some(self), |relay| async move {
-            let mut relay = relay?;
-            let inflight = relay.inflight.clone();
-            let next = tokio::select! {
-                biased;
-                next = relay.events.next() => next,
-                () = inflight.abandoned() => Some(Err(RouterError::ShuttingDown)),
-            };
-            let message = match next? {
-                Ok(StreamEvent::Text(text)) => {
-                    relay.end.chunks = relay.end.chunks.saturating_add(1);
-                    return Some((
-                        Ok(v1::CompleteStreamResponse { text, end: None }),
-                        Some(relay),
-                    ));
-                }
-                Ok(StreamEvent::End {
-                    finish_reason,
-                    usage,
-                }) => {
-                    let mut end = std::mem::take(&mut relay.end);
-                    end.finish_reason = finish_reason;
-                    end.usage = usage.map(v1::Usage::from);
-                    Ok(v1::CompleteStreamResponse {
-                        text: String::new(),
-                        end: Some(end),
-                    })
-                }
-                Err(e) => Err(Status::from(e)),
-            };
-            if let Some(record) = relay.record.take() {
-                record.done(match &message {
-                    Ok(_) => tonic::Code::Ok,
-                    Err(s) => s.code(),
-                });
+/// A streamed call's events as `CompleteStreamResponse`s: text messages, then one with `end`;
+/// an error ends it with its status.
+fn messages(call: StreamCall) -> BoxStream<'static, Result<v1::CompleteStreamResponse, Status>> {
+    let s = &call.streamed;
+    let end = v1::StreamEnd {
+        provider: s.provider.to_string(),
+        model: s.model.to_string(),
+        attempts: s.attempts.iter().map(v1::Attempt::from).collect(),
+        request_id: call.request.request_id.clone(),
+        cached: s.cached,
+        first_token_us: micros(s.first_after),
+        ..Default::default()
+    };
+    futures_util::stream::unfold(Some((call, end)), |state| async move {
+        let (mut call, mut end) = state?;
+        match call.next().await? {
+            Ok(StreamEvent::Text(text)) => {
+                end.chunks = end.chunks.saturating_add(1);
+                let message = v1::CompleteStreamResponse { text, end: None };
+                Some((Ok(message), Some((call, end))))
             }
-            Some((message, None))
-        })
-        .boxed()
-    }
+            Ok(StreamEvent::End {
+                finish_reason,
+                usage,
+            }) => {
+                end.finish_reason = finish_reason;
+                end.usage = usage.map(v1::Usage::from);
+                let message = v1::CompleteStreamResponse {
+                    text: String::new(),
+                    end: Some(end),
+                };
+                Some((Ok(message), None))
+            }
+            Err(e) => Some((Err(Status::from(e)), None)),
+        }
+    })
+    .boxed()
 }
 
 #[tonic::async_trait]
@@ -176,55 +158,26 @@ impl v1::router_server::Router for RouterService {
         &self,
         req: Request<v1::CompleteRequest>,
     ) -> Result<Response<Self::CompleteStreamStream>, Status> {
-        let record = self.edge.record("CompleteStream");
-        let opened = async {
-            let ticket = self.edge.enter()?;
-            let deadline = self.deadline(&req);
-            let client = req.extensions().get::<Client>().cloned();
-            let request = self.admit(req.into_inner(), client.as_ref())?;
-            let streamed = tokio::select! {
-                biased;
-                r = self.edge.stream(&request, deadline) => r?,
-                () = self.edge.inflight.abandoned() => return Err(RouterError::ShuttingDown),
-            };
-            Ok((ticket, request, streamed))
+        let deadline = self.deadline(&req);
+        let client = req.extensions().get::<Client>().cloned();
+        let call = async {
+            let request = CompletionRequest::try_from(req.into_inner())?;
+            self.edge
+                .stream("CompleteStream", request, client.as_ref(), deadline)
+                .await
         }
-        .await;
-        let (ticket, request, streamed) = match opened {
-            Ok(o) => o,
-            Err(e) => {
-                let status = Status::from(e);
-                record.done(status.code());
-                return Err(status);
-            }
-        };
-        let mut response = Response::new(
-            Relay {
-                end: v1::StreamEnd {
-                    provider: streamed.provider.to_string(),
-                    model: streamed.model.to_string(),
-                    attempts: streamed.attempts.iter().map(v1::Attempt::from).collect(),
-                    request_id: request.request_id.clone(),
-                    cached: streamed.cached,
-                    first_token_us: micros(streamed.first_after),
-                    ..Default::default()
-                },
-                events: streamed.events,
-                inflight: self.edge.inflight.clone(),
-                _ticket: ticket,
-                record: Some(record),
-            }
-            .run(),
-        );
-        let headers = response.metadata_mut();
-        for (name, value) in [
-            ("x-cascade-provider", streamed.provider.to_string()),
-            ("x-cascade-model", streamed.model.to_string()),
-            ("x-cascade-attempts", streamed.attempts.len().to_string()),
-            ("x-cascade-cached", streamed.cached.to_string()),
-        ] {
+        .await?;
+        let s = &call.streamed;
+        let headers = [
+            ("x-cascade-provider", s.provider.to_string()),
+            ("x-cascade-model", s.model.to_string()),
+            ("x-cascade-attempts", s.attempts.len().to_string()),
+            ("x-cascade-cached", s.cached.to_string()),
+        ];
+        let mut response = Response::new(messages(call));
+        for (name, value) in headers {
             if let Ok(v) = value.parse() {
-                headers.insert(name, v);
+                response.metadata_mut().insert(name, v);
             }
         }
         Ok(response)

@@ -5,38 +5,17 @@
 
 mod common;
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use cascade_devtools::mock::{self, Fault, MockServer, Script};
 use common::*;
 use serde_json::Value;
 
-/// A Python with the `openai` package: `CASCADE_PYTHON` (scripts/real-servers prints it),
-/// else the project's venv in the cache. Absent is a loud skip, and a failure under CI.
-fn python() -> Option<PathBuf> {
-    let python = std::env::var_os("CASCADE_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/cascade-router/venv/bin/python"))
-        })?;
-    let usable = Command::new(&python)
-        .args(["-c", "import openai"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if usable {
-        return Some(python);
-    }
-    skip_unless_ci(
-        "no Python with the openai package",
-        "run scripts/real-servers, or scripts/test",
-    );
-    None
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openai_sdk_works_against_the_http_front() {
-    let Some(python) = python() else { return };
+    let Some(python) = python_with("openai") else {
+        return;
+    };
     let up = MockServer::start(Script {
         chunk_interval: Duration::from_millis(1),
         ..Script::default()

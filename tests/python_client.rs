@@ -4,38 +4,17 @@
 
 mod common;
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use cascade_devtools::mock::{self, MockServer, Script};
 use common::*;
 use serde_json::Value;
 
-/// A Python with grpcio and grpcio-tools: `CASCADE_PYTHON` (scripts/real-servers prints it),
-/// else the project's venv in the cache. Absent is a loud skip, and a failure under CI.
-fn python() -> Option<PathBuf> {
-    let python = std::env::var_os("CASCADE_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/cascade-router/venv/bin/python"))
-        })?;
-    let usable = Command::new(&python)
-        .args(["-c", "import grpc, grpc_tools"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if usable {
-        return Some(python);
-    }
-    skip_unless_ci(
-        "no Python with grpcio and grpcio-tools",
-        "run scripts/real-servers, or scripts/test",
-    );
-    None
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_python_example_gets_its_answers_and_acts_on_codes() {
-    let Some(python) = python() else { return };
+    let Some(python) = python_with("grpc, grpc_tools") else {
+        return;
+    };
     let fast = MockServer::start(Script::default()).await.unwrap();
     let slow = MockServer::start(Script {
         base_latency: Duration::from_secs(30),

@@ -26,7 +26,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use futures_util::{StreamExt, stream::BoxStream};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -34,9 +33,8 @@ use self::wire::{ChatRequest, Extras, Kind, TextRequest, WireUsage, error_body};
 use crate::{
     auth::{Authenticate, Client},
     completion::{Answer, Attempt, CacheMode, CompletionRequest, StreamEvent, Usage},
-    edge::{Edge, Record},
+    edge::{Edge, StreamCall},
     error::RouterError,
-    inflight::{InFlight, Ticket},
 };
 
 /// What the handlers share.
@@ -115,6 +113,19 @@ impl Front {
         Instant::now() + timeout
     }
 
+    /// What every completion request brings: its client (checked), deadline, the router's
+    /// own headers, and the body read as `T`.
+    async fn prepare<T: serde::de::DeserializeOwned>(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<(Option<Client>, Instant, Extras, T), RouterError> {
+        let client = self.client(headers)?;
+        let deadline = self.deadline(headers);
+        let extras = extras(headers)?;
+        Ok((client, deadline, extras, self.read(body).await?))
+    }
+
     /// The body, bounded by `limits.max_message_bytes`, read as `T`.
     async fn read<T: serde::de::DeserializeOwned>(&self, body: Body) -> Result<T, RouterError> {
         let limit = self.edge.config.limits.max_message_bytes;
@@ -184,10 +195,7 @@ async fn chat(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Failure> {
-    let client = front.client(&headers)?;
-    let deadline = front.deadline(&headers);
-    let extras = extras(&headers)?;
-    let req: ChatRequest = front.read(body).await?;
+    let (client, deadline, extras, req) = front.prepare::<ChatRequest>(&headers, body).await?;
     let (stream, usage) = (req.common.stream, req.common.include_usage());
     let request = req.into_request(&extras)?;
     if stream {
@@ -210,10 +218,7 @@ async fn text(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Failure> {
-    let client = front.client(&headers)?;
-    let deadline = front.deadline(&headers);
-    let extras = extras(&headers)?;
-    let req: TextRequest = front.read(body).await?;
+    let (client, deadline, extras, req) = front.prepare::<TextRequest>(&headers, body).await?;
     let (stream, usage) = (req.common.stream, req.common.include_usage());
     let mut requests = req.into_requests(&extras)?;
     if stream && let Some(request) = requests.pop() {
@@ -308,30 +313,12 @@ impl Front {
         deadline: Instant,
         include_usage: bool,
     ) -> Result<Response, Failure> {
-        let edge = &self.edge;
         let method = match kind {
             Kind::Chat => "ChatCompletionsStream",
             Kind::Text => "CompletionsStream",
         };
-        let record = edge.record(method);
-        let opened = async {
-            let ticket = edge.enter()?;
-            let request = edge.admit(request, client)?;
-            let streamed = tokio::select! {
-                biased;
-                s = edge.stream(&request, deadline) => s?,
-                () = edge.inflight.abandoned() => return Err(RouterError::ShuttingDown),
-            };
-            Ok((ticket, request, streamed))
-        }
-        .await;
-        let (ticket, request, streamed) = match opened {
-            Ok(o) => o,
-            Err(e) => {
-                record.done(e.code());
-                return Err(Failure(e));
-            }
-        };
+        let call = self.edge.stream(method, request, client, deadline).await?;
+        let s = &call.streamed;
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
@@ -341,40 +328,34 @@ impl Front {
         set_headers(
             &mut headers,
             [
-                ("x-cascade-provider", streamed.provider.to_string()),
-                ("x-cascade-model", streamed.model.to_string()),
-                ("x-cascade-attempts", streamed.attempts.len().to_string()),
-                ("x-cascade-attempted", attempted(&streamed.attempts)),
-                ("x-cascade-cached", streamed.cached.to_string()),
-                ("x-request-id", request.request_id.clone()),
+                ("x-cascade-provider", s.provider.to_string()),
+                ("x-cascade-model", s.model.to_string()),
+                ("x-cascade-attempts", s.attempts.len().to_string()),
+                ("x-cascade-attempted", attempted(&s.attempts)),
+                ("x-cascade-cached", s.cached.to_string()),
+                ("x-request-id", call.request.request_id.clone()),
             ],
         );
         let events = Events {
             kind,
-            id: kind.id(&request.request_id),
+            id: kind.id(&call.request.request_id),
             created: unix_now(),
-            model: streamed.model.to_string(),
+            model: s.model.to_string(),
             include_usage,
-            record: Some(record),
-            _ticket: ticket,
-            inflight: edge.inflight.clone(),
-            events: streamed.events,
+            call,
         };
         Ok((headers, Body::from_stream(events.run())).into_response())
     }
 }
 
-/// A stream's events on their way out as SSE frames; holds the call's place in flight.
+/// A streamed call's events on their way out as SSE frames.
 struct Events {
     kind: Kind,
     id: String,
     created: u64,
     model: String,
     include_usage: bool,
-    record: Option<Record>,
-    _ticket: Ticket,
-    inflight: Arc<InFlight>,
-    events: BoxStream<'static, Result<StreamEvent, RouterError>>,
+    call: StreamCall,
 }
 
 impl Events {
@@ -399,13 +380,7 @@ impl Events {
     fn run(self) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send {
         futures_util::stream::unfold(Some(self), |st| async move {
             let mut st = st?;
-            let inflight = st.inflight.clone();
-            let next = tokio::select! {
-                biased;
-                next = st.events.next() => next,
-                () = inflight.abandoned() => Some(Err(RouterError::ShuttingDown)),
-            };
-            let (frames, code) = match next? {
+            let frames = match st.call.next().await? {
                 Ok(StreamEvent::Text(t)) => {
                     let chunk = st.chunk(vec![st.kind.delta(Some(&t), None)], None);
                     return Some((Ok(Bytes::from(Events::frame(&chunk))), Some(st)));
@@ -414,21 +389,17 @@ impl Events {
                     finish_reason,
                     usage,
                 }) => {
-                    let mut out = Events::frame(
-                        &st.chunk(vec![st.kind.delta(None, Some(&finish_reason))], None),
-                    );
+                    let last = vec![st.kind.delta(None, Some(&finish_reason))];
+                    let mut out = Events::frame(&st.chunk(last, None));
                     if st.include_usage {
                         let usage = usage.map(WireUsage::from);
                         out.push_str(&Events::frame(&st.chunk(Vec::new(), usage)));
                     }
                     out.push_str("data: [DONE]\n\n");
-                    (out, tonic::Code::Ok)
+                    out
                 }
-                Err(e) => (Events::frame(&error_body(&e)), e.code()),
+                Err(e) => Events::frame(&error_body(&e)),
             };
-            if let Some(record) = st.record.take() {
-                record.done(code);
-            }
             Some((Ok(Bytes::from(frames)), None))
         })
     }

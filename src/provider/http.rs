@@ -73,18 +73,27 @@ pub fn join(base: &Url, path: &str) -> Url {
     u
 }
 
+/// POSTs `body` as JSON: the response once its head arrived, whatever its status.
+async fn send_json<B: Serialize + ?Sized>(
+    client: &Client,
+    url: &Url,
+    body: &B,
+) -> Result<reqwest::Response, ProviderError> {
+    client
+        .post(url.clone())
+        .json(body)
+        .send()
+        .await
+        .map_err(transport_error)
+}
+
 /// POSTs `body` as JSON and decodes a JSON answer, classifying every failure.
 pub async fn post_json<B: Serialize + ?Sized, R: DeserializeOwned>(
     client: &Client,
     url: &Url,
     body: &B,
 ) -> Result<R, ProviderError> {
-    let mut resp = client
-        .post(url.clone())
-        .json(body)
-        .send()
-        .await
-        .map_err(transport_error)?;
+    let mut resp = send_json(client, url, body).await?;
     let status = resp.status();
     if let Some(len) = resp.content_length()
         && len > MAX_BODY as u64
@@ -118,12 +127,7 @@ pub async fn post_for_stream<B: Serialize + ?Sized>(
     url: &Url,
     body: &B,
 ) -> Result<reqwest::Response, ProviderError> {
-    let mut resp = client
-        .post(url.clone())
-        .json(body)
-        .send()
-        .await
-        .map_err(transport_error)?;
+    let mut resp = send_json(client, url, body).await?;
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);

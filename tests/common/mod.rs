@@ -364,3 +364,27 @@ pub fn skip_unless_ci(what: &str, fix: &str) {
     );
     eprintln!("\n\n*** SKIPPED: {what} ({fix}) ***\n\n");
 }
+
+/// A Python that can import `modules` (comma-separated): `CASCADE_PYTHON` (scripts/real-servers
+/// prints it), else the project's venv in the cache. Absent is a loud skip, and a failure
+/// under CI.
+pub fn python_with(modules: &str) -> Option<std::path::PathBuf> {
+    let python = std::env::var_os("CASCADE_PYTHON")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| std::path::PathBuf::from(h).join(".cache/cascade-router/venv/bin/python"))
+        })?;
+    let usable = std::process::Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if usable {
+        return Some(python);
+    }
+    skip_unless_ci(
+        &format!("no Python with {modules}"),
+        "run scripts/real-servers, or scripts/test",
+    );
+    None
+}
