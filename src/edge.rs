@@ -46,8 +46,8 @@ impl Edge {
         method: &'static str,
         work: impl Future<Output = Result<T, RouterError>>,
     ) -> Result<T, RouterError> {
-        let record = self.record(method);
-        let result = match self.enter() {
+        let started = Instant::now();
+        let result = match self.inflight.enter().inspect_err(|e| self.shed(e)) {
             Err(e) => Err(e),
             Ok(_ticket) => tokio::select! {
                 biased;
@@ -55,25 +55,19 @@ impl Edge {
                 () = self.inflight.abandoned() => Err(RouterError::ShuttingDown),
             },
         };
-        record.done(match &result {
+        let code = match &result {
             Ok(_) => tonic::Code::Ok,
             Err(e) => e.code(),
-        });
+        };
+        count(self.router.metrics(), method, code, started);
         result
     }
 
-    /// The record of one call of `method`, counted when it is done or dropped.
-    pub(crate) fn record(&self, method: &'static str) -> Record {
-        Record::new(self.router.metrics(), method)
-    }
-
-    /// A place in flight, or why not (counting a shed call).
-    pub(crate) fn enter(&self) -> Result<Ticket, RouterError> {
-        self.inflight.enter().inspect_err(|e| {
-            if matches!(e, RouterError::AtCapacity { .. }) {
-                self.router.metrics().shed.inc();
-            }
-        })
+    /// Counts a call shed for want of room.
+    fn shed(&self, e: &RouterError) {
+        if matches!(e, RouterError::AtCapacity { .. }) {
+            self.router.metrics().shed.inc();
+        }
     }
 
     /// A validated request with an id (the caller's `request_id`, or one made here so that
@@ -137,9 +131,9 @@ impl Edge {
         client: Option<&Client>,
         deadline: Instant,
     ) -> Result<StreamCall, RouterError> {
-        let record = self.record(method);
+        let record = Record::new(self.router.metrics(), method);
         let opened = async {
-            let ticket = self.enter()?;
+            let ticket = self.inflight.enter_owned().inspect_err(|e| self.shed(e))?;
             let request = self.admit(request, client)?;
             let streamed = tokio::select! {
                 biased;
@@ -172,7 +166,7 @@ pub(crate) struct StreamCall {
     /// Read its events with [`StreamCall::next`], not directly.
     pub(crate) streamed: Streamed,
     inflight: Arc<InFlight>,
-    _ticket: Ticket,
+    _ticket: Ticket<Arc<InFlight>>,
     /// Taken when the stream ends.
     record: Option<Record>,
 }
@@ -199,9 +193,24 @@ impl StreamCall {
     }
 }
 
-/// One call counted by method and code, and timed, when it ends: a call whose caller went
-/// away first (a stream dropped mid-way) counts as CANCELLED.
-pub(crate) struct Record {
+/// Counts one call of `method` that ended with `code`, and times it from `started`.
+fn count(metrics: &Metrics, method: &'static str, code: tonic::Code, started: Instant) {
+    metrics
+        .calls
+        .get_or_create(&CallLabel {
+            method,
+            code: format!("{code:?}"),
+        })
+        .inc();
+    metrics
+        .call_seconds
+        .get_or_create(&MethodLabel { method })
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// A streamed call's count, made when its stream ends ([`Record::done`]) or, when its caller
+/// went away first, as CANCELLED when dropped.
+struct Record {
     metrics: Arc<Metrics>,
     method: &'static str,
     started: Instant,
@@ -218,7 +227,7 @@ impl Record {
         }
     }
 
-    pub(crate) fn done(mut self, code: tonic::Code) {
+    fn done(mut self, code: tonic::Code) {
         self.code = Some(code);
     }
 }
@@ -226,19 +235,7 @@ impl Record {
 impl Drop for Record {
     fn drop(&mut self) {
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
-        self.metrics
-            .calls
-            .get_or_create(&CallLabel {
-                method: self.method,
-                code: format!("{code:?}"),
-            })
-            .inc();
-        self.metrics
-            .call_seconds
-            .get_or_create(&MethodLabel {
-                method: self.method,
-            })
-            .observe(self.started.elapsed().as_secs_f64());
+        count(&self.metrics, self.method, code, self.started);
     }
 }
 

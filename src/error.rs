@@ -53,7 +53,7 @@ pub enum RouterError {
     NotCached(String),
     /// A stream broke after its first text: what was sent stands, the rest will not come.
     #[error("the stream from {}/{} broke after {sent}: {} ({})", .attempt.provider, .attempt.model, .attempt.kind, .attempt.error)]
-    StreamBroken { sent: Sent, attempt: Attempt },
+    StreamBroken { sent: Sent, attempt: Box<Attempt> },
     /// The caller's deadline passed mid-stream.
     #[error("deadline exceeded mid-stream after {sent}")]
     StreamOutOfTime { sent: Sent },
@@ -173,7 +173,7 @@ impl RouterError {
             | RouterError::QuotaExceeded { .. }
             | RouterError::StreamOutOfTime { .. }
             | RouterError::Internal(_) => &[],
-            RouterError::StreamBroken { attempt, .. } => std::slice::from_ref(attempt),
+            RouterError::StreamBroken { attempt, .. } => std::slice::from_ref(attempt.as_ref()),
         }
     }
 }

@@ -5,9 +5,12 @@
 //! Hand-written because it is three atomics and a `Notify`: tower's `ConcurrencyLimit` +
 //! `LoadShed` would shed health checks and reflection too, and know nothing of draining.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
+use std::{
+    ops::Deref,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
+    },
 };
 
 use tokio::sync::Notify;
@@ -23,12 +26,13 @@ pub struct InFlight {
     changed: Notify,
 }
 
-/// One call's place in flight, given back when dropped. Owned, so a streamed answer can
-/// hold it until its last message.
+/// One call's place in flight, given back when dropped: borrowed for a unary call (no
+/// shared reference count touched on the hot path), owned for a stream, which holds it
+/// until its last message.
 #[must_use]
-pub struct Ticket(Arc<InFlight>);
+pub struct Ticket<H: Deref<Target = InFlight>>(H);
 
-impl Drop for Ticket {
+impl<H: Deref<Target = InFlight>> Drop for Ticket<H> {
     fn drop(&mut self) {
         if self.0.count.fetch_sub(1, SeqCst) == 1 {
             self.0.changed.notify_waiters();
@@ -48,7 +52,16 @@ impl InFlight {
     }
 
     /// Admits a call, or says why not: the router is draining, or `max` calls are running.
-    pub fn enter(self: &Arc<Self>) -> Result<Ticket, RouterError> {
+    pub fn enter(&self) -> Result<Ticket<&InFlight>, RouterError> {
+        self.take_place().map(|()| Ticket(self))
+    }
+
+    /// [`InFlight::enter`] for a call that outlives its handler (a stream).
+    pub fn enter_owned(self: &Arc<Self>) -> Result<Ticket<Arc<InFlight>>, RouterError> {
+        self.take_place().map(|()| Ticket(self.clone()))
+    }
+
+    fn take_place(&self) -> Result<(), RouterError> {
         if self.draining.load(SeqCst) {
             return Err(RouterError::ShuttingDown);
         }
@@ -56,7 +69,7 @@ impl InFlight {
             self.count.fetch_sub(1, SeqCst);
             return Err(RouterError::AtCapacity { max: self.max });
         }
-        Ok(Ticket(self.clone()))
+        Ok(())
     }
 
     pub fn count(&self) -> usize {

@@ -299,7 +299,7 @@ impl Relay {
         };
         let broke = |relay: &Relay, e: ProviderError| RouterError::StreamBroken {
             sent: relay.sent,
-            attempt: Attempt {
+            attempt: Box::new(Attempt {
                 provider: relay.provider.clone(),
                 model: relay.model.clone(),
                 kind: e.kind,
@@ -307,7 +307,7 @@ impl Relay {
                 error: e.message,
                 tries: 1,
                 elapsed: relay.began.elapsed(),
-            },
+            }),
         };
         match next {
             Some(Ok(StreamEvent::Text(text))) => {
