@@ -48,8 +48,19 @@ use crate::{
 };
 
 /// Adaptive batching waits for callers coming back to fill a batch no longer than this
-/// without one arriving.
+/// without one arriving — at least; see [`arrival_gap`].
 const ARRIVAL_GAP: Duration = Duration::from_millis(1);
+
+/// How long a pause in arrivals ends the wait for company: an eighth of the provider's
+/// quickest answer, at least [`ARRIVAL_GAP`], at most `max_wait`. Callers answered together
+/// come back spread over their own round trips (a few ms on a loaded machine); against a
+/// long service time, waiting for the stragglers costs little and saves a fragment that would
+/// hold a slot for a whole service time.
+fn arrival_gap(fastest: Duration, max_wait: Duration) -> Duration {
+    (fastest / 8)
+        .max(ARRIVAL_GAP)
+        .min(max_wait.max(ARRIVAL_GAP))
+}
 
 /// A worker with nothing queued for this long exits; the next item starts a new one.
 const IDLE_EXIT: Duration = Duration::from_secs(30);
@@ -321,8 +332,9 @@ async fn adaptive_worker(
                     .map(|i| latest_send(i, fastest))
                     .fold(now + settings.max_wait, Instant::min);
                 let headroom = || link.limit.held().saturating_sub(1) >= parallel;
+                let gap = arrival_gap(fastest, settings.max_wait);
                 while pending.len() < target {
-                    let pause = until.min(Instant::now() + ARRIVAL_GAP);
+                    let pause = until.min(Instant::now() + gap);
                     tokio::select! {
                         biased;
                         item = rx.recv() => match item {
@@ -629,6 +641,19 @@ mod tests {
 
     fn later(ms: u64) -> Window {
         Window::whole(Instant::now() + Duration::from_millis(ms))
+    }
+
+    #[test]
+    fn the_arrival_gap_follows_the_service_time_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(arrival_gap(ms(20), ms(5)), Duration::from_micros(2500));
+        assert_eq!(arrival_gap(ms(50), ms(5)), ms(5), "no longer than max_wait");
+        assert_eq!(
+            arrival_gap(ms(4), ms(5)),
+            ARRIVAL_GAP,
+            "no shorter than 1 ms"
+        );
+        assert_eq!(arrival_gap(ms(50), ms(0)), ARRIVAL_GAP);
     }
 
     #[tokio::test(start_paused = true)]
