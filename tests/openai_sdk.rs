@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use cascade_devtools::mock::{self, Fault, MockServer, Script};
 use common::*;
-use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openai_sdk_works_against_the_http_front() {
@@ -35,32 +34,16 @@ async fn the_openai_sdk_works_against_the_http_front() {
         up.url(),
     );
     let _router = start(&yaml).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/openai_sdk.py");
     let base = format!("http://127.0.0.1:{port}/v1");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .args([
-                script,
-                "--base-url",
-                &base,
-                "--model",
-                "m",
-                "--fallback-model",
-                "flaky",
-                "--report",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let args = [
+        "--base-url",
+        &base,
+        "--model",
+        "m",
+        "--fallback-model",
+        "flaky",
+    ];
+    let r = python_report(python, "openai_sdk.py", args.map(String::from).to_vec()).await;
 
     assert_eq!(r["chat"], mock::reply("hello from the sdk"));
     assert!(r["chat_usage"].as_u64().unwrap() > 0);

@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use cascade_devtools::mock::{self, MockServer, Script};
 use common::*;
-use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_python_example_gets_its_answers_and_acts_on_codes() {
@@ -28,22 +27,8 @@ async fn the_python_example_gets_its_answers_and_acts_on_codes() {
         slow.url()
     ))
     .await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/client.py");
-    let addr = router.addr.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .args([script, "--addr", &addr, "--report"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let args = vec!["--addr".to_string(), router.addr.to_string()];
+    let r = python_report(python, "client.py", args).await;
     assert_eq!(
         r["complete"]["text"],
         mock::reply("hello from python").as_str()

@@ -388,3 +388,30 @@ pub fn python_with(modules: &str) -> Option<std::path::PathBuf> {
     );
     None
 }
+
+/// Runs `examples/python/<script>` with `args` and `--report` on a blocking thread; the JSON
+/// report it prints (the test fails, showing its output, if it fails).
+pub async fn python_report(
+    python: std::path::PathBuf,
+    script: &str,
+    args: Vec<String>,
+) -> serde_json::Value {
+    let path = format!("{}/examples/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(path)
+            .args(args)
+            .arg("--report")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
