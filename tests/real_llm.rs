@@ -17,6 +17,11 @@ use cascade_router::proto::v1::{self, FailureKind};
 use common::*;
 use tonic::Code;
 
+/// Held by each test for its whole run: llama.cpp's threads spin while they wait, so two
+/// servers at once on a 2-core machine slow each other by orders of magnitude (a 60 s deadline
+/// ran out once when four tests' five servers shared the cores).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Installed {
     llama_server: PathBuf,
     python: PathBuf,
@@ -184,6 +189,7 @@ fn entry(name: &str, priority: i32, base: &str, model: &str, extra: &str) -> Str
 #[tokio::test(flavor = "multi_thread")]
 async fn llama_server_completes_chats_batches_and_falls_back() {
     let Some(installed) = installed() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
     let llama = llama_server(&installed, 4).await;
     let dead = refused_url().await;
     let router = start(&format!(
@@ -263,6 +269,7 @@ async fn llama_server_completes_chats_batches_and_falls_back() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deadline_that_passes_on_a_real_server_is_deadline_exceeded() {
     let Some(installed) = installed() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
     let llama = llama_server(&installed, 1).await;
     let router = start(&format!(
         "{}providers:\n{}",
@@ -290,6 +297,7 @@ async fn a_deadline_that_passes_on_a_real_server_is_deadline_exceeded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_that_cannot_batch_is_split_and_remembered() {
     let Some(installed) = installed() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
     let py = llama_cpp_python(&installed).await;
     let router = start(&format!(
         "{}providers:\n{}",
@@ -347,6 +355,7 @@ async fn streamed(
 #[tokio::test(flavor = "multi_thread")]
 async fn real_servers_stream_the_same_answer_token_by_token() {
     let Some(installed) = installed() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
     let llama = llama_server(&installed, 1).await;
     let py = llama_cpp_python(&installed).await;
     let router = start(&format!(
