@@ -207,7 +207,7 @@ async fn chat(
     let answers = edge
         .call("ChatCompletions", async {
             let r = edge.admit(request, client.as_ref())?;
-            Ok(vec![(edge.complete(&r, deadline).await?, r)])
+            Ok(vec![edge.complete(&r, deadline).await?])
         })
         .await?;
     Ok(whole(Kind::Chat, &answers, &extras.request_id))
@@ -237,11 +237,7 @@ async fn text(
             let answered =
                 futures_util::future::join_all(admitted.iter().map(|r| edge.complete(r, deadline)))
                     .await;
-            answered
-                .into_iter()
-                .zip(admitted)
-                .map(|(a, r)| a.map(|a| (a, r)))
-                .collect::<Result<Vec<_>, _>>()
+            answered.into_iter().collect::<Result<Vec<_>, _>>()
         })
         .await?;
     Ok(whole(Kind::Text, &answers, &extras.request_id))
@@ -249,22 +245,22 @@ async fn text(
 
 /// A whole (not streamed) response: one choice per answer, usage summed, the router's
 /// facts in headers (per answer, `, `-separated, when there are several).
-fn whole(kind: Kind, answers: &[(Answer, Arc<CompletionRequest>)], request_id: &str) -> Response {
+fn whole(kind: Kind, answers: &[Answer], request_id: &str) -> Response {
     let choices: Vec<Value> = answers
         .iter()
         .enumerate()
-        .map(|(i, (a, _))| kind.choice(i, &a.completion.text, &a.completion.finish_reason))
+        .map(|(i, a)| kind.choice(i, &a.completion.text, &a.completion.finish_reason))
         .collect();
     let usage = answers
         .iter()
-        .filter_map(|(a, _)| a.completion.usage)
+        .filter_map(|a| a.completion.usage)
         .reduce(|x, y| Usage {
             prompt_tokens: x.prompt_tokens.saturating_add(y.prompt_tokens),
             completion_tokens: x.completion_tokens.saturating_add(y.completion_tokens),
         });
     let model = answers
         .first()
-        .map(|(a, _)| a.model.to_string())
+        .map(|a| a.model.to_string())
         .unwrap_or_default();
     let body = json!({
         "id": kind.id(request_id),
@@ -275,16 +271,10 @@ fn whole(kind: Kind, answers: &[(Answer, Arc<CompletionRequest>)], request_id: &
         "usage": usage.map(WireUsage::from),
     });
     let mut r = json_body(&body).into_response();
-    let each = |f: &dyn Fn(&Answer) -> String| {
-        answers
-            .iter()
-            .map(|(a, _)| f(a))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let each = |f: &dyn Fn(&Answer) -> String| answers.iter().map(f).collect::<Vec<_>>().join(", ");
     let attempts: Vec<Attempt> = answers
         .iter()
-        .flat_map(|(a, _)| a.attempts.iter().cloned())
+        .flat_map(|a| a.attempts.iter().cloned())
         .collect();
     set_headers(
         r.headers_mut(),
