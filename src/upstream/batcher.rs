@@ -6,10 +6,10 @@
 //!
 //! - **adaptive** (the default): an item goes at once while the provider has room under its
 //!   learned concurrency limit (`limit`); what arrives while it is busy gathers and leaves
-//!   when a slot frees, in batches of ceil((waiting + in flight) / parallelism) prompts, so
-//!   the load spreads evenly over the requests the provider serves in parallel (waiting up to
-//!   `max_wait` for callers of a batch just answered to send again). A lone caller pays no
-//!   window.
+//!   when a slot frees, in batches of ceil(callers' prompts / parallelism) — the prompts
+//!   waiting and in flight at their recent peak ([`Demand`]) — so the load spreads evenly over
+//!   the requests the provider serves in parallel (waiting up to `max_wait` for callers of a
+//!   batch just answered to send again). A lone caller pays no window.
 //! - **fixed**: the worker closes a batch when `max_batch_size` items are queued or the oldest
 //!   has waited `max_wait` — Triton's dynamic batcher rule — and earlier when an item's
 //!   deadline is near (its deadline minus the provider's fastest answer). It then waits for a
@@ -60,6 +60,44 @@ fn arrival_gap(fastest: Duration, max_wait: Duration) -> Duration {
     (fastest / 8)
         .max(ARRIVAL_GAP)
         .min(max_wait.max(ARRIVAL_GAP))
+}
+
+/// Prompts the callers keep here (waiting or in flight), as its recent peak. The count seen
+/// when a slot frees is short by the batch just answered — its callers are between their
+/// answer and their next prompt — so batches sized to it would come out a fragment short.
+/// A running max over two windows, each two of the provider's quickest answers long (in the
+/// manner of BBR's bandwidth filter), so a fall in demand is followed within about four.
+struct Demand {
+    since: Instant,
+    current: usize,
+    previous: usize,
+}
+
+impl Demand {
+    fn new() -> Demand {
+        Demand {
+            since: Instant::now(),
+            current: 0,
+            previous: 0,
+        }
+    }
+
+    /// Counts `now` prompts seen here; returns the recent peak (at least `now`).
+    fn see(&mut self, seen: usize, fastest: Duration) -> usize {
+        let window = (fastest * 2).max(ARRIVAL_GAP);
+        let elapsed = self.since.elapsed();
+        if elapsed >= window {
+            self.previous = if elapsed >= window * 2 {
+                0
+            } else {
+                self.current
+            };
+            self.current = 0;
+            self.since = Instant::now();
+        }
+        self.current = self.current.max(seen);
+        self.current.max(self.previous)
+    }
 }
 
 /// A worker with nothing queued for this long exits; the next item starts a new one.
@@ -263,6 +301,7 @@ async fn adaptive_worker(
     queued: Arc<AtomicUsize>,
 ) {
     let mut pending: VecDeque<Item> = VecDeque::new();
+    let mut demand = Demand::new();
     loop {
         if pending.is_empty() {
             match next_or_idle(&mut rx).await {
@@ -278,7 +317,11 @@ async fn adaptive_worker(
                 tokio::select! {
                     biased;
                     slot = &mut room => break slot,
-                    Some(item) = rx.recv() => pending.push_back(item),
+                    Some(item) = rx.recv() => {
+                        pending.push_back(item);
+                        let seen = pending.len() + link.limit.items_in_flight();
+                        demand.see(seen, link.stats.fastest());
+                    }
                 }
             }
         };
@@ -315,9 +358,16 @@ async fn adaptive_worker(
         let arrays = native && link.takes_arrays();
         let size = if arrays {
             let parallel = link.limit.parallelism().max(1);
-            let target = (pending.len() + link.limit.items_in_flight())
-                .div_ceil(parallel)
-                .clamp(1, settings.max_batch_size);
+            let fastest = link.stats.fastest();
+            let in_flight = link.limit.items_in_flight();
+            let peak = demand.see(pending.len() + in_flight, fastest);
+            // The callers' prompts, spread evenly over the requests the provider serves at
+            // once.
+            let target = |pending: usize| {
+                peak.max(pending + in_flight)
+                    .div_ceil(parallel)
+                    .clamp(1, settings.max_batch_size)
+            };
             // Under load, the callers of a batch that just came back send again a moment
             // after its slot frees: wait for them (at most max_wait, never past an item's
             // latest send) rather than send a fragment. They come back together, so a pause
@@ -325,15 +375,14 @@ async fn adaptive_worker(
             // serves at once (this slot is headroom): a fragment sent there would wait a
             // whole service time at the provider, so it waits here for company or for a
             // request to come back. A lone caller's target is 1: no wait.
-            if pending.len() < target {
-                let fastest = link.stats.fastest();
+            if pending.len() < target(pending.len()) {
                 let until = pending
                     .iter()
                     .map(|i| latest_send(i, fastest))
                     .fold(now + settings.max_wait, Instant::min);
                 let headroom = || link.limit.held().saturating_sub(1) >= parallel;
                 let gap = arrival_gap(fastest, settings.max_wait);
-                while pending.len() < target {
+                while pending.len() < target(pending.len()) {
                     let pause = until.min(Instant::now() + gap);
                     tokio::select! {
                         biased;
@@ -349,7 +398,7 @@ async fn adaptive_worker(
                     }
                 }
             }
-            target.min(pending.len())
+            target(pending.len()).min(pending.len())
         } else {
             1
         };
@@ -794,14 +843,38 @@ mod tests {
         assert_eq!(a.unwrap().batch_size, 1);
         for (i, r) in rest.into_iter().enumerate() {
             let r = r.unwrap();
+            // Sent together when the slot freed (6 ms) and arrivals paused: the first
+            // caller, just answered, was counted as coming back, and waited for an eighth
+            // of the quickest answer (10 ms / 8, on tokio's millisecond timer 2 ms).
             assert_eq!(
                 (r.batch_size, r.queue_wait),
-                (3, Duration::from_millis(6)),
-                "together, as soon as the slot freed"
+                (3, Duration::from_millis(8)),
+                "together, once the slot freed and arrivals paused"
             );
             assert_eq!(r.completion.text, format!("[m] you said: p{i}"));
         }
         assert_eq!(up.stats.counts().requests, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn demand_is_the_recent_peak_and_forgotten_after_two_windows() {
+        let mut d = Demand::new();
+        let fastest = Duration::from_millis(10);
+        assert_eq!(d.see(64, fastest), 64);
+        tokio::time::advance(Duration::from_millis(5)).await;
+        assert_eq!(
+            d.see(48, fastest),
+            64,
+            "a batch's callers on their way back"
+        );
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert_eq!(d.see(1, fastest), 64, "the window before still counts");
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert_eq!(
+            d.see(1, fastest),
+            1,
+            "two windows on, only what is seen now"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -52,6 +52,10 @@ const BACKOFF_OVERLOAD: f64 = 0.5;
 /// (other tenants, a smaller GPU) is relearned.
 const BASELINE_DRIFT: f64 = 1.0 / 256.0;
 const BUCKETS: usize = 64;
+/// Calm rounds before batches are sized to more requests than the parallelism shown, and the
+/// most that wait grows to while probes keep being taken back.
+const PROBE_AFTER: u32 = 8;
+const PROBE_AFTER_MAX: u32 = 128;
 
 /// What an answer says about the provider's load.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -169,7 +173,7 @@ impl Limit {
             None => self.ceiling,
             Some(g) => {
                 let g = g.lock().unwrap_or_else(PoisonError::into_inner);
-                (g.parallelism.round() as usize).clamp(1, g.permits)
+                (g.parallelism.value.round() as usize).clamp(1, g.permits)
             }
         }
     }
@@ -202,10 +206,11 @@ impl Limit {
     pub(super) fn observe(&self, slot: &Slot, verdict: Verdict) {
         let Some(g) = &self.adaptive else { return };
         let saturated = self.slots.available_permits() == 0;
+        let busy = self.held.load(Relaxed);
         let (before, after) = {
             let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
             let before = g.permits;
-            g.learn(slot.taken, saturated, verdict);
+            g.learn(slot.taken, (busy, saturated), verdict);
             (before, g.permits)
         };
         if after > before {
@@ -228,27 +233,96 @@ impl Limit {
     }
 }
 
-/// The adaptive policy, TCP Vegas' rule over rounds of `permits` answers: each answer's time
-/// against the time expected for its size gives the mean slowdown `r` of the round, and
-/// with `permits` requests in flight, `permits × (1 − 1/r)` of them were waiting at the
-/// provider (Little's law). Few waiting and every slot busy: one more slot (doubling, in slow
-/// start, until the first fall); too many: down to `permits / r`, the parallelism the
-/// provider showed.
+/// The adaptive policy, TCP Vegas' rule over rounds of `permits` answers to requests sent
+/// since the limit last moved: each answer's time against the time expected for its size
+/// gives the mean slowdown `r` of the round, and with `busy` requests in flight,
+/// `busy × (1 − 1/r)` of them were waiting at the provider (Little's law). Few waiting and
+/// every slot busy: one more slot (doubling, in slow start); too many: one less (in slow
+/// start, down to `busy / r`, the parallelism the provider showed).
 #[derive(Debug)]
 struct Gradient {
     estimate: f64,
     permits: usize,
-    /// Requests the provider serves at once, as the last rounds showed: `permits / r`,
-    /// smoothed. Batches are sized to it, so the limit's headroom (requests waiting at the
-    /// provider to hide the round trip between answers) does not thin them.
-    parallelism: f64,
+    parallelism: Parallelism,
     ceiling: usize,
     slow_start: bool,
     /// Answers to requests sent before this do not lower the limit again.
     fell_at: Option<Instant>,
+    /// When the limit last moved: a round counts only answers to requests sent since, so it
+    /// judges the limit it is about (Vegas' alternate measuring and adjusting).
+    moved_at: Option<Instant>,
     /// The fastest answer seen per size bucket: its prompts and its time.
     fastest: [Option<(usize, Duration)>; BUCKETS],
     round: Round,
+}
+
+/// Requests the provider serves at once, which batches are sized to (so the limit's headroom —
+/// requests waiting at the provider to hide the round trip between answers — does not thin
+/// them). A crowded round (more waiting at the provider than the answers' usual spread
+/// explains) shows it: `busy / r`. A calm one only says it is no lower than what was sent,
+/// and batches sized to a low figure never crowd the provider to show a higher one, so now
+/// and then batches are sized to more requests (BBR's probing): kept if the provider stays
+/// calm, taken back if not — and then tried less often, so a provider at its true
+/// parallelism pays for few probes.
+#[derive(Debug)]
+struct Parallelism {
+    value: f64,
+    /// The slowdown of calm rounds, smoothed: the answers' usual spread above the fastest
+    /// (timers, a shared machine), which is not queueing.
+    noise: f64,
+    /// Calm rounds since the last crowded one or probe.
+    calm: u32,
+    /// Calm rounds before the next probe: [`PROBE_AFTER`], doubled by each probe taken back
+    /// (up to [`PROBE_AFTER_MAX`]).
+    every: u32,
+    /// Requests the next probe adds: doubled by each probe kept.
+    step: f64,
+    /// The value before the probe being judged.
+    probing: Option<f64>,
+}
+
+impl Parallelism {
+    fn new(start: usize) -> Parallelism {
+        Parallelism {
+            value: start as f64,
+            noise: 1.0,
+            calm: 0,
+            every: PROBE_AFTER,
+            step: 1.0,
+            probing: None,
+        }
+    }
+
+    /// Learns from a round of answers with `busy` slots held on average and mean slowdown
+    /// `r`. True when the value moved for a probe (the next round judges it).
+    fn round(&mut self, busy: f64, r: f64) -> bool {
+        let crowded = busy * (1.0 - self.noise / r) > ALPHA.max(busy / 16.0);
+        if crowded {
+            self.calm = 0;
+            self.step = 1.0;
+            self.value = match self.probing.take() {
+                Some(before) => {
+                    self.every = (self.every * 2).min(PROBE_AFTER_MAX);
+                    before
+                }
+                None => busy * self.noise / r,
+            };
+            return false;
+        }
+        self.noise += (r - self.noise) / 8.0;
+        if self.probing.take().is_some() {
+            self.step *= 2.0;
+            self.every = PROBE_AFTER;
+        }
+        self.calm += 1;
+        if self.calm < self.every {
+            return false;
+        }
+        self.calm = 0;
+        self.probing = Some(self.value);
+        self.value = self.value.round() + self.step;
+        true
+    }
 }
 
 /// The answers of the current round.
@@ -257,6 +331,8 @@ struct Round {
     answers: usize,
     slowdown: f64,
     saturated: usize,
+    /// Slots held at each answer, summed.
+    busy: usize,
 }
 
 /// The bucket for a request of `items` prompts.
@@ -274,10 +350,11 @@ impl Gradient {
         Gradient {
             estimate: start as f64,
             permits: start,
-            parallelism: start as f64,
+            parallelism: Parallelism::new(start),
             ceiling,
             slow_start: true,
             fell_at: None,
+            moved_at: None,
             fastest: [None; BUCKETS],
             round: Round::default(),
         }
@@ -309,18 +386,26 @@ impl Gradient {
         best.is_finite().then_some(best)
     }
 
-    fn learn(&mut self, sent: Instant, saturated: bool, verdict: Verdict) {
+    /// `load`: the slots held as the answer came (its own included), and whether that was
+    /// all of them.
+    fn learn(&mut self, sent: Instant, load: (usize, bool), verdict: Verdict) {
         match verdict {
             Verdict::Nothing => {}
             Verdict::Overloaded => self.fall(sent, BACKOFF_OVERLOAD),
-            Verdict::Took(took, items) => self.took(sent, saturated, took, items),
+            Verdict::Took(took, items) => self.took(sent, load, took, items),
         }
         self.estimate = self.estimate.clamp(1.0, self.ceiling as f64);
-        self.permits = (self.estimate.floor() as usize).clamp(1, self.ceiling);
-        self.parallelism = self.parallelism.clamp(1.0, self.permits as f64);
+        let permits = (self.estimate.floor() as usize).clamp(1, self.ceiling);
+        if permits != self.permits {
+            self.permits = permits;
+            self.moved_at = Some(Instant::now());
+            self.round = Round::default();
+        }
+        self.parallelism.value = self.parallelism.value.clamp(1.0, self.permits as f64);
     }
 
-    fn took(&mut self, sent: Instant, saturated: bool, took: Duration, items: usize) {
+    fn took(&mut self, sent: Instant, load: (usize, bool), took: Duration, items: usize) {
+        let (busy, saturated) = load;
         let slack = SLACK.as_secs_f64();
         let slowdown = self
             .expected(items)
@@ -337,28 +422,46 @@ impl Gradient {
         if slowdown > SPIKE {
             self.fall(sent, BACKOFF_SPIKE);
         }
+        if self.moved_at.is_some_and(|at| sent < at) {
+            return;
+        }
         let round = &mut self.round;
         round.answers += 1;
         round.slowdown += slowdown;
         round.saturated += usize::from(saturated);
+        round.busy += busy;
         if round.answers < self.permits {
             return;
         }
         let round = std::mem::take(&mut self.round);
         let permits = self.permits as f64;
         let r = round.slowdown / round.answers as f64;
-        let waiting = permits * (1.0 - 1.0 / r);
-        self.parallelism = if self.slow_start {
-            permits / r
-        } else {
-            (self.parallelism + permits / r) / 2.0
-        };
+        let busy = round.busy as f64 / round.answers as f64;
+        let waiting = busy * (1.0 - 1.0 / r);
+        if self.slow_start {
+            self.parallelism.value = permits / r;
+        } else if self.parallelism.round(busy, r) {
+            self.moved_at = Some(Instant::now());
+        }
         if waiting > BETA.max(permits / 8.0) {
+            self.estimate = if self.slow_start {
+                (busy / r).min(self.estimate - 1.0)
+            } else {
+                self.estimate - 1.0
+            };
             self.slow_start = false;
-            self.estimate = (permits / r).min(self.estimate - 1.0);
         } else if waiting < ALPHA && round.saturated * 2 >= round.answers {
             self.estimate += if self.slow_start { permits } else { 1.0 };
         }
+        tracing::debug!(
+            permits,
+            slowdown = r,
+            waiting,
+            parallelism = self.parallelism.value,
+            estimate = self.estimate,
+            saturated = round.saturated,
+            "concurrency round"
+        );
     }
 
     fn fall(&mut self, sent: Instant, factor: f64) {
@@ -484,24 +587,94 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn after_a_fall_it_grows_by_one_per_round() {
+    async fn after_a_fall_it_moves_by_one_per_round_judged_on_requests_sent_since() {
         let limit = Limit::adaptive(64);
         serve(&limit, 1000, 4, 20 * MS, 1);
-        let slot = limit.try_acquire().unwrap();
+        let early = take(&limit, 64);
+        assert_eq!(early.len(), 8);
         tokio::time::advance(MS).await;
-        limit.observe(&slot, Verdict::Took(60 * MS, 1));
-        drop(slot);
+        limit.observe(&early[0], Verdict::Took(60 * MS, 1));
         assert_eq!(limit.current(), 7, "a spike: 8 × 0.9");
-        // The rest of that round is fast, but the spike in it still means more than one
-        // request waited on average: down to the parallelism shown, 7 / 1.27.
-        serve(&limit, 1000, 6, 20 * MS, 1);
-        assert_eq!(limit.current(), 5);
-        serve(&limit, 1000, 5, 20 * MS, 1);
+        // The other answers to requests sent before the fall, slow as they are, were sent
+        // under the old limit: they say nothing of this one.
+        for s in &early[1..] {
+            limit.observe(s, Verdict::Took(35 * MS, 1));
+        }
+        assert_eq!(limit.current(), 7);
+        drop(early);
+        serve(&limit, 1000, 7, 20 * MS, 1);
         assert_eq!(
             limit.current(),
-            6,
+            8,
             "a clean round with every slot busy: one more"
         );
+        serve(&limit, 1000, 8, 30 * MS, 1);
+        assert_eq!(
+            limit.current(),
+            7,
+            "a crowded round past slow start: one less, not down to 8 / (30 / 20.5)"
+        );
+    }
+
+    #[test]
+    fn a_crowded_round_shows_the_parallelism_a_calm_one_only_bounds_it() {
+        let mut p = Parallelism::new(8);
+        assert!(!p.round(5.0, 1.0));
+        assert_eq!(
+            p.value, 8.0,
+            "five served unqueued says nothing against eight"
+        );
+        p.round(10.0, 1.25);
+        assert_eq!(
+            p.value, 8.0,
+            "ten in flight, a quarter slower: eight served at once"
+        );
+    }
+
+    #[test]
+    fn the_answers_usual_spread_is_not_crowding() {
+        let mut p = Parallelism::new(16);
+        // Sixteen in flight, answers 5% above the fastest every round (timers, a busy
+        // machine): under one waiting in sixteen, learned as the spread.
+        for _ in 0..7 {
+            p.round(16.0, 1.05);
+        }
+        assert_eq!(p.value, 16.0);
+        assert!(p.noise > 1.03, "{}", p.noise);
+        // Then a quarter slower than that: crowded, judged against the spread.
+        let spread = p.noise;
+        p.round(16.0, 1.05 * 1.25);
+        let shown = 16.0 * spread / (1.05 * 1.25);
+        assert!((p.value - shown).abs() < 1e-9, "{} vs {shown}", p.value);
+        assert!(shown > 12.5 && shown < 12.8, "about 16 / 1.25: {shown}");
+    }
+
+    #[test]
+    fn probes_are_kept_while_calm_taken_back_when_crowded_and_then_tried_less_often() {
+        let mut p = Parallelism::new(8);
+        // Calm rounds (as many in flight as the figure) until one moves it for a probe.
+        let calm_until_probe = |p: &mut Parallelism| {
+            (1..=1000)
+                .find(|_| p.round(p.value.round(), 1.0))
+                .expect("a probe")
+        };
+        assert_eq!(calm_until_probe(&mut p), PROBE_AFTER);
+        assert_eq!(p.value, 9.0, "one more request");
+        assert_eq!(
+            calm_until_probe(&mut p),
+            PROBE_AFTER,
+            "kept; the next tries two"
+        );
+        assert_eq!(p.value, 11.0);
+        // Eleven in flight and answers 11/9 slower: the provider serves nine.
+        assert!(!p.round(11.0, 11.0 / 9.0));
+        assert_eq!(p.value, 9.0, "taken back");
+        assert_eq!(
+            calm_until_probe(&mut p),
+            2 * PROBE_AFTER,
+            "then tried half as often"
+        );
+        assert_eq!(p.value, 10.0, "one more again");
     }
 
     #[tokio::test(start_paused = true)]
