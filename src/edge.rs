@@ -3,7 +3,7 @@
 //! flight, admit it (limits, the client's models, its quota), then answer or stream it
 //! through the router, each call counted and timed by method and code.
 
-use std::{future::Future, sync::Arc};
+use std::{borrow::Borrow, future::Future, sync::Arc};
 
 use futures_util::StreamExt;
 use tokio::time::Instant;
@@ -40,13 +40,14 @@ impl Edge {
 
     /// Runs `work` for one admitted call: shed when `limits.max_in_flight` calls are
     /// running, refused while draining, and answered UNAVAILABLE if the shutdown grace ends
-    /// before it does. Counted by method and code, and timed.
+    /// before it does. Counted by method and code, and timed — as CANCELLED if the caller
+    /// went away first (this future dropped).
     pub(crate) async fn call<T>(
         &self,
         method: &'static str,
         work: impl Future<Output = Result<T, RouterError>>,
     ) -> Result<T, RouterError> {
-        let started = Instant::now();
+        let record = Record::new(&**self.router.metrics(), method);
         let result = match self.inflight.enter().inspect_err(|e| self.shed(e)) {
             Err(e) => Err(e),
             Ok(_ticket) => tokio::select! {
@@ -55,11 +56,10 @@ impl Edge {
                 () = self.inflight.abandoned() => Err(RouterError::ShuttingDown),
             },
         };
-        let code = match &result {
+        record.done(match &result {
             Ok(_) => tonic::Code::Ok,
             Err(e) => e.code(),
-        };
-        count(self.router.metrics(), method, code, started);
+        });
         result
     }
 
@@ -131,7 +131,7 @@ impl Edge {
         client: Option<&Client>,
         deadline: Instant,
     ) -> Result<StreamCall, RouterError> {
-        let record = Record::new(self.router.metrics(), method);
+        let record = Record::new(self.router.metrics().clone(), method);
         let opened = async {
             let ticket = self.inflight.enter_owned().inspect_err(|e| self.shed(e))?;
             let request = self.admit(request, client)?;
@@ -168,7 +168,7 @@ pub(crate) struct StreamCall {
     inflight: Arc<InFlight>,
     _ticket: Ticket<Arc<InFlight>>,
     /// Taken when the stream ends.
-    record: Option<Record>,
+    record: Option<Record<Arc<Metrics>>>,
 }
 
 impl StreamCall {
@@ -208,19 +208,20 @@ fn count(metrics: &Metrics, method: &'static str, code: tonic::Code, started: In
         .observe(started.elapsed().as_secs_f64());
 }
 
-/// A streamed call's count, made when its stream ends ([`Record::done`]) or, when its caller
-/// went away first, as CANCELLED when dropped.
-struct Record {
-    metrics: Arc<Metrics>,
+/// A call's count, made when it ends ([`Record::done`]) or, when its caller went away first,
+/// as CANCELLED when dropped. A unary call borrows the metrics; a stream, which outlives
+/// the handler that opened it, holds them.
+struct Record<M: Borrow<Metrics>> {
+    metrics: M,
     method: &'static str,
     started: Instant,
     code: Option<tonic::Code>,
 }
 
-impl Record {
-    fn new(metrics: &Arc<Metrics>, method: &'static str) -> Record {
+impl<M: Borrow<Metrics>> Record<M> {
+    fn new(metrics: M, method: &'static str) -> Record<M> {
         Record {
-            metrics: metrics.clone(),
+            metrics,
             method,
             started: Instant::now(),
             code: None,
@@ -232,10 +233,10 @@ impl Record {
     }
 }
 
-impl Drop for Record {
+impl<M: Borrow<Metrics>> Drop for Record<M> {
     fn drop(&mut self) {
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
-        count(&self.metrics, self.method, code, self.started);
+        count(self.metrics.borrow(), self.method, code, self.started);
     }
 }
 

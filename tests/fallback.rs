@@ -203,6 +203,23 @@ async fn cancelled_call_cancels_its_upstream_request() {
     call.abort();
     let s = within(hanging.wait_for(|s| s.cancelled == 1)).await;
     assert_eq!(s.completed, 0);
+    // The call is counted as the caller left it (counted as its handler was dropped, which
+    // is also what closed the upstream request the mock just saw go).
+    assert_eq!(
+        metric(
+            &router,
+            r#"cascade_requests_total{method="Complete",code="Cancelled"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &router,
+            r#"cascade_request_duration_seconds_count{method="Complete"}"#
+        ),
+        1.0,
+        "and timed"
+    );
 }
 
 #[tokio::test]
