@@ -82,7 +82,7 @@ impl Demand {
         }
     }
 
-    /// Counts `now` prompts seen here; returns the recent peak (at least `now`).
+    /// Counts `seen` prompts here now; returns the recent peak (at least `seen`).
     fn see(&mut self, seen: usize, fastest: Duration) -> usize {
         let window = (fastest * 2).max(ARRIVAL_GAP);
         let elapsed = self.since.elapsed();
