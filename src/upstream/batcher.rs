@@ -370,7 +370,7 @@ async fn adaptive_worker(
             };
             // Under load, the callers of a batch that just came back send again a moment
             // after its slot frees: wait for them (at most max_wait, never past an item's
-            // latest send) rather than send a fragment. They come back together, so a pause
+            // close-by time) rather than send a fragment. They come back together, so a pause
             // in arrivals ends the wait — unless the provider is already serving all it
             // serves at once (this slot is headroom): a fragment sent there would wait a
             // whole service time at the provider, so it waits here for company or for a
@@ -378,7 +378,7 @@ async fn adaptive_worker(
             if pending.len() < target(pending.len()) {
                 let until = pending
                     .iter()
-                    .map(|i| latest_send(i, fastest))
+                    .map(|i| close_by(i, fastest))
                     .fold(now + settings.max_wait, Instant::min);
                 let headroom = || link.limit.held().saturating_sub(1) >= parallel;
                 let gap = arrival_gap(fastest, settings.max_wait);
@@ -463,7 +463,7 @@ async fn worker(
         let mut flush_at = first.enqueued + settings.max_wait;
         let mut batch = Vec::with_capacity(max);
         let take = |batch: &mut Vec<Item>, item: Item, flush_at: &mut Instant| {
-            *flush_at = (*flush_at).min(latest_send(&item, fastest));
+            *flush_at = (*flush_at).min(close_by(&item, fastest));
             batch.push(item);
         };
         take(&mut batch, first, &mut flush_at);
@@ -538,10 +538,12 @@ async fn worker(
     }
 }
 
-/// The latest an item can be sent and still be answered before its try ends: that end less
-/// the provider's fastest answer so far, and never less than a quarter of the item's time (up
-/// to 50 ms) while that is still unknown.
-fn latest_send(item: &Item, fastest: Duration) -> Instant {
+/// The latest a batch holding this item may close and still be answered before the item's
+/// try ends: that end less the provider's fastest answer so far, and never less than a
+/// quarter of the item's time (up to 50 ms) while that is still unknown — more cautious than
+/// an unbatched request's `Link::latest_send`: a fixed batch still waits for a slot after it
+/// closes, and one item's close-by time holds back the whole batch.
+fn close_by(item: &Item, fastest: Duration) -> Instant {
     let until = item.window.until;
     let budget = until.saturating_duration_since(item.enqueued);
     let reserve = fastest.max((budget / 4).min(Duration::from_millis(50)));
