@@ -193,21 +193,6 @@ impl StreamCall {
     }
 }
 
-/// Counts one call of `method` that ended with `code`, and times it from `started`.
-fn count(metrics: &Metrics, method: &'static str, code: tonic::Code, started: Instant) {
-    metrics
-        .calls
-        .get_or_create(&CallLabel {
-            method,
-            code: format!("{code:?}"),
-        })
-        .inc();
-    metrics
-        .call_seconds
-        .get_or_create(&MethodLabel { method })
-        .observe(started.elapsed().as_secs_f64());
-}
-
 /// A call's count, made when it ends ([`Record::done`]) or, when its caller went away first,
 /// as CANCELLED when dropped. A unary call borrows the metrics; a stream, which outlives
 /// the handler that opened it, holds them.
@@ -235,8 +220,19 @@ impl<M: Borrow<Metrics>> Record<M> {
 
 impl<M: Borrow<Metrics>> Drop for Record<M> {
     fn drop(&mut self) {
+        let (metrics, method) = (self.metrics.borrow(), self.method);
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
-        count(self.metrics.borrow(), self.method, code, self.started);
+        metrics
+            .calls
+            .get_or_create(&CallLabel {
+                method,
+                code: format!("{code:?}"),
+            })
+            .inc();
+        metrics
+            .call_seconds
+            .get_or_create(&MethodLabel { method })
+            .observe(self.started.elapsed().as_secs_f64());
     }
 }
 
