@@ -363,24 +363,29 @@ async fn adaptive_worker(
             let peak = demand.see(pending.len() + in_flight, fastest);
             // The callers' prompts, spread evenly over the requests the provider serves at
             // once.
+            let prompts = |pending: usize| peak.max(pending + in_flight);
             let target = |pending: usize| {
-                peak.max(pending + in_flight)
+                prompts(pending)
                     .div_ceil(parallel)
                     .clamp(1, settings.max_batch_size)
             };
             // Under load, the callers of a batch that just came back send again a moment
             // after its slot frees: wait for them (at most max_wait, never past an item's
             // close-by time) rather than send a fragment. They come back together, so a pause
-            // in arrivals ends the wait — unless the provider is already serving all it
-            // serves at once (this slot is headroom): a fragment sent there would wait a
-            // whole service time at the provider, so it waits here for company or for a
-            // request to come back. A lone caller's target is 1: no wait.
+            // in arrivals ends the wait — unless as many requests are in flight as the
+            // callers' prompts make at this size (at most the parallelism: this slot is
+            // headroom): a fragment sent there would wait a whole service time at the
+            // provider, or take a slot a whole batch needs, so it waits here for company or
+            // for a request to come back. A lone caller's target is 1: no wait.
             if pending.len() < target(pending.len()) {
                 let until = pending
                     .iter()
                     .map(|i| close_by(i, fastest))
                     .fold(now + settings.max_wait, Instant::min);
-                let headroom = || link.limit.held().saturating_sub(1) >= parallel;
+                let headroom = |pending: usize| {
+                    let requests = prompts(pending).div_ceil(target(pending));
+                    link.limit.held().saturating_sub(1) >= requests.min(parallel)
+                };
                 let gap = arrival_gap(fastest, settings.max_wait);
                 while pending.len() < target(pending.len()) {
                     let pause = until.min(Instant::now() + gap);
@@ -391,7 +396,7 @@ async fn adaptive_worker(
                             None => break,
                         },
                         () = sleep_until(pause) => {
-                            if Instant::now() >= until || !headroom() {
+                            if Instant::now() >= until || !headroom(pending.len()) {
                                 break;
                             }
                         }

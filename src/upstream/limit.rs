@@ -258,8 +258,8 @@ struct Gradient {
 
 /// Requests the provider serves at once, which batches are sized to (so the limit's headroom —
 /// requests waiting at the provider to hide the round trip between answers — does not thin
-/// them). A crowded round (more waiting at the provider than the answers' usual spread
-/// explains) shows it: `busy / r`. A calm one only says it is no lower than what was sent,
+/// them). Two crowded rounds running (more waiting at the provider than the answers' usual
+/// spread explains) show it: `busy / r`. A calm one only says it is no lower than what was sent,
 /// and batches sized to a low figure never crowd the provider to show a higher one, so now
 /// and then batches are sized to more requests (BBR's probing): kept if the provider stays
 /// calm, taken back if not — and then tried less often, so a provider at its true
@@ -279,6 +279,12 @@ struct Parallelism {
     step: f64,
     /// The value before the probe being judged.
     probing: Option<f64>,
+    /// Slots held in the last calm round not judging a probe: a probe is judged only if it
+    /// held more.
+    busy: f64,
+    /// What a crowded round showed, while it stands alone: one such round may be a stall
+    /// (a shared machine, a collector); a second running acts.
+    suspect: Option<f64>,
 }
 
 impl Parallelism {
@@ -290,6 +296,8 @@ impl Parallelism {
             every: PROBE_AFTER,
             step: 1.0,
             probing: None,
+            busy: 0.0,
+            suspect: None,
         }
     }
 
@@ -300,20 +308,36 @@ impl Parallelism {
         if crowded {
             self.calm = 0;
             self.step = 1.0;
-            self.value = match self.probing.take() {
-                Some(before) => {
-                    self.every = (self.every * 2).min(PROBE_AFTER_MAX);
-                    before
-                }
-                None => busy * self.noise / r,
-            };
+            let shown = busy * self.noise / r;
+            if let Some(before) = self.probing.take() {
+                self.every = (self.every * 2).min(PROBE_AFTER_MAX);
+                self.value = before;
+            } else if let Some(first) = self.suspect.replace(shown) {
+                // Crowded twice running: the provider serves fewer than sent. The milder of
+                // the two figures, so a stall in one round does not take it lower (and never
+                // higher: requests beyond the figure, the limit's headroom, crowd it too);
+                // probes come soon again, since the figure may now be below the truth.
+                self.value = self.value.min(first.max(shown));
+                self.suspect = None;
+                self.every = PROBE_AFTER;
+            }
             return false;
         }
+        self.suspect = None;
         self.noise += (r - self.noise) / 8.0;
-        if self.probing.take().is_some() {
-            self.step *= 2.0;
-            self.every = PROBE_AFTER;
+        if let Some(before) = self.probing.take() {
+            if busy > self.busy + 0.5 {
+                self.step *= 2.0;
+                self.every = PROBE_AFTER;
+            } else {
+                // Batches sized to the probe came out as many as before (the callers'
+                // prompts split no differently): it showed nothing, and a figure above the
+                // requests in flight would let fragments through as extra requests.
+                self.value = before;
+                self.every = (self.every * 2).min(PROBE_AFTER_MAX);
+            }
         }
+        self.busy = busy;
         self.calm += 1;
         if self.calm < self.every {
             return false;
@@ -455,7 +479,9 @@ impl Gradient {
         }
         tracing::debug!(
             permits,
+            busy,
             slowdown = r,
+            noise = self.parallelism.noise,
             waiting,
             parallelism = self.parallelism.value,
             estimate = self.estimate,
@@ -617,18 +643,38 @@ mod tests {
     }
 
     #[test]
-    fn a_crowded_round_shows_the_parallelism_a_calm_one_only_bounds_it() {
-        let mut p = Parallelism::new(8);
+    fn two_crowded_rounds_show_the_parallelism_a_calm_one_only_bounds_it() {
+        let mut p = Parallelism::new(12);
         assert!(!p.round(5.0, 1.0));
         assert_eq!(
-            p.value, 8.0,
-            "five served unqueued says nothing against eight"
+            p.value, 12.0,
+            "five served unqueued says nothing against twelve"
         );
         p.round(10.0, 1.25);
+        assert_eq!(p.value, 12.0, "one crowded round may be a stall");
+        p.round(10.0, 1.3);
+        assert_eq!(
+            p.value,
+            10.0 / 1.25,
+            "twice: ten in flight, a quarter (then 30%) slower — the milder says eight"
+        );
+        p.round(12.0, 1.25);
+        p.round(12.0, 1.25);
         assert_eq!(
             p.value, 8.0,
-            "ten in flight, a quarter slower: eight served at once"
+            "twelve in flight (the limit's headroom) crowding it says nothing above eight"
         );
+    }
+
+    #[test]
+    fn a_stall_between_calm_rounds_is_not_crowding() {
+        let mut p = Parallelism::new(8);
+        for _ in 0..3 {
+            p.round(8.0, 2.0);
+            assert_eq!(p.value, 8.0, "twice as slow, once");
+            p.round(8.0, 1.0);
+        }
+        assert_eq!(p.value, 8.0);
     }
 
     #[test]
@@ -641,8 +687,9 @@ mod tests {
         }
         assert_eq!(p.value, 16.0);
         assert!(p.noise > 1.03, "{}", p.noise);
-        // Then a quarter slower than that: crowded, judged against the spread.
+        // Then a quarter slower than that, twice: crowded, judged against the spread.
         let spread = p.noise;
+        p.round(16.0, 1.05 * 1.25);
         p.round(16.0, 1.05 * 1.25);
         let shown = 16.0 * spread / (1.05 * 1.25);
         assert!((p.value - shown).abs() < 1e-9, "{} vs {shown}", p.value);
@@ -675,6 +722,13 @@ mod tests {
             "then tried half as often"
         );
         assert_eq!(p.value, 10.0, "one more again");
+        // Ten in flight is crowded; then two rounds show seven: a figure that fell may be
+        // below the truth, so probes come soon again.
+        p.round(10.0, 10.0 / 9.0);
+        p.round(9.0, 9.0 / 7.0);
+        p.round(9.0, 9.0 / 7.0);
+        assert!((p.value - 7.0).abs() < 1e-9, "{}", p.value);
+        assert_eq!(calm_until_probe(&mut p), PROBE_AFTER);
     }
 
     #[tokio::test(start_paused = true)]
