@@ -52,6 +52,10 @@ const BACKOFF_OVERLOAD: f64 = 0.5;
 /// (other tenants, a smaller GPU) is relearned.
 const BASELINE_DRIFT: f64 = 1.0 / 256.0;
 const BUCKETS: usize = 64;
+/// Requests waiting at the provider, beyond the answers' usual spread, that show the
+/// parallelism lower than the requests sent: lower than Vegas' [`ALPHA`], since a size first
+/// seen while queueing has a baseline that hides part of it, and two rounds running must show it.
+const CROWDED: f64 = 0.3;
 /// Calm rounds before batches are sized to more requests than the parallelism shown, and the
 /// most that wait grows to while probes keep being taken back.
 const PROBE_AFTER: u32 = 8;
@@ -262,20 +266,22 @@ struct Gradient {
 /// spread explains) show it: `busy / r`. A calm one only says it is no lower than what was sent,
 /// and batches sized to a low figure never crowd the provider to show a higher one, so now
 /// and then batches are sized to more requests (BBR's probing): kept if the provider stays
-/// calm, taken back if not — and then tried less often, so a provider at its true
-/// parallelism pays for few probes.
+/// calm with more requests in flight, taken back if it crowds or if no more were sent (the
+/// prompts split into as many requests as before) — and then tried less often, so a
+/// provider at its true parallelism pays for few probes.
 #[derive(Debug)]
 struct Parallelism {
     value: f64,
-    /// The slowdown of calm rounds, smoothed: the answers' usual spread above the fastest
-    /// (timers, a shared machine), which is not queueing.
+    /// The slowdown of calm rounds, smoothed toward the calmer ones: the answers' usual
+    /// spread above the fastest (timers, a shared machine), which is not queueing.
     noise: f64,
     /// Calm rounds since the last crowded one or probe.
     calm: u32,
     /// Calm rounds before the next probe: [`PROBE_AFTER`], doubled by each probe taken back
-    /// (up to [`PROBE_AFTER_MAX`]).
+    /// (up to [`PROBE_AFTER_MAX`]), and back to [`PROBE_AFTER`] when crowding lowers the value.
     every: u32,
-    /// Requests the next probe adds: doubled by each probe kept.
+    /// Requests the next probe adds: doubled by each probe kept (a probe adds at most a
+    /// quarter).
     step: f64,
     /// The value before the probe being judged.
     probing: Option<f64>,
@@ -304,37 +310,45 @@ impl Parallelism {
     /// Learns from a round of answers with `busy` slots held on average and mean slowdown
     /// `r`. True when the value moved for a probe (the next round judges it).
     fn round(&mut self, busy: f64, r: f64) -> bool {
-        let crowded = busy * (1.0 - self.noise / r) > ALPHA.max(busy / 16.0);
+        let crowded = busy * (1.0 - self.noise / r) > CROWDED.max(busy / 16.0);
         if crowded {
             self.calm = 0;
             self.step = 1.0;
-            let shown = busy * self.noise / r;
+            // Batches were sized to `value` requests, and that many were in flight (more
+            // than the slots held at each answer: some are between answer and resend), so the
+            // slots served at once are `value / r` — unless more than `value` were held: the
+            // limit's headroom crowded it, which says nothing of the value.
+            let shown = if busy > self.value + 0.5 {
+                self.value
+            } else {
+                self.value * self.noise / r
+            };
             if let Some(before) = self.probing.take() {
                 self.every = (self.every * 2).min(PROBE_AFTER_MAX);
                 self.value = before;
             } else if let Some(first) = self.suspect.replace(shown) {
                 // Crowded twice running: the provider serves fewer than sent. The milder of
-                // the two figures, so a stall in one round does not take it lower (and never
-                // higher: requests beyond the figure, the limit's headroom, crowd it too);
-                // probes come soon again, since the figure may now be below the truth.
-                self.value = self.value.min(first.max(shown));
+                // the two figures, so a stall in one round does not take it lower; probes
+                // come soon again, since the figure may now be below the truth.
+                self.value = first.max(shown);
                 self.suspect = None;
                 self.every = PROBE_AFTER;
             }
             return false;
         }
         self.suspect = None;
-        self.noise += (r - self.noise) / 8.0;
+        // Quick to fall, slow to rise: rounds a little crowded (a request of headroom
+        // waiting, a probe not quite caught) must not teach that crowding is the usual.
+        self.noise += (r - self.noise) / if r < self.noise { 4.0 } else { 32.0 };
         if let Some(before) = self.probing.take() {
-            if busy > self.busy + 0.5 {
+            if busy > self.busy + 0.5 && busy > before - 0.5 {
                 self.step *= 2.0;
                 self.every = PROBE_AFTER;
             } else {
                 // Batches sized to the probe came out as many as before (the callers'
-                // prompts split no differently): it showed nothing, and a figure above the
-                // requests in flight would let fragments through as extra requests.
+                // prompts split no differently, or too few callers): it showed nothing and
+                // cost nothing, so the next comes as soon.
                 self.value = before;
-                self.every = (self.every * 2).min(PROBE_AFTER_MAX);
             }
         }
         self.busy = busy;
@@ -344,7 +358,8 @@ impl Parallelism {
         }
         self.calm = 0;
         self.probing = Some(self.value);
-        self.value = self.value.round() + self.step;
+        // At most a quarter more (BBR probes by a quarter), so a probe stays a small bet.
+        self.value = self.value.round() + self.step.min((self.value / 4.0).ceil());
         true
     }
 }
@@ -465,6 +480,9 @@ impl Gradient {
         if self.slow_start {
             self.parallelism.value = permits / r;
         } else if self.parallelism.round(busy, r) {
+            // A probe past the limit takes the limit with it, keeping a request of headroom:
+            // batches sized to the limit itself would hold every slot and leave none spare.
+            self.estimate = self.estimate.max(self.parallelism.value + 1.0);
             self.moved_at = Some(Instant::now());
         }
         if waiting > BETA.max(permits / 8.0) {
@@ -655,14 +673,15 @@ mod tests {
         p.round(10.0, 1.3);
         assert_eq!(
             p.value,
-            10.0 / 1.25,
-            "twice: ten in flight, a quarter (then 30%) slower — the milder says eight"
+            12.0 / 1.25,
+            "twice: batches sized to twelve requests, a quarter (then 30%) slower"
         );
-        p.round(12.0, 1.25);
-        p.round(12.0, 1.25);
+        p.round(11.0, 1.25);
+        p.round(11.0, 1.25);
         assert_eq!(
-            p.value, 8.0,
-            "twelve in flight (the limit's headroom) crowding it says nothing above eight"
+            p.value,
+            12.0 / 1.25,
+            "eleven held (the limit's headroom) crowding it says nothing of the value"
         );
     }
 
@@ -681,8 +700,9 @@ mod tests {
     fn the_answers_usual_spread_is_not_crowding() {
         let mut p = Parallelism::new(16);
         // Sixteen in flight, answers 5% above the fastest every round (timers, a busy
-        // machine): under one waiting in sixteen, learned as the spread.
-        for _ in 0..7 {
+        // machine): under one waiting in sixteen, learned (slowly) as the spread. (Probes
+        // in between, sized to no more requests, are taken back.)
+        for _ in 0..39 {
             p.round(16.0, 1.05);
         }
         assert_eq!(p.value, 16.0);
