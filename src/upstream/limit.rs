@@ -263,7 +263,8 @@ struct Gradient {
 /// Requests the provider serves at once, which batches are sized to (so the limit's headroom —
 /// requests waiting at the provider to hide the round trip between answers — does not thin
 /// them). Two crowded rounds running (more waiting at the provider than the answers' usual
-/// spread explains) show it: `busy / r`. A calm one only says it is no lower than what was sent,
+/// spread explains) lower it to the requests sent over the slowdown, `value / r`; one alone
+/// may be a stall. A calm one only says it is no lower than what was sent,
 /// and batches sized to a low figure never crowd the provider to show a higher one, so now
 /// and then batches are sized to more requests (BBR's probing): kept if the provider stays
 /// calm with more requests in flight, taken back if it crowds or if no more were sent (the
