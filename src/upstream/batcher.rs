@@ -71,6 +71,8 @@ struct Demand {
     since: Instant,
     current: usize,
     previous: usize,
+    /// The last count: the peak so far carries into the next window if it is this recent.
+    last: Instant,
 }
 
 impl Demand {
@@ -79,22 +81,26 @@ impl Demand {
             since: Instant::now(),
             current: 0,
             previous: 0,
+            last: Instant::now(),
         }
     }
 
     /// Counts `seen` prompts here now; returns the recent peak (at least `seen`).
     fn see(&mut self, seen: usize, fastest: Duration) -> usize {
         let window = (fastest * 2).max(ARRIVAL_GAP);
-        let elapsed = self.since.elapsed();
-        if elapsed >= window {
-            self.previous = if elapsed >= window * 2 {
-                0
-            } else {
+        let now = Instant::now();
+        if now - self.since >= window {
+            // Counts come only as prompts arrive or leave, so a window may pass unseen: what
+            // was counted within the last two windows still stands; older, it is forgotten.
+            self.previous = if now - self.last < window * 2 {
                 self.current
+            } else {
+                0
             };
             self.current = 0;
-            self.since = Instant::now();
+            self.since = now;
         }
+        self.last = now;
         self.current = self.current.max(seen);
         self.current.max(self.previous)
     }
@@ -359,51 +365,58 @@ async fn adaptive_worker(
         let size = if arrays {
             let parallel = link.limit.parallelism().max(1);
             let fastest = link.stats.fastest();
-            let in_flight = link.limit.items_in_flight();
-            let peak = demand.see(pending.len() + in_flight, fastest);
-            // The callers' prompts, spread evenly over the requests the provider serves at
-            // once.
-            let prompts = |pending: usize| peak.max(pending + in_flight);
-            let target = |pending: usize| {
-                prompts(pending)
-                    .div_ceil(parallel)
-                    .clamp(1, settings.max_batch_size)
-            };
+            // The callers' prompts (waiting here or in flight, at their recent peak), spread
+            // evenly over the requests the provider serves at once.
+            let mut prompts_now =
+                |pending: usize| demand.see(pending + link.limit.items_in_flight(), fastest);
+            let target =
+                |prompts: usize| prompts.div_ceil(parallel).clamp(1, settings.max_batch_size);
+            let mut prompts = prompts_now(pending.len());
             // Under load, the callers of a batch that just came back send again a moment
             // after its slot frees: wait for them (at most max_wait, never past an item's
             // close-by time) rather than send a fragment. They come back together, so a pause
-            // in arrivals ends the wait — unless as many requests are in flight as the
-            // callers' prompts make at this size (at most the parallelism: this slot is
-            // headroom): a fragment sent there would wait a whole service time at the
-            // provider, or take a slot a whole batch needs, so it waits here for company or
-            // for a request to come back. A lone caller's target is 1: no wait.
-            if pending.len() < target(pending.len()) {
-                let until = pending
+            // in arrivals ends the wait. But when as many requests are in flight as the
+            // callers' prompts make at this size (at most the parallelism), this slot is
+            // headroom and the provider is busy: a fragment sent there would wait a whole
+            // service time at the provider, or take a slot a whole batch needs, so it waits
+            // here until a request comes back (its callers then join it) — as items wait
+            // when no slot is free. A lone caller's target is 1: no wait.
+            if pending.len() < target(prompts) {
+                let close = pending
                     .iter()
                     .map(|i| close_by(i, fastest))
-                    .fold(now + settings.max_wait, Instant::min);
-                let headroom = |pending: usize| {
-                    let requests = prompts(pending).div_ceil(target(pending));
-                    link.limit.held().saturating_sub(1) >= requests.min(parallel)
+                    .min()
+                    .unwrap_or(now);
+                let headroom = |prompts: usize| {
+                    let requests = prompts.div_ceil(target(prompts));
+                    link.limit.requests_in_flight() >= requests.min(parallel)
                 };
                 let gap = arrival_gap(fastest, settings.max_wait);
-                while pending.len() < target(pending.len()) {
-                    let pause = until.min(Instant::now() + gap);
+                let mut window = None;
+                while pending.len() < target(prompts) {
+                    // Taken before the check, so a release between the two is not missed.
+                    let returned = link.limit.released();
+                    let pause = if headroom(prompts) {
+                        window = None;
+                        close
+                    } else {
+                        let end = *window
+                            .get_or_insert_with(|| close.min(Instant::now() + settings.max_wait));
+                        end.min(Instant::now() + gap)
+                    };
                     tokio::select! {
                         biased;
                         item = rx.recv() => match item {
                             Some(item) => pending.push_back(item),
                             None => break,
                         },
-                        () = sleep_until(pause) => {
-                            if Instant::now() >= until || !headroom(pending.len()) {
-                                break;
-                            }
-                        }
+                        () = returned, if window.is_none() => {}
+                        () = sleep_until(pause) => break,
                     }
+                    prompts = prompts_now(pending.len());
                 }
             }
-            target(pending.len()).min(pending.len())
+            target(prompts).min(pending.len())
         } else {
             1
         };
@@ -882,6 +895,14 @@ mod tests {
             1,
             "two windows on, only what is seen now"
         );
+        // Counted at 0 and 15 ms of a window, next at 45 ms: the window from 20 to 40 ms
+        // passed unseen, and the count at 15 ms still stands.
+        let mut d = Demand::new();
+        assert_eq!(d.see(64, fastest), 64);
+        tokio::time::advance(Duration::from_millis(15)).await;
+        d.see(60, fastest);
+        tokio::time::advance(Duration::from_millis(30)).await;
+        assert_eq!(d.see(57, fastest), 64, "last counted 30 ms ago");
     }
 
     #[tokio::test(start_paused = true)]

@@ -25,7 +25,7 @@ use std::{
 };
 
 use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, futures::Notified},
     time::Instant,
 };
 
@@ -60,6 +60,8 @@ const CROWDED: f64 = 0.3;
 /// most that wait grows to while probes keep being taken back.
 const PROBE_AFTER: u32 = 8;
 const PROBE_AFTER_MAX: u32 = 128;
+/// Calm rounds after a fall before the figure from before it is tried again.
+const RESTORE_AFTER: u32 = 2;
 
 /// What an answer says about the provider's load.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -76,10 +78,15 @@ pub(super) struct Limit {
     slots: Arc<Semaphore>,
     /// Prompts carried by the requests holding slots now.
     items: AtomicUsize,
-    /// Slots held now.
-    held: AtomicUsize,
+    /// Slots carrying prompts now: requests in flight (a slot held while a batch gathers
+    /// carries none).
+    carrying: AtomicUsize,
     /// Permits taken back from busy requests: forgotten when released instead of returned.
     owed: AtomicUsize,
+    /// [`Limit::parallelism`], kept where taking a slot reads it without the policy's lock.
+    parallel: AtomicUsize,
+    /// Signalled as each slot is released.
+    released: Notify,
     /// `None` for a fixed limit.
     adaptive: Option<Mutex<Gradient>>,
     ceiling: usize,
@@ -93,11 +100,25 @@ pub(super) struct Slot {
     taken: Instant,
     /// Prompts it carries (counted in [`Limit::items_in_flight`]).
     items: usize,
+    /// Requests in flight beyond the parallelism as it was sent (its own included): requests
+    /// the provider queues for want of a free slot, whatever its parallelism.
+    beyond: usize,
 }
 
 impl Slot {
     /// Says how many prompts the request on this slot carries.
     pub(super) fn carry(&mut self, items: usize) {
+        let limit = &self.limit;
+        match (self.items, items) {
+            (0, 1..) => {
+                let sent = limit.carrying.fetch_add(1, Relaxed) + 1;
+                self.beyond = sent.saturating_sub(limit.parallel.load(Relaxed));
+            }
+            (1.., 0) => {
+                limit.carrying.fetch_sub(1, Relaxed);
+            }
+            _ => {}
+        }
         let counted = &self.limit.items;
         if items > self.items {
             counted.fetch_add(items - self.items, Relaxed);
@@ -111,7 +132,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.carry(0);
-        self.limit.held.fetch_sub(1, Relaxed);
+        self.limit.released.notify_waiters();
         if let Some(p) = self.permit.take() {
             let owed = &self.limit.owed;
             if owed
@@ -129,8 +150,10 @@ impl Limit {
         Arc::new(Limit {
             slots: Arc::new(Semaphore::new(max)),
             items: AtomicUsize::new(0),
-            held: AtomicUsize::new(0),
+            carrying: AtomicUsize::new(0),
             owed: AtomicUsize::new(0),
+            parallel: AtomicUsize::new(max),
+            released: Notify::new(),
             adaptive: None,
             ceiling: max,
         })
@@ -141,8 +164,10 @@ impl Limit {
         Arc::new(Limit {
             slots: Arc::new(Semaphore::new(start)),
             items: AtomicUsize::new(0),
-            held: AtomicUsize::new(0),
+            carrying: AtomicUsize::new(0),
             owed: AtomicUsize::new(0),
+            parallel: AtomicUsize::new(start),
+            released: Notify::new(),
             adaptive: Some(Mutex::new(Gradient::new(start, ceiling))),
             ceiling,
         })
@@ -157,12 +182,12 @@ impl Limit {
     }
 
     fn slot(self: &Arc<Limit>, permit: OwnedSemaphorePermit) -> Slot {
-        self.held.fetch_add(1, Relaxed);
         Slot {
             permit: Some(permit),
             limit: self.clone(),
             taken: Instant::now(),
             items: 0,
+            beyond: 0,
         }
     }
 
@@ -173,18 +198,17 @@ impl Limit {
     /// Requests the provider serves at once: the limit when fixed; when learned, what the
     /// provider showed (at most the limit).
     pub(super) fn parallelism(&self) -> usize {
-        match &self.adaptive {
-            None => self.ceiling,
-            Some(g) => {
-                let g = g.lock().unwrap_or_else(PoisonError::into_inner);
-                (g.parallelism.value.round() as usize).clamp(1, g.permits)
-            }
-        }
+        self.parallel.load(Relaxed)
     }
 
-    /// Slots held now (requests in flight, or about to be).
-    pub(super) fn held(&self) -> usize {
-        self.held.load(Relaxed)
+    /// Resolves at the next release of a slot after this call (whether polled yet or not).
+    pub(super) fn released(&self) -> Notified<'_> {
+        self.released.notified()
+    }
+
+    /// Requests in flight now (slots carrying prompts).
+    pub(super) fn requests_in_flight(&self) -> usize {
+        self.carrying.load(Relaxed)
     }
 
     /// Prompts carried by requests in flight now.
@@ -210,11 +234,18 @@ impl Limit {
     pub(super) fn observe(&self, slot: &Slot, verdict: Verdict) {
         let Some(g) = &self.adaptive else { return };
         let saturated = self.slots.available_permits() == 0;
-        let busy = self.held.load(Relaxed);
+        let busy = self.carrying.load(Relaxed);
+        let load = Load {
+            busy,
+            saturated,
+            beyond: slot.beyond,
+        };
         let (before, after) = {
             let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
             let before = g.permits;
-            g.learn(slot.taken, (busy, saturated), verdict);
+            g.learn(slot.taken, load, verdict);
+            let shown = (g.parallelism.value.round() as usize).clamp(1, g.permits);
+            self.parallel.store(shown, Relaxed);
             (before, g.permits)
         };
         if after > before {
@@ -263,8 +294,9 @@ struct Gradient {
 /// Requests the provider serves at once, which batches are sized to (so the limit's headroom —
 /// requests waiting at the provider to hide the round trip between answers — does not thin
 /// them). Two crowded rounds running (more waiting at the provider than the answers' usual
-/// spread explains) lower it to the requests sent over the slowdown, `value / r`; one alone
-/// may be a stall. A calm one only says it is no lower than what was sent,
+/// spread explains) lower it to the requests sent over the slowdown, `(value + beyond) / r`;
+/// one alone may be a stall, and after a fall the old figure is tried again soon. A calm one
+/// only says it is no lower than what was sent,
 /// and batches sized to a low figure never crowd the provider to show a higher one, so now
 /// and then batches are sized to more requests (BBR's probing): kept if the provider stays
 /// calm with more requests in flight, taken back if it crowds or if no more were sent (the
@@ -286,12 +318,16 @@ struct Parallelism {
     step: f64,
     /// The value before the probe being judged.
     probing: Option<f64>,
-    /// Slots held in the last calm round not judging a probe: a probe is judged only if it
-    /// held more.
+    /// Requests in flight in the last calm round not judging a probe: a probe is judged only
+    /// if it had more.
     busy: f64,
     /// What a crowded round showed, while it stands alone: one such round may be a stall
     /// (a shared machine, a collector); a second running acts.
     suspect: Option<f64>,
+    /// The figure before the last fall, tried again ([`RESTORE_AFTER`]) as one probe until a
+    /// probe is judged: two rounds can still be a longer stall or a burst of callers, and
+    /// climbing back a quarter at a time takes most of a second.
+    restore: Option<f64>,
 }
 
 impl Parallelism {
@@ -305,33 +341,44 @@ impl Parallelism {
             probing: None,
             busy: 0.0,
             suspect: None,
+            restore: None,
         }
     }
 
-    /// Learns from a round of answers with `busy` slots held on average and mean slowdown
-    /// `r`. True when the value moved for a probe (the next round judges it).
-    fn round(&mut self, busy: f64, r: f64) -> bool {
+    /// Lowers the value to `to`, remembering the old one to try again.
+    fn lower(&mut self, to: f64) {
+        if to < self.value {
+            self.restore = Some(self.restore.unwrap_or(0.0).max(self.value));
+            self.value = to;
+        }
+    }
+
+    /// Learns from a round of answers with `busy` requests in flight on average, requests sent
+    /// `beyond` the figure (on average) and mean slowdown `r`. True when the value moved for
+    /// a probe (the next round judges it).
+    fn round(&mut self, busy: f64, beyond: f64, r: f64) -> bool {
         let crowded = busy * (1.0 - self.noise / r) > CROWDED.max(busy / 16.0);
         if crowded {
             self.calm = 0;
             self.step = 1.0;
             // Batches were sized to `value` requests, and that many were in flight (more
-            // than the slots held at each answer: some are between answer and resend), so the
-            // slots served at once are `value / r` — unless more than `value` were held: the
-            // limit's headroom crowded it, which says nothing of the value.
-            let shown = if busy > self.value + 0.5 {
-                self.value
-            } else {
-                self.value * self.noise / r
-            };
+            // than were in flight at each answer: some are between answer and resend), with
+            // those sent beyond it (lone items on the limit's headroom, callers arriving in
+            // a burst): the provider served `(value + beyond) / r` at once.
+            let shown = ((self.value + beyond) * self.noise / r).min(self.value);
             if let Some(before) = self.probing.take() {
                 self.every = (self.every * 2).min(PROBE_AFTER_MAX);
                 self.value = before;
+                self.restore = None;
             } else if let Some(first) = self.suspect.replace(shown) {
                 // Crowded twice running: the provider serves fewer than sent. The milder of
                 // the two figures, so a stall in one round does not take it lower; probes
                 // come soon again, since the figure may now be below the truth.
-                self.value = first.max(shown);
+                let fell = first.max(shown);
+                if fell < self.value {
+                    // Crowded with `value` requests sized: it serves fewer than that many.
+                    self.lower(fell.min(self.value.round() - 1.0));
+                }
                 self.suspect = None;
                 self.every = PROBE_AFTER;
             }
@@ -345,6 +392,7 @@ impl Parallelism {
             if busy > self.busy + 0.5 && busy > before - 0.5 {
                 self.step *= 2.0;
                 self.every = PROBE_AFTER;
+                self.restore = None;
             } else {
                 // Batches sized to the probe came out as many as before (the callers'
                 // prompts split no differently, or too few callers): it showed nothing and
@@ -354,15 +402,29 @@ impl Parallelism {
         }
         self.busy = busy;
         self.calm += 1;
-        if self.calm < self.every {
+        let restore = self.restore.filter(|_| self.calm >= RESTORE_AFTER);
+        if self.calm < self.every && restore.is_none() {
             return false;
         }
         self.calm = 0;
         self.probing = Some(self.value);
         // At most a quarter more (BBR probes by a quarter), so a probe stays a small bet.
-        self.value = self.value.round() + self.step.min((self.value / 4.0).ceil());
+        self.value = restore
+            .unwrap_or_else(|| self.value.round() + self.step.min((self.value / 4.0).ceil()));
         true
     }
+}
+
+/// What the limit held as an answer came.
+#[derive(Clone, Copy, Debug)]
+struct Load {
+    /// Requests in flight (the answer's own included; a slot held while a batch gathers
+    /// is not one).
+    busy: usize,
+    /// Whether every slot was held.
+    saturated: bool,
+    /// The answer's request was sent with this many slots held beyond the parallelism.
+    beyond: usize,
 }
 
 /// The answers of the current round.
@@ -371,8 +433,10 @@ struct Round {
     answers: usize,
     slowdown: f64,
     saturated: usize,
-    /// Slots held at each answer, summed.
+    /// Requests in flight at each answer, summed.
     busy: usize,
+    /// [`Load::beyond`], summed.
+    beyond: usize,
 }
 
 /// The bucket for a request of `items` prompts.
@@ -426,9 +490,7 @@ impl Gradient {
         best.is_finite().then_some(best)
     }
 
-    /// `load`: the slots held as the answer came (its own included), and whether that was
-    /// all of them.
-    fn learn(&mut self, sent: Instant, load: (usize, bool), verdict: Verdict) {
+    fn learn(&mut self, sent: Instant, load: Load, verdict: Verdict) {
         match verdict {
             Verdict::Nothing => {}
             Verdict::Overloaded => self.fall(sent, BACKOFF_OVERLOAD),
@@ -441,11 +503,14 @@ impl Gradient {
             self.moved_at = Some(Instant::now());
             self.round = Round::default();
         }
-        self.parallelism.value = self.parallelism.value.clamp(1.0, self.permits as f64);
+        // A limit lowered (a spike, a 429) takes the parallelism with it, to be tried again
+        // once the limit has grown back.
+        self.parallelism
+            .lower(self.parallelism.value.min(self.permits as f64));
+        self.parallelism.value = self.parallelism.value.max(1.0);
     }
 
-    fn took(&mut self, sent: Instant, load: (usize, bool), took: Duration, items: usize) {
-        let (busy, saturated) = load;
+    fn took(&mut self, sent: Instant, load: Load, took: Duration, items: usize) {
         let slack = SLACK.as_secs_f64();
         let slowdown = self
             .expected(items)
@@ -468,8 +533,9 @@ impl Gradient {
         let round = &mut self.round;
         round.answers += 1;
         round.slowdown += slowdown;
-        round.saturated += usize::from(saturated);
-        round.busy += busy;
+        round.saturated += usize::from(load.saturated);
+        round.busy += load.busy;
+        round.beyond += load.beyond;
         if round.answers < self.permits {
             return;
         }
@@ -477,21 +543,25 @@ impl Gradient {
         let permits = self.permits as f64;
         let r = round.slowdown / round.answers as f64;
         let busy = round.busy as f64 / round.answers as f64;
+        let beyond = round.beyond as f64 / round.answers as f64;
         let waiting = busy * (1.0 - 1.0 / r);
         if self.slow_start {
             self.parallelism.value = permits / r;
-        } else if self.parallelism.round(busy, r) {
+        } else if self.parallelism.round(busy, beyond, r) {
             // A probe past the limit takes the limit with it, keeping a request of headroom:
             // batches sized to the limit itself would hold every slot and leave none spare.
             self.estimate = self.estimate.max(self.parallelism.value + 1.0);
             self.moved_at = Some(Instant::now());
         }
         if waiting > BETA.max(permits / 8.0) {
-            self.estimate = if self.slow_start {
-                (busy / r).min(self.estimate - 1.0)
+            if self.slow_start {
+                self.estimate = (busy / r).min(self.estimate - 1.0);
+                // The end of slow start: a first figure, not a fall from a known one.
+                let p = &mut self.parallelism;
+                p.value = p.value.min(self.estimate.floor()).max(1.0);
             } else {
-                self.estimate - 1.0
-            };
+                self.estimate -= 1.0;
+            }
             self.slow_start = false;
         } else if waiting < ALPHA && round.saturated * 2 >= round.answers {
             self.estimate += if self.slow_start { permits } else { 1.0 };
@@ -499,6 +569,7 @@ impl Gradient {
         tracing::debug!(
             permits,
             busy,
+            beyond,
             slowdown = r,
             noise = self.parallelism.noise,
             waiting,
@@ -535,13 +606,18 @@ mod tests {
     /// `answers` answers of `took` for `items` prompts each, with `demand` callers: each
     /// answered slot is released and the free capacity taken up again, as waiting callers do.
     fn serve(limit: &Arc<Limit>, demand: usize, answers: usize, took: Duration, items: usize) {
-        let mut held: VecDeque<Slot> = take(limit, demand).into();
+        let sent = |n| {
+            take(limit, n).into_iter().map(|mut s| {
+                s.carry(items);
+                s
+            })
+        };
+        let mut held: VecDeque<Slot> = sent(demand).collect();
         for _ in 0..answers {
             let Some(s) = held.pop_front() else { break };
             limit.observe(&s, Verdict::Took(took, items));
             drop(s);
-            let more = take(limit, demand - held.len());
-            held.extend(more);
+            held.extend(sent(demand - held.len()));
         }
     }
 
@@ -664,25 +740,64 @@ mod tests {
     #[test]
     fn two_crowded_rounds_show_the_parallelism_a_calm_one_only_bounds_it() {
         let mut p = Parallelism::new(12);
-        assert!(!p.round(5.0, 1.0));
+        assert!(!p.round(5.0, 0.0, 1.0));
         assert_eq!(
             p.value, 12.0,
             "five served unqueued says nothing against twelve"
         );
-        p.round(10.0, 1.25);
+        p.round(10.0, 0.0, 1.25);
         assert_eq!(p.value, 12.0, "one crowded round may be a stall");
-        p.round(10.0, 1.3);
+        p.round(10.0, 0.0, 1.3);
         assert_eq!(
             p.value,
             12.0 / 1.25,
             "twice: batches sized to twelve requests, a quarter (then 30%) slower"
         );
-        p.round(11.0, 1.25);
-        p.round(11.0, 1.25);
-        assert_eq!(
-            p.value,
-            12.0 / 1.25,
-            "eleven held (the limit's headroom) crowding it says nothing of the value"
+    }
+
+    #[test]
+    fn requests_sent_beyond_the_figure_explain_the_crowding_they_cause() {
+        let mut p = Parallelism::new(8);
+        // A burst of callers: lone items took the limit's headroom, three requests on
+        // average beyond the eight, and the answers came 3/8 slower — the provider still
+        // served eight at once.
+        p.round(9.0, 3.0, 11.0 / 8.0);
+        p.round(9.0, 3.0, 11.0 / 8.0);
+        assert_eq!(p.value, 8.0);
+        // One beyond and a quarter slower: 9 / 1.25 = 7.2 served at once, and batches sized
+        // to eight requests crowded it: seven.
+        p.round(9.0, 1.0, 1.25);
+        p.round(9.0, 1.0, 1.25);
+        assert_eq!(p.value, 7.0);
+        // Seven sized and a third slower: 7 / 1.33 = 5.25 served at once.
+        p.round(7.0, 0.0, 4.0 / 3.0);
+        p.round(7.0, 0.0, 4.0 / 3.0);
+        assert_eq!(p.value, 5.25);
+    }
+
+    #[test]
+    fn after_a_fall_the_old_figure_is_tried_again_soon_and_kept_if_calm() {
+        let mut p = Parallelism::new(16);
+        p.round(16.0, 0.0, 2.0);
+        p.round(16.0, 0.0, 2.0);
+        assert_eq!(p.value, 8.0, "a stall of two rounds");
+        assert!(!p.round(8.0, 0.0, 1.0));
+        assert!(p.round(8.0, 0.0, 1.0), "two calm rounds: the probe");
+        assert_eq!(p.value, 16.0, "straight back to the figure before the fall");
+        assert!(!p.round(15.0, 0.0, 1.0));
+        assert_eq!(p.value, 16.0, "more in flight and calm: kept");
+        // A fall the provider means: the figure tried again crowds it, and stays down.
+        p.round(16.0, 0.0, 1.6);
+        p.round(16.0, 0.0, 1.6);
+        assert_eq!(p.value, 10.0);
+        p.round(10.0, 0.0, 1.0);
+        assert!(p.round(10.0, 0.0, 1.0));
+        assert_eq!(p.value, 16.0);
+        assert!(!p.round(16.0, 0.0, 1.6));
+        assert_eq!(p.value, 10.0, "taken back");
+        assert!(
+            (0..PROBE_AFTER - 1).all(|_| !p.round(10.0, 0.0, 1.0)),
+            "and not tried again"
         );
     }
 
@@ -690,9 +805,9 @@ mod tests {
     fn a_stall_between_calm_rounds_is_not_crowding() {
         let mut p = Parallelism::new(8);
         for _ in 0..3 {
-            p.round(8.0, 2.0);
+            p.round(8.0, 0.0, 2.0);
             assert_eq!(p.value, 8.0, "twice as slow, once");
-            p.round(8.0, 1.0);
+            p.round(8.0, 0.0, 1.0);
         }
         assert_eq!(p.value, 8.0);
     }
@@ -704,14 +819,14 @@ mod tests {
         // machine): under one waiting in sixteen, learned (slowly) as the spread. (Probes
         // in between, sized to no more requests, are taken back.)
         for _ in 0..39 {
-            p.round(16.0, 1.05);
+            p.round(16.0, 0.0, 1.05);
         }
         assert_eq!(p.value, 16.0);
         assert!(p.noise > 1.03, "{}", p.noise);
         // Then a quarter slower than that, twice: crowded, judged against the spread.
         let spread = p.noise;
-        p.round(16.0, 1.05 * 1.25);
-        p.round(16.0, 1.05 * 1.25);
+        p.round(16.0, 0.0, 1.05 * 1.25);
+        p.round(16.0, 0.0, 1.05 * 1.25);
         let shown = 16.0 * spread / (1.05 * 1.25);
         assert!((p.value - shown).abs() < 1e-9, "{} vs {shown}", p.value);
         assert!(shown > 12.5 && shown < 12.8, "about 16 / 1.25: {shown}");
@@ -723,7 +838,7 @@ mod tests {
         // Calm rounds (as many in flight as the figure) until one moves it for a probe.
         let calm_until_probe = |p: &mut Parallelism| {
             (1..=1000)
-                .find(|_| p.round(p.value.round(), 1.0))
+                .find(|_| p.round(p.value.round(), 0.0, 1.0))
                 .expect("a probe")
         };
         assert_eq!(calm_until_probe(&mut p), PROBE_AFTER);
@@ -735,7 +850,7 @@ mod tests {
         );
         assert_eq!(p.value, 11.0);
         // Eleven in flight and answers 11/9 slower: the provider serves nine.
-        assert!(!p.round(11.0, 11.0 / 9.0));
+        assert!(!p.round(11.0, 0.0, 11.0 / 9.0));
         assert_eq!(p.value, 9.0, "taken back");
         assert_eq!(
             calm_until_probe(&mut p),
@@ -744,12 +859,17 @@ mod tests {
         );
         assert_eq!(p.value, 10.0, "one more again");
         // Ten in flight is crowded; then two rounds show seven: a figure that fell may be
-        // below the truth, so probes come soon again.
-        p.round(10.0, 10.0 / 9.0);
-        p.round(9.0, 9.0 / 7.0);
-        p.round(9.0, 9.0 / 7.0);
+        // below the truth, so the one before is tried again soon, then probes come as often
+        // as at first.
+        p.round(10.0, 0.0, 10.0 / 9.0);
+        p.round(9.0, 0.0, 9.0 / 7.0);
+        p.round(9.0, 0.0, 9.0 / 7.0);
         assert!((p.value - 7.0).abs() < 1e-9, "{}", p.value);
-        assert_eq!(calm_until_probe(&mut p), PROBE_AFTER);
+        assert_eq!(calm_until_probe(&mut p), RESTORE_AFTER);
+        assert_eq!(p.value, 9.0);
+        p.round(9.0, 0.0, 9.0 / 7.0);
+        assert!((p.value - 7.0).abs() < 1e-9, "{}", p.value);
+        assert_eq!(calm_until_probe(&mut p), 2 * PROBE_AFTER);
     }
 
     #[tokio::test(start_paused = true)]
