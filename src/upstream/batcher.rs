@@ -9,7 +9,8 @@
 //!   when a slot frees, in batches of ceil(callers' prompts / parallelism) — the prompts
 //!   waiting and in flight at their recent peak ([`Demand`]) — so the load spreads evenly over
 //!   the requests the provider serves in parallel (waiting up to `max_wait` for callers of a
-//!   batch just answered to send again). A lone caller pays no window.
+//!   batch just answered to send again; a fragment with that many requests already in flight
+//!   waits for one to come back). A lone caller pays no window.
 //! - **fixed**: the worker closes a batch when `max_batch_size` items are queued or the oldest
 //!   has waited `max_wait` — Triton's dynamic batcher rule — and earlier when an item's
 //!   deadline is near (its deadline minus the provider's fastest answer). It then waits for a

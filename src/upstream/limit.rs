@@ -295,8 +295,8 @@ impl Limit {
 /// since the limit last moved: each answer's time against the time expected for its size
 /// gives the mean slowdown `r` of the round, and with `busy` requests in flight,
 /// `busy × (1 − 1/r)` of them were waiting at the provider (Little's law). Few waiting and
-/// every slot busy: one more slot (doubling, in slow start); too many: one less (in slow
-/// start, down to `busy / r`, the parallelism the provider showed).
+/// every slot busy: one more slot (doubling, in slow start); too many: one less (slow start
+/// ends on two such rounds running, down to `busy / r`, the parallelism the provider showed).
 #[derive(Debug)]
 struct Gradient {
     estimate: f64,
@@ -319,9 +319,10 @@ struct Gradient {
 /// Requests the provider serves at once, which batches are sized to (so the limit's headroom —
 /// requests waiting at the provider to hide the round trip between answers — does not thin
 /// them). Two crowded rounds running (more waiting at the provider than the answers' usual
-/// spread explains) lower it to the requests sent over the slowdown, `(value + beyond) / r`;
-/// one alone may be a stall, and after a fall the old figure is tried again soon. A calm one
-/// only says it is no lower than what was sent,
+/// spread explains) lower it to the requests sent over the slowdown, `(value + beyond) / r`,
+/// and below the requests that crowded it; one alone may be a stall, a round with fewer in
+/// flight than the figure's batches make says nothing of it, and after a fall the old figure
+/// is tried again soon. A calm one only says it is no lower than what was sent,
 /// and batches sized to a low figure never crowd the provider to show a higher one, so now
 /// and then batches are sized to more requests (BBR's probing): kept if the provider stays
 /// calm with more requests in flight, taken back if it crowds or if no more were sent (the
@@ -454,7 +455,8 @@ struct Load {
     busy: usize,
     /// Whether every slot was held.
     saturated: bool,
-    /// The answer's request was sent with this many slots held beyond the parallelism.
+    /// The answer's request was sent with this many requests in flight beyond the
+    /// parallelism.
     beyond: usize,
 }
 
