@@ -489,9 +489,7 @@ async fn respond(
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     };
     let latency = script.base_latency + script.per_item_latency * (prompts.len() as u32);
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
+    crate::timer::sleep(latency).await;
     if streamed && let Some(flight) = flight.take() {
         let first = prompts.first().map(String::as_str).unwrap_or_default();
         let chunks = stream_chunks(endpoint, &model, first);
