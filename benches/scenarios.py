@@ -385,7 +385,8 @@ def adaptive(b):
                 "up", base, f"    batching: {{mode: fixed, max_batch_size: {size}, max_wait_ms: {wait}}}\n"))[1]
         res = {}
         for c in callers_list:
-            ranked = sorted(fixed, key=lambda k: -closed_run(b, mport, ports[k], c, secs)["throughput_rps"])
+            swept = {k: closed_run(b, mport, ports[k], c, secs)["throughput_rps"] for k in fixed}
+            ranked = sorted(fixed, key=swept.get, reverse=True)
             finalists = ["off", "adaptive", *ranked[:2]]
             for k in finalists:
                 closed_run(b, mport, ports[k], c, warm)
