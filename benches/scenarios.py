@@ -599,9 +599,9 @@ def real(b):
     # up: as for the mocks, a sweep (each once) picks the leader, and the head-to-head runs
     # measure it afresh.
     reps, secs, warm = (1, 2, 1) if b.smoke else (6, 10, 5)
-    run = lambda name, secs: b.load(*(("--http", base, "--connections", 4) if name not in ports
-                                      else ("--addr", f"127.0.0.1:{ports[name]}")),
-                                    "-c", 32, "--duration", secs, "--timeout", 120, "-d", data)
+    run = lambda name, duration: b.load(*(("--http", base, "--connections", 4) if name not in ports
+                                          else ("--addr", f"127.0.0.1:{ports[name]}")),
+                                        "-c", 32, "--duration", duration, "--timeout", 120, "-d", data)
     fixed = [name for name in ports if "fixed" in name]
     sweep = {name: run(name, secs)["throughput_rps"] for name in fixed}
     best = max(fixed, key=sweep.get)

@@ -34,13 +34,12 @@ pub async fn sleep(d: Duration) {
 
 struct Due {
     at: Instant,
-    seq: u64,
     wake: oneshot::Sender<()>,
 }
 
 impl PartialEq for Due {
     fn eq(&self, o: &Due) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
+        self.at == o.at
     }
 }
 impl Eq for Due {}
@@ -52,13 +51,13 @@ impl PartialOrd for Due {
 impl Ord for Due {
     /// Reversed: the heap's top is the earliest deadline.
     fn cmp(&self, o: &Due) -> Ordering {
-        (o.at, o.seq).cmp(&(self.at, self.seq))
+        o.at.cmp(&self.at)
     }
 }
 
 #[derive(Default)]
 struct Timer {
-    due: Mutex<(BinaryHeap<Due>, u64)>,
+    due: Mutex<BinaryHeap<Due>>,
     changed: Condvar,
 }
 
@@ -78,14 +77,8 @@ fn timer() -> Option<&'static Timer> {
 impl Timer {
     fn add(&self, at: Instant, wake: oneshot::Sender<()>) {
         let mut due = self.due.lock().unwrap_or_else(PoisonError::into_inner);
-        let (heap, seq) = &mut *due;
-        *seq += 1;
-        let earliest = heap.peek().is_none_or(|d| at < d.at);
-        heap.push(Due {
-            at,
-            seq: *seq,
-            wake,
-        });
+        let earliest = due.peek().is_none_or(|d| at < d.at);
+        due.push(Due { at, wake });
         if earliest {
             self.changed.notify_one();
         }
@@ -95,13 +88,13 @@ impl Timer {
         let mut due = self.due.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             let now = Instant::now();
-            while due.0.peek().is_some_and(|d| d.at <= now) {
-                if let Some(d) = due.0.pop() {
+            while due.peek().is_some_and(|d| d.at <= now) {
+                if let Some(d) = due.pop() {
                     // A sleeper that went away (its call was cancelled) is nothing to wake.
                     let _ = d.wake.send(());
                 }
             }
-            due = match due.0.peek().map(|d| d.at - now) {
+            due = match due.peek().map(|d| d.at - now) {
                 None => self
                     .changed
                     .wait(due)
