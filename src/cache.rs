@@ -15,7 +15,10 @@ use tokio::{
 };
 
 use crate::{
-    completion::{Answer, Completion, CompletionRequest, GenParams, Input},
+    completion::{
+        Answer, ChatMessage, Completion, CompletionRequest, Content, GenParams, Image, ImageSource,
+        Input, Part, ToolCall,
+    },
     config::{CacheConfig, CacheScope, RedisConfig},
     metrics::CacheMetrics,
 };
@@ -38,52 +41,91 @@ impl CacheKey {
             request_id: _, // differs per call by design
             cache: _,      // how to use the cache, not what is asked
         } = request;
-        let GenParams {
-            max_tokens,
-            temperature,
-            stop,
-            seed,
-        } = params;
         let mut h = blake3::Hasher::new();
         let mut field = |bytes: &[u8]| {
             h.update(&(bytes.len() as u64).to_le_bytes());
             h.update(bytes);
         };
-        field(b"cascade-router cache v1");
+        field(b"cascade-router cache v2");
         field(tenant.as_bytes());
         field(route.as_bytes());
-        match input {
-            Input::Prompt(p) => {
-                field(b"prompt");
-                field(p.as_bytes());
-            }
-            Input::Chat(messages) => {
-                field(b"chat");
-                field(&(messages.len() as u64).to_le_bytes());
-                for m in messages {
-                    field(m.role.as_str().as_bytes());
-                    field(m.content.as_bytes());
-                }
-            }
-        }
-        // An absent parameter is an empty field, which the length prefix tells from any value.
-        field(present(&max_tokens.map(u32::to_le_bytes)));
-        field(present(&temperature.map(|t| t.to_bits().to_le_bytes())));
-        field(&(stop.len() as u64).to_le_bytes());
-        for s in stop {
-            field(s.as_bytes());
-        }
-        field(present(&seed.map(i64::to_le_bytes)));
+        hash_input(input, &mut field);
+        params.hash_into(&mut field);
         CacheKey(*h.finalize().as_bytes())
     }
 
     fn redis_key(&self) -> String {
-        format!("cascade:v1:{}", blake3::Hash::from_bytes(self.0).to_hex())
+        format!("cascade:v2:{}", blake3::Hash::from_bytes(self.0).to_hex())
     }
 }
 
-fn present<const N: usize>(v: &Option<[u8; N]>) -> &[u8] {
-    v.as_ref().map_or(&[], |b| b)
+/// Feeds every part of `input` to `field`, destructured exhaustively; an image by its type
+/// and bytes (or its URL), so two requests with the same picture share an answer.
+pub fn hash_input(input: &Input, field: &mut impl FnMut(&[u8])) {
+    match input {
+        Input::Prompt(p) => {
+            field(b"prompt");
+            field(p.as_bytes());
+        }
+        Input::Chat(messages) => {
+            field(b"chat");
+            field(&(messages.len() as u64).to_le_bytes());
+            for ChatMessage {
+                role,
+                content,
+                name,
+                tool_calls,
+                tool_call_id,
+            } in messages
+            {
+                field(role.as_str().as_bytes());
+                match content {
+                    Content::Text(t) => {
+                        field(b"text");
+                        field(t.as_bytes());
+                    }
+                    Content::Parts(parts) => {
+                        field(&(parts.len() as u64).to_le_bytes());
+                        for part in parts {
+                            match part {
+                                Part::Text(t) => {
+                                    field(b"text");
+                                    field(t.as_bytes());
+                                }
+                                Part::Image(Image { source, detail }) => {
+                                    match source {
+                                        ImageSource::Inline { mime, data } => {
+                                            field(b"image");
+                                            field(mime.as_bytes());
+                                            field(data);
+                                        }
+                                        ImageSource::Url(url) => {
+                                            field(b"image_url");
+                                            field(url.as_bytes());
+                                        }
+                                    }
+                                    field(detail.map_or("", |d| d.as_str()).as_bytes());
+                                }
+                            }
+                        }
+                    }
+                }
+                field(name.as_deref().map_or(&[0xff][..], str::as_bytes));
+                field(&(tool_calls.len() as u64).to_le_bytes());
+                for ToolCall {
+                    id,
+                    name,
+                    arguments,
+                } in tool_calls
+                {
+                    field(id.as_bytes());
+                    field(name.as_bytes());
+                    field(arguments.as_bytes());
+                }
+                field(tool_call_id.as_deref().map_or(&[0xff][..], str::as_bytes));
+            }
+        }
+    }
 }
 
 /// Whether a request's answer may be reused: temperature 0 or a fixed seed.
@@ -103,8 +145,22 @@ impl Entry {
     fn weight(&self) -> u32 {
         let c = &self.completion;
         // Key, Arc headers and struct overhead, plus the strings.
-        let bytes =
-            96 + c.text.len() + c.finish_reason.len() + self.provider.len() + self.model.len();
+        let calls: usize = c
+            .tool_calls
+            .iter()
+            .map(|t| 72 + t.id.len() + t.name.len() + t.arguments.len())
+            .sum();
+        let logprobs = c
+            .logprobs
+            .as_ref()
+            .map_or(0, |l| serde_json::to_vec(l).map_or(0, |v| v.len() * 2));
+        let bytes = 96
+            + c.text.len()
+            + c.finish_reason.len()
+            + self.provider.len()
+            + self.model.len()
+            + calls
+            + logprobs;
         u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 }
@@ -360,20 +416,13 @@ mod tests {
         r.params.stop = vec!["x".into()];
         assert_ne!(base, CacheKey::new("t", "m", &r), "stop");
         let mut r = req("a", "hello");
-        r.input = Input::Chat(vec![ChatMessage {
-            role: Role::User,
-            content: "hello".into(),
-        }]);
+        r.input = Input::Chat(vec![ChatMessage::text(Role::User, "hello")]);
         assert_ne!(base, CacheKey::new("t", "m", &r), "chat vs prompt");
     }
 
     fn answer_of(text: &str) -> Answer {
         Answer {
-            completion: Completion {
-                text: text.into(),
-                finish_reason: "stop".into(),
-                usage: None,
-            },
+            completion: Completion::text(text.into(), "stop".into(), None),
             provider: "p".into(),
             model: "m".into(),
             attempts: vec![],

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use tower::retry::budget::{Budget as _, TpsBudget};
 
 use crate::{
+    capability::Plan,
     completion::{Answer, Attempt, CompletionRequest, FailureKind},
     config::CascadePolicy,
     error::RouterError,
@@ -64,12 +65,12 @@ impl Cascade {
     /// Walks `targets` in order until one answers or the deadline passes.
     pub async fn run(
         &self,
-        targets: &[Target],
+        plan: &Plan,
         request: &Arc<CompletionRequest>,
         deadline: Instant,
     ) -> Result<Answer, RouterError> {
         let (d, target, attempts) = self
-            .walk(targets, deadline, |t: &Target, window| {
+            .walk(plan, deadline, |t: &Target, window| {
                 t.upstream.attempt(&t.model, request, window)
             })
             .await?;
@@ -89,21 +90,22 @@ impl Cascade {
     /// the deadline passes. After that first event there is no falling back.
     pub async fn stream<'t>(
         &self,
-        targets: &'t [Target],
+        plan: &'t Plan,
         request: &CompletionRequest,
         deadline: Instant,
     ) -> Result<(Opened, &'t Target, Vec<Attempt>), RouterError> {
-        self.walk(targets, deadline, |t: &Target, window| {
+        self.walk(plan, deadline, |t: &Target, window| {
             t.upstream.stream(&t.model, request, window)
         })
         .await
     }
 
-    /// The fallback loop: `try_once` on each target in turn (see [`Cascade::turn`]), with
-    /// the attempts that failed before the one that answered.
+    /// The fallback loop: `try_once` on each of the plan's targets in turn (see
+    /// [`Cascade::turn`]), with the attempts that failed before the one that answered (the
+    /// plan's skipped targets first).
     async fn walk<'t, T, Fut>(
         &self,
-        targets: &'t [Target],
+        plan: &'t Plan,
         deadline: Instant,
         try_once: impl Fn(&'t Target, Window) -> Fut,
     ) -> Result<(T, &'t Target, Vec<Attempt>), RouterError>
@@ -111,7 +113,8 @@ impl Cascade {
         Fut: Future<Output = Result<T, Miss>>,
     {
         self.retries.deposit();
-        let mut attempts = Vec::new();
+        let targets = &plan.targets;
+        let mut attempts = plan.skipped.clone();
         for (i, target) in targets.iter().enumerate() {
             let last = i + 1 == targets.len();
             match self.turn(target, last, deadline, &try_once).await {
@@ -123,7 +126,11 @@ impl Cascade {
                 }
             }
         }
-        if !attempts.is_empty() && attempts.iter().all(|a| a.kind == FailureKind::Overloaded) {
+        let mut tried = attempts
+            .iter()
+            .filter(|a| a.kind != FailureKind::Unsupported)
+            .peekable();
+        if tried.peek().is_some() && tried.all(|a| a.kind == FailureKind::Overloaded) {
             return Err(RouterError::Overloaded { attempts });
         }
         Err(RouterError::Unavailable {

@@ -63,6 +63,11 @@ impl Edge {
         result
     }
 
+    /// Counts a call the front refused before it became a request (a bad field).
+    pub(crate) fn refused(&self, method: &'static str, e: &RouterError) {
+        Record::new(&**self.router.metrics(), method).done(e.code());
+    }
+
     /// Counts a call shed for want of room.
     fn shed(&self, e: &RouterError) {
         if matches!(e, RouterError::AtCapacity { .. }) {
@@ -182,7 +187,7 @@ impl StreamCall {
             () = self.inflight.abandoned() => Some(Err(RouterError::ShuttingDown)),
         };
         let code = match &next {
-            Some(Ok(StreamEvent::Text(_))) => return next,
+            Some(Ok(StreamEvent::Text(_) | StreamEvent::ToolCall(_))) => return next,
             Some(Ok(StreamEvent::End { .. })) | None => tonic::Code::Ok,
             Some(Err(e)) => e.code(),
         };
@@ -249,7 +254,7 @@ fn within_limits(r: &CompletionRequest, l: &Limits) -> Result<(), RouterError> {
                     l.max_messages
                 ));
             }
-            m.iter().map(|m| m.content.len()).sum()
+            r.input.text_len()
         }
     };
     if bytes > l.max_prompt_bytes {
@@ -257,6 +262,23 @@ fn within_limits(r: &CompletionRequest, l: &Limits) -> Result<(), RouterError> {
             "{bytes} bytes of prompt; at most {} (limits.max_prompt_bytes)",
             l.max_prompt_bytes
         ));
+    }
+    let mut images = 0;
+    for img in r.input.images() {
+        images += 1;
+        if images > l.max_images {
+            return over(format!(
+                "more than {} images (limits.max_images)",
+                l.max_images
+            ));
+        }
+        if img.len() > l.max_image_bytes {
+            return over(format!(
+                "an image of {} bytes; at most {} (limits.max_image_bytes)",
+                img.len(),
+                l.max_image_bytes
+            ));
+        }
     }
     if let Some(t) = r.params.max_tokens
         && t > l.max_tokens
@@ -350,7 +372,7 @@ fn shown(input: &Input) -> String {
         Input::Prompt(p) => p.clone(),
         Input::Chat(messages) => messages
             .iter()
-            .map(|m| format!("{:?}: {}", m.role, m.content))
+            .map(|m| format!("{:?}: {}", m.role, m.content.text()))
             .collect::<Vec<_>>()
             .join(" | "),
     }

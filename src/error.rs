@@ -21,6 +21,14 @@ pub enum RouterError {
         reason: &'static str,
         attempts: Vec<Attempt>,
     },
+    /// No model on the route can take the request: each lacks a capability it needs, is too
+    /// small for it, or sits behind an API that cannot carry one of its fields. Nothing was
+    /// sent; a request changed to fit, or another model, will do.
+    #[error("no model on this route can take this request (it needs {needs}): {}", skipped(.attempts))]
+    Unsupported {
+        needs: String,
+        attempts: Vec<Attempt>,
+    },
     /// The client's deadline passed before any provider answered.
     #[error("{}", with_attempts("deadline exceeded", .attempts))]
     DeadlineExceeded { attempts: Vec<Attempt> },
@@ -103,6 +111,18 @@ fn with_attempts(reason: &str, attempts: &[Attempt]) -> String {
     out
 }
 
+/// Each skipped target and why: "a/m: the model lacks vision; b/m: ...".
+fn skipped(attempts: &[Attempt]) -> String {
+    let mut out = String::new();
+    for (i, a) in attempts.iter().enumerate() {
+        if i > 0 {
+            out.push_str("; ");
+        }
+        let _ = write!(out, "{}/{}: {}", a.provider, a.model, a.error);
+    }
+    out
+}
+
 impl RouterError {
     /// The gRPC code for this error; the one place errors become codes.
     pub fn code(&self) -> Code {
@@ -110,6 +130,7 @@ impl RouterError {
             RouterError::InvalidArgument(_) | RouterError::UnknownModel { .. } => {
                 Code::InvalidArgument
             }
+            RouterError::Unsupported { .. } => Code::FailedPrecondition,
             RouterError::Unavailable { .. } | RouterError::StreamBroken { .. } => Code::Unavailable,
             RouterError::StreamOutOfTime { .. } => Code::DeadlineExceeded,
             RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
@@ -129,7 +150,7 @@ impl RouterError {
     /// 404 there, as OpenAI answers it).
     pub fn http_status(&self) -> u16 {
         match self {
-            RouterError::InvalidArgument(_) => 400,
+            RouterError::InvalidArgument(_) | RouterError::Unsupported { .. } => 400,
             RouterError::UnknownModel { .. } | RouterError::NotCached(_) => 404,
             RouterError::Unauthenticated(_) => 401,
             RouterError::PermissionDenied { .. } => 403,
@@ -161,6 +182,7 @@ impl RouterError {
     pub fn attempts(&self) -> &[Attempt] {
         match self {
             RouterError::Unavailable { attempts, .. }
+            | RouterError::Unsupported { attempts, .. }
             | RouterError::DeadlineExceeded { attempts }
             | RouterError::Overloaded { attempts } => attempts,
             RouterError::InvalidArgument(_)

@@ -52,6 +52,7 @@ pub mod fuzzing;
 
 mod auth;
 mod cache;
+mod capability;
 mod cascade;
 mod coalescer;
 mod completion;

@@ -1,12 +1,13 @@
 //! The generated `cascade.v1` types, and their conversion to and from domain values.
 //! Validation happens here, at the edge: the router core never sees a prost type.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use crate::{
     completion::{
-        Answer, Attempt, CacheMode, ChatMessage, CompletionRequest, FailureKind, GenParams, Input,
-        MAX_MESSAGES, Role, Usage,
+        Answer, Attempt, CacheMode, ChatMessage, CompletionRequest, Content, Detail, FailureKind,
+        GenParams, Image, Input, MAX_MESSAGES, Part, ResponseFormat, Role, Tool, ToolCall,
+        ToolCallDelta, ToolChoice, Usage, is_modelled_field,
     },
     error::RouterError,
     upstream::{Circuit, Snapshot},
@@ -44,13 +45,7 @@ impl TryFrom<v1::CompleteRequest> for CompletionRequest {
                     .messages
                     .into_iter()
                     .enumerate()
-                    .map(|(i, m)| {
-                        let role = Role::parse_at(i, &m.role)?;
-                        Ok(ChatMessage {
-                            role,
-                            content: m.content,
-                        })
-                    })
+                    .map(|(i, m)| message(i, m))
                     .collect::<Result<_, RouterError>>()?;
                 Input::Chat(messages)
             }
@@ -67,9 +62,40 @@ impl TryFrom<v1::CompleteRequest> for CompletionRequest {
             temperature: r.temperature,
             stop: r.stop,
             seed: r.seed,
+            top_p: r.top_p,
+            frequency_penalty: r.frequency_penalty,
+            presence_penalty: r.presence_penalty,
+            logit_bias: r.logit_bias.into_iter().collect(),
+            logprobs: r.logprobs,
+            top_logprobs: r.top_logprobs,
+            echo: r.echo,
+            suffix: r.suffix,
+            best_of: r.best_of,
+            tools: r
+                .tools
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| tool(i, t))
+                .collect::<Result<_, _>>()?,
+            tool_choice: r.tool_choice.map(tool_choice).transpose()?,
+            parallel_tool_calls: r.parallel_tool_calls,
+            response_format: r.response_format.map(response_format).transpose()?,
+            extra: r
+                .extra
+                .into_iter()
+                .map(|(k, v)| {
+                    if is_modelled_field(&k) {
+                        return Err(invalid(format!(
+                            "extra.{k}: the request has a field of its own for it"
+                        )));
+                    }
+                    let value = serde_json::from_str(&v)
+                        .map_err(|e| invalid(format!("extra.{k}: not JSON text ({e})")))?;
+                    Ok((k, value))
+                })
+                .collect::<Result<_, RouterError>>()?,
         };
-        params.check()?;
-        Ok(CompletionRequest {
+        let request = CompletionRequest {
             model: r.model,
             input,
             params,
@@ -83,7 +109,121 @@ impl TryFrom<v1::CompleteRequest> for CompletionRequest {
                 Ok(v1::CacheMode::Only) => CacheMode::Only,
                 Err(_) => return Err(invalid(format!("cache: {} is not a CacheMode", r.cache))),
             },
-        })
+        };
+        request.check()?;
+        Ok(request)
+    }
+}
+
+/// `messages[i]` as a domain message.
+fn message(i: usize, m: v1::ChatMessage) -> Result<ChatMessage, RouterError> {
+    let role = Role::parse_at(i, &m.role)?;
+    let content = match (m.content.is_empty(), m.parts.is_empty()) {
+        (_, true) => Content::Text(m.content),
+        (true, false) => Content::Parts(
+            m.parts
+                .into_iter()
+                .enumerate()
+                .map(|(j, p)| {
+                    let at = format!("messages[{i}].parts[{j}]");
+                    match p.part {
+                        Some(v1::content_part::Part::Text(t)) => Ok(Part::Text(t)),
+                        Some(v1::content_part::Part::Image(img)) => {
+                            image(&at, img).map(Part::Image)
+                        }
+                        None => Err(invalid(format!("{at}: set text or image"))),
+                    }
+                })
+                .collect::<Result<_, RouterError>>()?,
+        ),
+        (false, false) => {
+            return Err(invalid(format!(
+                "messages[{i}]: set content or parts, not both"
+            )));
+        }
+    };
+    let none_if_empty = |s: String| (!s.is_empty()).then_some(s);
+    Ok(ChatMessage {
+        role,
+        content,
+        name: none_if_empty(m.name),
+        tool_calls: m
+            .tool_calls
+            .into_iter()
+            .map(|c| ToolCall {
+                id: c.id,
+                name: c.name,
+                arguments: c.arguments,
+            })
+            .collect(),
+        tool_call_id: none_if_empty(m.tool_call_id),
+    })
+}
+
+fn image(at: &str, img: v1::Image) -> Result<Image, RouterError> {
+    let detail = match img.detail.as_str() {
+        "" => None,
+        d => Some(Detail::parse(d).ok_or_else(|| {
+            invalid(format!("{at}.image.detail: {d:?} is not auto, low or high"))
+        })?),
+    };
+    let mut image = match img.source {
+        Some(v1::image::Source::Data(data)) => Image::inline(&img.mime_type, data.into(), at)?,
+        Some(v1::image::Source::Url(url)) => Image::from_url(&url, None, at)?,
+        None => return Err(invalid(format!("{at}.image: set data or url"))),
+    };
+    image.detail = detail;
+    Ok(image)
+}
+
+fn tool(i: usize, t: v1::Tool) -> Result<Tool, RouterError> {
+    let parameters = match t.parameters_json.as_str() {
+        "" => None,
+        json => Some(Arc::new(serde_json::from_str(json).map_err(|e| {
+            invalid(format!("tools[{i}].parameters_json: not JSON ({e})"))
+        })?)),
+    };
+    Ok(Tool {
+        name: t.name,
+        description: (!t.description.is_empty()).then_some(t.description),
+        parameters,
+        strict: t.strict,
+    })
+}
+
+fn tool_choice(c: v1::ToolChoice) -> Result<ToolChoice, RouterError> {
+    match c.choice {
+        Some(v1::tool_choice::Choice::Mode(m)) => match m.as_str() {
+            "auto" => Ok(ToolChoice::Auto),
+            "none" => Ok(ToolChoice::None),
+            "required" => Ok(ToolChoice::Required),
+            other => Err(invalid(format!(
+                "tool_choice.mode: {other:?} is not auto, none or required"
+            ))),
+        },
+        Some(v1::tool_choice::Choice::Function(name)) => Ok(ToolChoice::Function(name)),
+        None => Err(invalid("tool_choice: set mode or function")),
+    }
+}
+
+fn response_format(f: v1::ResponseFormat) -> Result<ResponseFormat, RouterError> {
+    match f.r#type.as_str() {
+        "text" => Ok(ResponseFormat::Text),
+        "json_object" => Ok(ResponseFormat::JsonObject),
+        "json_schema" => Ok(ResponseFormat::JsonSchema {
+            name: f.name,
+            description: (!f.description.is_empty()).then_some(f.description),
+            schema: match f.schema_json.as_str() {
+                "" => None,
+                json => Some(Arc::new(serde_json::from_str(json).map_err(|e| {
+                    invalid(format!("response_format.schema_json: not JSON ({e})"))
+                })?)),
+            },
+            strict: f.strict,
+        }),
+        other => Err(invalid(format!(
+            "response_format.type: {other:?} is not text, json_object or json_schema"
+        ))),
     }
 }
 
@@ -105,6 +245,32 @@ impl v1::CompleteResponse {
             request_id,
             batch_size: a.batch_size,
             cached: a.cached,
+            tool_calls: a
+                .completion
+                .tool_calls
+                .into_iter()
+                .map(|c| v1::ToolCall {
+                    id: c.id,
+                    name: c.name,
+                    arguments: c.arguments,
+                })
+                .collect(),
+            logprobs_json: a
+                .completion
+                .logprobs
+                .map(|l| l.to_string())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl From<ToolCallDelta> for v1::ToolCallDelta {
+    fn from(d: ToolCallDelta) -> v1::ToolCallDelta {
+        v1::ToolCallDelta {
+            index: d.index,
+            id: d.id.unwrap_or_default(),
+            name: d.name.unwrap_or_default(),
+            arguments: d.arguments,
         }
     }
 }
@@ -147,6 +313,7 @@ impl From<FailureKind> for v1::FailureKind {
             FailureKind::CoolingDown => v1::FailureKind::CoolingDown,
             FailureKind::NoTimeLeft => v1::FailureKind::NoTimeLeft,
             FailureKind::Overloaded => v1::FailureKind::Overloaded,
+            FailureKind::Unsupported => v1::FailureKind::Unsupported,
         }
     }
 }
@@ -209,6 +376,7 @@ mod tests {
                 .map(|_| v1::ChatMessage {
                     role: "user".into(),
                     content: "hi".into(),
+                    ..Default::default()
                 })
                 .collect(),
             ..Default::default()

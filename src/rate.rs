@@ -183,7 +183,7 @@ fn micros(d: Duration) -> u64 {
 pub fn estimate_tokens(r: &CompletionRequest) -> u32 {
     let bytes = match &r.input {
         Input::Prompt(p) => p.len(),
-        Input::Chat(m) => m.iter().map(|m| m.content.len() + 4).sum(),
+        Input::Chat(m) => r.input.text_len() + 4 * m.len(),
     };
     let prompt = u32::try_from(bytes / 4).unwrap_or(u32::MAX);
     prompt.saturating_add(r.params.max_tokens.unwrap_or(256))

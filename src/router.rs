@@ -11,6 +11,7 @@ use tokio::time::{Instant, timeout_at};
 
 use crate::{
     cache::{Cache, CacheKey, deterministic},
+    capability::{self, Capability, Plan},
     cascade::{Cascade, Target},
     coalescer::Coalescer,
     completion::{
@@ -36,6 +37,8 @@ pub struct Routes {
     default: Arc<[Target]>,
     /// Agent id → model or chain name.
     assignments: HashMap<String, String>,
+    /// `fallback_chains.<capability>`: walked for a request whose route lacks it.
+    by_capability: HashMap<Capability, Arc<[Target]>>,
 }
 
 impl Routes {
@@ -73,8 +76,13 @@ impl Routes {
                 model: u.default_model().into(),
             })
             .collect();
+        let by_capability = Capability::ALL
+            .into_iter()
+            .filter_map(|c| Some((c, by_name.get(c.as_str())?.clone())))
+            .collect();
         Routes {
             by_name,
+            by_capability,
             default,
             assignments: config
                 .assignments
@@ -97,6 +105,22 @@ impl Routes {
         agent: &str,
     ) -> Result<&'a Arc<[Target]>, RouterError> {
         self.resolve_named(model, agent).map(|(_, t)| t)
+    }
+
+    /// The targets that can take `request` on `route`, with the chains of capabilities the
+    /// route lacks after it (see [`capability::plan`]).
+    pub fn plan(
+        &self,
+        route: &Arc<[Target]>,
+        request: &CompletionRequest,
+        streaming: bool,
+    ) -> Result<Plan, RouterError> {
+        capability::plan(
+            route,
+            &|c| self.by_capability.get(&c).cloned(),
+            request,
+            streaming,
+        )
     }
 
     /// Every model and chain name a request may ask for, sorted.
@@ -322,17 +346,20 @@ impl Relay {
                 }
                 (Ok(StreamEvent::Text(text)), true)
             }
+            Some(Ok(StreamEvent::ToolCall(call))) => {
+                self.sent.chunks += 1;
+                self.sent.bytes += call.arguments.len();
+                // A streamed tool call is not put together again for the cache.
+                self.cache = None;
+                (Ok(StreamEvent::ToolCall(call)), true)
+            }
             Some(Ok(StreamEvent::End {
                 finish_reason,
                 usage,
             })) => {
                 if let Some((cache, key, text)) = self.cache.take() {
                     let answer = Answer {
-                        completion: Completion {
-                            text,
-                            finish_reason: finish_reason.clone(),
-                            usage,
-                        },
+                        completion: Completion::text(text, finish_reason.clone(), usage),
                         provider: self.provider.clone(),
                         model: self.model.clone(),
                         attempts: Vec::new(),
@@ -364,7 +391,7 @@ impl Relay {
 enum Looked<'a> {
     Hit(Answer),
     Miss {
-        targets: &'a Arc<[Target]>,
+        plan: Plan,
         /// Where the answer goes, when the request is cached.
         cached: Option<(&'a Arc<Cache>, CacheKey)>,
     },
@@ -432,7 +459,11 @@ impl State {
 
     /// The request's targets and its place in the cache: a hit, or where to write the
     /// answer (`None`: not cached).
-    async fn look_up(&self, request: &CompletionRequest) -> Result<Looked<'_>, RouterError> {
+    async fn look_up(
+        &self,
+        request: &CompletionRequest,
+        streaming: bool,
+    ) -> Result<Looked<'_>, RouterError> {
         let (route, targets) = self.routes.resolve_named(&request.model, &request.agent)?;
         let mode = request.cache;
         // Only deterministic requests are cached or coalesced: others must each get their own sample.
@@ -460,7 +491,8 @@ impl State {
                 attempts: Vec::new(),
             });
         }
-        Ok(Looked::Miss { targets, cached })
+        let plan = self.routes.plan(targets, request, streaming)?;
+        Ok(Looked::Miss { plan, cached })
     }
 
     async fn stream(
@@ -468,7 +500,7 @@ impl State {
         request: &Arc<CompletionRequest>,
         deadline: Instant,
     ) -> Result<Streamed, RouterError> {
-        let (targets, cached) = match self.look_up(request).await? {
+        let (plan, cached) = match self.look_up(request, true).await? {
             Looked::Hit(hit) => {
                 let events = provider::in_one_piece(hit.completion)
                     .map(|e| e.map_err(|_| RouterError::Internal("a cached answer failed".into())));
@@ -481,9 +513,9 @@ impl State {
                     events: events.boxed(),
                 });
             }
-            Looked::Miss { targets, cached } => (targets, cached),
+            Looked::Miss { plan, cached } => (plan, cached),
         };
-        let (opened, target, attempts) = self.cascade.stream(targets, request, deadline).await?;
+        let (opened, target, attempts) = self.cascade.stream(&plan, request, deadline).await?;
         let relay = Relay {
             first: Some(opened.first),
             rest: opened.rest,
@@ -514,22 +546,23 @@ impl State {
         request: &Arc<CompletionRequest>,
         deadline: Instant,
     ) -> Result<Answer, RouterError> {
-        let (targets, cached) = match self.look_up(request).await? {
+        let (plan, cached) = match self.look_up(request, false).await? {
             Looked::Hit(hit) => return Ok(hit),
-            Looked::Miss { targets, cached } => (targets, cached),
+            Looked::Miss { plan, cached } => (plan, cached),
         };
         let Some((cache, key)) = cached else {
-            return self.cascade.run(targets, request, deadline).await;
+            return self.cascade.run(&plan, request, deadline).await;
         };
+        let plan = Arc::new(plan);
         let work = || {
-            let (cascade, targets, request, cache) = (
+            let (cascade, plan, request, cache) = (
                 self.cascade.clone(),
-                targets.clone(),
+                plan.clone(),
                 request.clone(),
                 cache.clone(),
             );
             async move {
-                let answer = cascade.run(&targets, &request, deadline).await?;
+                let answer = cascade.run(&plan, &request, deadline).await?;
                 cache.put(key, &answer).await;
                 Ok(answer)
             }

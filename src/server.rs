@@ -100,7 +100,18 @@ fn messages(call: StreamCall) -> BoxStream<'static, Result<v1::CompleteStreamRes
         match call.next().await? {
             Ok(StreamEvent::Text(text)) => {
                 end.chunks = end.chunks.saturating_add(1);
-                let message = v1::CompleteStreamResponse { text, end: None };
+                let message = v1::CompleteStreamResponse {
+                    text,
+                    ..Default::default()
+                };
+                Some((Ok(message), Some((call, end))))
+            }
+            Ok(StreamEvent::ToolCall(delta)) => {
+                end.chunks = end.chunks.saturating_add(1);
+                let message = v1::CompleteStreamResponse {
+                    tool_calls: vec![delta.into()],
+                    ..Default::default()
+                };
                 Some((Ok(message), Some((call, end))))
             }
             Ok(StreamEvent::End {
@@ -110,8 +121,8 @@ fn messages(call: StreamCall) -> BoxStream<'static, Result<v1::CompleteStreamRes
                 end.finish_reason = finish_reason;
                 end.usage = usage.map(v1::Usage::from);
                 let message = v1::CompleteStreamResponse {
-                    text: String::new(),
                     end: Some(end),
+                    ..Default::default()
                 };
                 Some((Ok(message), None))
             }

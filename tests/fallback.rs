@@ -296,6 +296,7 @@ async fn invalid_requests_get_invalid_argument() {
     both.messages.push(v1::ChatMessage {
         role: "user".into(),
         content: "y".into(),
+        ..Default::default()
     });
     let mut unknown = prompt("x");
     unknown.model = "no-such-model".into();
@@ -326,10 +327,12 @@ async fn chat_and_ollama_shapes_reach_the_mock() {
             v1::ChatMessage {
                 role: "system".into(),
                 content: "be brief".into(),
+                ..Default::default()
             },
             v1::ChatMessage {
                 role: "user".into(),
                 content: "hi chat".into(),
+                ..Default::default()
             },
         ],
         ..Default::default()

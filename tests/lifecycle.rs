@@ -224,6 +224,7 @@ async fn each_input_limit_is_named_when_breached_and_nothing_else_fails() {
             .map(|_| cascade_router::proto::v1::ChatMessage {
                 role: "user".into(),
                 content: "hi".into(),
+                ..Default::default()
             })
             .collect(),
         ..prompt("")

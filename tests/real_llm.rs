@@ -219,6 +219,7 @@ async fn llama_server_completes_chats_batches_and_falls_back() {
         messages: vec![v1::ChatMessage {
             role: "user".into(),
             content: "Say hello in one word.".into(),
+            ..Default::default()
         }],
         prompt: String::new(),
         ..ask("smollm2", "", 8)
@@ -378,6 +379,7 @@ async fn real_servers_stream_the_same_answer_token_by_token() {
             messages: vec![v1::ChatMessage {
                 role: "user".into(),
                 content: "Name a colour.".into(),
+                ..Default::default()
             }],
             prompt: String::new(),
             ..ask(model, "", 8)

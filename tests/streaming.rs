@@ -75,6 +75,7 @@ async fn every_provider_api_streams_the_whole_answer_word_by_word() {
             req.messages = vec![v1::ChatMessage {
                 role: "user".into(),
                 content: said.into(),
+                ..Default::default()
             }];
         } else {
             req.prompt = said.into();

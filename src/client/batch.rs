@@ -186,6 +186,7 @@ impl Options {
                     .map(|m| v1::ChatMessage {
                         role: m.role,
                         content: m.content,
+                        ..Default::default()
                     })
                     .collect();
             }

@@ -7,6 +7,8 @@ use std::{
     time::Duration,
 };
 
+use crate::capability::{Capabilities, Capability, ModelInfo};
+
 use super::{
     CascadePolicy, Check, ConfigError,
     raw::{RawBatching, RawKind, RawModel, RawProvider, RawRateLimit, SUPPORTED_TYPES},
@@ -89,6 +91,10 @@ pub struct ProviderConfig {
     pub batching: Option<BatchingConfig>,
     pub model_batching: BTreeMap<String, BatchingConfig>,
     pub rate_limit: Option<RateLimitConfig>,
+    /// What the file says of each model that lists capabilities or a window.
+    pub model_info: BTreeMap<String, ModelInfo>,
+    /// Request fields outside OpenAI's reference forwarded to this provider.
+    pub pass_through: Vec<String>,
 }
 
 /// A provider's quota.
@@ -315,6 +321,16 @@ impl Check<'_> {
             None => None,
             Some(r) => Some(self.rate_limit(&format!("{at}.rate_limit"), r)?),
         };
+        let model_info = self.model_info(at, &p.models)?;
+        for (j, f) in p.pass_through.iter().enumerate() {
+            if f.is_empty() || crate::completion::is_modelled_field(f) {
+                return Err(self.err(
+                    format!("{at}.pass_through[{j}]"),
+                    format!("{f:?} is a field the router reads itself"),
+                    "list only fields the router does not model (e.g. top_k, min_p, keep_alive)",
+                ));
+            }
+        }
         if !p.enabled {
             return Ok(None);
         }
@@ -370,7 +386,56 @@ impl Check<'_> {
             batching,
             model_batching,
             rate_limit,
+            model_info,
+            pass_through: p.pass_through,
         }))
+    }
+
+    /// Each model's `capabilities` and `context_window`, for those that give either.
+    fn model_info(
+        &mut self,
+        at: &str,
+        raw: &[RawModel],
+    ) -> Result<BTreeMap<String, ModelInfo>, ConfigError> {
+        let mut out = BTreeMap::new();
+        for (j, m) in raw.iter().enumerate() {
+            let RawModel::Entry(e) = m else { continue };
+            let capabilities = match &e.capabilities {
+                None => None,
+                Some(list) => {
+                    let mut caps = Capabilities::default();
+                    for name in list {
+                        match Capability::parse(name) {
+                            Some(c) => caps = caps.with(c),
+                            None => self.warn(format!(
+                                "{at}.models[{j}].capabilities: {name:?} is not used by this router (it routes by text, tools, json, streaming, vision)"
+                            )),
+                        }
+                    }
+                    Some(caps)
+                }
+            };
+            let context_window = match e.context_window {
+                None => None,
+                Some(w) => Some(u32::try_from(w).ok().filter(|w| *w > 0).ok_or_else(|| {
+                    self.err(
+                        format!("{at}.models[{j}].context_window"),
+                        format!("{w} is out of range"),
+                        "give the model's window in tokens, 1 to 4294967295",
+                    )
+                })?),
+            };
+            if capabilities.is_some() || context_window.is_some() {
+                out.insert(
+                    e.name.clone(),
+                    ModelInfo {
+                        capabilities,
+                        context_window,
+                    },
+                );
+            }
+        }
+        Ok(out)
     }
 
     fn rate_limit(&self, at: &str, r: &RawRateLimit) -> Result<RateLimitConfig, ConfigError> {

@@ -162,6 +162,8 @@ pub struct RawProvider {
     pub batching: Option<RawBatching>,
     /// This provider's quota; absent means none.
     pub rate_limit: Option<RawRateLimit>,
+    /// Request fields outside OpenAI's reference (vLLM's `top_k`, ...) forwarded to it.
+    pub pass_through: Vec<String>,
     // The Python router's keys that this router does not use.
     pub description: Ignored,
     pub tags: Ignored,
@@ -187,6 +189,7 @@ impl Default for RawProvider {
             simulated: RawSimulated::default(),
             batching: None,
             rate_limit: None,
+            pass_through: Vec::new(),
             description: None,
             tags: None,
             notes: None,
@@ -217,9 +220,11 @@ pub struct RawModelEntry {
     pub default: bool,
     /// Overrides the provider's `batching` for this model.
     pub batching: Option<RawBatching>,
+    /// Tokens the model takes in and writes, at most.
+    pub context_window: Option<u64>,
+    /// `text`, `tools`, `json`, `streaming`, `vision`; absent: all of them.
+    pub capabilities: Option<Vec<String>>,
     // The Python router's keys that this router does not use.
-    pub context_window: Ignored,
-    pub capabilities: Ignored,
     pub description: Ignored,
     pub max_output_tokens: Ignored,
     pub cost_per_1k_input_tokens: Ignored,
@@ -416,6 +421,10 @@ pub struct RawLimits {
     pub max_tokens: u32,
     /// The largest encoded request message accepted (gRPC decode limit).
     pub max_message_bytes: usize,
+    /// Bytes of one image a request may carry (decoded).
+    pub max_image_bytes: usize,
+    /// Images one request may carry.
+    pub max_images: usize,
 }
 
 impl Default for RawLimits {
@@ -428,6 +437,8 @@ impl Default for RawLimits {
             max_messages: 256,
             max_tokens: 32_768,
             max_message_bytes: 4 << 20,
+            max_image_bytes: 4 << 20,
+            max_images: 16,
         }
     }
 }

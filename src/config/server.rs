@@ -59,6 +59,8 @@ pub struct Limits {
     pub max_messages: usize,
     pub max_tokens: u32,
     pub max_message_bytes: usize,
+    pub max_image_bytes: usize,
+    pub max_images: usize,
 }
 
 impl Check<'_> {
@@ -158,6 +160,12 @@ impl Check<'_> {
                 1024,
                 "e.g. 4194304 (4 MiB)",
             ),
+            (
+                "limits.max_image_bytes",
+                l.max_image_bytes,
+                1,
+                "e.g. 4194304 (4 MiB)",
+            ),
         ] {
             if value < least {
                 return Err(self.err(key, format!("must be at least {least}"), fix));
@@ -170,6 +178,8 @@ impl Check<'_> {
             max_messages: l.max_messages,
             max_tokens: l.max_tokens,
             max_message_bytes: l.max_message_bytes,
+            max_image_bytes: l.max_image_bytes,
+            max_images: l.max_images,
             max_connection_age: self.seconds(
                 "limits.max_connection_age_seconds",
                 l.max_connection_age_seconds,

@@ -10,6 +10,7 @@
 //! `server.request_timeout_seconds`), `x-cascade-cache` (`default`, `bypass`, `refresh`,
 //! `only`) and `x-request-id`.
 
+mod request;
 mod wire;
 
 use std::{
@@ -29,7 +30,10 @@ use axum::{
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use self::wire::{ChatRequest, Extras, Kind, TextRequest, WireUsage, error_body};
+use self::{
+    request::{Body as Fields, Extras},
+    wire::{Kind, WireUsage, error_body},
+};
 use crate::{
     auth::{Authenticate, Client},
     completion::{Answer, Attempt, CacheMode, CompletionRequest, StreamEvent, Usage},
@@ -195,9 +199,14 @@ async fn chat(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Failure> {
-    let (client, deadline, extras, req) = front.prepare::<ChatRequest>(&headers, body).await?;
-    let (stream, usage) = (req.common.stream, req.common.include_usage());
-    let request = req.into_request(&extras)?;
+    let (client, deadline, extras, fields) = front.prepare::<Fields>(&headers, body).await?;
+    let (stream, usage) = (fields.stream(), fields.include_usage());
+    let method = if stream {
+        "ChatCompletionsStream"
+    } else {
+        "ChatCompletions"
+    };
+    let request = request::chat(fields, &extras).inspect_err(|e| front.edge.refused(method, e))?;
     if stream {
         return front
             .stream(Kind::Chat, request, client.as_ref(), deadline, usage)
@@ -218,9 +227,15 @@ async fn text(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Failure> {
-    let (client, deadline, extras, req) = front.prepare::<TextRequest>(&headers, body).await?;
-    let (stream, usage) = (req.common.stream, req.common.include_usage());
-    let mut requests = req.into_requests(&extras)?;
+    let (client, deadline, extras, fields) = front.prepare::<Fields>(&headers, body).await?;
+    let (stream, usage) = (fields.stream(), fields.include_usage());
+    let method = if stream {
+        "CompletionsStream"
+    } else {
+        "Completions"
+    };
+    let mut requests =
+        request::text(fields, &extras).inspect_err(|e| front.edge.refused(method, e))?;
     if stream && let Some(request) = requests.pop() {
         return front
             .stream(Kind::Text, request, client.as_ref(), deadline, usage)
@@ -249,7 +264,7 @@ fn whole(kind: Kind, answers: &[Answer], request_id: &str) -> Response {
     let choices: Vec<Value> = answers
         .iter()
         .enumerate()
-        .map(|(i, a)| kind.choice(i, &a.completion.text, &a.completion.finish_reason))
+        .map(|(i, a)| kind.choice(i, &a.completion))
         .collect();
     let usage = answers
         .iter()
@@ -373,6 +388,10 @@ impl Events {
             let frames = match st.call.next().await? {
                 Ok(StreamEvent::Text(t)) => {
                     let chunk = st.chunk(vec![st.kind.delta(Some(&t), None)], None);
+                    return Some((Ok(Bytes::from(Events::frame(&chunk))), Some(st)));
+                }
+                Ok(StreamEvent::ToolCall(d)) => {
+                    let chunk = st.chunk(vec![st.kind.tool_delta(&d)], None);
                     return Some((Ok(Bytes::from(Events::frame(&chunk))), Some(st)));
                 }
                 Ok(StreamEvent::End {

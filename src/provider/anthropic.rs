@@ -1,5 +1,10 @@
 //! Anthropic's Messages API: `{url}/v1/messages`. A prompt becomes one user message; system
-//! messages go to the `system` field, as the API requires.
+//! messages go to the `system` field, as the API requires; tools go with `input_schema`, tool
+//! calls as `tool_use` blocks and results as `tool_result` blocks; images as base64 or URL
+//! image blocks. It has no JSON mode, seed, penalties, logit bias or log probabilities: a
+//! request that asks for one is not sent here (see [`unsupported`]).
+
+use std::{borrow::Cow, collections::BTreeMap};
 
 use async_trait::async_trait;
 use reqwest::{
@@ -7,13 +12,17 @@ use reqwest::{
     header::{HeaderMap, HeaderName, HeaderValue},
 };
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::{
     EventStream, Provider, ProviderError, http,
     stream::{self, Decode, Framing, Read},
 };
 use crate::{
-    completion::{Completion, CompletionRequest, FailureKind, Input, Role, Usage},
+    completion::{
+        ChatMessage, Completion, CompletionRequest, Content, Detail, FailureKind, ImageSource,
+        Input, Part, Role, ToolCall, ToolCallDelta, ToolChoice, Usage, base64_encode,
+    },
     config::ProviderConfig,
 };
 
@@ -55,31 +64,81 @@ struct Body<'a> {
     system: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop_sequences: &'a [String],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<ToolOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<Value>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     stream: bool,
+    /// Pass-through fields (`top_k`, `metadata`, ...), top-level as the API takes them.
+    #[serde(flatten)]
+    extra: &'a BTreeMap<String, Value>,
 }
 
 #[derive(Serialize)]
 struct Message<'a> {
     role: &'static str,
-    content: &'a str,
+    content: Vec<Block<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Block<'a> {
+    Text {
+        text: Cow<'a, str>,
+    },
+    Image {
+        source: ImageSourceOut<'a>,
+    },
+    ToolUse {
+        id: &'a str,
+        name: &'a str,
+        input: Value,
+    },
+    ToolResult {
+        tool_use_id: &'a str,
+        content: Cow<'a, str>,
+    },
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ImageSourceOut<'a> {
+    Base64 { media_type: &'a str, data: String },
+    Url { url: &'a str },
+}
+
+#[derive(Serialize)]
+struct ToolOut<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    input_schema: Cow<'a, Value>,
 }
 
 #[derive(Deserialize)]
 struct Response {
-    content: Vec<Block>,
+    content: Vec<BlockIn>,
     stop_reason: Option<String>,
     usage: Option<WireUsage>,
 }
 
 #[derive(Deserialize)]
-struct Block {
+struct BlockIn {
     #[serde(rename = "type")]
     kind: String,
     #[serde(default)]
     text: String,
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    input: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -90,46 +149,196 @@ struct WireUsage {
     output_tokens: u32,
 }
 
-/// The request body for `request`: a prompt as one user message, system messages joined
-/// into `system`.
+/// Why the Messages API cannot carry `r`, naming the field.
+fn unsupported(r: &CompletionRequest) -> Option<String> {
+    let p = &r.params;
+    let no = |field: &str| {
+        Some(format!(
+            "{field}: Anthropic's Messages API has no such field"
+        ))
+    };
+    if p.seed.is_some() {
+        return no("seed");
+    }
+    if p.frequency_penalty.is_some() {
+        return no("frequency_penalty");
+    }
+    if p.presence_penalty.is_some() {
+        return no("presence_penalty");
+    }
+    if !p.logit_bias.is_empty() {
+        return no("logit_bias");
+    }
+    if p.logprobs {
+        return no("logprobs");
+    }
+    if p.echo || p.suffix.is_some() || p.best_of.is_some() {
+        return no("echo, suffix and best_of");
+    }
+    if let Some(t) = p.temperature
+        && t > 1.0
+    {
+        return Some(format!(
+            "temperature: {t}; Anthropic's range is 0.0 ..= 1.0"
+        ));
+    }
+    if p.response_format.as_ref().is_some_and(|f| f.is_json()) {
+        return Some(
+            "response_format: Anthropic's Messages API has no JSON mode (ask in the prompt, or route JSON to a provider with one)".into(),
+        );
+    }
+    if p.tools.iter().any(|t| t.strict == Some(true)) {
+        return no("tools[].function.strict");
+    }
+    if let Input::Chat(messages) = &r.input {
+        for (i, m) in messages.iter().enumerate() {
+            if m.name.is_some() {
+                return Some(format!(
+                    "messages[{i}].name: Anthropic's Messages API has no such field"
+                ));
+            }
+            if m.content
+                .images()
+                .any(|img| matches!(img.detail, Some(Detail::Low | Detail::High)))
+            {
+                return no("image_url.detail");
+            }
+            if let Some(c) = m.tool_calls.iter().find(|c| {
+                serde_json::from_str::<serde_json::Map<String, Value>>(&c.arguments).is_err()
+            }) {
+                return Some(format!(
+                    "messages[{i}].tool_calls: Anthropic takes a call's input as a JSON object; call {:?} has other text",
+                    c.id
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// The content blocks of one message.
+fn blocks(m: &ChatMessage) -> Vec<Block<'_>> {
+    if m.role == Role::Tool {
+        return vec![Block::ToolResult {
+            tool_use_id: m.tool_call_id.as_deref().unwrap_or_default(),
+            content: m.content.text(),
+        }];
+    }
+    let mut out = Vec::new();
+    match &m.content {
+        Content::Text(t) if t.is_empty() && !m.tool_calls.is_empty() => {}
+        Content::Text(t) => out.push(Block::Text { text: t.into() }),
+        Content::Parts(parts) => {
+            for p in parts {
+                out.push(match p {
+                    Part::Text(t) => Block::Text { text: t.into() },
+                    Part::Image(img) => Block::Image {
+                        source: match &img.source {
+                            ImageSource::Inline { mime, data } => ImageSourceOut::Base64 {
+                                media_type: mime,
+                                data: base64_encode(data),
+                            },
+                            ImageSource::Url(url) => ImageSourceOut::Url { url },
+                        },
+                    },
+                });
+            }
+        }
+    }
+    for c in &m.tool_calls {
+        out.push(Block::ToolUse {
+            id: &c.id,
+            name: &c.name,
+            input: serde_json::from_str(&c.arguments).unwrap_or(Value::Null),
+        });
+    }
+    out
+}
+
+/// The request body for `request`: a prompt as one user message, system messages joined into
+/// `system`, tool results as `tool_result` blocks of a user turn (consecutive results in one
+/// turn, as the API requires), tool calls as `tool_use` blocks.
 fn body<'a>(model: &'a str, request: &'a CompletionRequest, stream: bool) -> Body<'a> {
     let mut system = Vec::new();
-    let mut messages = Vec::new();
+    let mut messages: Vec<Message<'a>> = Vec::new();
     match &request.input {
         Input::Prompt(p) => messages.push(Message {
             role: "user",
-            content: p,
+            content: vec![Block::Text {
+                text: p.as_str().into(),
+            }],
         }),
         Input::Chat(chat) => {
             for m in chat {
-                match m.role {
-                    Role::System => system.push(m.content.as_str()),
-                    Role::User | Role::Tool => messages.push(Message {
-                        role: "user",
-                        content: &m.content,
-                    }),
-                    Role::Assistant => messages.push(Message {
-                        role: "assistant",
-                        content: &m.content,
-                    }),
+                let role = match m.role {
+                    Role::System => {
+                        system.push(m.content.text());
+                        continue;
+                    }
+                    Role::User | Role::Tool => "user",
+                    Role::Assistant => "assistant",
+                };
+                let content = blocks(m);
+                match messages.last_mut() {
+                    // Tool results that follow one another form one user turn.
+                    Some(last)
+                        if m.role == Role::Tool
+                            && last.role == "user"
+                            && matches!(last.content.last(), Some(Block::ToolResult { .. })) =>
+                    {
+                        last.content.extend(content);
+                    }
+                    _ => messages.push(Message { role, content }),
                 }
             }
         }
     }
     let p = &request.params;
+    let empty_schema = || Cow::Owned(serde_json::json!({"type": "object", "properties": {}}));
+    let mut tool_choice = p.tool_choice.as_ref().map(|c| match c {
+        ToolChoice::Auto => serde_json::json!({"type": "auto"}),
+        ToolChoice::None => serde_json::json!({"type": "none"}),
+        ToolChoice::Required => serde_json::json!({"type": "any"}),
+        ToolChoice::Function(name) => serde_json::json!({"type": "tool", "name": name}),
+    });
+    if p.parallel_tool_calls == Some(false) && !p.tools.is_empty() {
+        let choice = tool_choice.get_or_insert_with(|| serde_json::json!({"type": "auto"}));
+        if let Some(o) = choice.as_object_mut() {
+            o.insert("disable_parallel_tool_use".into(), true.into());
+        }
+    }
     Body {
         model,
         max_tokens: p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
         messages,
         system: (!system.is_empty()).then(|| system.join("\n\n")),
-        temperature: p.temperature.map(|t| t.min(1.0)),
+        temperature: p.temperature,
+        top_p: p.top_p,
         stop_sequences: &p.stop,
+        tools: p
+            .tools
+            .iter()
+            .map(|t| ToolOut {
+                name: &t.name,
+                description: t.description.as_deref(),
+                input_schema: t
+                    .parameters
+                    .as_deref()
+                    .map_or_else(empty_schema, Cow::Borrowed),
+            })
+            .collect(),
+        tool_choice,
         stream,
+        extra: &p.extra,
     }
 }
 
 #[async_trait]
 impl Provider for Anthropic {
+    fn unsupported(&self, request: &CompletionRequest) -> Option<String> {
+        unsupported(request)
+    }
+
     async fn complete(
         &self,
         model: &str,
@@ -168,6 +377,11 @@ struct StreamEventBody {
     usage: Option<DeltaUsage>,
     /// `error`
     error: Option<StreamError>,
+    /// `content_block_start` / `content_block_delta`: which block
+    #[serde(default)]
+    index: u32,
+    /// `content_block_start`
+    content_block: Option<BlockIn>,
 }
 
 #[derive(Deserialize)]
@@ -178,6 +392,8 @@ struct StartedMessage {
 #[derive(Deserialize)]
 struct Delta {
     text: Option<String>,
+    /// `input_json_delta`: a piece of a tool call's input
+    partial_json: Option<String>,
     stop_reason: Option<String>,
 }
 
@@ -198,6 +414,8 @@ struct StreamError {
 pub(crate) struct Events {
     stop_reason: Option<String>,
     usage: Option<Usage>,
+    /// The content block index of each tool call so far, in order.
+    calls: Vec<u32>,
 }
 
 impl Decode for Events {
@@ -214,9 +432,41 @@ impl Decode for Events {
                 }
                 Ok(Read::default())
             }
-            "content_block_delta" => Ok(Read::text(
-                event.delta.and_then(|d| d.text).unwrap_or_default(),
-            )),
+            "content_block_start" => match event.content_block {
+                Some(b) if b.kind == "tool_use" => {
+                    let index = u32::try_from(self.calls.len()).unwrap_or(u32::MAX);
+                    self.calls.push(event.index);
+                    Ok(Read {
+                        tool_calls: vec![ToolCallDelta {
+                            index,
+                            id: Some(b.id),
+                            name: Some(b.name),
+                            arguments: String::new(),
+                        }],
+                        ..Read::default()
+                    })
+                }
+                _ => Ok(Read::default()),
+            },
+            "content_block_delta" => {
+                let Some(d) = event.delta else {
+                    return Ok(Read::default());
+                };
+                match (
+                    d.partial_json,
+                    self.calls.iter().position(|&b| b == event.index),
+                ) {
+                    (Some(json), Some(call)) => Ok(Read {
+                        tool_calls: vec![ToolCallDelta {
+                            index: u32::try_from(call).unwrap_or(u32::MAX),
+                            arguments: json,
+                            ..ToolCallDelta::default()
+                        }],
+                        ..Read::default()
+                    }),
+                    _ => Ok(Read::text(d.text.unwrap_or_default())),
+                }
+            }
             "message_delta" => {
                 if let Some(reason) = event.delta.and_then(|d| d.stop_reason) {
                     self.stop_reason = Some(reason);
@@ -257,6 +507,19 @@ impl Response {
             .filter(|b| b.kind == "text")
             .map(|b| b.text.as_str())
             .collect();
+        let tool_calls = self
+            .content
+            .into_iter()
+            .filter(|b| b.kind == "tool_use")
+            .map(|b| ToolCall {
+                id: b.id,
+                name: b.name,
+                arguments: b
+                    .input
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "{}".into()),
+            })
+            .collect();
         Ok(Completion {
             text,
             finish_reason: self.stop_reason.unwrap_or_default(),
@@ -264,6 +527,8 @@ impl Response {
                 prompt_tokens: u.input_tokens,
                 completion_tokens: u.output_tokens,
             }),
+            tool_calls,
+            logprobs: None,
         })
     }
 }

@@ -9,6 +9,7 @@ pub mod ollama;
 pub mod openai;
 pub mod simulated;
 pub mod stream;
+pub mod wire;
 
 use std::{sync::Arc, time::Duration};
 
@@ -17,13 +18,24 @@ use async_trait::async_trait;
 pub use stream::EventStream;
 
 use crate::{
-    completion::{Completion, CompletionRequest, FailureKind, StreamEvent},
+    completion::{Completion, CompletionRequest, FailureKind, StreamEvent, ToolCallDelta},
     config::{ProviderConfig, ProviderKind},
 };
 
 /// A model API. Dropping a returned future cancels its upstream request.
 #[async_trait]
 pub trait Provider: Send + Sync {
+    /// Why this API cannot carry `request` as it is — a field it has no place for, named —
+    /// or `None`. Such a request is never sent stripped: the cascade skips this provider.
+    fn unsupported(&self, request: &CompletionRequest) -> Option<String>;
+
+    /// Whether fields of OpenAI's reference that the router does not model (`store`,
+    /// `reasoning_effort`, ...) go to it as they came; other providers take only the fields
+    /// their `pass_through` lists.
+    fn forwards_openai_fields(&self) -> bool {
+        false
+    }
+
     async fn complete(
         &self,
         model: &str,
@@ -65,9 +77,17 @@ pub trait Provider: Send + Sync {
 
 /// A whole completion as a stream: its text, then its end.
 pub fn in_one_piece(c: Completion) -> EventStream {
-    let mut events = Vec::with_capacity(2);
+    let mut events = Vec::with_capacity(2 + c.tool_calls.len());
     if !c.text.is_empty() {
         events.push(Ok(StreamEvent::Text(c.text)));
+    }
+    for (i, call) in c.tool_calls.into_iter().enumerate() {
+        events.push(Ok(StreamEvent::ToolCall(ToolCallDelta {
+            index: u32::try_from(i).unwrap_or(u32::MAX),
+            id: Some(call.id),
+            name: Some(call.name),
+            arguments: call.arguments,
+        })));
     }
     events.push(Ok(StreamEvent::End {
         finish_reason: c.finish_reason,
@@ -132,21 +152,4 @@ pub fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>, reqwest::Erro
             Arc::new(simulated::Simulated::new(config.simulated_latency))
         }
     })
-}
-
-/// A chat message as OpenAI-shaped and Ollama APIs take it.
-#[derive(serde::Serialize)]
-pub(crate) struct WireMessage<'a> {
-    pub role: &'a str,
-    pub content: &'a str,
-}
-
-pub(crate) fn wire_messages(messages: &[crate::completion::ChatMessage]) -> Vec<WireMessage<'_>> {
-    messages
-        .iter()
-        .map(|m| WireMessage {
-            role: m.role.as_str(),
-            content: &m.content,
-        })
-        .collect()
 }

@@ -1,7 +1,7 @@
 //! OpenAI-compatible servers (OpenAI, vLLM, llama.cpp server, Grok, OpenRouter):
 //! `{base_url}/completions` for prompts, `{base_url}/chat/completions` for messages.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use async_trait::async_trait;
 use reqwest::{
@@ -11,9 +11,9 @@ use reqwest::{
 use serde::{Deserialize, Serialize};
 
 use super::{
-    EventStream, Provider, ProviderError, WireMessage, http,
+    EventStream, Provider, ProviderError, http,
     stream::{self, Decode, Framing, Read},
-    wire_messages,
+    wire::{self, CallIn, ToolFields},
 };
 use crate::{
     completion::{Completion, CompletionRequest, FailureKind, GenParams, Input, Usage},
@@ -43,6 +43,7 @@ impl OpenAi {
     }
 }
 
+/// The sampling fields both endpoints take, and the fields passed through as they came.
 #[derive(Serialize)]
 struct Sampling<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -53,6 +54,16 @@ struct Sampling<'a> {
     stop: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    logit_bias: &'a BTreeMap<u32, f32>,
+    #[serde(flatten)]
+    extra: &'a BTreeMap<String, serde_json::Value>,
 }
 
 impl<'a> From<&'a GenParams> for Sampling<'a> {
@@ -62,6 +73,56 @@ impl<'a> From<&'a GenParams> for Sampling<'a> {
             temperature: p.temperature,
             stop: &p.stop,
             seed: p.seed,
+            top_p: p.top_p,
+            frequency_penalty: p.frequency_penalty,
+            presence_penalty: p.presence_penalty,
+            logit_bias: &p.logit_bias,
+            extra: &p.extra,
+        }
+    }
+}
+
+/// `/v1/completions`' own fields: logprobs as a count, echo, suffix, best_of.
+#[derive(Serialize)]
+struct TextOnly<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<u32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    echo: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    suffix: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    best_of: Option<u32>,
+}
+
+impl<'a> From<&'a GenParams> for TextOnly<'a> {
+    fn from(p: &'a GenParams) -> Self {
+        TextOnly {
+            logprobs: p.logprobs.then(|| p.top_logprobs.unwrap_or(0)),
+            echo: p.echo,
+            suffix: p.suffix.as_deref(),
+            best_of: p.best_of,
+        }
+    }
+}
+
+/// `/v1/chat/completions`' own fields: logprobs as a flag, tools and the response format.
+#[derive(Serialize)]
+struct ChatOnly<'a> {
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    logprobs: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_logprobs: Option<u32>,
+    #[serde(flatten)]
+    tools: ToolFields<'a>,
+}
+
+impl<'a> From<&'a GenParams> for ChatOnly<'a> {
+    fn from(p: &'a GenParams) -> Self {
+        ChatOnly {
+            logprobs: p.logprobs,
+            top_logprobs: p.top_logprobs,
+            tools: ToolFields::of(p),
         }
     }
 }
@@ -73,6 +134,8 @@ struct CompletionsBody<'a, P: Serialize> {
     prompt: P,
     #[serde(flatten)]
     sampling: Sampling<'a>,
+    #[serde(flatten)]
+    own: TextOnly<'a>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     stream: Option<Streamed>,
 }
@@ -99,9 +162,11 @@ const STREAMED: Streamed = Streamed {
 #[derive(Serialize)]
 struct ChatBody<'a> {
     model: &'a str,
-    messages: Vec<WireMessage<'a>>,
+    messages: Vec<wire::Message<'a>>,
     #[serde(flatten)]
     sampling: Sampling<'a>,
+    #[serde(flatten)]
+    own: ChatOnly<'a>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     stream: Option<Streamed>,
 }
@@ -118,6 +183,8 @@ struct TextChoice {
     index: u32,
     text: String,
     finish_reason: Option<String>,
+    #[serde(default)]
+    logprobs: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -132,11 +199,15 @@ struct ChatChoice {
     index: u32,
     message: ChatReply,
     finish_reason: Option<String>,
+    #[serde(default)]
+    logprobs: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
 struct ChatReply {
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<CallIn>>,
 }
 
 #[derive(Deserialize)]
@@ -172,6 +243,8 @@ impl CompletionsResponse {
             text: choice.text,
             finish_reason: choice.finish_reason.unwrap_or_default(),
             usage: self.usage.map(Usage::from),
+            tool_calls: Vec::new(),
+            logprobs: choice.logprobs.filter(|l| !l.is_null()),
         })
     }
 }
@@ -183,6 +256,8 @@ impl ChatResponse {
             text: choice.message.content.unwrap_or_default(),
             finish_reason: choice.finish_reason.unwrap_or_default(),
             usage: self.usage.map(Usage::from),
+            tool_calls: wire::calls(choice.message.tool_calls.unwrap_or_default()),
+            logprobs: choice.logprobs.filter(|l| !l.is_null()),
         })
     }
 }
@@ -239,16 +314,21 @@ impl Decode for Chunks {
         if let Some(u) = chunk.usage {
             self.usage = Some(u.into());
         }
-        let mut text = String::new();
+        let mut read = Read::default();
         for c in chunk.choices.into_iter().filter(|c| c.index == 0) {
-            if let Some(t) = c.text.or(c.delta.and_then(|d| d.content)) {
-                text.push_str(&t);
+            let (content, calls) = match c.delta {
+                Some(d) => (d.content, d.tool_calls.unwrap_or_default()),
+                None => (None, Vec::new()),
+            };
+            if let Some(t) = c.text.or(content) {
+                read.text.push_str(&t);
             }
+            read.tool_calls.extend(wire::deltas(calls, 0));
             if c.finish_reason.is_some() {
                 self.finish_reason = c.finish_reason;
             }
         }
-        Ok(Read::text(text))
+        Ok(read)
     }
 
     fn finish(self) -> (String, Option<Usage>) {
@@ -299,7 +379,8 @@ fn match_choices(n: usize, choices: Vec<TextChoice>) -> Vec<Result<Completion, P
             None => Ok(Completion {
                 text: c.text,
                 finish_reason: c.finish_reason.unwrap_or_default(),
-                usage: None,
+                logprobs: c.logprobs.filter(|l| !l.is_null()),
+                ..Completion::default()
             }),
             Some(_) => Err(ProviderError::new(
                 FailureKind::Malformed,
@@ -327,6 +408,15 @@ impl Provider for OpenAi {
         true
     }
 
+    /// OpenAI's own API: every field of its reference goes as it came.
+    fn unsupported(&self, _: &CompletionRequest) -> Option<String> {
+        None
+    }
+
+    fn forwards_openai_fields(&self) -> bool {
+        true
+    }
+
     async fn complete_batch(
         &self,
         model: &str,
@@ -346,6 +436,7 @@ impl Provider for OpenAi {
             model,
             prompt: &prompts,
             sampling: Sampling::from(&first.params),
+            own: TextOnly::from(&first.params),
             stream: None,
         };
         let resp: CompletionsResponse =
@@ -358,13 +449,15 @@ impl Provider for OpenAi {
         model: &str,
         request: &CompletionRequest,
     ) -> Result<EventStream, ProviderError> {
-        let sampling = Sampling::from(&request.params);
+        let p = &request.params;
+        let sampling = Sampling::from(p);
         let resp = match &request.input {
             Input::Prompt(prompt) => {
                 let body = CompletionsBody {
                     model,
                     prompt,
                     sampling,
+                    own: TextOnly::from(p),
                     stream: Some(STREAMED),
                 };
                 http::post_for_stream(&self.client, &self.completions, &body).await?
@@ -372,8 +465,9 @@ impl Provider for OpenAi {
             Input::Chat(messages) => {
                 let body = ChatBody {
                     model,
-                    messages: wire_messages(messages),
+                    messages: wire::messages(messages),
                     sampling,
+                    own: ChatOnly::from(p),
                     stream: Some(STREAMED),
                 };
                 http::post_for_stream(&self.client, &self.chat, &body).await?
@@ -391,13 +485,15 @@ impl Provider for OpenAi {
         model: &str,
         request: &CompletionRequest,
     ) -> Result<Completion, ProviderError> {
-        let sampling = Sampling::from(&request.params);
+        let p = &request.params;
+        let sampling = Sampling::from(p);
         match &request.input {
             Input::Prompt(prompt) => {
                 let body = CompletionsBody {
                     model,
                     prompt,
                     sampling,
+                    own: TextOnly::from(p),
                     stream: None,
                 };
                 let resp: CompletionsResponse =
@@ -407,8 +503,9 @@ impl Provider for OpenAi {
             Input::Chat(messages) => {
                 let body = ChatBody {
                     model,
-                    messages: wire_messages(messages),
+                    messages: wire::messages(messages),
                     sampling,
+                    own: ChatOnly::from(p),
                     stream: None,
                 };
                 let resp: ChatResponse = http::post_json(&self.client, &self.chat, &body).await?;
@@ -427,6 +524,7 @@ mod tests {
             index,
             text: text.into(),
             finish_reason: None,
+            logprobs: None,
         }
     }
 
@@ -486,6 +584,7 @@ mod properties {
                 index,
                 text: format!("t{index}"),
                 finish_reason: None,
+                logprobs: None,
             }).collect::<Vec<_>>();
             prop_assert_eq!(match_choices(n, choices(&indices)).len(), n);
             let out = match_choices(n, choices(&small));

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream::BoxStream};
 
 use super::ProviderError;
-use crate::completion::{FailureKind, StreamEvent, Usage};
+use crate::completion::{FailureKind, StreamEvent, ToolCallDelta, Usage};
 
 /// Longest line (one event's payload) read; a longer one is malformed.
 const MAX_LINE: usize = 1 << 20;
@@ -38,19 +38,24 @@ pub enum Framing {
 pub struct Read {
     /// Text to pass on (empty: none).
     pub text: String,
+    /// Pieces of tool calls to pass on, after the text.
+    pub tool_calls: Vec<ToolCallDelta>,
     /// The answer is complete.
     pub end: bool,
 }
 
 impl Read {
     pub fn text(text: String) -> Read {
-        Read { text, end: false }
+        Read {
+            text,
+            ..Read::default()
+        }
     }
 
     pub fn end() -> Read {
         Read {
-            text: String::new(),
             end: true,
+            ..Read::default()
         }
     }
 }
@@ -200,6 +205,10 @@ impl<D: Decode> Framer<D> {
                 if !read.text.is_empty() {
                     self.texts += 1;
                     self.ready.push_back(Ok(StreamEvent::Text(read.text)));
+                }
+                for call in read.tool_calls {
+                    self.texts += 1;
+                    self.ready.push_back(Ok(StreamEvent::ToolCall(call)));
                 }
                 if read.end
                     && let Some(decoder) = self.decoder.take()

@@ -110,28 +110,27 @@ impl Demand {
 /// A worker with nothing queued for this long exits; the next item starts a new one.
 const IDLE_EXIT: Duration = Duration::from_secs(30);
 
-/// Requests that may share an upstream request: same model, same input kind, same parameters.
+/// Requests that may share an upstream request: same model, same input kind, and the same
+/// parameters — every field of them, hashed by [`crate::completion::GenParams::hash_into`] as the cache key is,
+/// so a field added later cannot be merged across requests that differ in it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct BatchKey {
     model: Arc<str>,
     chat: bool,
-    max_tokens: Option<u32>,
-    /// `f32` is not `Eq`; its bits are, and equal bits mean equal temperatures here.
-    temperature_bits: Option<u32>,
-    stop: Vec<String>,
-    seed: Option<i64>,
+    params: [u8; 32],
 }
 
 impl BatchKey {
     fn of(model: &Arc<str>, r: &CompletionRequest) -> BatchKey {
-        let p = &r.params;
+        let mut h = blake3::Hasher::new();
+        r.params.hash_into(&mut |b: &[u8]| {
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        });
         BatchKey {
             model: model.clone(),
             chat: matches!(r.input, Input::Chat(_)),
-            max_tokens: p.max_tokens,
-            temperature_bits: p.temperature.map(f32::to_bits),
-            stop: p.stop.clone(),
-            seed: p.seed,
+            params: *h.finalize().as_bytes(),
         }
     }
 }

@@ -128,6 +128,15 @@ impl Link {
                 .is_none_or(|until| Instant::now() >= until)
     }
 
+    /// Why the provider's API cannot carry `request` as it is, if it cannot.
+    pub(super) fn unsupported(&self, request: &CompletionRequest) -> Option<String> {
+        self.provider.unsupported(request)
+    }
+
+    pub(super) fn forwards_openai_fields(&self) -> bool {
+        self.provider.forwards_openai_fields()
+    }
+
     /// The provider refused a prompt array that it then served as single requests: send it
     /// none for [`ARRAYS_RETRY`]. Said once in the log each time it happens.
     pub(super) fn arrays_refused(&self, e: &ProviderError) {
@@ -526,7 +535,9 @@ impl Streaming {
             };
             let link = &st.link;
             match &next {
-                Ok(StreamEvent::Text(_)) => return Some((next, Some(st))),
+                Ok(StreamEvent::Text(_) | StreamEvent::ToolCall(_)) => {
+                    return Some((next, Some(st)));
+                }
                 Ok(StreamEvent::End { .. }) => {
                     let took = st.sent.elapsed();
                     link.stats.success(took);

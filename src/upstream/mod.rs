@@ -31,6 +31,7 @@ use batcher::Batcher;
 use link::{Link, refused, timed_out};
 
 use crate::{
+    capability::{ModelInfo, Needs},
     completion::{Completion, CompletionRequest, FailureKind},
     config::{BreakerConfig, ProviderConfig, ProviderKind},
     metrics::Metrics,
@@ -44,6 +45,8 @@ pub struct Upstream {
     kind: ProviderKind,
     priority: i32,
     models: Vec<String>,
+    model_info: std::collections::BTreeMap<String, ModelInfo>,
+    pass_through: Vec<String>,
 }
 
 /// A completion and how it travelled.
@@ -113,6 +116,8 @@ impl Upstream {
             kind: config.kind,
             priority: config.priority,
             models: config.models.clone(),
+            model_info: config.model_info.clone(),
+            pass_through: config.pass_through.clone(),
         }
     }
 
@@ -123,6 +128,33 @@ impl Upstream {
     /// Whether this provider lists `model`.
     pub fn serves(&self, model: &str) -> bool {
         self.models.iter().any(|m| m == model)
+    }
+
+    /// What the cascade file says of `model` (nothing assumed missing when it says nothing).
+    pub fn model_info(&self, model: &str) -> ModelInfo {
+        self.model_info.get(model).copied().unwrap_or_default()
+    }
+
+    /// Why `model` here cannot take `request` without a network attempt: it lacks a need,
+    /// or the provider's API cannot carry one of the request's fields. `None` when it can.
+    pub fn refuses(
+        &self,
+        model: &str,
+        request: &CompletionRequest,
+        needs: &Needs,
+    ) -> Option<String> {
+        if let Some(why) = needs.unmet(&self.model_info(model)) {
+            return Some(why);
+        }
+        if let Some(field) = request.params.extra.keys().find(|k| {
+            !(self.pass_through.contains(k)
+                || (self.link.forwards_openai_fields() && crate::completion::is_openai_field(k)))
+        }) {
+            return Some(format!(
+                "{field}: the provider does not take it (list it under its pass_through to forward it)"
+            ));
+        }
+        self.link.unsupported(request)
     }
 
     /// The model for requests that name none (listed first).
@@ -293,15 +325,15 @@ mod tests {
     }
 
     fn done() -> Completion {
-        Completion {
-            text: "ok".into(),
-            finish_reason: "stop".into(),
-            usage: None,
-        }
+        Completion::text("ok".into(), "stop".into(), None)
     }
 
     #[async_trait]
     impl Provider for Scripted {
+        fn unsupported(&self, _: &CompletionRequest) -> Option<String> {
+            None
+        }
+
         fn batches_prompts(&self) -> bool {
             self.native
         }

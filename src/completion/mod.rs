@@ -4,15 +4,18 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use crate::error::RouterError;
 
-/// Bounds on what one request may carry, whichever edge it came in by (the configured
-/// `limits` bound them further).
-pub const MAX_STOP_SEQUENCES: usize = 16;
-pub const MAX_MESSAGES: usize = 4096;
-pub const MAX_TOKENS: u32 = 1 << 20;
+mod message;
+mod params;
 
-fn invalid(msg: impl Into<String>) -> RouterError {
-    RouterError::InvalidArgument(msg.into())
-}
+pub use message::{
+    ChatMessage, Content, Detail, Image, ImageSource, Part, Role, ToolCall, base64_encode,
+    check_conversation,
+};
+pub use params::{GenParams, ResponseFormat, Tool, ToolChoice, is_modelled_field, is_openai_field};
+
+/// The most messages one request may carry, whichever edge it came in by (the configured
+/// `limits` bound it further).
+pub const MAX_MESSAGES: usize = 4096;
 
 /// One completion request after validation at the server edge.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,6 +31,40 @@ pub struct CompletionRequest {
     pub tenant: String,
     pub request_id: String,
     pub cache: CacheMode,
+}
+
+impl CompletionRequest {
+    /// What both edges check alike: every parameter in range, a conversation's shape, and
+    /// fields that go with one kind of input only.
+    pub fn check(&self) -> Result<(), RouterError> {
+        let invalid = |m: &str| Err(RouterError::InvalidArgument(m.into()));
+        self.params.check()?;
+        let p = &self.params;
+        match &self.input {
+            Input::Chat(m) => {
+                check_conversation(m)?;
+                if p.echo {
+                    return invalid("echo: only with a prompt (/v1/completions), not messages");
+                }
+                if p.suffix.is_some() {
+                    return invalid("suffix: only with a prompt (/v1/completions), not messages");
+                }
+                if p.best_of.is_some() {
+                    return invalid("best_of: only with a prompt (/v1/completions), not messages");
+                }
+            }
+            Input::Prompt(_) => {
+                if !p.tools.is_empty() || p.tool_choice.is_some() || p.parallel_tool_calls.is_some()
+                {
+                    return invalid("tools: tools go with messages, not a prompt");
+                }
+                if p.response_format.is_some() {
+                    return invalid("response_format: goes with messages, not a prompt");
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How the completion cache treats a request.
@@ -61,92 +98,68 @@ impl fmt::Debug for Input {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChatMessage {
-    pub role: Role,
-    pub content: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-    Tool,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
+impl Input {
+    /// Bytes of text the input carries (images left out).
+    pub fn text_len(&self) -> usize {
         match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-            Role::Tool => "tool",
+            Input::Prompt(p) => p.len(),
+            Input::Chat(m) => m
+                .iter()
+                .map(|m| {
+                    m.content.text_len()
+                        + m.tool_calls
+                            .iter()
+                            .map(|c| c.name.len() + c.arguments.len())
+                            .sum::<usize>()
+                })
+                .sum(),
         }
     }
 
-    /// The role of `messages[i]`, or an error naming it.
-    pub fn parse_at(i: usize, s: &str) -> Result<Role, RouterError> {
-        Role::parse(s).ok_or_else(|| {
-            invalid(format!(
-                "messages[{i}].role: {s:?} is not system, user, assistant or tool"
-            ))
-        })
+    /// The images the input carries, in order.
+    pub fn images(&self) -> impl Iterator<Item = &Image> {
+        let messages = match self {
+            Input::Prompt(_) => &[][..],
+            Input::Chat(m) => m.as_slice(),
+        };
+        messages.iter().flat_map(|m| m.content.images())
     }
 
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "system" => Some(Role::System),
-            "user" => Some(Role::User),
-            "assistant" => Some(Role::Assistant),
-            "tool" => Some(Role::Tool),
-            _ => None,
+    /// Whether the conversation holds tool calls or tool results.
+    pub fn has_tool_turns(&self) -> bool {
+        match self {
+            Input::Prompt(_) => false,
+            Input::Chat(m) => m
+                .iter()
+                .any(|m| m.role == Role::Tool || !m.tool_calls.is_empty()),
         }
-    }
-}
-
-/// Generation parameters; `None` leaves the provider's default.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct GenParams {
-    pub max_tokens: Option<u32>,
-    pub temperature: Option<f32>,
-    pub stop: Vec<String>,
-    pub seed: Option<i64>,
-}
-
-impl GenParams {
-    /// Every parameter in its range, named when not.
-    pub fn check(&self) -> Result<(), RouterError> {
-        if let Some(t) = self.temperature
-            && !(0.0..=2.0).contains(&t)
-        {
-            return Err(invalid(format!("temperature: {t} is outside 0.0 ..= 2.0")));
-        }
-        if let Some(m) = self.max_tokens
-            && !(1..=MAX_TOKENS).contains(&m)
-        {
-            return Err(invalid(format!(
-                "max_tokens: {m} is outside 1 ..= {MAX_TOKENS}"
-            )));
-        }
-        if self.stop.len() > MAX_STOP_SEQUENCES {
-            return Err(invalid(format!(
-                "stop: more than {MAX_STOP_SEQUENCES} sequences"
-            )));
-        }
-        if self.stop.iter().any(String::is_empty) {
-            return Err(invalid("stop: sequences must not be empty"));
-        }
-        Ok(())
     }
 }
 
 /// What a provider answered.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Completion {
     pub text: String,
     pub finish_reason: String,
     pub usage: Option<Usage>,
+    /// Tools the model called (then `finish_reason` is `tool_calls`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// Log probabilities as the provider gave them (OpenAI's shape), when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<serde_json::Value>,
+}
+
+impl Completion {
+    /// A text answer.
+    pub fn text(text: String, finish_reason: String, usage: Option<Usage>) -> Completion {
+        Completion {
+            text,
+            finish_reason,
+            usage,
+            ..Completion::default()
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -172,10 +185,22 @@ pub struct Streamed {
 #[derive(Clone, Debug, PartialEq)]
 pub enum StreamEvent {
     Text(String),
+    /// A piece of a tool call: the first piece of each call has its id and name, the
+    /// arguments come as text in pieces, all with the call's `index`.
+    ToolCall(ToolCallDelta),
     End {
         finish_reason: String,
         usage: Option<Usage>,
     },
+}
+
+/// A piece of a streamed tool call (OpenAI's `delta.tool_calls[]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 /// A completion with where it came from and what it took.
@@ -209,6 +234,9 @@ pub enum FailureKind {
     CoolingDown,
     NoTimeLeft,
     Overloaded,
+    /// Skipped: the model lacks a capability the request needs, the request is too long for
+    /// its window, or the provider's API cannot carry one of its fields.
+    Unsupported,
 }
 
 impl FailureKind {
@@ -227,6 +255,7 @@ impl FailureKind {
             FailureKind::CoolingDown => "cooling_down",
             FailureKind::NoTimeLeft => "no_time_left",
             FailureKind::Overloaded => "overloaded",
+            FailureKind::Unsupported => "unsupported",
         }
     }
 
@@ -249,6 +278,7 @@ impl FailureKind {
             FailureKind::CoolingDown => "cooling down",
             FailureKind::NoTimeLeft => "no time left",
             FailureKind::Overloaded => "overloaded",
+            FailureKind::Unsupported => "unsupported",
         }
     }
 }

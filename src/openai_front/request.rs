@@ -1,0 +1,612 @@
+//! OpenAI's request bodies read into domain values, field by field. Every field of OpenAI's
+//! chat-completions and completions references is used by the router, carried into the
+//! request for the providers, or refused here by name; a field outside the references (a
+//! server's own, such as vLLM's `top_k`) is carried too, and goes only to providers whose
+//! `pass_through` lists it (the router refuses the request, naming the field, when none on
+//! its route does). The README's field table says the same field by field.
+//!
+//! A body is read as a JSON object first and each field taken from it by name, so an error
+//! names the field it is about and whatever is left over is, by construction, what the
+//! router did not model.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::{Map, Value};
+
+use crate::{
+    completion::{
+        CacheMode, ChatMessage, CompletionRequest, Content, Detail, GenParams, Image, Input,
+        MAX_MESSAGES, Part, ResponseFormat, Role, Tool, ToolCall, ToolChoice,
+    },
+    error::RouterError,
+};
+
+fn invalid(msg: impl Into<String>) -> RouterError {
+    RouterError::InvalidArgument(msg.into())
+}
+
+/// Fields of OpenAI's references the router refuses: their answers carry more than text and
+/// tool calls, which the router does not pass back.
+const REFUSED: &[(&str, &str)] = &[
+    ("audio", "the router answers text and tool calls, not audio"),
+    (
+        "web_search_options",
+        "the router does not pass back web search annotations",
+    ),
+];
+
+/// A JSON body whose fields are taken one by one.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub struct Body(Map<String, Value>);
+
+impl Body {
+    /// `key` read as `T`; `null` or absent is `None`. `at` prefixes the name in errors.
+    fn take<T: DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>, RouterError> {
+        take(&mut self.0, "", key)
+    }
+
+    pub fn stream(&self) -> bool {
+        self.0.get("stream").and_then(Value::as_bool) == Some(true)
+    }
+
+    pub fn include_usage(&self) -> bool {
+        self.0
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            == Some(true)
+    }
+}
+
+fn take<T: DeserializeOwned>(
+    map: &mut Map<String, Value>,
+    at: &str,
+    key: &str,
+) -> Result<Option<T>, RouterError> {
+    match map.remove(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(|e| invalid(format!("{at}{key}: {e}"))),
+    }
+}
+
+/// What the front's headers add to a request.
+#[derive(Default)]
+pub struct Extras {
+    pub agent: Option<String>,
+    pub cache: CacheMode,
+    pub request_id: String,
+}
+
+/// The most prompts one `/v1/completions` request may carry.
+pub const MAX_PROMPTS: usize = 1024;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// The fields both endpoints share, taken from `b`, and the request's agent.
+fn common(b: &mut Body, extras: &Extras) -> Result<(GenParams, String), RouterError> {
+    // Used by the front itself (see `Body::stream`, `Body::include_usage`).
+    b.take::<bool>("stream")?;
+    b.take::<Value>("stream_options")?;
+    if let Some(n) = b.take::<u32>("n")?
+        && n != 1
+    {
+        return Err(invalid(format!(
+            "n: {n}; the router answers one choice per prompt (n: 1)"
+        )));
+    }
+    let user = b.take::<String>("user")?;
+    let max_tokens = b.take::<u32>("max_tokens")?;
+    let logit_bias = b
+        .take::<BTreeMap<String, f32>>("logit_bias")?
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| {
+            k.parse::<u32>()
+                .map(|t| (t, v))
+                .map_err(|_| invalid(format!("logit_bias: {k:?} is not a token id")))
+        })
+        .collect::<Result<_, _>>()?;
+    let params = GenParams {
+        max_tokens: b.take::<u32>("max_completion_tokens")?.or(max_tokens),
+        temperature: b.take("temperature")?,
+        stop: b
+            .take::<OneOrMany>("stop")?
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default(),
+        seed: b.take("seed")?,
+        top_p: b.take("top_p")?,
+        frequency_penalty: b.take("frequency_penalty")?,
+        presence_penalty: b.take("presence_penalty")?,
+        logit_bias,
+        ..GenParams::default()
+    };
+    let agent = extras.agent.clone().or(user).unwrap_or_default();
+    Ok((params, agent))
+}
+
+/// What is left of the body once every modelled field was taken: refused by name, or
+/// carried for providers that take it.
+fn rest(b: Body) -> Result<BTreeMap<String, Value>, RouterError> {
+    let mut extra = BTreeMap::new();
+    for (k, v) in b.0 {
+        if let Some((_, why)) = REFUSED.iter().find(|(name, _)| *name == k) {
+            return Err(invalid(format!("{k}: not supported; {why}")));
+        }
+        if k == "modalities" && v != serde_json::json!(["text"]) {
+            return Err(invalid(
+                "modalities: only [\"text\"]; the router answers text and tool calls",
+            ));
+        }
+        if v.is_null() || k == "modalities" {
+            continue;
+        }
+        extra.insert(k, v);
+    }
+    Ok(extra)
+}
+
+fn request(
+    model: String,
+    input: Input,
+    params: GenParams,
+    agent: String,
+    extras: &Extras,
+) -> Result<CompletionRequest, RouterError> {
+    let r = CompletionRequest {
+        model,
+        input,
+        params,
+        tenant: agent.clone(),
+        agent,
+        request_id: extras.request_id.clone(),
+        cache: extras.cache,
+    };
+    r.check()?;
+    Ok(r)
+}
+
+/// `POST /v1/chat/completions`
+pub fn chat(mut b: Body, extras: &Extras) -> Result<CompletionRequest, RouterError> {
+    let model = b.take::<String>("model")?.unwrap_or_default();
+    let messages = b.take::<Vec<Map<String, Value>>>("messages")?;
+    let stream = b.stream();
+    let (mut params, agent) = common(&mut b, extras)?;
+    params.logprobs = b.take::<bool>("logprobs")?.unwrap_or(false);
+    params.top_logprobs = b.take("top_logprobs")?;
+    if params.logprobs && stream {
+        return Err(invalid(
+            "logprobs: not with stream: true (the router does not stream log probabilities)",
+        ));
+    }
+    params.tools = b
+        .take::<Vec<Map<String, Value>>>("tools")?
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| tool(i, t))
+        .collect::<Result<_, _>>()?;
+    params.tool_choice = b
+        .take::<Value>("tool_choice")?
+        .map(tool_choice)
+        .transpose()?;
+    params.parallel_tool_calls = b.take("parallel_tool_calls")?;
+    params.response_format = b
+        .take::<Map<String, Value>>("response_format")?
+        .map(response_format)
+        .transpose()?;
+    let messages = messages.unwrap_or_default();
+    if messages.is_empty() {
+        return Err(invalid("messages: at least one message is needed"));
+    }
+    if messages.len() > MAX_MESSAGES {
+        return Err(invalid(format!("messages: more than {MAX_MESSAGES}")));
+    }
+    let messages = messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| message(i, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    params.extra = rest(b)?;
+    request(model, Input::Chat(messages), params, agent, extras)
+}
+
+/// `POST /v1/completions`: one request per prompt, in order.
+pub fn text(mut b: Body, extras: &Extras) -> Result<Vec<CompletionRequest>, RouterError> {
+    let model = b.take::<String>("model")?.unwrap_or_default();
+    let prompts = b
+        .take::<OneOrMany>("prompt")?
+        .map(OneOrMany::into_vec)
+        .ok_or_else(|| invalid("prompt: a prompt or a list of prompts is needed"))?;
+    let stream = b.stream();
+    let (mut params, agent) = common(&mut b, extras)?;
+    if let Some(n) = b.take::<u32>("logprobs")? {
+        if stream {
+            return Err(invalid(
+                "logprobs: not with stream: true (the router does not stream log probabilities)",
+            ));
+        }
+        params.logprobs = true;
+        params.top_logprobs = Some(n);
+    }
+    params.echo = b.take::<bool>("echo")?.unwrap_or(false);
+    params.suffix = b.take("suffix")?;
+    params.best_of = b.take("best_of")?;
+    params.extra = rest(b)?;
+    if prompts.is_empty() {
+        return Err(invalid("prompt: at least one prompt is needed"));
+    }
+    if prompts.len() > MAX_PROMPTS {
+        return Err(invalid(format!(
+            "prompt: {} prompts; at most {MAX_PROMPTS} in one request",
+            prompts.len()
+        )));
+    }
+    if stream && prompts.len() > 1 {
+        return Err(invalid(
+            "stream: one prompt per streamed request (send the others separately)",
+        ));
+    }
+    if prompts.iter().any(String::is_empty) {
+        return Err(invalid("prompt: prompts must not be empty"));
+    }
+    let many = prompts.len() > 1;
+    prompts
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut r = request(
+                model.clone(),
+                Input::Prompt(p),
+                params.clone(),
+                agent.clone(),
+                extras,
+            )?;
+            if many {
+                r.request_id = format!("{}-{i}", extras.request_id);
+            }
+            Ok(r)
+        })
+        .collect()
+}
+
+/// Fields of a message that carry nothing when empty; any other value is refused by name.
+fn refuse_rest(at: &str, m: Map<String, Value>) -> Result<(), RouterError> {
+    for (k, v) in m {
+        let empty = match &v {
+            Value::Null => true,
+            Value::Array(a) => a.is_empty(),
+            Value::String(s) => s.is_empty(),
+            _ => false,
+        };
+        if !empty {
+            return Err(invalid(format!("{at}.{k}: not supported by the router")));
+        }
+    }
+    Ok(())
+}
+
+fn message(i: usize, mut m: Map<String, Value>) -> Result<ChatMessage, RouterError> {
+    let at = format!("messages[{i}].");
+    let role: String = take(&mut m, &at, "role")?
+        .ok_or_else(|| invalid(format!("messages[{i}].role: missing")))?;
+    let role = match role.as_str() {
+        // OpenAI's newer name for system instructions.
+        "developer" => Role::System,
+        other => Role::parse_at(i, other)?,
+    };
+    let content = match m.remove("content") {
+        None | Some(Value::Null) => Content::default(),
+        Some(Value::String(s)) => Content::Text(s),
+        Some(Value::Array(parts)) => Content::Parts(
+            parts
+                .into_iter()
+                .enumerate()
+                .map(|(j, p)| part(&format!("messages[{i}].content[{j}]"), p))
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(_) => {
+            return Err(invalid(format!(
+                "messages[{i}].content: a string or a list of parts"
+            )));
+        }
+    };
+    let tool_calls = take::<Vec<Map<String, Value>>>(&mut m, &at, "tool_calls")?
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(j, c)| call(&format!("messages[{i}].tool_calls[{j}]"), c))
+        .collect::<Result<_, _>>()?;
+    let message = ChatMessage {
+        role,
+        content,
+        name: take(&mut m, &at, "name")?,
+        tool_calls,
+        tool_call_id: take(&mut m, &at, "tool_call_id")?,
+    };
+    refuse_rest(&format!("messages[{i}]"), m)?;
+    Ok(message)
+}
+
+fn part(at: &str, p: Value) -> Result<Part, RouterError> {
+    let Value::Object(mut p) = p else {
+        return Err(invalid(format!("{at}: a part is an object with a type")));
+    };
+    let kind: String = take(&mut p, &format!("{at}."), "type")?.unwrap_or_default();
+    match kind.as_str() {
+        "text" => Ok(Part::Text(
+            take(&mut p, &format!("{at}."), "text")?.unwrap_or_default(),
+        )),
+        "image_url" => {
+            #[derive(Deserialize)]
+            struct Url {
+                url: String,
+                detail: Option<String>,
+            }
+            let u: Url = take(&mut p, &format!("{at}."), "image_url")?
+                .ok_or_else(|| invalid(format!("{at}.image_url: missing")))?;
+            let detail = match u.detail.as_deref() {
+                None => None,
+                Some(d) => Some(Detail::parse(d).ok_or_else(|| {
+                    invalid(format!(
+                        "{at}.image_url.detail: {d:?} is not auto, low or high"
+                    ))
+                })?),
+            };
+            Image::from_url(&u.url, detail, at).map(Part::Image)
+        }
+        other => Err(invalid(format!(
+            "{at}: {other:?} parts are not supported (text and image_url are)"
+        ))),
+    }
+}
+
+#[derive(Deserialize)]
+struct FunctionCall {
+    name: String,
+    arguments: String,
+}
+
+fn call(at: &str, mut c: Map<String, Value>) -> Result<ToolCall, RouterError> {
+    let dot = format!("{at}.");
+    if let Some(kind) = take::<String>(&mut c, &dot, "type")?
+        && kind != "function"
+    {
+        return Err(invalid(format!("{at}.type: {kind:?}; only function calls")));
+    }
+    let f: FunctionCall = take(&mut c, &dot, "function")?
+        .ok_or_else(|| invalid(format!("{at}.function: missing")))?;
+    let call = ToolCall {
+        id: take(&mut c, &dot, "id")?.unwrap_or_default(),
+        name: f.name,
+        arguments: f.arguments,
+    };
+    refuse_rest(at, c)?;
+    Ok(call)
+}
+
+fn tool(i: usize, mut t: Map<String, Value>) -> Result<Tool, RouterError> {
+    let at = format!("tools[{i}].");
+    let kind: Option<String> = take(&mut t, &at, "type")?;
+    if kind.as_deref() != Some("function") {
+        return Err(invalid(format!(
+            "tools[{i}].type: {kind:?}; only function tools are supported"
+        )));
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Function {
+        name: String,
+        description: Option<String>,
+        parameters: Option<Value>,
+        strict: Option<bool>,
+    }
+    let f: Function = take(&mut t, &at, "function")?
+        .ok_or_else(|| invalid(format!("tools[{i}].function: missing")))?;
+    refuse_rest(&format!("tools[{i}]"), t)?;
+    Ok(Tool {
+        name: f.name,
+        description: f.description,
+        parameters: f.parameters.map(Arc::new),
+        strict: f.strict,
+    })
+}
+
+fn tool_choice(v: Value) -> Result<ToolChoice, RouterError> {
+    match &v {
+        Value::String(s) => match s.as_str() {
+            "auto" => Ok(ToolChoice::Auto),
+            "none" => Ok(ToolChoice::None),
+            "required" => Ok(ToolChoice::Required),
+            other => Err(invalid(format!(
+                "tool_choice: {other:?} is not auto, none, required or {{\"type\": \"function\", ...}}"
+            ))),
+        },
+        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => o
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .map(|n| ToolChoice::Function(n.to_string()))
+            .ok_or_else(|| invalid("tool_choice.function.name: missing")),
+        _ => Err(invalid(
+            "tool_choice: auto, none, required or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+        )),
+    }
+}
+
+fn response_format(mut f: Map<String, Value>) -> Result<ResponseFormat, RouterError> {
+    let kind: String = take(&mut f, "response_format.", "type")?.unwrap_or_default();
+    match kind.as_str() {
+        "text" => Ok(ResponseFormat::Text),
+        "json_object" => Ok(ResponseFormat::JsonObject),
+        "json_schema" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Schema {
+                name: String,
+                description: Option<String>,
+                schema: Option<Value>,
+                strict: Option<bool>,
+            }
+            let s: Schema = take(&mut f, "response_format.", "json_schema")?
+                .ok_or_else(|| invalid("response_format.json_schema: missing"))?;
+            Ok(ResponseFormat::JsonSchema {
+                name: s.name,
+                description: s.description,
+                schema: s.schema.map(Arc::new),
+                strict: s.strict,
+            })
+        }
+        other => Err(invalid(format!(
+            "response_format.type: {other:?} is not text, json_object or json_schema"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn extras() -> Extras {
+        Extras {
+            request_id: "r".into(),
+            ..Extras::default()
+        }
+    }
+
+    fn body(json: &str) -> Body {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn chat_reads_strings_parts_tools_and_every_sampling_field() {
+        let r = chat(
+            body(
+                r#"{"model": "m", "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+                {"role": "assistant", "content": null, "refusal": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"}
+            ], "max_completion_tokens": 5, "stop": "x", "top_p": 0.9, "user": "u1",
+               "frequency_penalty": 0.5, "presence_penalty": -0.5, "logit_bias": {"50256": -100},
+               "logprobs": true, "top_logprobs": 2, "parallel_tool_calls": false,
+               "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+               "tool_choice": {"type": "function", "function": {"name": "f"}},
+               "response_format": {"type": "json_object"}, "top_k": 5, "store": false}"#,
+            ),
+            &extras(),
+        )
+        .unwrap();
+        let Input::Chat(m) = &r.input else {
+            panic!("chat")
+        };
+        assert_eq!(m[0].role, Role::System);
+        assert_eq!(m[1].content.text(), "hi there");
+        assert_eq!(m[2].tool_calls[0].name, "f");
+        assert_eq!(m[3].tool_call_id.as_deref(), Some("c1"));
+        let p = &r.params;
+        assert_eq!(p.max_tokens, Some(5));
+        assert_eq!(p.stop, ["x"]);
+        assert_eq!(p.top_p, Some(0.9));
+        assert_eq!(p.logit_bias.get(&50256), Some(&-100.0));
+        assert_eq!(p.top_logprobs, Some(2));
+        assert_eq!(p.tool_choice, Some(ToolChoice::Function("f".into())));
+        assert_eq!(p.parallel_tool_calls, Some(false));
+        assert_eq!(p.response_format, Some(ResponseFormat::JsonObject));
+        let extra: Vec<&str> = p.extra.keys().map(String::as_str).collect();
+        assert_eq!(extra, ["store", "top_k"]);
+        assert_eq!(r.agent, "u1");
+    }
+
+    #[test]
+    fn what_the_router_cannot_honour_is_refused_by_name() {
+        let bad = [
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}"#,
+                "n: 2",
+            ),
+            (r#"{"model": "m", "messages": []}"#, "messages"),
+            (
+                r#"{"model": "m", "messages": [{"role": "robot", "content": "x"}]}"#,
+                "messages[0].role",
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}"#,
+                "messages[0].content[0]",
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}"#,
+                "temperature",
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "audio": {"voice": "x"}}"#,
+                "audio",
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"}"#,
+                "tool_choice",
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f", "parameters": "not a schema"}}]}"#,
+                "tools[0].function.parameters",
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}]}"#,
+                "messages[0].tool_call_id",
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]}"#,
+                "messages[0].content[0]",
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "stream": true}"#,
+                "logprobs",
+            ),
+        ];
+        for (json, names) in bad {
+            let e = chat(body(json), &extras())
+                .err()
+                .unwrap_or_else(|| panic!("{json} was accepted"))
+                .to_string();
+            assert!(e.contains(names), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn prompts_as_a_string_or_an_array() {
+        let one = text(body(r#"{"model": "m", "prompt": "a"}"#), &extras()).unwrap();
+        assert_eq!(one.len(), 1);
+        let many = text(
+            body(r#"{"model": "m", "prompt": ["a", "b", "c"], "echo": true, "logprobs": 2}"#),
+            &extras(),
+        )
+        .unwrap();
+        let ids: Vec<&str> = many.iter().map(|r| r.request_id.as_str()).collect();
+        assert_eq!(ids, ["r-0", "r-1", "r-2"]);
+        assert!(many[0].params.echo && many[0].params.logprobs);
+        assert!(
+            text(
+                body(r#"{"model": "m", "prompt": ["a", "b"], "stream": true}"#),
+                &extras()
+            )
+            .is_err()
+        );
+    }
+}
