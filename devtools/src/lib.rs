@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod conversation;
 pub mod load;
 pub mod mock;
 pub mod timer;

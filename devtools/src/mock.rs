@@ -21,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use crate::conversation::{self, Api, Turn};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::{
@@ -190,8 +191,13 @@ struct Counters {
     cancelled: AtomicU64,
 }
 
+/// Request bodies kept for [`MockServer::bodies`], the newest last.
+const RECORDED: usize = 256;
+
 struct Shared {
     script: Mutex<Script>,
+    /// The last [`RECORDED`] request bodies, as received.
+    bodies: Mutex<std::collections::VecDeque<Value>>,
     gate: Arc<Semaphore>,
     counters: Counters,
     changed: Notify,
@@ -231,6 +237,7 @@ impl MockServer {
         let shared = Arc::new(Shared {
             gate: Arc::new(Semaphore::new(script.max_concurrency.max(1))),
             script: Mutex::new(script),
+            bodies: Mutex::new(std::collections::VecDeque::new()),
             counters: Counters::default(),
             changed: Notify::new(),
         });
@@ -260,6 +267,27 @@ impl MockServer {
             .script
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = script;
+    }
+
+    /// The request bodies received (the last 256), oldest first: what the router sent.
+    pub fn bodies(&self) -> Vec<Value> {
+        self.shared
+            .bodies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The last request body received.
+    pub fn last_body(&self) -> Option<Value> {
+        self.shared
+            .bodies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .back()
+            .cloned()
     }
 
     pub fn stats(&self) -> Snapshot {
@@ -436,7 +464,21 @@ async fn respond(
     let Ok(body) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
         return error(StatusCode::BAD_REQUEST, "body is not JSON");
     };
+    {
+        let mut kept = shared.bodies.lock().unwrap_or_else(PoisonError::into_inner);
+        if kept.len() == RECORDED {
+            kept.pop_front();
+        }
+        kept.push_back(body.clone());
+    }
     let prompts = prompts(endpoint, &body);
+    let chat = match endpoint {
+        Endpoint::Chat => Some(Api::OpenAi),
+        Endpoint::OllamaChat => Some(Api::Ollama),
+        Endpoint::Messages => Some(Api::Anthropic),
+        Endpoint::Completions | Endpoint::Generate => None,
+    };
+    let turn = chat.map(|api| (api, conversation::turn(api, &body)));
     let streamed = body.get("stream").and_then(Value::as_bool) == Some(true);
     let model = body
         .get("model")
@@ -492,7 +534,21 @@ async fn respond(
     crate::timer::sleep(latency).await;
     if streamed && let Some(flight) = flight.take() {
         let first = prompts.first().map(String::as_str).unwrap_or_default();
-        let chunks = stream_chunks(endpoint, &model, first);
+        let chunks = match &turn {
+            Some((
+                api,
+                Turn::Call {
+                    id,
+                    name,
+                    arguments,
+                },
+            )) => frame(
+                endpoint,
+                conversation::call_chunks(*api, &model, id, name, arguments),
+            ),
+            Some((_, Turn::Text(text))) => stream_chunks(endpoint, &model, first, text),
+            None => stream_chunks(endpoint, &model, first, &reply(first)),
+        };
         return streaming(
             endpoint,
             chunks,
@@ -501,10 +557,19 @@ async fn respond(
             (flight, permit),
         );
     }
-    full(
-        StatusCode::OK,
-        answer(endpoint, &model, &prompts, script.omit_marker.as_deref()).to_string(),
-    )
+    let body = match &turn {
+        Some((api, turn)) => {
+            let tokens = |s: &str| s.split_whitespace().count();
+            let said: usize = prompts.iter().map(|p| tokens(p)).sum();
+            let wrote = match turn {
+                Turn::Text(t) => tokens(t),
+                Turn::Call { .. } => 1,
+            };
+            conversation::answer(*api, &model, turn, (said, wrote))
+        }
+        None => answer(endpoint, &model, &prompts, script.omit_marker.as_deref()),
+    };
+    full(StatusCode::OK, body.to_string())
 }
 
 /// The prompt texts a request carries (a chat counts as one: its last message).
@@ -520,8 +585,7 @@ fn prompts(endpoint: Endpoint, body: &Value) -> Vec<String> {
             .get("messages")
             .and_then(Value::as_array)
             .and_then(|m| m.last())
-            .and_then(|m| m.get("content"))
-            .and_then(text)
+            .map(|m| conversation::text_of(m.get("content")))
             .into_iter()
             .collect(),
     }
@@ -567,10 +631,9 @@ fn answer(endpoint: Endpoint, model: &str, prompts: &[String], omit: Option<&str
     }
 }
 
-/// The payloads of a streamed answer to `prompt`, one word of the reply each, in the
-/// endpoint's shape, ending with its end marker.
-fn stream_chunks(endpoint: Endpoint, model: &str, prompt: &str) -> Vec<String> {
-    let text = reply(prompt);
+/// The payloads of a streamed answer `text` to `prompt`, one word each, in the endpoint's
+/// shape, ending with its end marker.
+fn stream_chunks(endpoint: Endpoint, model: &str, prompt: &str, text: &str) -> Vec<String> {
     let words: Vec<&str> = text.split_inclusive(' ').collect();
     let (prompt_tokens, completion_tokens) = (prompt.split_whitespace().count(), words.len());
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens});
@@ -620,6 +683,11 @@ fn stream_chunks(endpoint: Endpoint, model: &str, prompt: &str) -> Vec<String> {
             out.push(json!({"type": "message_stop"}));
         }
     }
+    frame(endpoint, out)
+}
+
+/// Payloads framed as the endpoint streams them (SSE, with `[DONE]` for OpenAI; NDJSON).
+fn frame(endpoint: Endpoint, out: Vec<Value>) -> Vec<String> {
     let mut framed: Vec<String> = out
         .into_iter()
         .map(|v| match endpoint {
