@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use cascade_devtools::mock::{self, Fault, MockServer, Script};
 use common::*;
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openai_sdk_works_against_the_http_front() {
@@ -24,14 +25,22 @@ async fn the_openai_sdk_works_against_the_http_front() {
     let failing = MockServer::start(Script::failing(Fault::Status(500)))
         .await
         .unwrap();
+    let (ol, an) = (
+        MockServer::start(Script::default()).await.unwrap(),
+        MockServer::start(Script::default()).await.unwrap(),
+    );
     let port = refused_url().await.rsplit(':').next().unwrap().to_string();
     let yaml = format!(
         "server: {{http_listen: \"127.0.0.1:{port}\"}}\n{}providers:\n\
          - {{name: fails, type: openai, priority: 1, base_url: \"{}/v1\", models: [flaky]}}\n\
-         - {{name: up, type: openai, priority: 2, base_url: \"{}/v1\", models: [m, flaky]}}\n",
+         - {{name: up, type: openai, priority: 2, base_url: \"{}/v1\", models: [m, flaky]}}\n\
+         - {{name: ol, type: ollama, priority: 3, url: \"{}\", models: [ol-model]}}\n\
+         - {{name: an, type: anthropic, priority: 4, url: \"{}\", api_key: k, models: [an-model]}}\n",
         cascade(0, 100, 60.0),
         failing.url(),
         up.url(),
+        ol.url(),
+        an.url(),
     );
     let _router = start(&yaml).await;
     let base = format!("http://127.0.0.1:{port}/v1");
@@ -42,6 +51,8 @@ async fn the_openai_sdk_works_against_the_http_front() {
         "m",
         "--fallback-model",
         "flaky",
+        "--tool-models",
+        "m,ol-model,an-model",
     ];
     let r = python_report(python, "openai_sdk.py", args.map(String::from).to_vec()).await;
 
@@ -80,6 +91,72 @@ async fn the_openai_sdk_works_against_the_http_front() {
     assert_eq!(r["fallback"]["provider"], "up");
     assert_eq!(r["fallback"]["attempted"], "fails/flaky server_error");
     assert_eq!(r["fallback"]["text"], mock::reply("hello from the sdk"));
-    assert_eq!(r["models"], serde_json::json!(["flaky", "m"]));
+    assert_eq!(
+        r["models"],
+        serde_json::json!(["an-model", "flaky", "m", "ol-model"])
+    );
+    // A tool round trip through each provider API, whole and streamed, with the SDK.
+    for (model, server) in [("m", &up), ("ol-model", &ol), ("an-model", &an)] {
+        for how in ["unary", "streamed"] {
+            let t = &r["tools"][model][how];
+            assert_eq!(t["name"], "get_weather", "{model} {how}");
+            assert_eq!(t["arguments"], json!({"text": "weather in Paris?"}));
+            assert_eq!(t["finish_reason"], "tool_calls", "{model} {how}");
+            assert_eq!(t["final"], mock::reply("sunny, 21 C"), "{model} {how}");
+        }
+        // The answers' bodies, in the API's own shape; the SDK's own message object (with
+        // its `refusal: null` and the like) went back as a clean assistant turn.
+        let id = r["tools"][model]["unary"]["id"].as_str().unwrap();
+        let args = json!({"text": "weather in Paris?"});
+        let body = server
+            .bodies()
+            .into_iter()
+            .find(|b| {
+                b["messages"].as_array().is_some_and(|m| m.len() == 3)
+                    && b["stream"].as_bool() != Some(true)
+            })
+            .unwrap();
+        let m = &body["messages"];
+        match model {
+            "m" => {
+                assert_eq!(
+                    m[1],
+                    json!({"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function", "function": {"name": "get_weather", "arguments": args.to_string()}}]})
+                );
+                assert_eq!(
+                    m[2],
+                    json!({"role": "tool", "content": "sunny, 21 C", "tool_call_id": id})
+                );
+                assert_eq!(
+                    body["tools"][0]["function"]["parameters"]["required"],
+                    json!(["text"])
+                );
+            }
+            "ol-model" => {
+                assert_eq!(
+                    m[1]["tool_calls"],
+                    json!([{"function": {"name": "get_weather", "arguments": args}}])
+                );
+                assert_eq!(
+                    m[2],
+                    json!({"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"})
+                );
+            }
+            _ => {
+                assert_eq!(
+                    m[1]["content"],
+                    json!([{"type": "tool_use", "id": id, "name": "get_weather", "input": args}])
+                );
+                assert_eq!(
+                    m[2]["content"],
+                    json!([{"type": "tool_result", "tool_use_id": id, "content": "sunny, 21 C"}])
+                );
+                assert_eq!(
+                    body["tools"][0]["input_schema"]["required"],
+                    json!(["text"])
+                );
+            }
+        }
+    }
     assert_eq!(failing.stats().requests, 1);
 }

@@ -1,5 +1,6 @@
 //! The Python example (`examples/python/client.py`, grpcio with stubs generated from proto/)
-//! against the real service: its answers, a deadline, and the codes it acts on.
+//! against the real service: its answers, a deadline, the codes it acts on, and a tool round
+//! trip through each provider API (the upstream bodies checked).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -21,13 +22,26 @@ async fn the_python_example_gets_its_answers_and_acts_on_codes() {
     })
     .await
     .unwrap();
+    let (ol, an) = (
+        MockServer::start(Script::default()).await.unwrap(),
+        MockServer::start(Script::default()).await.unwrap(),
+    );
     let router = start(&format!(
-        "providers:\n{}  - {{name: slow, type: openai, priority: 2, base_url: \"{}/v1\", models: [slow]}}\n",
+        "providers:\n{}  - {{name: slow, type: openai, priority: 2, base_url: \"{}/v1\", models: [slow]}}\n\
+         \x20 - {{name: ol, type: ollama, priority: 3, url: \"{}\", models: [ol-model]}}\n\
+         \x20 - {{name: an, type: anthropic, priority: 4, url: \"{}\", api_key: k, models: [an-model]}}\n",
         openai("up", 1, &fast.url()),
-        slow.url()
+        slow.url(),
+        ol.url(),
+        an.url()
     ))
     .await;
-    let args = vec!["--addr".to_string(), router.addr.to_string()];
+    let args = vec![
+        "--addr".to_string(),
+        router.addr.to_string(),
+        "--tool-models".to_string(),
+        "m,ol-model,an-model".to_string(),
+    ];
     let r = python_report(python, "client.py", args).await;
     assert_eq!(
         r["complete"]["text"],
@@ -47,5 +61,34 @@ async fn the_python_example_gets_its_answers_and_acts_on_codes() {
     assert_eq!(r["deadline"], "DEADLINE_EXCEEDED");
     assert_eq!(r["unknown_model"], "INVALID_ARGUMENT");
     assert_eq!(r["empty_prompt"], "INVALID_ARGUMENT");
-    assert_eq!(fast.stats().items, 6, "one Complete and a batch of five");
+    for (model, server) in [("m", &fast), ("ol-model", &ol), ("an-model", &an)] {
+        let t = &r["tool_round_trip"][model];
+        assert_eq!(t["name"], "get_weather", "{model}");
+        assert_eq!(
+            t["arguments"],
+            serde_json::json!({"text": "weather in Paris?"})
+        );
+        assert_eq!(t["final"], mock::reply("sunny, 21 C").as_str(), "{model}");
+        assert_eq!(
+            t["finish_reason"],
+            if model == "an-model" {
+                "tool_use"
+            } else {
+                "tool_calls"
+            }
+        );
+        // The result went back in the API's own shape.
+        let body = server.last_body().unwrap();
+        let last = &body["messages"].as_array().unwrap()[2];
+        let result = match model {
+            "an-model" => &last["content"][0]["content"],
+            _ => &last["content"],
+        };
+        assert_eq!(result, "sunny, 21 C", "{model}: {body}");
+    }
+    assert_eq!(
+        fast.stats().items,
+        8,
+        "one Complete, a batch of five, a tool round trip"
+    );
 }

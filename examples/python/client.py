@@ -88,7 +88,7 @@ def complete(stub, request, timeout=30.0, tries=3):
             raise
 
 
-def report(stub):
+def report(stub, tool_models):
     """Every path the example shows, as one JSON object (the CI test checks it)."""
     out = {}
     r = complete(stub, pb.CompleteRequest(model="m", prompt="hello from python"))
@@ -110,18 +110,42 @@ def report(stub):
     out["deadline"] = code_of(pb.CompleteRequest(model="slow", prompt="take your time"), 0.3)
     out["unknown_model"] = code_of(pb.CompleteRequest(model="no-such-model", prompt="x"), 5)
     out["empty_prompt"] = code_of(pb.CompleteRequest(model="m"), 5)
+    out["tool_round_trip"] = {m: tool_round_trip(stub, m) for m in tool_models}
     return out
+
+
+WEATHER = pb.Tool(
+    name="get_weather",
+    description="The weather in a city",
+    parameters_json=json.dumps({"type": "object", "properties": {"text": {"type": "string"}},
+                                "required": ["text"]}),
+)
+
+
+def tool_round_trip(stub, model):
+    """An agent's tool loop over gRPC: the model calls a tool, the agent runs it and sends the
+    result back (an assistant message with the call, a tool message with its id), the model
+    answers in text."""
+    messages = [pb.ChatMessage(role="user", content="weather in Paris?")]
+    first = complete(stub, pb.CompleteRequest(model=model, messages=messages, tools=[WEATHER]))
+    call = first.tool_calls[0]
+    messages.append(pb.ChatMessage(role="assistant", tool_calls=[call]))
+    messages.append(pb.ChatMessage(role="tool", tool_call_id=call.id, content="sunny, 21 C"))
+    final = complete(stub, pb.CompleteRequest(model=model, messages=messages, tools=[WEATHER]))
+    return {"name": call.name, "arguments": json.loads(call.arguments),
+            "finish_reason": first.finish_reason, "final": final.text}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--addr", default="127.0.0.1:50051", help="host:port of the router")
     ap.add_argument("--report", action="store_true", help="print what every call returned, as JSON")
+    ap.add_argument("--tool-models", default="m", help="models to run the tool round trip on")
     args = ap.parse_args()
     with grpc.insecure_channel(args.addr) as channel:
         stub = pb_grpc.RouterStub(channel)
         if args.report:
-            print(json.dumps(report(stub)))
+            print(json.dumps(report(stub, [m for m in args.tool_models.split(",") if m])))
             return
         r = complete(stub, pb.CompleteRequest(prompt="Say hello in five words."))
         print(f"{r.provider}/{r.model}: {r.text}")

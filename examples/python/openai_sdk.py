@@ -20,11 +20,87 @@ import sys
 from openai import NotFoundError, OpenAI
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"text": {"type": "string"}},
+            "required": ["text"],
+        },
+    },
+}
+
+
+def tool_round_trip(client, model):
+    """An agent's tool loop: the model calls a tool, the agent runs it and sends the result
+    back, the model answers. Once whole, once streamed (tool-call deltas put together)."""
+    out = {}
+    for streamed in (False, True):
+        messages = [{"role": "user", "content": "weather in Paris?"}]
+        if streamed:
+            calls = {}
+            finish = None
+            for chunk in client.chat.completions.create(
+                model=model, messages=messages, tools=[WEATHER], stream=True
+            ):
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                finish = choice.finish_reason or finish
+                for d in choice.delta.tool_calls or []:
+                    c = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                    c["id"] = d.id or c["id"]
+                    if d.function:
+                        c["name"] += d.function.name or ""
+                        c["arguments"] += d.function.arguments or ""
+            call = calls[0]
+            messages.append({
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": call["id"], "type": "function",
+                                "function": {"name": call["name"], "arguments": call["arguments"]}}],
+            })
+        else:
+            first = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER])
+            finish = first.choices[0].finish_reason
+            message = first.choices[0].message
+            c = message.tool_calls[0]
+            call = {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+            # The SDK's own message object goes back as the assistant turn, as agents do.
+            messages.append(message)
+        # The agent runs the tool and sends the result back.
+        messages.append({"role": "tool", "tool_call_id": call["id"], "content": "sunny, 21 C"})
+        if streamed:
+            pieces = [
+                ch.choices[0].delta.content
+                for ch in client.chat.completions.create(
+                    model=model, messages=messages, tools=[WEATHER], stream=True)
+                if ch.choices and ch.choices[0].delta.content
+            ]
+            final = "".join(pieces)
+        else:
+            final = client.chat.completions.create(
+                model=model, messages=messages, tools=[WEATHER]).choices[0].message.content
+        out["streamed" if streamed else "unary"] = {
+            "name": call["name"],
+            "arguments": json.loads(call["arguments"]),
+            "id": call["id"],
+            "finish_reason": finish,
+            "final": final,
+        }
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8088/v1")
     p.add_argument("--model", default="simulated")
     p.add_argument("--fallback-model", help="a model whose first provider fails")
+    p.add_argument("--tool-models", default="",
+                   help="comma-separated models to run a tool round trip on (streamed and not)")
     p.add_argument("--report", action="store_true", help="print the results as JSON")
     args = p.parse_args()
 
@@ -86,6 +162,8 @@ def main() -> int:
         }
 
     out["models"] = [m.id for m in client.models.list()]
+
+    out["tools"] = {m: tool_round_trip(client, m) for m in args.tool_models.split(",") if m}
 
     if args.report:
         print(json.dumps(out))
