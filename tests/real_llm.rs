@@ -125,9 +125,9 @@ async fn launch(program: &Path, args: &[String], port: u16, ready: &str) -> Real
     panic!("{} did not become ready at {probe}", program.display());
 }
 
-async fn llama_server(s: &Installed, slots: u32) -> RealServer {
+async fn llama_server(s: &Installed, slots: u32, extra: &[&str]) -> RealServer {
     let port = free_port();
-    let args = [
+    let mut args = [
         "-m",
         &s.gguf.display().to_string(),
         "--alias",
@@ -143,7 +143,9 @@ async fn llama_server(s: &Installed, slots: u32) -> RealServer {
         "-np",
         &slots.to_string(),
     ]
-    .map(String::from);
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|a| a.to_string()));
     launch(&s.llama_server, &args, port, "/health").await
 }
 
@@ -190,7 +192,7 @@ fn entry(name: &str, priority: i32, base: &str, model: &str, extra: &str) -> Str
 async fn llama_server_completes_chats_batches_and_falls_back() {
     let Some(installed) = installed() else { return };
     let _one = ONE_AT_A_TIME.lock().await;
-    let llama = llama_server(&installed, 4).await;
+    let llama = llama_server(&installed, 4, &[]).await;
     let dead = refused_url().await;
     let router = start(&format!(
         "{}providers:\n{}{}{}",
@@ -267,11 +269,128 @@ async fn llama_server_completes_chats_batches_and_falls_back() {
     assert!(batched_provider.requests < batched_provider.items);
 }
 
+/// A chat template that shows the model its tools and writes tool calls and results in the
+/// Hermes style (`<tool_call>` ... `</tool_call>`); SmolLM2's own template has no place for
+/// tools, so llama-server leaves them out of the prompt with it.
+const TOOL_TEMPLATE: &str = r#"{%- if tools %}<|im_start|>system
+You can call these tools: {{ tools | tojson }}
+To call one, answer <tool_call>
+{"name": <name>, "arguments": <arguments>}
+</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}<|im_start|>{{ message.role }}
+{% if message.tool_calls %}{% for tc in message.tool_calls %}<tool_call>
+{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}
+</tool_call>{% endfor %}{% else %}{{ message.content }}{% endif %}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn llama_server_follows_a_json_schema_and_takes_tools_through_the_router() {
+    let Some(installed) = installed() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let template = temp_file("tools-template", TOOL_TEMPLATE);
+    let template = template.display().to_string();
+    let llama = llama_server(
+        &installed,
+        1,
+        &["--jinja", "--chat-template-file", &template],
+    )
+    .await;
+    let router = start(&format!(
+        "{}providers:\n{}",
+        cascade(0, 100, 60.0),
+        entry("llama", 1, &llama.url, "smollm2", ""),
+    ))
+    .await;
+    let mut c = router.client.clone();
+    let chat = |text: &str| v1::CompleteRequest {
+        messages: vec![v1::ChatMessage {
+            role: "user".into(),
+            content: text.into(),
+            ..Default::default()
+        }],
+        prompt: String::new(),
+        ..ask("smollm2", "", 60)
+    };
+
+    // JSON following a schema: llama-server turns the schema into a grammar.
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+        "additionalProperties": false,
+    });
+    let mut place = chat("Give a city and its country.");
+    place.response_format = Some(v1::ResponseFormat {
+        r#type: "json_schema".into(),
+        name: "place".into(),
+        schema_json: schema.to_string(),
+        strict: Some(true),
+        ..Default::default()
+    });
+    let r = c.ask(place).await;
+    let v: serde_json::Value =
+        serde_json::from_str(&r.text).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", r.text));
+    let o = v.as_object().unwrap();
+    let mut keys: Vec<&str> = o.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["city", "country"], "{v}");
+    assert!(o.values().all(serde_json::Value::is_string), "{v}");
+
+    // Tools: they reach the model's prompt (the prompt grows by their description), and a
+    // tool-result turn in the router's shape is taken and answered.
+    let plain = c.ask(chat("What is the weather in Paris?")).await;
+    let mut with_tools = chat("What is the weather in Paris?");
+    with_tools.tools = vec![v1::Tool {
+        name: "get_weather".into(),
+        description: "The weather in a city".into(),
+        parameters_json:
+            r#"{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}"#
+                .into(),
+        strict: None,
+    }];
+    let offered = c.ask(with_tools.clone()).await;
+    let (p0, p1) = (
+        plain.usage.unwrap().prompt_tokens,
+        offered.usage.unwrap().prompt_tokens,
+    );
+    assert!(
+        p1 > p0 + 20,
+        "the tools reached the prompt: {p0} -> {p1} tokens"
+    );
+    let mut result = with_tools;
+    result.messages.push(v1::ChatMessage {
+        role: "assistant".into(),
+        tool_calls: vec![v1::ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Paris"}"#.into(),
+        }],
+        ..Default::default()
+    });
+    result.messages.push(v1::ChatMessage {
+        role: "tool".into(),
+        content: "sunny, 21 C".into(),
+        tool_call_id: "call_1".into(),
+        ..Default::default()
+    });
+    let answered = c.ask(result).await;
+    assert!(
+        answered.usage.unwrap().prompt_tokens > p1,
+        "the call and its result reached the prompt"
+    );
+    assert!(
+        !answered.text.trim().is_empty() || !answered.tool_calls.is_empty(),
+        "{answered:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deadline_that_passes_on_a_real_server_is_deadline_exceeded() {
     let Some(installed) = installed() else { return };
     let _one = ONE_AT_A_TIME.lock().await;
-    let llama = llama_server(&installed, 1).await;
+    let llama = llama_server(&installed, 1, &[]).await;
     let router = start(&format!(
         "{}providers:\n{}",
         cascade(0, 100, 60.0),
@@ -357,7 +476,7 @@ async fn streamed(
 async fn real_servers_stream_the_same_answer_token_by_token() {
     let Some(installed) = installed() else { return };
     let _one = ONE_AT_A_TIME.lock().await;
-    let llama = llama_server(&installed, 1).await;
+    let llama = llama_server(&installed, 1, &[]).await;
     let py = llama_cpp_python(&installed).await;
     let router = start(&format!(
         "{}providers:\n{}{}",
