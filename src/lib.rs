@@ -20,9 +20,13 @@
 //!   checking client keys; `openai_front`: the OpenAI-compatible HTTP API, a second edge over
 //!   the same path; `edge`: what both share — a place in flight, admission (limits, the
 //!   client's models, quotas), a span per request, answering or streaming, each call counted.
-//! - `completion`: those domain values: the request, the completion, the attempts.
+//! - `completion`: those domain values: the request (messages with parts, images and tool
+//!   turns; sampling fields, tools and response format in `GenParams`), the completion, the
+//!   attempts.
 //! - `router` ([`Router`], [`Routes`]): resolves a model, chain or agent to ordered targets
-//!   and runs the request through the stages below.
+//!   and runs the request through the stages below; `capability` keeps the targets that can
+//!   take the request (capabilities, context window, the fields each provider's API carries),
+//!   walking `fallback_chains.<capability>` when the route lacks one.
 //! - `cache`: the completion cache (moka in memory, Redis shared by replicas), keyed by a hash.
 //! - `coalescer`: identical deterministic requests in flight share one upstream call.
 //! - `cascade`: the ordered fallback loop with retries and backoff inside the deadline.

@@ -3,7 +3,7 @@
 //! Every section this router reads denies unknown keys, so the set of keys it knows comes
 //! from these types (serde names them in its errors, and [`super::parse`] turns a near miss
 //! into "did you mean"). Keys that agents' Python cascade router writes into the same
-//! entries and that we do not use (`description`, `context_window`, ...) are declared here as
+//! entries and that we do not use (`description`, `max_output_tokens`, ...) are declared here as
 //! [`Ignored`], so they load without a word. Defaults live in one place each: a container's
 //! `Default` impl, or `Option` where absence itself means something (no batching, no cache).
 
