@@ -313,3 +313,76 @@ async fn a_client_leaving_a_stream_closes_the_upstream_request() {
     drop(r);
     within(slow.wait_for(|s| s.cancelled == 1)).await;
 }
+
+#[tokio::test]
+async fn tools_and_refused_fields_over_http_in_openais_shape() {
+    let up = MockServer::start(Script::default()).await.unwrap();
+    let (router, base) = front("", "", &openai("up", 1, &up.url()), HashMap::new()).await;
+    let url = format!("{base}/chat/completions");
+    let tools = json!([{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]);
+    let mut ask = chat("m", "find it");
+    ask["tools"] = tools.clone();
+    let r: Value = post(&url, &ask, &[]).await.json().await.unwrap();
+    let choice = &r["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], Value::Null);
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "lookup");
+    assert_eq!(
+        call["function"]["arguments"],
+        json!({"text": "find it"}).to_string()
+    );
+
+    // Streamed: OpenAI's delta.tool_calls pieces, put together by index.
+    ask["stream"] = json!(true);
+    let sse = post(&url, &ask, &[]).await.text().await.unwrap();
+    let (mut name, mut args, mut finish) = (String::new(), String::new(), String::new());
+    for data in sse.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if data == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        let c = &chunk["choices"][0];
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+        for piece in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            assert_eq!(piece["index"], 0);
+            name.push_str(piece["function"]["name"].as_str().unwrap_or_default());
+            args.push_str(piece["function"]["arguments"].as_str().unwrap_or_default());
+        }
+    }
+    assert_eq!((name.as_str(), finish.as_str()), ("lookup", "tool_calls"));
+    assert_eq!(
+        serde_json::from_str::<Value>(&args).unwrap(),
+        json!({"text": "find it"})
+    );
+
+    // Refused by name, counted like any other call, nothing sent upstream.
+    let before = up.stats().requests;
+    let mut audio = chat("m", "x");
+    audio["audio"] = json!({"voice": "alloy", "format": "mp3"});
+    let r = post(&url, &audio, &[]).await;
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["param"], "audio");
+    let mut top_k = chat("m", "x");
+    top_k["top_k"] = json!(5);
+    let (status, _, code, message) = error_of(post(&url, &top_k, &[]).await).await;
+    assert_eq!((status, code), (400, json!("unsupported")));
+    assert!(
+        message.contains("top_k") && message.contains("pass_through"),
+        "{message}"
+    );
+    assert_eq!(up.stats().requests, before);
+    let counted = |code: &str| {
+        metric(
+            &router,
+            &format!(r#"cascade_requests_total{{method="ChatCompletions",code="{code}"}}"#),
+        )
+    };
+    assert_eq!(counted("InvalidArgument"), 1.0);
+    assert_eq!(counted("FailedPrecondition"), 1.0);
+}
