@@ -59,8 +59,24 @@ pub fn stream_answer(api: u8, chunks: Vec<Vec<u8>>) -> bool {
     let Some(events) = read.now_or_never() else {
         return false;
     };
-    let is_end = |e: &Result<StreamEvent, ProviderError>| !matches!(e, Ok(StreamEvent::Text(_)));
+    let is_end = |e: &Result<StreamEvent, ProviderError>| {
+        !matches!(e, Ok(StreamEvent::Text(_) | StreamEvent::ToolCall(_)))
+    };
     events.iter().filter(|e| is_end(e)).count() == 1 && events.last().is_some_and(is_end)
+}
+
+/// A request body of the OpenAI-compatible front (`/v1/chat/completions` when `chat`, else
+/// `/v1/completions`): read field by field into domain requests, or refused. Returns how many
+/// requests it made.
+pub fn http_request(chat: bool, body: &[u8]) -> Option<usize> {
+    use crate::openai_front::request;
+    let fields: request::Body = serde_json::from_slice(body).ok()?;
+    let extras = request::Extras::default();
+    if chat {
+        request::chat(fields, &extras).ok().map(|_| 1)
+    } else {
+        request::text(fields, &extras).ok().map(|r| r.len())
+    }
 }
 
 /// A `Complete` request off the wire: decoded, then validated into a domain request.
@@ -118,6 +134,13 @@ mod properties {
         "error",
         "code",
         "type",
+        "delta",
+        "tool_calls",
+        "function",
+        "name",
+        "arguments",
+        "id",
+        "logprobs",
     ];
     const OLLAMA_KEYS: &[&str] = &[
         "response",
@@ -128,6 +151,10 @@ mod properties {
         "eval_count",
         "done",
         "error",
+        "tool_calls",
+        "function",
+        "name",
+        "arguments",
     ];
     const ANTHROPIC_KEYS: &[&str] = &[
         "content",
@@ -138,6 +165,64 @@ mod properties {
         "input_tokens",
         "output_tokens",
         "error",
+        "tool_use",
+        "id",
+        "name",
+        "input",
+        "index",
+        "delta",
+        "partial_json",
+        "content_block",
+        "content_block_start",
+        "content_block_delta",
+        "input_json_delta",
+    ];
+    /// The fields of OpenAI's request bodies, and values their parsers branch on.
+    const REQUEST_KEYS: &[&str] = &[
+        "model",
+        "messages",
+        "prompt",
+        "role",
+        "user",
+        "assistant",
+        "tool",
+        "system",
+        "content",
+        "type",
+        "text",
+        "image_url",
+        "url",
+        "detail",
+        "tools",
+        "function",
+        "name",
+        "parameters",
+        "tool_choice",
+        "tool_calls",
+        "tool_call_id",
+        "arguments",
+        "id",
+        "response_format",
+        "json_schema",
+        "json_object",
+        "schema",
+        "stream",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "stop",
+        "n",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "echo",
+        "suffix",
+        "best_of",
+        "modalities",
+        "audio",
+        "data:image/png;base64,iVBORw0KGgo=",
+        "data:image/png;base64,@@",
+        "https://example.invalid/x.png",
     ];
 
     fn status() -> impl Strategy<Value = u16> {
@@ -266,6 +351,47 @@ mod properties {
         #[test]
         fn wire_requests_decode_or_fail(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
             complete_request(&bytes);
+        }
+
+        #[test]
+        fn http_requests_parse_or_fail(chat in any::<bool>(), body in bytes_or(json_with(REQUEST_KEYS))) {
+            if let Some(n) = http_request(chat, &body) {
+                prop_assert!(n >= 1);
+            }
+        }
+
+        #[test]
+        fn wire_requests_with_tools_and_images_validate_or_fail(
+            roles in prop::collection::vec(prop::sample::select(&["user", "assistant", "tool", "system", "x"][..]), 1..5),
+            ids in prop::collection::vec(prop::sample::select(&["", "c1", "c2"][..]), 1..5),
+            json in prop::collection::vec(json_with(REQUEST_KEYS).prop_map(|v| v.to_string()), 1..4),
+            image in prop::collection::vec(any::<u8>(), 0..16),
+            mime in prop::sample::select(&["image/png", "text/plain", ""][..]),
+            choice in prop::sample::select(&["auto", "none", "required", "other", ""][..]),
+        ) {
+            let messages = roles.iter().zip(ids.iter().cycle()).enumerate().map(|(i, (role, id))| v1::ChatMessage {
+                role: role.to_string(),
+                content: if i % 2 == 0 { format!("m{i}") } else { String::new() },
+                parts: if i % 2 == 1 {
+                    vec![v1::ContentPart { part: Some(v1::content_part::Part::Image(v1::Image {
+                        source: Some(v1::image::Source::Data(image.clone())),
+                        mime_type: mime.to_string(),
+                        detail: String::new(),
+                    })) }]
+                } else { Vec::new() },
+                tool_calls: if *role == "assistant" {
+                    vec![v1::ToolCall { id: id.to_string(), name: "f".into(), arguments: json[0].clone() }]
+                } else { Vec::new() },
+                tool_call_id: if *role == "tool" { id.to_string() } else { String::new() },
+                ..Default::default()
+            }).collect();
+            let request = v1::CompleteRequest {
+                messages,
+                tools: json.iter().map(|j| v1::Tool { name: "f".into(), parameters_json: j.clone(), ..Default::default() }).collect(),
+                tool_choice: (!choice.is_empty()).then(|| v1::ToolChoice { choice: Some(v1::tool_choice::Choice::Mode(choice.to_string())) }),
+                ..Default::default()
+            };
+            complete_request(&request.encode_to_vec());
         }
     }
 

@@ -10,7 +10,7 @@
 //! `server.request_timeout_seconds`), `x-cascade-cache` (`default`, `bypass`, `refresh`,
 //! `only`) and `x-request-id`.
 
-mod request;
+pub(crate) mod request;
 mod wire;
 
 use std::{
