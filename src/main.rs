@@ -60,7 +60,16 @@ enum Command {
         max_tokens: Option<u32>,
         #[arg(long)]
         temperature: Option<f32>,
-        /// Print the whole response as JSON (provider, attempts, usage, ...).
+        /// An image file (PNG, JPEG, GIF, WebP) sent with the prompt; repeatable.
+        #[arg(long = "image")]
+        images: Vec<PathBuf>,
+        /// A JSON file of tools in OpenAI's shape; the model may answer with tool calls.
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        /// `json` for a JSON object, or a JSON schema file the answer must follow.
+        #[arg(long)]
+        response_format: Option<String>,
+        /// Print the whole response as JSON (provider, attempts, usage, tool calls, ...).
         #[arg(long)]
         json: bool,
         prompt: String,
@@ -87,8 +96,9 @@ enum Command {
         /// Skip ids already answered in --output, and append.
         #[arg(long)]
         resume: bool,
-        /// JSONL: {"id", "prompt" | "messages", "max_tokens", "temperature", "stop", "seed",
-        /// "agent", "model"}; a plain-text line is a prompt whose id is its line number.
+        /// JSONL: {"id", "prompt" | "messages" (OpenAI's shape), "max_tokens", "temperature",
+        /// "top_p", "stop", "seed", "tools", "tool_choice", "response_format", "agent",
+        /// "model"}; a plain-text line is a prompt whose id is its line number.
         input: PathBuf,
     },
 }
@@ -191,18 +201,26 @@ fn main() -> ExitCode {
             agent,
             max_tokens,
             temperature,
+            images,
+            tools,
+            response_format,
             json,
             prompt,
         } => {
-            let request = v1::CompleteRequest {
+            let ask = client::Ask {
                 model,
                 agent,
-                prompt,
                 max_tokens,
                 temperature,
-                ..Default::default()
+                images,
+                tools,
+                response_format,
+                prompt,
             };
-            finish(runtime.block_on(complete(to, request, json)))
+            finish(
+                ask.into_request()
+                    .and_then(|request| runtime.block_on(complete(to, request, json))),
+            )
         }
         Command::Batch {
             to,
@@ -249,8 +267,17 @@ async fn complete(
     let r = c.complete(request).await?;
     if json {
         say(&client::response_json(&r).to_string());
-    } else {
+    } else if r.tool_calls.is_empty() {
         say(&r.text);
+    } else {
+        // Text (if any), then each call as one JSON line: what a shell loop acts on.
+        if !r.text.is_empty() {
+            say(&r.text);
+        }
+        for c in &r.tool_calls {
+            let call = serde_json::json!({"id": c.id, "name": c.name, "arguments": c.arguments});
+            say(&call.to_string());
+        }
     }
     Ok(0)
 }

@@ -232,18 +232,29 @@ async fn resume_after_a_kill_sends_only_what_was_not_answered() {
         "{}",
         String::from_utf8_lossy(&done.stderr)
     );
-    check(&read_lines(&out), &want);
-    let kept_lines: Vec<&(Value, Result<String, ()>)> = want[..kept].iter().collect();
+    // The kept lines stay first, in input order; the resumed ones follow in input order, with
+    // the kept lines whose answer was a transient error (the provider's 400s come back as
+    // UNAVAILABLE) asked again among them: one line per id in all.
+    let lines = read_lines(&out);
+    let by_id: std::collections::HashMap<String, &Value> =
+        lines.iter().map(|l| (l["id"].to_string(), l)).collect();
+    assert_eq!(by_id.len(), lines.len(), "one line per id");
+    let in_order: Vec<Value> = want
+        .iter()
+        .map(|(id, _)| (*by_id.get(&id.to_string()).unwrap()).clone())
+        .collect();
+    check(&in_order, &want);
+    let transient = |(id, a): &&(Value, Result<String, ()>)| a.is_err() && !id.is_u64();
+    let asked_again = want[..kept].iter().filter(transient).count();
     let resent = want[kept..]
         .iter()
         .filter(|(id, a)| !(a.is_err() && id.is_u64()))
         .count();
     assert_eq!(
         up.stats().items as usize,
-        resent,
-        "only the {} unanswered lines went upstream again ({} were done)",
+        resent + asked_again,
+        "only the {} unanswered lines and the {asked_again} transient failures went upstream again",
         500 - kept,
-        kept_lines.len()
     );
 }
 
@@ -303,4 +314,233 @@ async fn complete_with_the_router_down_exits_3_with_one_line() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("cannot reach the router"), "{stderr}");
     assert!(out.stdout.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn complete_sends_images_tools_and_a_response_format() {
+    let (router, up) = router(Script::default()).await;
+    let dir = temp_dir("complete-tools");
+    let image = dir.join("cat.png");
+    std::fs::write(&image, b"\x89PNG fake").unwrap();
+    let tools = dir.join("tools.json");
+    std::fs::write(
+        &tools,
+        r#"[{"type": "function", "function": {"name": "lookup", "description": "Find it", "parameters": {"type": "object"}}}]"#,
+    )
+    .unwrap();
+    let out = run(strings(&[
+        "complete",
+        "--addr",
+        &addr(&router),
+        "--model",
+        "m",
+        "--image",
+        image.to_str().unwrap(),
+        "--tools",
+        tools.to_str().unwrap(),
+        "--response-format",
+        "json",
+        "what is this",
+    ]))
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The model called the tool: one JSON line per call.
+    let call: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(call["name"], "lookup");
+    assert_eq!(call["arguments"], r#"{"text":"what is this"}"#);
+    let body = up.last_body().unwrap();
+    let content = &body["messages"][0]["content"];
+    assert_eq!(
+        content[0],
+        serde_json::json!({"type": "text", "text": "what is this"})
+    );
+    assert_eq!(
+        content[1]["image_url"]["url"],
+        "data:image/png;base64,iVBORyBmYWtl"
+    );
+    assert_eq!(body["tools"][0]["function"]["description"], "Find it");
+    assert_eq!(
+        body["response_format"],
+        serde_json::json!({"type": "json_object"})
+    );
+
+    // A schema file: json_schema named after the file; a file of another type: usage (2).
+    let schema = dir.join("place.json");
+    std::fs::write(&schema, r#"{"type": "object"}"#).unwrap();
+    let out = run(strings(&[
+        "complete",
+        "--addr",
+        &addr(&router),
+        "--model",
+        "m",
+        "--response-format",
+        schema.to_str().unwrap(),
+        "where",
+    ]))
+    .await;
+    assert!(out.status.success());
+    assert_eq!(
+        up.last_body().unwrap()["response_format"]["json_schema"]["name"],
+        "place"
+    );
+    let bad = run(strings(&[
+        "complete",
+        "--addr",
+        &addr(&router),
+        "--image",
+        tools.to_str().unwrap(),
+        "x",
+    ]))
+    .await;
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_lines_carry_tools_and_refusals_keep_their_ids() {
+    let (router, up) = router(Script::default()).await;
+    let dir = temp_dir("batch-tools");
+    let input = dir.join("in.jsonl");
+    std::fs::write(
+        &input,
+        [
+            r#"{"id": "call", "model": "m", "messages": [{"role": "user", "content": "find"}], "tools": [{"type": "function", "function": {"name": "lookup"}}]}"#,
+            r#"{"id": "json", "model": "m", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}"#,
+            r#"{"id": "bad-choice", "model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"}"#,
+            r#"{"id": "bad-key", "model": "m", "prompt": "x", "toolz": []}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = dir.join("out.jsonl");
+    let done = run(strings(&[
+        "batch",
+        "--addr",
+        &addr(&router),
+        "--output",
+        out.to_str().unwrap(),
+        input.to_str().unwrap(),
+    ]))
+    .await;
+    assert_eq!(done.status.code(), Some(1), "two lines failed");
+    let lines = read_lines(&out);
+    assert_eq!(lines[0]["id"], "call");
+    assert_eq!(lines[0]["tool_calls"][0]["function"]["name"], "lookup");
+    assert_eq!(
+        lines[1]["text"],
+        serde_json::json!({"reply": mock::reply("hi")}).to_string()
+    );
+    assert_eq!(
+        (lines[2]["id"].as_str(), lines[2]["error"]["code"].as_str()),
+        (Some("bad-choice"), Some("INVALID_ARGUMENT"))
+    );
+    assert!(
+        lines[2]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tool_choice")
+    );
+    assert_eq!(
+        lines[3]["id"], "bad-key",
+        "a line this reader refuses keeps its id"
+    );
+    assert!(
+        lines[3]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("toolz")
+    );
+    assert_eq!(up.stats().requests, 2);
+
+    // Two lines with one id: refused before anything is sent, naming both lines.
+    let dup = dir.join("dup.jsonl");
+    std::fs::write(
+        &dup,
+        "{\"id\": 7, \"prompt\": \"a\"}\nplain\n{\"id\": 7, \"prompt\": \"b\"}\n",
+    )
+    .unwrap();
+    let refused = run(strings(&[
+        "batch",
+        "--addr",
+        &addr(&router),
+        dup.to_str().unwrap(),
+    ]))
+    .await;
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8(refused.stderr).unwrap();
+    assert!(stderr.contains("lines 1 and 3"), "{stderr}");
+    assert_eq!(up.stats().requests, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_asks_again_what_failed_for_a_transient_reason() {
+    let (router, up) = router(Script::failing(mock::Fault::Status(503))).await;
+    let dir = temp_dir("batch-transient");
+    let input = dir.join("in.jsonl");
+    // Line 5 is refused by the router itself (INVALID_ARGUMENT): not transient.
+    let text: String = (0..6)
+        .map(|i| match i {
+            5 => format!("{{\"id\": {i}, \"prompt\": \"item {i}\", \"temperature\": 3}}\n"),
+            _ => format!("{{\"id\": {i}, \"prompt\": \"item {i}\"}}\n"),
+        })
+        .collect();
+    std::fs::write(&input, text).unwrap();
+    let out = dir.join("out.jsonl");
+    let args = |resume: bool| {
+        let mut a = strings(&[
+            "batch",
+            "--addr",
+            &addr(&router),
+            "--model",
+            "m",
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        if resume {
+            a.push("--resume".into());
+        }
+        a.push(input.to_str().unwrap().into());
+        a
+    };
+    let first = run(args(false)).await;
+    assert_eq!(first.status.code(), Some(1));
+    let codes: Vec<Value> = read_lines(&out)
+        .iter()
+        .map(|l| l["error"]["code"].clone())
+        .collect();
+    assert_eq!(codes[..5], vec![Value::from("UNAVAILABLE"); 5][..]);
+    assert_eq!(codes[5], "INVALID_ARGUMENT");
+    // The provider is back: the transient failures are asked again, once each.
+    up.set_script(Script::default());
+    let before = up.stats().requests;
+    let again = run(args(true)).await;
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "everything asked again was answered (the refused line was not asked)"
+    );
+    assert_eq!(
+        up.stats().requests,
+        before + 5,
+        "the five transient failures, once each"
+    );
+    let lines = read_lines(&out);
+    assert_eq!(lines.len(), 6, "one line per id: {lines:?}");
+    assert_eq!(lines[0]["id"], 5, "the permanent failure is kept");
+    assert_eq!(lines[0]["error"]["code"], "INVALID_ARGUMENT");
+    for l in &lines[1..] {
+        assert_eq!(
+            l["text"],
+            mock::reply(&format!("item {}", l["id"])).as_str(),
+            "{l}"
+        );
+    }
+    // A third run has nothing left to ask.
+    let before = up.stats().requests;
+    run(args(true)).await;
+    assert_eq!(up.stats().requests, before);
+    assert_eq!(read_lines(&out).len(), 6);
 }

@@ -2,13 +2,17 @@
 //! input line, in input order.
 //!
 //! Input lines are `{"id": ..., "prompt": ... | "messages": [...], "max_tokens", "temperature",
-//! "stop", "seed", "agent", "model"}` (all but the prompt optional); a line that is not a JSON
-//! object is a prompt whose id is its line number. Lines go in CompleteBatch chunks, a bounded
+//! "top_p", "stop", "seed", "tools", "tool_choice", "response_format", "agent", "model"}` (all
+//! but the prompt optional; messages, tools and formats in OpenAI's shape); a line that is not
+//! a JSON object is a prompt whose id is its line number. Duplicate ids are refused before
+//! anything is sent. Lines go in CompleteBatch chunks, a bounded
 //! number in flight; answers come back in order (a `FuturesOrdered`), so memory holds at most
 //! `concurrency × chunk` of them. Each output line is the input's `id` with the answer, or
 //! with `error: {code, message}` — a failed or malformed line never stops the run. With
 //! `resume`, ids already in the output file are skipped (a line cut short by a kill is
-//! dropped first), so an interrupted run continues where it stopped.
+//! dropped first, and so are answers that were transient errors — UNAVAILABLE,
+//! DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED — which are asked again), so an interrupted run
+//! continues where it stopped.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -23,7 +27,7 @@ use futures_util::{StreamExt, stream::FuturesOrdered};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Client, ClientError, code_name, response_json};
+use super::{Client, ClientError, code_name, openai_json, response_json};
 use crate::proto::v1;
 
 pub struct Options {
@@ -102,26 +106,28 @@ impl fmt::Display for Summary {
     }
 }
 
+/// A JSON input line: a prompt or OpenAI-shaped messages, with the request's fields.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InputLine {
-    id: Option<Value>,
+    #[serde(rename = "id")]
+    _id: Option<Value>,
     prompt: Option<String>,
-    messages: Option<Vec<InputMessage>>,
+    messages: Option<Vec<Value>>,
     max_tokens: Option<u32>,
     temperature: Option<f32>,
+    top_p: Option<f32>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
     #[serde(default)]
     stop: Vec<String>,
     seed: Option<i64>,
     agent: Option<String>,
     model: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct InputMessage {
-    role: String,
-    content: String,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+    response_format: Option<Value>,
 }
 
 /// One input line: its id, and the request or why it is not one.
@@ -155,8 +161,8 @@ impl Options {
                 }),
             });
         }
-        let parsed: InputLine = match serde_json::from_str(text) {
-            Ok(l) => l,
+        let value: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
             Err(e) => {
                 return Some(Line {
                     id: Value::from(number),
@@ -164,7 +170,17 @@ impl Options {
                 });
             }
         };
-        let id = parsed.id.clone().unwrap_or(Value::from(number));
+        // A line the router or this reader refuses is still reported under its own id.
+        let id = line_id(&value, number);
+        let parsed: InputLine = match serde_json::from_value(value) {
+            Ok(l) => l,
+            Err(e) => {
+                return Some(Line {
+                    id,
+                    request: Err(format!("line {number} is not a prompt object: {e}")),
+                });
+            }
+        };
         let request = match (parsed.prompt, parsed.messages) {
             (Some(prompt), None) => Ok(prompt),
             (None, Some(m)) => Err(m),
@@ -178,29 +194,73 @@ impl Options {
             }
         };
         let mut r = defaults(parsed.model, parsed.agent);
-        match request {
-            Ok(prompt) => r.prompt = prompt,
-            Err(messages) => {
-                r.messages = messages
-                    .into_iter()
-                    .map(|m| v1::ChatMessage {
-                        role: m.role,
-                        content: m.content,
-                        ..Default::default()
-                    })
-                    .collect();
+        let shaped = (|| -> Result<(), String> {
+            match request {
+                Ok(prompt) => r.prompt = prompt,
+                Err(messages) => {
+                    r.messages = messages
+                        .iter()
+                        .enumerate()
+                        .map(|(i, m)| openai_json::message(m, &format!("messages[{i}]")))
+                        .collect::<Result<_, _>>()?;
+                }
             }
+            if let Some(t) = &parsed.tools {
+                r.tools = openai_json::tools(t, "tools")?;
+            }
+            if let Some(c) = &parsed.tool_choice {
+                r.tool_choice = Some(openai_json::tool_choice(c, "tool_choice")?);
+            }
+            if let Some(f) = &parsed.response_format {
+                r.response_format = Some(openai_json::response_format(f, "response_format")?);
+            }
+            Ok(())
+        })();
+        if let Err(why) = shaped {
+            return Some(Line {
+                id,
+                request: Err(format!("line {number}: {why}")),
+            });
         }
         r.max_tokens = parsed.max_tokens;
         r.temperature = parsed.temperature;
+        r.top_p = parsed.top_p;
+        r.frequency_penalty = parsed.frequency_penalty;
+        r.presence_penalty = parsed.presence_penalty;
+        r.parallel_tool_calls = parsed.parallel_tool_calls;
         r.stop = parsed.stop;
         r.seed = parsed.seed;
         Some(Line { id, request: Ok(r) })
     }
 }
 
-/// The ids answered in an earlier run's output, after cutting off a last line left
-/// incomplete by a kill.
+/// A line's id: its `id` field, else its line number.
+fn line_id(value: &Value, number: usize) -> Value {
+    value
+        .get("id")
+        .filter(|id| !id.is_null())
+        .cloned()
+        .unwrap_or(Value::from(number))
+}
+
+/// The id a non-empty input line answers under, without reading the rest of it.
+fn id_of(number: usize, text: &str) -> Value {
+    let text = text.trim();
+    if text.starts_with('{')
+        && let Ok(v) = serde_json::from_str::<Value>(text)
+    {
+        return line_id(&v, number);
+    }
+    Value::from(number)
+}
+
+/// Codes of an answer worth asking again on `--resume`: the router or a provider was away,
+/// out of time or full, not the request at fault.
+const TRANSIENT: [&str; 3] = ["UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"];
+
+/// The ids answered in an earlier run's output. The output is rewritten without what is to
+/// be asked again: a last line left incomplete by a kill, and answers that were transient
+/// errors ([`TRANSIENT`]).
 fn answered_ids(path: &PathBuf) -> io::Result<HashSet<String>> {
     let mut file = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(f) => f,
@@ -210,15 +270,32 @@ fn answered_ids(path: &PathBuf) -> io::Result<HashSet<String>> {
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
     let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    if complete < bytes.len() {
-        file.set_len(complete as u64)?;
-        file.seek(SeekFrom::End(0))?;
+    let transient = |v: &Value| {
+        v["error"]["code"]
+            .as_str()
+            .is_some_and(|c| TRANSIENT.contains(&c))
+    };
+    let mut kept = Vec::with_capacity(complete);
+    let mut ids = HashSet::new();
+    for line in bytes[..complete].split(|&b| b == b'\n') {
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            continue;
+        };
+        if transient(&v) {
+            continue;
+        }
+        if let Some(id) = v.get("id") {
+            ids.insert(key(id));
+        }
+        kept.extend_from_slice(line);
+        kept.push(b'\n');
     }
-    Ok(bytes[..complete]
-        .split(|&b| b == b'\n')
-        .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
-        .filter_map(|v| v.get("id").map(key))
-        .collect())
+    if kept.len() < bytes.len() {
+        file.set_len(0)?;
+        file.seek(SeekFrom::Start(0))?;
+        file.write_all(&kept)?;
+    }
+    Ok(ids)
 }
 
 /// Writes answer lines and keeps the tally.
@@ -308,11 +385,24 @@ pub async fn run(
             .map(BufReader::new)
             .map_err(|e| ClientError::Usage(format!("{}: {e}", opts.input.display())))
     };
-    let lines = open_input()?
-        .lines()
-        .map_while(Result::ok)
-        .filter(|l| !l.trim().is_empty())
-        .count();
+    // One pass to count the lines (for the progress bar) and find duplicate ids, which would
+    // make the output ambiguous and `--resume` skip the wrong line.
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut lines = 0;
+    for (i, text) in open_input()?.lines().map_while(Result::ok).enumerate() {
+        if text.trim().is_empty() {
+            continue;
+        }
+        lines += 1;
+        let id = id_of(i + 1, &text);
+        if let Some(first) = seen.insert(key(&id), i + 1) {
+            return Err(ClientError::Usage(format!(
+                "{}: lines {first} and {} have the same id {id}; give every line its own id",
+                opts.input.display(),
+                i + 1
+            )));
+        }
+    }
     let done = match (&opts.output, opts.resume) {
         (Some(path), true) => answered_ids(path).map_err(|e| io_err("reading the output", e))?,
         (None, true) => {

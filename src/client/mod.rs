@@ -7,6 +7,7 @@
 //! queue); 6 unauthenticated or not allowed; 1 anything else.
 
 pub mod batch;
+pub mod openai_json;
 
 use std::{fmt, path::PathBuf, time::Duration};
 
@@ -194,6 +195,106 @@ impl Client {
     }
 }
 
+/// What `complete` asks: a prompt, and optionally images, tools and an output format (any of
+/// which sends the prompt as a user message).
+pub struct Ask {
+    pub model: String,
+    pub agent: String,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    /// Image files (PNG, JPEG, GIF, WebP), sent as bytes after the prompt.
+    pub images: Vec<PathBuf>,
+    /// A JSON file: a list of tools in OpenAI's shape.
+    pub tools: Option<PathBuf>,
+    /// `json` for a JSON object, or a JSON schema file.
+    pub response_format: Option<String>,
+    pub prompt: String,
+}
+
+impl Ask {
+    pub fn into_request(self) -> Result<v1::CompleteRequest, ClientError> {
+        let usage = ClientError::Usage;
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| usage(format!("{flag} {}: {e}", path.display())))
+        };
+        let json = |flag: &str, path: &PathBuf| -> Result<serde_json::Value, ClientError> {
+            serde_json::from_slice(&read(flag, path)?)
+                .map_err(|e| usage(format!("{flag} {}: not JSON ({e})", path.display())))
+        };
+        let mut r = v1::CompleteRequest {
+            model: self.model,
+            agent: self.agent,
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            ..Default::default()
+        };
+        if let Some(path) = &self.tools {
+            let v = json("--tools", path)?;
+            let list = v.get("tools").unwrap_or(&v);
+            r.tools = openai_json::tools(list, "--tools").map_err(usage)?;
+        }
+        r.response_format = match self.response_format.as_deref() {
+            None => None,
+            Some("json") => Some(v1::ResponseFormat {
+                r#type: "json_object".into(),
+                ..Default::default()
+            }),
+            Some(file) => {
+                let path = PathBuf::from(file);
+                let schema = json("--response-format", &path)?;
+                let name: String = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy())
+                    .unwrap_or_default()
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .take(64)
+                    .collect();
+                Some(v1::ResponseFormat {
+                    r#type: "json_schema".into(),
+                    name,
+                    schema_json: schema.to_string(),
+                    ..Default::default()
+                })
+            }
+        };
+        if self.images.is_empty() && r.tools.is_empty() && r.response_format.is_none() {
+            r.prompt = self.prompt;
+            return Ok(r);
+        }
+        let mut parts = vec![v1::ContentPart {
+            part: Some(v1::content_part::Part::Text(self.prompt)),
+        }];
+        for path in &self.images {
+            let mime = openai_json::image_type(path).ok_or_else(|| {
+                usage(format!(
+                    "--image {}: name a .png, .jpg, .gif or .webp file",
+                    path.display()
+                ))
+            })?;
+            parts.push(v1::ContentPart {
+                part: Some(v1::content_part::Part::Image(v1::Image {
+                    source: Some(v1::image::Source::Data(read("--image", path)?)),
+                    mime_type: mime.into(),
+                    detail: String::new(),
+                })),
+            });
+        }
+        r.messages = vec![v1::ChatMessage {
+            role: "user".into(),
+            parts,
+            ..Default::default()
+        }];
+        Ok(r)
+    }
+}
+
 /// The innermost cause of a connection error ("Connection refused"), which says the most.
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;
@@ -234,5 +335,10 @@ pub fn response_json(r: &v1::CompleteResponse) -> serde_json::Value {
         "upstream_us": r.upstream_us,
         "request_id": r.request_id,
         "attempts": attempts,
+        "tool_calls": r.tool_calls.iter().map(|c| serde_json::json!({
+            "id": c.id,
+            "type": "function",
+            "function": {"name": c.name, "arguments": c.arguments},
+        })).collect::<Vec<_>>(),
     })
 }
