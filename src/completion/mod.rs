@@ -8,7 +8,7 @@ mod message;
 mod params;
 
 pub use message::{
-    ChatMessage, Content, Detail, Image, ImageSource, Part, Role, ToolCall, base64_encode,
+    Base64, ChatMessage, Content, Detail, Image, ImageSource, ImageUrl, Part, Role, ToolCall,
     check_conversation,
 };
 pub use params::{GenParams, ResponseFormat, Tool, ToolChoice, is_modelled_field, is_openai_field};

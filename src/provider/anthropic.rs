@@ -20,8 +20,8 @@ use super::{
 };
 use crate::{
     completion::{
-        ChatMessage, Completion, CompletionRequest, Content, Detail, FailureKind, ImageSource,
-        Input, Part, Role, ToolCall, ToolCallDelta, ToolChoice, Usage, base64_encode,
+        Base64, ChatMessage, Completion, CompletionRequest, Content, Detail, FailureKind,
+        ImageSource, Input, Part, Role, ToolCall, ToolCallDelta, ToolChoice, Usage,
     },
     config::ProviderConfig,
 };
@@ -108,8 +108,13 @@ enum Block<'a> {
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ImageSourceOut<'a> {
-    Base64 { media_type: &'a str, data: String },
-    Url { url: &'a str },
+    Base64 {
+        media_type: &'a str,
+        data: Base64<'a>,
+    },
+    Url {
+        url: &'a str,
+    },
 }
 
 #[derive(Serialize)]
@@ -236,7 +241,7 @@ fn blocks(m: &ChatMessage) -> Vec<Block<'_>> {
                         source: match &img.source {
                             ImageSource::Inline { mime, data } => ImageSourceOut::Base64 {
                                 media_type: mime,
-                                data: base64_encode(data),
+                                data: Base64(data),
                             },
                             ImageSource::Url(url) => ImageSourceOut::Url { url },
                         },

@@ -17,8 +17,8 @@ use super::{
 };
 use crate::{
     completion::{
-        ChatMessage, Completion, CompletionRequest, Detail, GenParams, ImageSource, Input,
-        ResponseFormat, Role, ToolChoice, Usage, base64_encode,
+        Base64, ChatMessage, Completion, CompletionRequest, Detail, GenParams, ImageSource, Input,
+        ResponseFormat, Role, ToolChoice, Usage,
     },
     config::ProviderConfig,
 };
@@ -131,7 +131,7 @@ struct Message<'a> {
     role: &'static str,
     content: std::borrow::Cow<'a, str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    images: Vec<String>,
+    images: Vec<Base64<'a>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tool_calls: Vec<CallOut<'a>>,
     /// The function a `tool` message answers.
@@ -167,7 +167,7 @@ fn messages(messages: &[ChatMessage]) -> Vec<Message<'_>> {
                 .content
                 .images()
                 .filter_map(|i| match &i.source {
-                    ImageSource::Inline { data, .. } => Some(base64_encode(data)),
+                    ImageSource::Inline { data, .. } => Some(Base64(data)),
                     // Refused before sending (see `unsupported`).
                     ImageSource::Url(_) => None,
                 })

@@ -2,8 +2,6 @@
 //! tools, tool choice and response format (OpenAI-compatible servers take all of them; Ollama
 //! takes the same `tools`), and the tool calls they answer with.
 
-use std::borrow::Cow;
-
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -42,7 +40,7 @@ pub enum PartOut<'a> {
 
 #[derive(Serialize)]
 pub struct ImageUrl<'a> {
-    pub url: Cow<'a, str>,
+    pub url: crate::completion::ImageUrl<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<&'static str>,
 }
@@ -77,7 +75,7 @@ pub fn messages(messages: &[ChatMessage]) -> Vec<Message<'_>> {
                             Part::Text(text) => PartOut::Text { text },
                             Part::Image(img) => PartOut::ImageUrl {
                                 image_url: ImageUrl {
-                                    url: img.data_url(),
+                                    url: img.url(),
                                     detail: img.detail.map(|d| d.as_str()),
                                 },
                             },
