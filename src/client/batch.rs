@@ -554,8 +554,8 @@ mod tests {
             .unwrap();
         assert_eq!(
             bad.id,
-            Value::from(5),
-            "an unreadable line is named by its number"
+            Value::from(9),
+            "a line this reader refuses keeps its own id"
         );
         assert!(bad.request.unwrap_err().contains("line 5"));
 
