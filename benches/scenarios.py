@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from datetime import datetime, timezone
@@ -240,6 +241,68 @@ def memory(b):
     b.stop_all()
     return table(f"Memory: router RSS with N calls in flight (upstream holds each {hold_ms} ms)",
                  ["in flight", "upstream", "answered", "idle RSS MiB", "peak RSS MiB", "KiB per call"], rows)
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def payloads(b):
+    """Router CPU per request and RSS for a plain text request, a tool-bearing request and a
+    request with a 1 MiB image, in one run; then how many copies of the image the router holds
+    per call, from its RSS with K image calls held in flight by a slow upstream."""
+    n = 100 if b.smoke else 3000
+    image = 1 << 20
+    kinds = [
+        ("plain text (prompt)", {"model": "m", "prompt": "hello {{n}}"}),
+        ("tools (1 tool, chat; answered with a tool call)",
+         {"model": "m", "prompt": "weather in city {{n}}?", "tools": TOOLS}),
+        ("1 MiB image (chat)", {"model": "m", "prompt": "what is in picture {{n}}?", "image_bytes": image}),
+    ]
+    mock, mport = b.mock()
+    base = f"http://127.0.0.1:{mport}/v1"
+    rows = []
+    for name, data in kinds:
+        router, rport = b.router(openai_provider("mock", base))
+        idle = status_kib(router.pid, "VmRSS")
+        c0 = cpu_seconds(router.pid)
+        r = b.load("--addr", f"127.0.0.1:{rport}", "-c", 16, "-n", n, "--warmup", 0, "-d", json.dumps(data))
+        cpu = (cpu_seconds(router.pid) - c0) / max(1, r["requests"]) * 1e6
+        peak = status_kib(router.pid, "VmHWM")
+        rows.append([name, r["ok"], f"{cpu:.0f}", pct(r, "p50"), f"{r['throughput_rps']:.0f}",
+                     f"{idle / 1024:.1f}", f"{peak / 1024:.1f}"])
+        b.stop(router)
+    b.stop(mock)
+    out = table(f"Payloads: router CPU and RSS per kind of request ({n} calls each, 16 at once, "
+                "a fresh router each)",
+                ["request", "answered", "router CPU µs/req", "p50 µs", "req/s", "idle RSS MiB",
+                 "peak RSS MiB"], rows)
+    hold_ms = 1000 if b.smoke else 3000
+    slow, sport = b.mock("--latency-ms", hold_ms, "--concurrency", 1000)
+    rows = []
+    for k in ([8] if b.smoke else [16, 64]):
+        router, rport = b.router(openai_provider("slow", f"http://127.0.0.1:{sport}/v1"))
+        idle = status_kib(router.pid, "VmRSS")
+        held = []
+        sampler = threading.Thread(target=lambda: (time.sleep(hold_ms / 2000), held.append(status_kib(router.pid, "VmRSS"))))
+        sampler.start()
+        data = {"model": "m", "prompt": "what is in picture {{n}}?", "image_bytes": image}
+        r = b.load("--addr", f"127.0.0.1:{rport}", "-c", k, "-n", k, "--warmup", 0,
+                   "--connections", 1, "-d", json.dumps(data), "--timeout", 30)
+        sampler.join()
+        peak = status_kib(router.pid, "VmHWM")
+        per_held = (held[0] - idle) / k / 1024
+        per_peak = (peak - idle) / k / 1024
+        rows.append([k, r["ok"], f"{idle / 1024:.1f}", f"{held[0] / 1024:.1f}", f"{peak / 1024:.1f}",
+                     f"{per_held:.2f}", f"{per_peak:.2f}"])
+        b.stop(router)
+    b.stop_all()
+    return out + "\n" + table(
+        f"Copies of a 1 MiB image: RSS with K image calls held {hold_ms} ms by the upstream "
+        "(MiB per call; 1.00 = one copy of the image, base64 text is 1.33)",
+        ["K in flight", "answered", "idle RSS MiB", "RSS while held MiB", "peak RSS MiB",
+         "MiB per call held", "MiB per call at peak"], rows)
 
 
 def mock_stats(port):
@@ -758,7 +821,8 @@ def table(title, header, rows):
 
 SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory,
              "batching": batching, "window": window, "adaptive": adaptive, "agent_loop": agent_loop, "agent_cli": agent_cli,
-             "http_front": http_front, "overload": overload, "soak": soak, "real": real}
+             "http_front": http_front, "overload": overload, "soak": soak, "real": real,
+             "payloads": payloads}
 
 
 def machine():

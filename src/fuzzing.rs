@@ -374,7 +374,7 @@ mod properties {
                 content: if i % 2 == 0 { format!("m{i}") } else { String::new() },
                 parts: if i % 2 == 1 {
                     vec![v1::ContentPart { part: Some(v1::content_part::Part::Image(v1::Image {
-                        source: Some(v1::image::Source::Data(image.clone())),
+                        source: Some(v1::image::Source::Data(image.clone().into())),
                         mime_type: mime.to_string(),
                         detail: String::new(),
                     })) }]

@@ -168,7 +168,7 @@ fn image(at: &str, img: v1::Image) -> Result<Image, RouterError> {
         })?),
     };
     let mut image = match img.source {
-        Some(v1::image::Source::Data(data)) => Image::inline(&img.mime_type, data.into(), at)?,
+        Some(v1::image::Source::Data(data)) => Image::inline(&img.mime_type, data, at)?,
         Some(v1::image::Source::Url(url)) => Image::from_url(&url, None, at)?,
         None => return Err(invalid(format!("{at}.image: set data or url"))),
     };

@@ -37,7 +37,7 @@ fn weather_tool() -> v1::Tool {
 fn png(bytes: &[u8]) -> v1::ContentPart {
     v1::ContentPart {
         part: Some(v1::content_part::Part::Image(v1::Image {
-            source: Some(v1::image::Source::Data(bytes.to_vec())),
+            source: Some(v1::image::Source::Data(bytes.to_vec().into())),
             mime_type: "image/png".into(),
             detail: String::new(),
         })),

@@ -51,11 +51,74 @@ pub struct Template {
     pub agent: String,
     #[serde(default)]
     pub stop: Vec<String>,
+    /// Tools offered with each request, in OpenAI's shape (`[{"type": "function",
+    /// "function": {"name", "description", "parameters"}}]`); gRPC only. With tools or an
+    /// image the prompt goes as one user message.
+    #[serde(default)]
+    pub tools: Vec<serde_json::Value>,
+    /// An image of this many bytes sent with each request (as PNG); gRPC only.
+    #[serde(default)]
+    pub image_bytes: usize,
 }
 
 impl Template {
     fn prompt_for(&self, n: u64) -> String {
         self.prompt.replace("{{n}}", &n.to_string())
+    }
+
+    /// The request for call `n` over gRPC.
+    fn grpc(&self, prompt: String) -> v1::CompleteRequest {
+        let mut r = v1::CompleteRequest {
+            model: self.model.clone(),
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            seed: self.seed,
+            agent: self.agent.clone(),
+            stop: self.stop.clone(),
+            ..Default::default()
+        };
+        if self.tools.is_empty() && self.image_bytes == 0 {
+            r.prompt = prompt;
+            return r;
+        }
+        let mut parts = vec![v1::ContentPart {
+            part: Some(v1::content_part::Part::Text(prompt)),
+        }];
+        if self.image_bytes > 0 {
+            // PNG's signature, then filler: the router does not decode images.
+            let mut data = b"\x89PNG\r\n\x1a\n".to_vec();
+            data.resize(self.image_bytes.max(8), 0x5a);
+            parts.push(v1::ContentPart {
+                part: Some(v1::content_part::Part::Image(v1::Image {
+                    source: Some(v1::image::Source::Data(data)),
+                    mime_type: "image/png".into(),
+                    detail: String::new(),
+                })),
+            });
+        }
+        r.messages = vec![v1::ChatMessage {
+            role: "user".into(),
+            parts,
+            ..Default::default()
+        }];
+        r.tools = self
+            .tools
+            .iter()
+            .map(|t| {
+                let f = t.get("function").unwrap_or(t);
+                let text = |k: &str| f[k].as_str().unwrap_or_default().to_string();
+                v1::Tool {
+                    name: text("name"),
+                    description: text("description"),
+                    parameters_json: f
+                        .get("parameters")
+                        .map(|p| p.to_string())
+                        .unwrap_or_default(),
+                    strict: None,
+                }
+            })
+            .collect();
+        r
     }
 }
 
@@ -264,16 +327,7 @@ impl Client {
         timeout: Duration,
         batch: usize,
     ) -> Result<Option<u64>, String> {
-        let grpc = |prompt: String| v1::CompleteRequest {
-            model: t.model.clone(),
-            prompt,
-            max_tokens: t.max_tokens,
-            temperature: t.temperature,
-            seed: t.seed,
-            agent: t.agent.clone(),
-            stop: t.stop.clone(),
-            ..Default::default()
-        };
+        let grpc = |prompt: String| t.grpc(prompt);
         match self {
             Client::Grpc(c) if batch > 1 => {
                 let first = n * batch as u64;

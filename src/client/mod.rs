@@ -280,7 +280,7 @@ impl Ask {
             })?;
             parts.push(v1::ContentPart {
                 part: Some(v1::content_part::Part::Image(v1::Image {
-                    source: Some(v1::image::Source::Data(read("--image", path)?)),
+                    source: Some(v1::image::Source::Data(read("--image", path)?.into())),
                     mime_type: mime.into(),
                     detail: String::new(),
                 })),
