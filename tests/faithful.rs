@@ -626,6 +626,51 @@ agent_model_assignments:
 }
 
 #[tokio::test]
+async fn a_capability_nobody_on_the_route_has_fails_naming_it() {
+    let (a, b) = (mock().await, mock().await);
+    let yaml = format!(
+        "{}providers:\n\
+         - {{name: a, type: openai, priority: 1, base_url: \"{}/v1\", models: [{{name: m, capabilities: [text]}}]}}\n\
+         - {{name: b, type: ollama, priority: 2, url: \"{}\", models: [{{name: m, capabilities: [text, tools]}}]}}\n",
+        cascade(0, 100, 60.0),
+        a.url(),
+        b.url()
+    );
+    let mut router = start(&yaml).await;
+    let look = v1::CompleteRequest {
+        model: "m".into(),
+        messages: vec![v1::ChatMessage {
+            role: "user".into(),
+            parts: vec![text_part("see"), png(b"png")],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let e = router.client.complete(look).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let m = e.message();
+    assert!(m.contains("needs vision"), "{m}");
+    assert!(
+        m.contains("a/m: the model lacks vision") && m.contains("b/m: the model lacks vision"),
+        "{m}"
+    );
+    // Tools: the second model has them.
+    let mut tools = v1::CompleteRequest {
+        model: "m".into(),
+        messages: vec![user("call")],
+        tools: vec![weather_tool()],
+        ..Default::default()
+    };
+    assert_eq!(router.client.ask(tools.clone()).await.provider, "b");
+    // Streaming: neither lists it.
+    tools.tools.clear();
+    let e = router.client.complete_stream(tools).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("streaming"), "{}", e.message());
+    assert_eq!((a.stats().requests, b.stats().requests), (0, 1));
+}
+
+#[tokio::test]
 async fn refusals_name_the_field_and_send_nothing() {
     let (oa, ol, an) = (mock().await, mock().await, mock().await);
     let yaml = format!(
@@ -695,6 +740,31 @@ async fn refusals_name_the_field_and_send_nothing() {
     r.model = "ol-model".into();
     r.echo = true;
     cases.push((r, Code::FailedPrecondition, "echo"));
+    let mut r = prompt("x");
+    r.model = "an-model".into();
+    r.suffix = Some("end".into());
+    cases.push((r, Code::FailedPrecondition, "echo, suffix and best_of"));
+    for model in ["ol-model", "an-model"] {
+        let mut r = chat(model);
+        r.tools = vec![v1::Tool {
+            strict: Some(true),
+            ..weather_tool()
+        }];
+        cases.push((r, Code::FailedPrecondition, "strict"));
+        let mut r = chat(model);
+        r.messages[0].parts = vec![v1::ContentPart {
+            part: Some(v1::content_part::Part::Image(v1::Image {
+                source: Some(v1::image::Source::Data(b"png".to_vec().into())),
+                mime_type: "image/png".into(),
+                detail: "high".into(),
+            })),
+        }];
+        r.messages[0].content.clear();
+        cases.push((r, Code::FailedPrecondition, "detail"));
+    }
+    let mut r = chat("ol-model");
+    r.messages[0].name = "alice".into();
+    cases.push((r, Code::FailedPrecondition, "messages[0].name"));
     let mut r = prompt("x");
     r.model = "ol-model".into();
     r.best_of = Some(2);

@@ -368,6 +368,21 @@ async fn tools_and_refused_fields_over_http_in_openais_shape() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(status, 400);
     assert_eq!(body["error"]["param"], "audio");
+    for (field, value) in [
+        ("modalities", json!(["text", "audio"])),
+        ("web_search_options", json!({})),
+        ("n", json!(2)),
+        (
+            "tools",
+            json!([{"type": "custom", "custom": {"name": "x"}}]),
+        ),
+    ] {
+        let mut body = chat("m", "x");
+        body[field] = value;
+        let (status, _, _, message) = error_of(post(&url, &body, &[]).await).await;
+        assert_eq!(status, 400, "{field}: {message}");
+        assert!(message.starts_with(field), "{field}: {message}");
+    }
     let mut top_k = chat("m", "x");
     top_k["top_k"] = json!(5);
     let (status, _, code, message) = error_of(post(&url, &top_k, &[]).await).await;
@@ -383,6 +398,6 @@ async fn tools_and_refused_fields_over_http_in_openais_shape() {
             &format!(r#"cascade_requests_total{{method="ChatCompletions",code="{code}"}}"#),
         )
     };
-    assert_eq!(counted("InvalidArgument"), 1.0);
+    assert_eq!(counted("InvalidArgument"), 5.0);
     assert_eq!(counted("FailedPrecondition"), 1.0);
 }

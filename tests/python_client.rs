@@ -69,14 +69,24 @@ async fn the_python_example_gets_its_answers_and_acts_on_codes() {
             serde_json::json!({"text": "weather in Paris?"})
         );
         assert_eq!(t["final"], mock::reply("sunny, 21 C").as_str(), "{model}");
+        let finish = if model == "an-model" {
+            "tool_use"
+        } else {
+            "tool_calls"
+        };
+        assert_eq!(t["finish_reason"], finish);
+        let s = &t["streamed"];
+        assert_eq!(s["name"], "get_weather", "{model} streamed");
         assert_eq!(
-            t["finish_reason"],
-            if model == "an-model" {
-                "tool_use"
-            } else {
-                "tool_calls"
-            }
+            s["arguments"],
+            serde_json::json!({"text": "weather in Paris?"})
         );
+        assert_eq!(
+            s["final"],
+            mock::reply("sunny, 21 C").as_str(),
+            "{model} streamed"
+        );
+        assert_eq!(s["finish_reason"], finish, "{model} streamed");
         // The result went back in the API's own shape.
         let body = server.last_body().unwrap();
         let last = &body["messages"].as_array().unwrap()[2];
@@ -88,7 +98,7 @@ async fn the_python_example_gets_its_answers_and_acts_on_codes() {
     }
     assert_eq!(
         fast.stats().items,
-        8,
-        "one Complete, a batch of five, a tool round trip"
+        10,
+        "one Complete, a batch of five, a tool round trip whole and streamed"
     );
 }

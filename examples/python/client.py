@@ -132,8 +132,30 @@ def tool_round_trip(stub, model):
     messages.append(pb.ChatMessage(role="assistant", tool_calls=[call]))
     messages.append(pb.ChatMessage(role="tool", tool_call_id=call.id, content="sunny, 21 C"))
     final = complete(stub, pb.CompleteRequest(model=model, messages=messages, tools=[WEATHER]))
-    return {"name": call.name, "arguments": json.loads(call.arguments),
-            "finish_reason": first.finish_reason, "final": final.text}
+    out = {"name": call.name, "arguments": json.loads(call.arguments),
+           "finish_reason": first.finish_reason, "final": final.text}
+
+    # The same, streamed: tool-call pieces put together by index, then the answer's text.
+    asked = pb.CompleteRequest(model=model, messages=messages[:1], tools=[WEATHER])
+    calls, end = {}, None
+    for m in stub.CompleteStream(asked, timeout=30, metadata=metadata()):
+        for d in m.tool_calls:
+            c = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+            c["id"] = d.id or c["id"]
+            c["name"] += d.name
+            c["arguments"] += d.arguments
+        if m.HasField("end"):
+            end = m.end
+    c = calls[0]
+    streamed = [messages[0],
+                pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(**c)]),
+                pb.ChatMessage(role="tool", tool_call_id=c["id"], content="sunny, 21 C")]
+    text = "".join(m.text for m in stub.CompleteStream(
+        pb.CompleteRequest(model=model, messages=streamed, tools=[WEATHER]),
+        timeout=30, metadata=metadata()))
+    out["streamed"] = {"name": c["name"], "arguments": json.loads(c["arguments"]),
+                       "finish_reason": end.finish_reason if end else None, "final": text}
+    return out
 
 
 def main():
