@@ -79,13 +79,31 @@ async fn send_json<B: Serialize + ?Sized>(
     url: &Url,
     body: &B,
 ) -> Result<reqwest::Response, ProviderError> {
+    let bytes = serde_json::to_vec(body).map_err(|e| {
+        ProviderError::new(
+            FailureKind::Rejected,
+            format!("the request could not be written as JSON: {e}"),
+        )
+    })?;
+    // reqwest keeps a reusable body until the answer (to resend it on a redirect or a
+    // refused HTTP/2 stream). A large one — an image's base64 — goes as a one-shot body
+    // instead, freed once written: one copy fewer held per call while the provider works.
+    let body = if bytes.len() > LARGE_BODY {
+        reqwest::Body::wrap(http_body_util::Full::new(bytes::Bytes::from(bytes)))
+    } else {
+        reqwest::Body::from(bytes)
+    };
     client
         .post(url.clone())
-        .json(body)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
         .send()
         .await
         .map_err(transport_error)
 }
+
+/// Request bodies above this size are not kept for a resend (see [`send_json`]).
+const LARGE_BODY: usize = 64 << 10;
 
 /// POSTs `body` as JSON and decodes a JSON answer, classifying every failure.
 pub async fn post_json<B: Serialize + ?Sized, R: DeserializeOwned>(
