@@ -75,6 +75,42 @@ pub trait Provider: Send + Sync {
     }
 }
 
+/// What APIs other than OpenAI's cannot carry in any request, named: a message's `name`,
+/// strict tools, an image's `detail` other than auto, and tool-call arguments that are not a
+/// JSON object (they take arguments as objects). `api` names the API in the reason.
+pub(crate) fn beyond_openai(r: &CompletionRequest, api: &str) -> Option<String> {
+    use crate::completion::{Detail, Input};
+    if r.params.tools.iter().any(|t| t.strict == Some(true)) {
+        return Some(format!("tools[].function.strict: {api} has no such field"));
+    }
+    let Input::Chat(messages) = &r.input else {
+        return None;
+    };
+    for (i, m) in messages.iter().enumerate() {
+        if m.name.is_some() {
+            return Some(format!("messages[{i}].name: {api} has no such field"));
+        }
+        if m.content
+            .images()
+            .any(|img| matches!(img.detail, Some(Detail::Low | Detail::High)))
+        {
+            return Some(format!(
+                "messages[{i}].content: image_url.detail: {api} has no such field"
+            ));
+        }
+        if let Some(c) = m.tool_calls.iter().find(|c| {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&c.arguments)
+                .is_err()
+        }) {
+            return Some(format!(
+                "messages[{i}].tool_calls: {api} takes a call's arguments as a JSON object; call {:?} has other text",
+                c.id
+            ));
+        }
+    }
+    None
+}
+
 /// A whole completion as a stream: its text, then its end.
 pub fn in_one_piece(c: Completion) -> EventStream {
     let mut events = Vec::with_capacity(2 + c.tool_calls.len());

@@ -17,8 +17,8 @@ use super::{
 };
 use crate::{
     completion::{
-        Base64, ChatMessage, Completion, CompletionRequest, Detail, GenParams, ImageSource, Input,
-        ResponseFormat, Role, ToolChoice, Usage,
+        Base64, ChatMessage, Completion, CompletionRequest, GenParams, ImageSource, Input,
+        ResponseFormat, ToolChoice, Usage,
     },
     config::ProviderConfig,
 };
@@ -223,40 +223,19 @@ fn unsupported(r: &CompletionRequest) -> Option<String> {
     if p.parallel_tool_calls == Some(false) {
         return no("parallel_tool_calls: false");
     }
-    if p.tools.iter().any(|t| t.strict == Some(true)) {
-        return no("tools[].function.strict");
-    }
     if let Input::Chat(messages) = &r.input {
         for (i, m) in messages.iter().enumerate() {
-            if m.name.is_some() {
+            if m.content
+                .images()
+                .any(|img| matches!(img.source, ImageSource::Url(_)))
+            {
                 return Some(format!(
-                    "messages[{i}].name: Ollama's API has no such field"
+                    "messages[{i}].content: Ollama takes images as bytes, not URLs (send a data: URL)"
                 ));
-            }
-            for img in m.content.images() {
-                if let ImageSource::Url(_) = img.source {
-                    return Some(format!(
-                        "messages[{i}].content: Ollama takes images as bytes, not URLs (send a data: URL)"
-                    ));
-                }
-                if matches!(img.detail, Some(Detail::Low | Detail::High)) {
-                    return no("image_url.detail");
-                }
-            }
-            if let Some(c) = m.tool_calls.iter().find(|c| {
-                serde_json::from_str::<serde_json::Map<String, Value>>(&c.arguments).is_err()
-            }) {
-                return Some(format!(
-                    "messages[{i}].tool_calls: Ollama takes arguments as a JSON object; call {:?} has other text",
-                    c.id
-                ));
-            }
-            if m.role == Role::Tool && m.tool_call_id.is_none() {
-                return no("a tool message without its call");
             }
         }
     }
-    None
+    super::beyond_openai(r, "Ollama's API")
 }
 
 #[derive(Deserialize)]
