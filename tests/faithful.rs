@@ -626,6 +626,51 @@ agent_model_assignments:
 }
 
 #[tokio::test]
+async fn json_output_from_anthropic_is_a_forced_tool_whose_input_is_the_answer() {
+    let an = mock().await;
+    let yaml = format!(
+        "{}providers:\n\
+         - {{name: an, type: anthropic, url: \"{}\", api_key: k, models: [an-model]}}\n",
+        cascade(0, 100, 60.0),
+        an.url()
+    );
+    let mut router = start(&yaml).await;
+    let schema = json!({"type": "object", "properties": {"text": {"type": "string"}}});
+    let ask = v1::CompleteRequest {
+        model: "an-model".into(),
+        messages: vec![user("hi")],
+        response_format: Some(v1::ResponseFormat {
+            r#type: "json_schema".into(),
+            name: "reply".into(),
+            description: "The reply".into(),
+            schema_json: schema.to_string(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let r = router.client.ask(ask.clone()).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&r.text).unwrap(),
+        json!({"text": "hi"})
+    );
+    assert!(r.tool_calls.is_empty());
+    assert_eq!(r.finish_reason, "end_turn");
+    let b = an.last_body().unwrap();
+    assert_eq!(
+        b["tools"],
+        json!([{"name": "reply", "description": "The reply", "input_schema": schema}])
+    );
+    assert_eq!(b["tool_choice"], json!({"type": "tool", "name": "reply"}));
+    let (text, calls, end) = stream_all(&mut router.client, ask).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap(),
+        json!({"text": "hi"})
+    );
+    assert!(calls.is_empty());
+    assert_eq!(end.finish_reason, "end_turn");
+}
+
+#[tokio::test]
 async fn a_capability_nobody_on_the_route_has_fails_naming_it() {
     let (a, b) = (mock().await, mock().await);
     let yaml = format!(
@@ -708,6 +753,7 @@ async fn refusals_name_the_field_and_send_nothing() {
         r#type: "json_object".into(),
         ..Default::default()
     });
+    r.tools = vec![weather_tool()];
     cases.push((r, Code::FailedPrecondition, "response_format"));
     let mut r = chat("an-model");
     r.messages[0].name = "alice".into();

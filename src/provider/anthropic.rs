@@ -1,8 +1,9 @@
 //! Anthropic's Messages API: `{url}/v1/messages`. A prompt becomes one user message; system
 //! messages go to the `system` field, as the API requires; tools go with `input_schema`, tool
 //! calls as `tool_use` blocks and results as `tool_result` blocks; images as base64 or URL
-//! image blocks. It has no JSON mode, seed, penalties, logit bias or log probabilities: a
-//! request that asks for one is not sent here (see [`unsupported`]).
+//! image blocks; a JSON response format as a tool the model must call (see [`json_tool`]). It
+//! has no seed, penalties, logit bias or log probabilities: a request that asks for one is not
+//! sent here (see [`unsupported`]).
 
 use std::{borrow::Cow, collections::BTreeMap};
 
@@ -20,8 +21,8 @@ use super::{
 };
 use crate::{
     completion::{
-        Base64, ChatMessage, Completion, CompletionRequest, Content, Detail, FailureKind,
-        ImageSource, Input, Part, Role, ToolCall, ToolCallDelta, ToolChoice, Usage,
+        Base64, ChatMessage, Completion, CompletionRequest, Content, FailureKind, GenParams,
+        ImageSource, Input, Part, ResponseFormat, Role, ToolCall, ToolCallDelta, ToolChoice, Usage,
     },
     config::ProviderConfig,
 };
@@ -187,38 +188,12 @@ fn unsupported(r: &CompletionRequest) -> Option<String> {
             "temperature: {t}; Anthropic's range is 0.0 ..= 1.0"
         ));
     }
-    if p.response_format.as_ref().is_some_and(|f| f.is_json()) {
+    if p.response_format.as_ref().is_some_and(|f| f.is_json()) && !p.tools.is_empty() {
         return Some(
-            "response_format: Anthropic's Messages API has no JSON mode (ask in the prompt, or route JSON to a provider with one)".into(),
+            "response_format: with tools of its own, a JSON answer cannot go to Anthropic (its JSON mode is a forced tool)".into(),
         );
     }
-    if p.tools.iter().any(|t| t.strict == Some(true)) {
-        return no("tools[].function.strict");
-    }
-    if let Input::Chat(messages) = &r.input {
-        for (i, m) in messages.iter().enumerate() {
-            if m.name.is_some() {
-                return Some(format!(
-                    "messages[{i}].name: Anthropic's Messages API has no such field"
-                ));
-            }
-            if m.content
-                .images()
-                .any(|img| matches!(img.detail, Some(Detail::Low | Detail::High)))
-            {
-                return no("image_url.detail");
-            }
-            if let Some(c) = m.tool_calls.iter().find(|c| {
-                serde_json::from_str::<serde_json::Map<String, Value>>(&c.arguments).is_err()
-            }) {
-                return Some(format!(
-                    "messages[{i}].tool_calls: Anthropic takes a call's input as a JSON object; call {:?} has other text",
-                    c.id
-                ));
-            }
-        }
-    }
-    None
+    super::beyond_openai(r, "Anthropic's Messages API")
 }
 
 /// The content blocks of one message.
@@ -300,6 +275,18 @@ fn body<'a>(model: &'a str, request: &'a CompletionRequest, stream: bool) -> Bod
     }
     let p = &request.params;
     let empty_schema = || Cow::Owned(serde_json::json!({"type": "object", "properties": {}}));
+    if let Some((name, description, schema)) = json_tool(request) {
+        // JSON mode: one tool whose input is the answer, which the model must call.
+        return Body {
+            tools: vec![ToolOut {
+                name,
+                description,
+                input_schema: schema.map_or_else(empty_schema, Cow::Borrowed),
+            }],
+            tool_choice: Some(serde_json::json!({"type": "tool", "name": name})),
+            ..Body::plain(model, p, messages, system, stream)
+        };
+    }
     let mut tool_choice = p.tool_choice.as_ref().map(|c| match c {
         ToolChoice::Auto => serde_json::json!({"type": "auto"}),
         ToolChoice::None => serde_json::json!({"type": "none"}),
@@ -313,13 +300,6 @@ fn body<'a>(model: &'a str, request: &'a CompletionRequest, stream: bool) -> Bod
         }
     }
     Body {
-        model,
-        max_tokens: p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
-        messages,
-        system: (!system.is_empty()).then(|| system.join("\n\n")),
-        temperature: p.temperature,
-        top_p: p.top_p,
-        stop_sequences: &p.stop,
         tools: p
             .tools
             .iter()
@@ -333,8 +313,48 @@ fn body<'a>(model: &'a str, request: &'a CompletionRequest, stream: bool) -> Bod
             })
             .collect(),
         tool_choice,
-        stream,
-        extra: &p.extra,
+        ..Body::plain(model, p, messages, system, stream)
+    }
+}
+
+impl<'a> Body<'a> {
+    /// A body without tools.
+    fn plain(
+        model: &'a str,
+        p: &'a GenParams,
+        messages: Vec<Message<'a>>,
+        system: Vec<Cow<'a, str>>,
+        stream: bool,
+    ) -> Body<'a> {
+        Body {
+            model,
+            max_tokens: p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            messages,
+            system: (!system.is_empty()).then(|| system.join("\n\n")),
+            temperature: p.temperature,
+            top_p: p.top_p,
+            stop_sequences: &p.stop,
+            tools: Vec::new(),
+            tool_choice: None,
+            stream,
+            extra: &p.extra,
+        }
+    }
+}
+
+/// The Messages API has no JSON mode; a JSON response format becomes a tool the model must
+/// call, whose input is the answer (as LiteLLM maps it): its name, description and schema
+/// (`None`: any object). `None` when the request asks no JSON.
+fn json_tool(r: &CompletionRequest) -> Option<(&str, Option<&str>, Option<&Value>)> {
+    match r.params.response_format.as_ref()? {
+        ResponseFormat::Text => None,
+        ResponseFormat::JsonObject => Some(("json_output", None, None)),
+        ResponseFormat::JsonSchema {
+            name,
+            description,
+            schema,
+            ..
+        } => Some((name, description.as_deref(), schema.as_deref())),
     }
 }
 
@@ -351,7 +371,7 @@ impl Provider for Anthropic {
     ) -> Result<Completion, ProviderError> {
         let r: Response =
             http::post_json(&self.client, &self.messages, &body(model, request, false)).await?;
-        r.into_completion()
+        r.into_completion(json_tool(request).is_some())
     }
 
     async fn stream(
@@ -364,7 +384,10 @@ impl Provider for Anthropic {
         Ok(stream::events(
             stream::body(resp),
             Framing::Sse,
-            Events::default(),
+            Events {
+                json_mode: json_tool(request).is_some(),
+                ..Events::default()
+            },
         ))
     }
 }
@@ -421,6 +444,8 @@ pub(crate) struct Events {
     usage: Option<Usage>,
     /// The content block index of each tool call so far, in order.
     calls: Vec<u32>,
+    /// JSON mode (see [`json_tool`]): the forced call's input is the answer's text.
+    pub(crate) json_mode: bool,
 }
 
 impl Decode for Events {
@@ -438,6 +463,10 @@ impl Decode for Events {
                 Ok(Read::default())
             }
             "content_block_start" => match event.content_block {
+                Some(b) if b.kind == "tool_use" && self.json_mode => {
+                    self.calls.push(event.index);
+                    Ok(Read::default())
+                }
                 Some(b) if b.kind == "tool_use" => {
                     let index = u32::try_from(self.calls.len()).unwrap_or(u32::MAX);
                     self.calls.push(event.index);
@@ -461,6 +490,7 @@ impl Decode for Events {
                     d.partial_json,
                     self.calls.iter().position(|&b| b == event.index),
                 ) {
+                    (Some(json), Some(_)) if self.json_mode => Ok(Read::text(json)),
                     (Some(json), Some(call)) => Ok(Read {
                         tool_calls: vec![ToolCallDelta {
                             index: u32::try_from(call).unwrap_or(u32::MAX),
@@ -493,17 +523,44 @@ impl Decode for Events {
     }
 
     fn finish(self) -> (String, Option<Usage>) {
-        (self.stop_reason.unwrap_or_default(), self.usage)
+        let reason = match self.stop_reason {
+            Some(r) if self.json_mode && r == "tool_use" => "end_turn".into(),
+            r => r.unwrap_or_default(),
+        };
+        (reason, self.usage)
     }
 }
 
 impl Response {
-    /// The text blocks joined; an answer with no content at all is malformed.
-    fn into_completion(self) -> Result<Completion, ProviderError> {
+    /// The text blocks joined; an answer with no content at all is malformed. In JSON mode
+    /// the forced call's input is the text.
+    fn into_completion(self, json_mode: bool) -> Result<Completion, ProviderError> {
         if self.content.is_empty() {
             return Err(ProviderError::new(
                 FailureKind::Malformed,
                 "response has no content",
+            ));
+        }
+        if json_mode {
+            let input = self
+                .content
+                .into_iter()
+                .find(|b| b.kind == "tool_use")
+                .and_then(|b| b.input)
+                .ok_or_else(|| {
+                    ProviderError::new(FailureKind::Malformed, "JSON mode: no tool_use input")
+                })?;
+            let stop = match self.stop_reason.as_deref() {
+                Some("tool_use") | None => "end_turn".to_string(),
+                Some(other) => other.to_string(),
+            };
+            return Ok(Completion::text(
+                input.to_string(),
+                stop,
+                self.usage.map(|u| Usage {
+                    prompt_tokens: u.input_tokens,
+                    completion_tokens: u.output_tokens,
+                }),
             ));
         }
         let text: String = self
@@ -545,5 +602,5 @@ pub fn read_answer(
     retry_after: &[u8],
     body: &[u8],
 ) -> Result<Completion, ProviderError> {
-    http::read_answer::<Response>(status, retry_after, body)?.into_completion()
+    http::read_answer::<Response>(status, retry_after, body)?.into_completion(false)
 }
