@@ -33,9 +33,10 @@ async fn the_openai_sdk_works_against_the_http_front() {
     let yaml = format!(
         "server: {{http_listen: \"127.0.0.1:{port}\"}}\n{}providers:\n\
          - {{name: fails, type: openai, priority: 1, base_url: \"{}/v1\", models: [flaky]}}\n\
-         - {{name: up, type: openai, priority: 2, base_url: \"{}/v1\", models: [m, flaky]}}\n\
-         - {{name: ol, type: ollama, priority: 3, url: \"{}\", models: [ol-model]}}\n\
-         - {{name: an, type: anthropic, priority: 4, url: \"{}\", api_key: k, models: [an-model]}}\n",
+         - {{name: up, type: openai, priority: 2, base_url: \"{}/v1\", models: [m, flaky, {{name: small, capabilities: [text, tools]}}]}}\n\
+         - {{name: ol, type: ollama, priority: 3, url: \"{}\", models: [{{name: ol-model, capabilities: [text, tools, streaming, vision]}}]}}\n\
+         - {{name: an, type: anthropic, priority: 4, url: \"{}\", api_key: k, models: [an-model]}}\n\
+         fallback_chains:\n  vision: [ol-model]\n",
         cascade(0, 100, 60.0),
         failing.url(),
         up.url(),
@@ -53,6 +54,8 @@ async fn the_openai_sdk_works_against_the_http_front() {
         "flaky",
         "--tool-models",
         "m,ol-model,an-model",
+        "--vision-model",
+        "small",
     ];
     let r = python_report(python, "openai_sdk.py", args.map(String::from).to_vec()).await;
 
@@ -93,8 +96,21 @@ async fn the_openai_sdk_works_against_the_http_front() {
     assert_eq!(r["fallback"]["text"], mock::reply("hello from the sdk"));
     assert_eq!(
         r["models"],
-        serde_json::json!(["an-model", "flaky", "m", "ol-model"])
+        serde_json::json!(["an-model", "flaky", "m", "ol-model", "small", "vision"])
     );
+    assert_eq!(
+        r["json"],
+        json!({"reply": mock::reply("hello from the sdk")})
+    );
+    assert_eq!(r["extra"]["status"], 400);
+    assert_eq!(r["extra"]["code"], "unsupported");
+    assert!(r["extra"]["message"].as_str().unwrap().contains("top_k"));
+    // The image went to the vision model, in Ollama's own shape.
+    assert_eq!(r["vision"]["provider"], "ol");
+    assert_eq!(r["vision"]["attempted"], "up/small unsupported");
+    assert_eq!(r["vision"]["text"], mock::reply("what is this?"));
+    let sent = ol.last_body().unwrap();
+    assert_eq!(sent["messages"][0]["images"], json!([r["vision"]["image"]]));
     // A tool round trip through each provider API, whole and streamed, with the SDK.
     for (model, server) in [("m", &up), ("ol-model", &ol), ("an-model", &an)] {
         for how in ["unary", "streamed"] {

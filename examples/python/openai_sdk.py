@@ -13,11 +13,12 @@ With `--report`, prints one JSON object with every result (the test suite reads 
 """
 
 import argparse
+import base64
 import json
 import os
 import sys
 
-from openai import NotFoundError, OpenAI
+from openai import BadRequestError, NotFoundError, OpenAI
 
 
 WEATHER = {
@@ -101,6 +102,7 @@ def main() -> int:
     p.add_argument("--fallback-model", help="a model whose first provider fails")
     p.add_argument("--tool-models", default="",
                    help="comma-separated models to run a tool round trip on (streamed and not)")
+    p.add_argument("--vision-model", help="a text-only model: an image sent to it goes to a vision model")
     p.add_argument("--report", action="store_true", help="print the results as JSON")
     args = p.parse_args()
 
@@ -164,6 +166,33 @@ def main() -> int:
     out["models"] = [m.id for m in client.models.list()]
 
     out["tools"] = {m: tool_round_trip(client, m) for m in args.tool_models.split(",") if m}
+
+    # JSON output, and a field no provider on the route takes (the SDK's extra_body).
+    as_json = client.chat.completions.create(
+        model=args.model, messages=said, response_format={"type": "json_object"})
+    out["json"] = json.loads(as_json.choices[0].message.content)
+    try:
+        client.chat.completions.create(model=args.model, messages=said, extra_body={"top_k": 5})
+        out["extra"] = None
+    except BadRequestError as e:
+        out["extra"] = {"status": e.status_code, "code": e.code, "message": e.message}
+
+    if args.vision_model:
+        # An image for a text-only model: the router walks fallback_chains.vision.
+        png = base64.b64encode(b"\x89PNG\r\n\x1a\n a tiny picture").decode()
+        raw = client.chat.completions.with_raw_response.create(
+            model=args.vision_model,
+            messages=[{"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+            ]}],
+        )
+        out["vision"] = {
+            "provider": raw.headers.get("x-cascade-provider"),
+            "attempted": raw.headers.get("x-cascade-attempted"),
+            "text": raw.parse().choices[0].message.content,
+            "image": png,
+        }
 
     if args.report:
         print(json.dumps(out))
