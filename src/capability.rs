@@ -10,7 +10,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use crate::{
     cascade::Target,
-    completion::{Attempt, CompletionRequest, FailureKind, Input},
+    completion::{Attempt, CompletionRequest, FailureKind},
     error::RouterError,
 };
 
@@ -223,7 +223,7 @@ pub fn plan(
     }
     if targets.is_empty() {
         return Err(RouterError::Unsupported {
-            needs: describe(&needs, request),
+            needs: describe(&needs),
             attempts: skipped,
         });
     }
@@ -234,23 +234,17 @@ pub fn plan(
 }
 
 /// The needs in words, for the error when nothing on the route meets them.
-fn describe(needs: &Needs, request: &CompletionRequest) -> String {
-    let mut parts: Vec<String> = needs
-        .capabilities
-        .iter()
-        .map(|c| c.as_str().to_string())
-        .collect();
-    parts.push(format!("about {} tokens of window", needs.tokens));
-    if let Input::Chat(_) = request.input {
-        parts.push("a chat".into());
-    }
+fn describe(needs: &Needs) -> String {
+    let mut parts: Vec<&str> = needs.capabilities.iter().map(Capability::as_str).collect();
+    let tokens = format!("about {} tokens of window", needs.tokens);
+    parts.push(&tokens);
     parts.join(", ")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::completion::{ChatMessage, GenParams, Image, Part, ResponseFormat, Role};
+    use crate::completion::{ChatMessage, GenParams, Image, Input, Part, ResponseFormat, Role};
 
     fn request(input: Input, params: GenParams) -> CompletionRequest {
         CompletionRequest {
