@@ -398,6 +398,14 @@ async fn tools_and_refused_fields_over_http_in_openais_shape() {
             &format!(r#"cascade_requests_total{{method="ChatCompletions",code="{code}"}}"#),
         )
     };
-    assert_eq!(counted("InvalidArgument"), 5.0);
+    let not_json = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_json.status().as_u16(), 400);
+    assert_eq!(counted("InvalidArgument"), 6.0, "every refusal is counted");
     assert_eq!(counted("FailedPrecondition"), 1.0);
 }

@@ -199,7 +199,10 @@ async fn chat(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Failure> {
-    let (client, deadline, extras, fields) = front.prepare::<Fields>(&headers, body).await?;
+    let (client, deadline, extras, fields) = front
+        .prepare::<Fields>(&headers, body)
+        .await
+        .inspect_err(|e| front.edge.refused("ChatCompletions", e))?;
     let (stream, usage) = (fields.stream(), fields.include_usage());
     let method = if stream {
         "ChatCompletionsStream"
@@ -227,7 +230,10 @@ async fn text(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Failure> {
-    let (client, deadline, extras, fields) = front.prepare::<Fields>(&headers, body).await?;
+    let (client, deadline, extras, fields) = front
+        .prepare::<Fields>(&headers, body)
+        .await
+        .inspect_err(|e| front.edge.refused("Completions", e))?;
     let (stream, usage) = (fields.stream(), fields.include_usage());
     let method = if stream {
         "CompletionsStream"
