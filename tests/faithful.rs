@@ -274,7 +274,12 @@ async fn every_sampling_field_reaches_the_provider_in_its_own_shape() {
         }),
         ..Default::default()
     };
-    router.client.ask(full("oa-model")).await;
+    let r = router.client.ask(full("oa-model")).await;
+    // The provider's log probabilities come back as it gave them.
+    assert_eq!(
+        serde_json::from_str::<Value>(&r.logprobs_json).unwrap(),
+        *cascade_devtools::conversation::LOGPROBS
+    );
     let b = oa.last_body().unwrap();
     for (k, v) in [
         ("max_tokens", json!(7)),

@@ -359,6 +359,16 @@ async fn tools_and_refused_fields_over_http_in_openais_shape() {
         json!({"text": "find it"})
     );
 
+    // Log probabilities come back in the choice, as the provider gave them.
+    let mut with_logprobs = chat("m", "x");
+    with_logprobs["logprobs"] = json!(true);
+    let r: Value = post(&url, &with_logprobs, &[]).await.json().await.unwrap();
+    assert_eq!(
+        r["choices"][0]["logprobs"],
+        *cascade_devtools::conversation::LOGPROBS
+    );
+    assert_eq!(up.last_body().unwrap()["logprobs"], json!(true));
+
     // Refused by name, counted like any other call, nothing sent upstream.
     let before = up.stats().requests;
     let mut audio = chat("m", "x");

@@ -9,6 +9,11 @@ use serde_json::{Value, json};
 
 use crate::mock::reply;
 
+/// The log probabilities the mock answers when asked for them (OpenAI's chat shape).
+pub static LOGPROBS: std::sync::LazyLock<Value> = std::sync::LazyLock::new(
+    || json!({"content": [{"token": "mock", "logprob": -0.25, "bytes": [109, 111, 99, 107], "top_logprobs": []}]}),
+);
+
 /// The chat APIs the mock speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Api {

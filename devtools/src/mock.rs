@@ -565,7 +565,13 @@ async fn respond(
                 Turn::Text(t) => tokens(t),
                 Turn::Call { .. } => 1,
             };
-            conversation::answer(*api, &model, turn, (said, wrote))
+            let mut answer = conversation::answer(*api, &model, turn, (said, wrote));
+            if body.get("logprobs").and_then(Value::as_bool) == Some(true)
+                && let Some(choice) = answer.pointer_mut("/choices/0")
+            {
+                choice["logprobs"] = conversation::LOGPROBS.clone();
+            }
+            answer
         }
         None => answer(endpoint, &model, &prompts, script.omit_marker.as_deref()),
     };
