@@ -393,6 +393,12 @@ async fn fields_outside_the_reference_go_only_where_passed_through() {
         (b["top_k"].clone(), b["min_p"].clone()),
         (json!(20), json!(0.05))
     );
+    // A field of OpenAI's reference the router does not model goes to an OpenAI-shaped
+    // provider as it came, with no pass_through.
+    let mut store = prompt("kept");
+    store.extra = [("store".to_string(), "true".to_string())].into();
+    assert_eq!(router.client.ask(store).await.provider, "plain");
+    assert_eq!(plain.last_body().unwrap()["store"], json!(true));
     // Not JSON, or a field the router models itself: refused at the edge.
     let mut bad = prompt("x");
     bad.extra = [("top_k".to_string(), "twenty".to_string())].into();
@@ -816,6 +822,13 @@ async fn refusals_name_the_field_and_send_nothing() {
     let mut r = chat("ol-model");
     r.messages[0].name = "alice".into();
     cases.push((r, Code::FailedPrecondition, "messages[0].name"));
+    // A field of OpenAI's reference the router does not model goes to OpenAI-shaped
+    // providers only (and to others through their pass_through).
+    for model in ["ol-model", "an-model"] {
+        let mut r = chat(model);
+        r.extra = [("store".to_string(), "false".to_string())].into();
+        cases.push((r, Code::FailedPrecondition, "store"));
+    }
     let mut r = prompt("x");
     r.model = "ol-model".into();
     r.best_of = Some(2);
