@@ -76,9 +76,7 @@ impl Authenticate {
         if !self.on {
             return Ok(None);
         }
-        let presented = authorization
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+        let presented = authorization.and_then(bearer).map(str::trim);
         let found = match presented {
             None => Err("no client key: send the header `authorization: Bearer <key>`"),
             Some(key) => self.find(key).cloned().ok_or("unknown client key"),
@@ -88,6 +86,12 @@ impl Authenticate {
             RouterError::Unauthenticated(why)
         })
     }
+}
+
+/// The credentials of a `Bearer` authorization, the scheme in any case (RFC 7235).
+fn bearer(header: &str) -> Option<&str> {
+    let (scheme, credentials) = header.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(credentials)
 }
 
 impl Interceptor for Authenticate {
@@ -126,5 +130,14 @@ mod tests {
         assert!(a.find(&key[..20]).is_none(), "a prefix is not the key");
         assert!(a.find(&format!("{}x", &key[..key.len() - 1])).is_none());
         assert!(a.find("").is_none());
+        for header in [
+            format!("Bearer {key}"),
+            format!("bearer {key}"),
+            format!("BEARER {key}"),
+        ] {
+            assert!(a.client(Some(&header)).is_ok(), "{header}");
+        }
+        assert!(a.client(Some(&format!("Basic {key}"))).is_err());
+        assert!(a.client(Some(key)).is_err());
     }
 }

@@ -126,12 +126,23 @@ impl Cascade {
                 }
             }
         }
-        let mut tried = attempts
-            .iter()
-            .filter(|a| a.kind != FailureKind::Unsupported)
-            .peekable();
-        if tried.peek().is_some() && tried.all(|a| a.kind == FailureKind::Overloaded) {
+        let tried = || {
+            attempts
+                .iter()
+                .filter(|a| a.kind != FailureKind::Unsupported)
+                .peekable()
+        };
+        let all = |kind| {
+            let mut t = tried();
+            t.peek().is_some() && t.all(|a| a.kind == kind)
+        };
+        if all(FailureKind::Overloaded) {
             return Err(RouterError::Overloaded { attempts });
+        }
+        // Too little of the caller's time for any provider to answer: the caller's deadline,
+        // not the providers, is what failed.
+        if all(FailureKind::NoTimeLeft) {
+            return Err(RouterError::DeadlineExceeded { attempts });
         }
         Err(RouterError::Unavailable {
             reason: "every provider failed",

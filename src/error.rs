@@ -13,7 +13,7 @@ pub enum RouterError {
     #[error("{0}")]
     InvalidArgument(String),
     /// The request names a model or chain the cascade file does not define.
-    #[error("unknown model or chain {model:?}; known: {known}")]
+    #[error("unknown model or chain {}; known: {known}", Shown(.model))]
     UnknownModel { model: String, known: String },
     /// Every provider on the route failed or was skipped.
     #[error("{}", with_attempts(.reason, .attempts))]
@@ -123,7 +123,40 @@ fn skipped(attempts: &[Attempt]) -> String {
     out
 }
 
+/// A value a caller sent, as an error message quotes it: in full when short, else its first
+/// 64 characters and its length, so a 2 MB bad value is not sent back (it would not even fit
+/// a gRPC status: clients cap metadata at 16 KiB).
+pub struct Shown<'a>(pub &'a str);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 64;
+        match self.0.char_indices().nth(SHOWN) {
+            None => write!(f, "{:?}", self.0),
+            Some((cut, _)) => write!(f, "{:?}… ({} bytes)", &self.0[..cut], self.0.len()),
+        }
+    }
+}
+
+/// The most of an error's message a client is sent (the field it names comes first).
+const MAX_MESSAGE: usize = 4096;
+
 impl RouterError {
+    /// The message a client is sent: the error's text, cut at [`MAX_MESSAGE`] bytes.
+    pub fn client_message(&self) -> String {
+        let mut m = self.to_string();
+        if m.len() > MAX_MESSAGE {
+            let total = m.len();
+            let mut cut = MAX_MESSAGE;
+            while !m.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            m.truncate(cut);
+            m.push_str(&format!("… ({total} bytes in all)"));
+        }
+        m
+    }
+
     /// The gRPC code for this error; the one place errors become codes.
     pub fn code(&self) -> Code {
         match self {
@@ -230,7 +263,7 @@ pub(crate) fn recode_codec_refusal<B>(
 
 impl From<RouterError> for Status {
     fn from(err: RouterError) -> Status {
-        let mut status = Status::new(err.code(), err.to_string());
+        let mut status = Status::new(err.code(), err.client_message());
         // A retry hint a client can act on without parsing the message.
         if let Some(secs) = err.retry_after_secs()
             && let Ok(v) = secs.to_string().parse()

@@ -360,7 +360,7 @@ impl From<RouterError> for v1::ItemError {
         v1::ItemError {
             code: e.code() as i32,
             attempts: e.attempts().iter().map(v1::Attempt::from).collect(),
-            message: e.to_string(),
+            message: e.client_message(),
         }
     }
 }

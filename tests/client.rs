@@ -544,3 +544,23 @@ async fn resume_asks_again_what_failed_for_a_transient_reason() {
     assert_eq!(up.stats().requests, before);
     assert_eq!(read_lines(&out).len(), 6);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn complete_that_runs_out_of_its_own_time_exits_4() {
+    // A server that never answers: the client's own timer ends the call.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(cascade_devtools::load::bare::serve(listener, true));
+    let out = run(strings(&[
+        "complete",
+        "--addr",
+        &format!("http://{addr}"),
+        "--timeout",
+        "0.2",
+        "hello",
+    ]))
+    .await;
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("DEADLINE_EXCEEDED"), "{stderr}");
+}

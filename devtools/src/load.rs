@@ -602,13 +602,16 @@ fn warmup_base(batch: usize) -> u64 {
 }
 
 /// A bare `cascade.v1.Router` that answers every Complete with a constant: the ceiling of
-/// what tonic on this machine can serve, to compare the router's hot path against.
+/// what tonic on this machine can serve, to compare the router's hot path against. Silent, it
+/// never answers (for a client's own deadline).
 pub mod bare {
     use tonic::{Request, Response, Status};
 
     use crate::proto::v1::{self, router_server::Router};
 
-    pub struct Constant;
+    pub struct Constant {
+        pub silent: bool,
+    }
 
     #[tonic::async_trait]
     impl Router for Constant {
@@ -616,6 +619,9 @@ pub mod bare {
             &self,
             _r: Request<v1::CompleteRequest>,
         ) -> Result<Response<v1::CompleteResponse>, Status> {
+            if self.silent {
+                std::future::pending::<()>().await;
+            }
             Ok(Response::new(v1::CompleteResponse {
                 text: "constant".into(),
                 provider: "bare".into(),
@@ -651,11 +657,14 @@ pub mod bare {
         }
     }
 
-    pub async fn serve(listener: tokio::net::TcpListener) -> Result<(), tonic::transport::Error> {
+    pub async fn serve(
+        listener: tokio::net::TcpListener,
+        silent: bool,
+    ) -> Result<(), tonic::transport::Error> {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
-            .add_service(v1::router_server::RouterServer::new(Constant))
+            .add_service(v1::router_server::RouterServer::new(Constant { silent }))
             .serve_with_incoming(incoming)
             .await
     }

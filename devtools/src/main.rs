@@ -133,7 +133,7 @@ fn main() -> ExitCode {
         },
         Command::BareServer { listen } => runtime.block_on(async {
             let served = match tokio::net::TcpListener::bind(listen).await {
-                Ok(l) => load::bare::serve(l).await.map_err(|e| e.to_string()),
+                Ok(l) => load::bare::serve(l, false).await.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             match served {

@@ -178,7 +178,18 @@ impl Client {
             .complete(req)
             .await
             .map(tonic::Response::into_inner)
-            .map_err(ClientError::Status)
+            .map_err(|s| ClientError::Status(self.timed_out(s)))
+    }
+
+    /// tonic says CANCELLED when the client's own timer ends a call; it is the deadline.
+    fn timed_out(&self, s: Status) -> Status {
+        if s.code() == Code::Cancelled && s.message() == tonic::TimeoutExpired(()).to_string() {
+            return Status::deadline_exceeded(format!(
+                "no answer within {} s (--timeout)",
+                self.target.timeout.as_secs_f64()
+            ));
+        }
+        s
     }
 
     pub async fn complete_batch(
@@ -192,6 +203,7 @@ impl Client {
             .complete_batch(req)
             .await
             .map(|r| r.into_inner().results)
+            .map_err(|s| self.timed_out(s))
     }
 }
 

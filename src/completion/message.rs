@@ -298,7 +298,8 @@ impl Role {
     pub fn parse_at(i: usize, s: &str) -> Result<Role, RouterError> {
         Role::parse(s).ok_or_else(|| {
             invalid(format!(
-                "messages[{i}].role: {s:?} is not system, user, assistant or tool"
+                "messages[{i}].role: {} is not system, user, assistant or tool",
+                crate::error::Shown(s)
             ))
         })
     }

@@ -155,7 +155,8 @@ fn check_name(at: &str, name: &str) -> Result<(), RouterError> {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
         return Err(invalid(format!(
-            "{at}: {name:?} is not a name of 1 to 64 letters, digits, '_' or '-'"
+            "{at}: {} is not a name of 1 to 64 letters, digits, '_' or '-'",
+            crate::error::Shown(name)
         )));
     }
     Ok(())

@@ -169,5 +169,5 @@ pub fn error_body(e: &RouterError) -> Value {
             .filter(|p| !p.is_empty() && !p.contains(' ')),
         _ => None,
     };
-    json!({"error": {"message": e.to_string(), "type": kind, "param": param, "code": code}})
+    json!({"error": {"message": e.client_message(), "type": kind, "param": param, "code": code}})
 }
