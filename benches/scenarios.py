@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -303,6 +304,45 @@ def payloads(b):
         "(MiB per call; 1.00 = one copy of the image, base64 text is 1.33)",
         ["K in flight", "answered", "idle RSS MiB", "RSS while held MiB", "peak RSS MiB",
          "MiB per call held", "MiB per call at peak"], rows)
+
+
+def redis_stall(b):
+    """A cached router in front of a real redis-server that hangs (SIGSTOP) mid-run: latency of
+    cache misses with Redis healthy, then stalled (Redis is skipped after a few failures), then
+    back (SIGCONT; a background probe finds it)."""
+    secs = 0.5 if b.smoke else 4
+    rate = 200 if b.smoke else 2000
+    rport = free_port()
+    redis = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(rport, redis)
+        mock, mport = b.mock()
+        cache = (f"cache: {{backend: redis, redis_url: \"redis://127.0.0.1:{rport}\", "
+                 f"redis_timeout_ms: 100}}\ncascade:\n  max_retries_per_provider: 0\n")
+        router, port = b.router(openai_provider("mock", f"http://127.0.0.1:{mport}/v1"), cascade_yaml=cache)
+        rows = []
+        for phase in ["healthy", "stalled (SIGSTOP)", "back (SIGCONT)"]:
+            if phase.startswith("stalled"):
+                os.kill(redis.pid, signal.SIGSTOP)
+            if phase.startswith("back"):
+                os.kill(redis.pid, signal.SIGCONT)
+                time.sleep(1)  # the probe runs every 250 ms; give it a few
+            # Every call a miss (a new deterministic prompt): a Redis GET, then a SET.
+            data = json.dumps({"model": "m", "prompt": f"{phase} {{{{n}}}}", "temperature": 0})
+            r = b.load("--addr", f"127.0.0.1:{port}", "-c", 64, "--rate", rate, "--duration", secs,
+                       "--warmup", 0, "-d", data)
+            errors = sum(r["errors"].values())
+            rows.append([phase, r["ok"], errors, pct(r, "p50"), pct(r, "p99"), pct(r, "max")])
+        b.stop_all()
+        return table(f"Redis stalls: cache misses through a router whose Redis hangs ({rate} req/s offered, "
+                     f"{secs} s per phase, redis_timeout_ms 100; latency in µs)",
+                     ["Redis", "answered", "errors", "p50", "p99", "max"], rows)
+    finally:
+        if redis.poll() is None:
+            os.kill(redis.pid, signal.SIGCONT)
+            redis.terminate()
+            redis.wait()
 
 
 def mock_stats(port):
@@ -822,7 +862,7 @@ def table(title, header, rows):
 SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory,
              "batching": batching, "window": window, "adaptive": adaptive, "agent_loop": agent_loop, "agent_cli": agent_cli,
              "http_front": http_front, "overload": overload, "soak": soak, "real": real,
-             "payloads": payloads}
+             "payloads": payloads, "redis_stall": redis_stall}
 
 
 def machine():

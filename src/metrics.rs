@@ -62,6 +62,12 @@ pub struct CacheMetrics {
     pub evictions: Counter,
     pub bytes: Gauge,
     pub redis_errors: Counter,
+    /// Redis operations not tried: Redis was being skipped, or too many writes were pending.
+    pub redis_skipped: Counter,
+    /// Times Redis started being skipped.
+    pub redis_trips: Counter,
+    /// 1 while Redis is used, 0 while it is skipped.
+    pub redis_up: Gauge,
 }
 
 pub struct Metrics {
@@ -147,6 +153,21 @@ impl Metrics {
             "redis_errors",
             "Redis operations that failed or timed out",
             cache.redis_errors.clone(),
+        );
+        c.register(
+            "redis_skipped",
+            "Redis operations not tried: Redis was being skipped, or too many writes were pending",
+            cache.redis_skipped.clone(),
+        );
+        c.register(
+            "redis_trips",
+            "Times Redis failed often enough to be skipped until a probe finds it back",
+            cache.redis_trips.clone(),
+        );
+        c.register(
+            "redis_up",
+            "1 while Redis is used, 0 while it is skipped",
+            cache.redis_up.clone(),
         );
         let upstream_requests = Family::default();
         let upstream_items = Family::default();

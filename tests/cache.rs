@@ -237,6 +237,34 @@ impl RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Sends the server a signal (`STOP`: it hangs, connections open; `CONT`: it goes on).
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name}");
+    }
+
+    /// Waits until the server holds `n` keys: a replica's write, which leaves the request
+    /// path, has landed.
+    async fn wait_keys(&self, n: usize) {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).unwrap();
+        within(async {
+            loop {
+                if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                    let size: Result<usize, _> = redis::cmd("DBSIZE").query_async(&mut c).await;
+                    if size.is_ok_and(|s| s >= n) {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
 }
 
 impl Drop for RedisServer {
@@ -264,6 +292,7 @@ async fn replicas_share_completions_through_redis_and_survive_its_outage() {
     let mut two = start(&cached_router_yaml(&up, &cache)).await;
 
     assert!(!one.client.ask(det("shared question", "a")).await.cached);
+    redis.wait_keys(1).await;
     let r = two.client.ask(det("shared question", "a")).await;
     assert!(r.cached, "the second replica reads what the first stored");
     assert_eq!(r.text, mock::reply("shared question"));
@@ -279,6 +308,15 @@ async fn replicas_share_completions_through_redis_and_survive_its_outage() {
     assert!(metric(&two, "cascade_cache_redis_errors_total") > errors_before);
 
     let _redis = RedisServer::start(port).await;
+    // Sharing resumes once the background probe finds Redis back.
+    within(async {
+        while metric(&two, "cascade_cache_redis_up") < 1.0
+            || metric(&one, "cascade_cache_redis_up") < 1.0
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let mut resumed = false;
     for i in 0..100 {
         let p = format!("after restart {i}");
@@ -290,4 +328,64 @@ async fn replicas_share_completions_through_redis_and_survive_its_outage() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(resumed, "sharing did not resume after Redis came back");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_redis_is_skipped_after_a_few_failures_and_found_back() {
+    let port: u16 = refused_url()
+        .await
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let redis = RedisServer::start(port).await;
+    let up = MockServer::start(Script::default()).await.unwrap();
+    let cache = format!(
+        "{{backend: redis, redis_url: \"redis://127.0.0.1:{port}\", redis_timeout_ms: 100}}"
+    );
+    let mut one = start(&cached_router_yaml(&up, &cache)).await;
+    let mut two = start(&cached_router_yaml(&up, &cache)).await;
+    assert!(!one.client.ask(det("before", "a")).await.cached);
+    redis.wait_keys(1).await;
+    assert!(two.client.ask(det("before", "a")).await.cached);
+
+    // Redis hangs (SIGSTOP): connections stay open, nothing answers.
+    redis.signal("STOP");
+    for i in 0..60 {
+        let p = format!("while stalled {i}");
+        let r = two.client.ask(det(&p, "a")).await;
+        assert_eq!(r.text, mock::reply(&p), "every call answered");
+    }
+    assert_eq!(metric(&two, "cascade_cache_redis_up"), 0.0);
+    assert_eq!(metric(&two, "cascade_cache_redis_trips_total"), 1.0);
+    let errors = metric(&two, "cascade_cache_redis_errors_total");
+    assert!(
+        errors <= 8.0,
+        "after a few failures Redis is skipped, not waited on: {errors} errors"
+    );
+    assert!(metric(&two, "cascade_cache_redis_skipped_total") >= 50.0);
+
+    // It goes on: the probe finds it, and the replicas share again.
+    redis.signal("CONT");
+    within(async {
+        while metric(&two, "cascade_cache_redis_up") < 1.0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let keys_before = {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("DBSIZE")
+            .query_async::<usize>(&mut c)
+            .await
+            .unwrap()
+    };
+    assert!(!two.client.ask(det("after", "a")).await.cached);
+    redis.wait_keys(keys_before + 1).await;
+    assert!(
+        one.client.ask(det("after", "a")).await.cached,
+        "shared again"
+    );
 }

@@ -28,11 +28,37 @@ pub enum CacheScope {
     Shared,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct RedisConfig {
     pub url: String,
     pub timeout: Duration,
     pub max_value_bytes: usize,
+}
+
+// The URL may carry a password: Debug shows it without.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url_without_password())
+            .field("timeout", &self.timeout)
+            .field("max_value_bytes", &self.max_value_bytes)
+            .finish()
+    }
+}
+
+impl RedisConfig {
+    /// The URL as logs may show it: without a password.
+    pub fn url_without_password(&self) -> String {
+        match url::Url::parse(&self.url) {
+            Ok(mut u) => {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("***"));
+                }
+                u.to_string()
+            }
+            Err(_) => "(unparsable URL)".into(),
+        }
+    }
 }
 
 impl Check<'_> {

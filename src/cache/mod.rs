@@ -3,23 +3,25 @@
 //! optional Redis second level that several replicas share.
 //!
 //! Only deterministic requests are cached (temperature 0, or a seed); errors never are, since
-//! only answers reach [`Cache::put`]. A Redis outage or timeout is a miss, counted and logged,
-//! never an error to the caller; the connection comes back on its own.
+//! only answers reach [`Cache::put`]. Redis is a guest, not a dependency ([`redis`]): a
+//! failure is a miss, a Redis that keeps failing is skipped until a background probe finds it
+//! back, and writes to it never hold up a caller.
+
+mod redis;
 
 use std::{sync::Arc, time::Duration};
 
+use self::redis::Redis;
+
 use serde::{Deserialize, Serialize};
-use tokio::{
-    sync::OnceCell,
-    time::{Instant, timeout},
-};
+use tokio::time::Instant;
 
 use crate::{
     completion::{
         Answer, ChatMessage, Completion, CompletionRequest, Content, GenParams, Image, ImageSource,
         Input, Part, ToolCall,
     },
-    config::{CacheConfig, CacheScope, RedisConfig},
+    config::{CacheConfig, CacheScope},
     metrics::CacheMetrics,
 };
 
@@ -177,12 +179,12 @@ pub struct Cache {
     memory: moka::sync::Cache<CacheKey, Timed>,
     ttl: Duration,
     scope: CacheScope,
-    redis: Option<Redis>,
+    redis: Option<Arc<Redis>>,
     metrics: CacheMetrics,
 }
 
 impl Cache {
-    pub fn new(config: &CacheConfig, metrics: CacheMetrics) -> Result<Cache, redis::RedisError> {
+    pub fn new(config: &CacheConfig, metrics: CacheMetrics) -> Result<Cache, ::redis::RedisError> {
         let evictions = metrics.evictions.clone();
         let memory = moka::sync::Cache::builder()
             .max_capacity(config.max_bytes)
@@ -194,7 +196,11 @@ impl Cache {
                 }
             })
             .build();
-        let redis = config.redis.as_ref().map(Redis::new).transpose()?;
+        let redis = config
+            .redis
+            .as_ref()
+            .map(|c| Redis::new(c, metrics.clone()).map(Arc::new))
+            .transpose()?;
         Ok(Cache {
             memory,
             ttl: config.ttl,
@@ -223,7 +229,7 @@ impl Cache {
             self.memory.invalidate(key);
         }
         if let Some(redis) = &self.redis
-            && let Some(entry) = redis.get(key, &self.metrics).await
+            && let Some(entry) = redis.get(key).await
         {
             let entry = Arc::new(entry);
             self.insert_memory(*key, entry.clone());
@@ -242,7 +248,7 @@ impl Cache {
         });
         self.insert_memory(key, entry.clone());
         if let Some(redis) = &self.redis {
-            redis.put(&key, &entry, self.ttl, &self.metrics).await;
+            redis.put(&key, &entry, self.ttl);
         }
     }
 
@@ -277,100 +283,6 @@ fn answer(e: &Entry) -> Answer {
         upstream: Duration::ZERO,
         batch_size: 0,
         cached: true,
-    }
-}
-
-/// The shared second level. Every operation is bounded by `timeout`; any failure is a miss.
-struct Redis {
-    client: redis::Client,
-    config: RedisConfig,
-    /// Connected on first use (tried again on the next use while that fails); once up, the
-    /// manager reconnects on its own. Reads after that take no lock: the manager is `Clone`.
-    conn: OnceCell<redis::aio::ConnectionManager>,
-}
-
-impl Redis {
-    fn new(config: &RedisConfig) -> Result<Redis, redis::RedisError> {
-        Ok(Redis {
-            client: redis::Client::open(config.url.as_str())?,
-            config: config.clone(),
-            conn: OnceCell::new(),
-        })
-    }
-
-    async fn connection(&self) -> Option<redis::aio::ConnectionManager> {
-        let connect = || async {
-            let cfg = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(self.config.timeout))
-                .set_response_timeout(Some(self.config.timeout))
-                .set_number_of_retries(1);
-            match timeout(
-                self.config.timeout,
-                self.client.get_connection_manager_with_config(cfg),
-            )
-            .await
-            {
-                Ok(Ok(c)) => Ok(c),
-                Ok(Err(_)) | Err(_) => Err(()),
-            }
-        };
-        self.conn.get_or_try_init(connect).await.ok().cloned()
-    }
-
-    async fn get(&self, key: &CacheKey, metrics: &CacheMetrics) -> Option<Entry> {
-        let Some(mut conn) = self.connection().await else {
-            metrics.redis_errors.inc();
-            return None;
-        };
-        let got: Result<Result<Option<Vec<u8>>, _>, _> = timeout(
-            self.config.timeout,
-            redis::cmd("GET")
-                .arg(key.redis_key())
-                .query_async(&mut conn),
-        )
-        .await;
-        match got {
-            Ok(Ok(Some(bytes))) => serde_json::from_slice(&bytes).ok(),
-            Ok(Ok(None)) => None,
-            Ok(Err(e)) => {
-                metrics.redis_errors.inc();
-                tracing::debug!(error = %e, "redis GET failed; treating as a miss");
-                None
-            }
-            Err(_) => {
-                metrics.redis_errors.inc();
-                tracing::debug!("redis GET timed out; treating as a miss");
-                None
-            }
-        }
-    }
-
-    async fn put(&self, key: &CacheKey, entry: &Entry, ttl: Duration, metrics: &CacheMetrics) {
-        let Ok(value) = serde_json::to_vec(entry) else {
-            return;
-        };
-        if value.len() > self.config.max_value_bytes {
-            return;
-        }
-        let Some(mut conn) = self.connection().await else {
-            metrics.redis_errors.inc();
-            return;
-        };
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let set: Result<Result<(), _>, _> = timeout(
-            self.config.timeout,
-            redis::cmd("SET")
-                .arg(key.redis_key())
-                .arg(value)
-                .arg("PX")
-                .arg(ms)
-                .query_async(&mut conn),
-        )
-        .await;
-        if !matches!(set, Ok(Ok(()))) {
-            metrics.redis_errors.inc();
-            tracing::debug!("redis SET failed or timed out; the entry stays local");
-        }
     }
 }
 
