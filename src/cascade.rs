@@ -45,6 +45,15 @@ pub struct Cascade {
     retries: TpsBudget,
 }
 
+/// Which transient faults are tried again on the same provider.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retry {
+    /// Timeouts too (a whole answer that did not come in time).
+    Timeouts,
+    /// Not timeouts (a stream's first token: the next provider is the better bet).
+    NotTimeouts,
+}
+
 /// How one provider's turn ended.
 enum Turn<T> {
     Answered(T),
@@ -70,7 +79,7 @@ impl Cascade {
         deadline: Instant,
     ) -> Result<Answer, RouterError> {
         let (d, target, attempts) = self
-            .walk(plan, deadline, |t: &Target, window| {
+            .walk(plan, deadline, Retry::Timeouts, |t: &Target, window| {
                 t.upstream.attempt(&t.model, request, window)
             })
             .await?;
@@ -94,7 +103,9 @@ impl Cascade {
         request: &CompletionRequest,
         deadline: Instant,
     ) -> Result<(Opened, &'t Target, Vec<Attempt>), RouterError> {
-        self.walk(plan, deadline, |t: &Target, window| {
+        // A first token that does not come in time moves on: the next provider is the better
+        // bet than waiting the same first-token timeout again.
+        self.walk(plan, deadline, Retry::NotTimeouts, |t: &Target, window| {
             t.upstream.stream(&t.model, request, window)
         })
         .await
@@ -107,6 +118,7 @@ impl Cascade {
         &self,
         plan: &'t Plan,
         deadline: Instant,
+        retry: Retry,
         try_once: impl Fn(&'t Target, Window) -> Fut,
     ) -> Result<(T, &'t Target, Vec<Attempt>), RouterError>
     where
@@ -117,7 +129,7 @@ impl Cascade {
         let mut attempts = plan.skipped.clone();
         for (i, target) in targets.iter().enumerate() {
             let last = i + 1 == targets.len();
-            match self.turn(target, last, deadline, &try_once).await {
+            match self.turn(target, last, deadline, retry, &try_once).await {
                 Turn::Answered(t) => return Ok((t, target, attempts)),
                 Turn::Failed(attempt) => attempts.push(attempt),
                 Turn::OutOfTime(attempt) => {
@@ -159,6 +171,7 @@ impl Cascade {
         target: &'t Target,
         last: bool,
         deadline: Instant,
+        retry: Retry,
         try_once: &impl Fn(&'t Target, Window) -> Fut,
     ) -> Turn<T>
     where
@@ -189,8 +202,8 @@ impl Cascade {
             tries += 1;
             // A try cut short by its share (not the last provider's) moves on: the provider
             // just used half of what was left.
-            let move_on =
-                !last && err.kind == FailureKind::Timeout && Instant::now() >= window.until;
+            let move_on = err.kind == FailureKind::Timeout
+                && ((!last && Instant::now() >= window.until) || retry == Retry::NotTimeouts);
             if err.retry_same_provider()
                 && !move_on
                 && tries <= self.policy.max_retries_per_provider

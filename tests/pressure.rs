@@ -83,3 +83,142 @@ async fn too_short_a_deadline_is_504_not_503_and_bearer_is_any_case() {
     let e = c.complete(req).await.unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
 }
+
+/// A healthy provider slower than a caller's share of its deadline, and a fast backup.
+async fn slow_and_backup(
+    latency: Duration,
+    primary_extra: &str,
+) -> (RunningRouter, MockServer, MockServer) {
+    let slow = MockServer::start(Script {
+        base_latency: latency,
+        chunk_interval: Duration::from_millis(1),
+        ..Script::default()
+    })
+    .await
+    .unwrap();
+    let backup = MockServer::start(Script::default()).await.unwrap();
+    let yaml = format!(
+        "{}providers:\n\
+         - {{name: slow, type: openai, priority: 1, base_url: \"{}/v1\", models: [m]{primary_extra}}}\n\
+         - {{name: backup, type: openai, priority: 2, base_url: \"{}/v1\", models: [m]}}\n",
+        cascade(0, 3, 60.0),
+        slow.url(),
+        backup.url()
+    );
+    (start(&yaml).await, slow, backup)
+}
+
+fn with_deadline(req: v1::CompleteRequest, ms: u64) -> tonic::Request<v1::CompleteRequest> {
+    let mut r = tonic::Request::new(req);
+    r.set_timeout(Duration::from_millis(ms));
+    r
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn callers_with_short_deadlines_do_not_open_a_healthy_providers_breaker() {
+    // The provider answers in 300 ms; callers give 400 ms, so each try at it gets half (the
+    // backup remains): ~190 ms, less than it needs. That is the callers' loss, not its failure.
+    let (router, slow, backup) = slow_and_backup(Duration::from_millis(300), "").await;
+    let mut c = router.client.clone();
+    for i in 0..10 {
+        let r = c
+            .complete(with_deadline(prompt(&format!("hurry {i}")), 400))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.provider, "backup", "{r:?}");
+    }
+    let status = providers(&mut c).await;
+    assert_eq!(
+        circuit_of(&status, "slow"),
+        v1::CircuitState::Closed,
+        "three failures would have opened it: none was the provider's"
+    );
+    // A caller with time gets the healthy provider, first in the cascade.
+    let r = c
+        .complete(with_deadline(prompt("no hurry"), 5000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.provider, "slow");
+    assert_eq!(slow.stats().requests, 11);
+    assert_eq!(backup.stats().requests, 10);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn time_in_the_batch_queue_is_not_the_providers_timeout() {
+    // One slot, 200 ms a batch of 2, a 500 ms provider timeout: 8 callers at once make four
+    // batches in a row, the last sent ~600 ms after it was queued. The timeout starts at the send.
+    let up = MockServer::start(Script {
+        base_latency: Duration::from_millis(200),
+        max_concurrency: 1,
+        ..Script::default()
+    })
+    .await
+    .unwrap();
+    let yaml = format!(
+        "{}providers:\n\
+         - {{name: up, type: openai, base_url: \"{}/v1\", models: [m], timeout_seconds: 0.5, max_concurrency: 1, batching: {{mode: fixed, max_batch_size: 2, max_wait_ms: 1}}}}\n",
+        cascade(0, 3, 60.0),
+        up.url()
+    );
+    let router = start(&yaml).await;
+    let calls = (0..8).map(|i| {
+        let mut c = router.client.clone();
+        async move {
+            c.complete(with_deadline(prompt(&format!("queued {i}")), 10_000))
+                .await
+        }
+    });
+    for r in futures_util::future::join_all(calls).await {
+        let r = r.unwrap().into_inner();
+        assert_eq!(r.provider, "up");
+    }
+    let mut c = router.client.clone();
+    assert_eq!(
+        circuit_of(&providers(&mut c).await, "up"),
+        v1::CircuitState::Closed
+    );
+    assert_eq!(up.stats().items, 8);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_token_timeout_moves_on_instead_of_retrying() {
+    let (router, slow, backup) = slow_and_backup(
+        Duration::from_millis(2000),
+        ", first_token_timeout_seconds: 0.2",
+    )
+    .await;
+    // Retries on the same provider would try the silent one again: the cascade file allows 2.
+    drop(router);
+    let yaml = format!(
+        "{}providers:\n\
+         - {{name: slow, type: openai, priority: 1, base_url: \"{}/v1\", models: [m], first_token_timeout_seconds: 0.2}}\n\
+         - {{name: backup, type: openai, priority: 2, base_url: \"{}/v1\", models: [m]}}\n",
+        cascade(2, 100, 60.0),
+        slow.url(),
+        backup.url()
+    );
+    let router = start(&yaml).await;
+    let mut c = router.client.clone();
+    let mut s = c
+        .complete_stream(with_deadline(prompt("stream it"), 10_000))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut text = String::new();
+    while let Some(m) = s.message().await.unwrap() {
+        text.push_str(&m.text);
+        if let Some(end) = m.end {
+            assert_eq!(end.provider, "backup");
+            assert_eq!(end.attempts.len(), 1);
+            assert_eq!(
+                end.attempts[0].tries, 1,
+                "not tried again: {:?}",
+                end.attempts
+            );
+        }
+    }
+    assert!(!text.is_empty());
+    assert_eq!(slow.stats().requests, 1);
+}

@@ -41,11 +41,41 @@ async fn a_hanging_first_provider_leaves_time_for_the_next() {
         );
     }
     let mut c = router.client.clone();
+    // Never answered, and no try had its whole 30 s timeout: nothing yet says the provider is
+    // at fault rather than the callers' 5 s deadlines (#26). Its share of each deadline still
+    // bounds what it costs a caller.
+    assert_eq!(
+        circuit_of(&providers(&mut c).await, "hangs"),
+        CircuitState::Closed
+    );
+    assert_eq!(third.stats().requests, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_that_hangs_past_its_timeout_opens_its_breaker() {
+    let hangs = MockServer::start(Script::failing(Fault::Hang))
+        .await
+        .unwrap();
+    let second = MockServer::start(Script::default()).await.unwrap();
+    let router = start(&format!(
+        "{}providers:\n  - {{name: hangs, type: openai, priority: 1, base_url: \"{}/v1\", models: [m], timeout_seconds: 0.5}}\n{}",
+        cascade(0, 5, 600.0),
+        hangs.url(),
+        openai("second", 2, &second.url()),
+    ))
+    .await;
+    // Each try gets 2.5 s of a 5 s deadline, more than the provider's 0.5 s timeout: its
+    // silence is its own fault.
+    let calls = spawn_calls(&router.client, 20, "q", Duration::from_secs(5));
+    for call in calls {
+        let r = call.await.unwrap().unwrap().into_inner();
+        assert_eq!(r.provider, "second");
+    }
+    let mut c = router.client.clone();
     assert_eq!(
         circuit_of(&providers(&mut c).await, "hangs"),
         CircuitState::Open
     );
-    assert_eq!(third.stats().requests, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

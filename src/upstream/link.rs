@@ -84,6 +84,8 @@ impl Window {
 pub(super) struct Budget {
     pub(super) end: Instant,
     pub(super) deadline_bound: bool,
+    /// The end is the provider's own timeout (not the caller's share of its deadline).
+    pub(super) timeout_bound: bool,
 }
 
 impl Link {
@@ -198,6 +200,7 @@ impl Link {
         Budget {
             end: provider_end.min(window.until),
             deadline_bound: window.until == window.deadline && window.deadline <= provider_end,
+            timeout_bound: provider_end <= window.until,
         }
     }
 
@@ -219,12 +222,21 @@ impl Link {
         tracing::debug!(provider = %self.name, items, "upstream request sent");
         let outcome = timeout_at(budget.end, call).await;
         let took = sent.elapsed();
+        // A try that ran out of time is the provider's fault only if it had the time the
+        // provider usually needs: one cut short by the caller's deadline, or by its share of
+        // it, before then is the caller's loss.
+        let blamed = !budget.deadline_bound
+            && (budget.timeout_bound
+                || self
+                    .stats
+                    .usual()
+                    .is_some_and(|usual| budget.end.saturating_duration_since(sent) >= usual));
         let verdict = match &outcome {
             Ok(Ok(_)) => Verdict::Took(took, items),
             Ok(Err(e)) if e.kind == FailureKind::RateLimited || e.http_status == Some(503) => {
                 Verdict::Overloaded
             }
-            Err(_) if !budget.deadline_bound => Verdict::Overloaded,
+            Err(_) if blamed => Verdict::Overloaded,
             _ => Verdict::Nothing,
         };
         self.limit.observe(&slot, verdict);
@@ -243,14 +255,14 @@ impl Link {
             }
             Err(_) => {
                 let e = timed_out(took);
-                if budget.deadline_bound {
-                    // The caller's deadline, not the provider, ran out: not the provider's fault.
+                if blamed {
+                    self.failed(pass, &e);
+                } else {
+                    // The caller's time, not the provider, ran out: not the provider's fault.
                     self.stats.failure();
                     self.count_failure(FailureKind::Timeout);
                     pass.neutral();
-                    tracing::debug!(provider = %self.name, "caller's deadline passed during the upstream request");
-                } else {
-                    self.failed(pass, &e);
+                    tracing::debug!(provider = %self.name, "the caller's time ran out before the provider's usual answer time");
                 }
                 Err(e)
             }
@@ -396,7 +408,9 @@ impl Link {
                 });
             }
             Ok(Err(e)) => e,
-            Err(_) if deadline_bound => {
+            // Cut short by the caller's deadline or its share of it, before the provider's own
+            // first-token timeout: the caller's loss, not the provider's failure.
+            Err(_) if deadline_bound || end < first_by => {
                 pass.neutral();
                 self.stats.failure();
                 self.count_failure(FailureKind::Timeout);

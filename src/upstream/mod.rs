@@ -28,7 +28,7 @@ pub use link::Window;
 pub use stats::Counts;
 
 use batcher::Batcher;
-use link::{Link, refused, timed_out};
+use link::{Link, refused};
 
 use crate::{
     capability::{ModelInfo, Needs},
@@ -197,13 +197,24 @@ impl Upstream {
                 ),
             )));
         }
-        let budget = self.link.budget(now, window);
         let result = match queue {
-            Some((batcher, settings)) => {
-                timeout_at(budget.end, batcher.submit(model, request, settings, window))
-                    .await
-                    .unwrap_or_else(|_| Err(timed_out(now.elapsed())))
-            }
+            // Time in the batch queue is the router's own: the provider's timeout starts when
+            // the batch is sent (the batcher's send holds it to that), so the queued item is
+            // bounded here by its share alone; an item still queued when that ends moves on.
+            Some((batcher, settings)) => timeout_at(
+                window.until,
+                batcher.submit(model, request, settings, window),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProviderError::new(
+                    FailureKind::Overloaded,
+                    format!(
+                        "no answer within its {} ms share (queued or in flight)",
+                        now.elapsed().as_millis()
+                    ),
+                ))
+            }),
             None => self
                 .link
                 .complete(model, request, window)
@@ -217,10 +228,10 @@ impl Upstream {
         };
         match result {
             Ok(delivered) => Ok(delivered),
+            // The caller's deadline ended the try (in flight, or still in the batch queue).
             Err(e)
-                if e.kind == FailureKind::Timeout
-                    && budget.deadline_bound
-                    && Instant::now() >= budget.end =>
+                if matches!(e.kind, FailureKind::Timeout | FailureKind::Overloaded)
+                    && Instant::now() >= window.deadline =>
             {
                 Err(Miss::OutOfTime(Some(ProviderError::new(
                     FailureKind::Timeout,

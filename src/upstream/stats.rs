@@ -23,6 +23,9 @@ pub(super) struct Stats {
     queued: AtomicU64,
     latency_us_total: AtomicU64,
     fastest_us: AtomicU64,
+    /// A moving mean of recent answer times (µs; 0 before the first), weighting each new
+    /// answer 1/8: the time the provider usually takes now.
+    usual_us: AtomicU64,
 }
 
 /// What the counters said at one moment.
@@ -46,6 +49,7 @@ impl Stats {
             queued: AtomicU64::new(0),
             latency_us_total: AtomicU64::new(0),
             fastest_us: AtomicU64::new(u64::MAX),
+            usual_us: AtomicU64::new(0),
         }
     }
 
@@ -59,6 +63,20 @@ impl Stats {
         self.successes.fetch_add(1, Relaxed);
         self.latency_us_total.fetch_add(us, Relaxed);
         self.fastest_us.fetch_min(us, Relaxed);
+        let _ = self.usual_us.fetch_update(Relaxed, Relaxed, |old| {
+            Some(match old {
+                0 => us.max(1),
+                old => (old * 7 + us) / 8,
+            })
+        });
+    }
+
+    /// The time the provider usually takes to answer now; `None` before its first answer.
+    pub(super) fn usual(&self) -> Option<Duration> {
+        match self.usual_us.load(Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
 
     pub(super) fn failure(&self) {
