@@ -63,6 +63,7 @@ mod completion;
 mod edge;
 mod error;
 mod inflight;
+mod listener;
 mod metrics;
 mod openai_front;
 mod provider;

@@ -91,6 +91,8 @@ pub struct Metrics {
     /// Calls running now (set when scraped) and calls shed by `limits.max_in_flight`.
     pub in_flight: Gauge,
     pub shed: Counter,
+    /// Client connections closed at once for being over `limits.max_connections[_per_peer]`.
+    pub connections_refused: Counter,
     /// Calls refused for a missing or unknown client key (before any handler runs).
     pub unauthenticated: Counter,
     /// Each upstream request's time from send to outcome, per provider.
@@ -199,6 +201,12 @@ impl Metrics {
         let concurrency_limit = Family::default();
         let in_flight = Gauge::default();
         let shed = Counter::default();
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Client connections closed at once: over limits.max_connections or max_connections_per_peer",
+            connections_refused.clone(),
+        );
         let unauthenticated = Counter::default();
         let upstream_seconds: HistogramFamily = Family::new_with_constructor(wait_buckets);
         let rate_wait_seconds: HistogramFamily = Family::new_with_constructor(wait_buckets);
@@ -275,6 +283,7 @@ impl Metrics {
             concurrency_limit,
             in_flight,
             shed,
+            connections_refused,
             unauthenticated,
             upstream_seconds,
             rate_wait_seconds,

@@ -14,6 +14,7 @@ use crate::{
     edge::{Edge, StreamCall},
     error::RouterError,
     inflight::InFlight,
+    listener::{Guarded, Listener},
     proto::{
         self, micros,
         v1::{self, router_server::RouterServer},
@@ -328,6 +329,7 @@ pub async fn serve(
         router.metrics().unauthenticated.clone(),
     );
     let grace = config.shutdown_grace;
+    let refused = router.metrics().connections_refused.clone();
     let edge = Arc::new(Edge::new(router, config.clone(), inflight.clone()));
     let service = RouterService { edge: edge.clone() };
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -340,20 +342,18 @@ pub async fn serve(
                 .map_err(|e| ServeError::Http(addr, e))?;
             tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "OpenAI-compatible HTTP front listening");
             let app = crate::openai_front::app(edge.clone(), auth.clone());
-            let mut stopped = stopped.clone();
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let task = tokio::spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stopped.wait_for(|s| *s).await;
-                    })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "the HTTP front stopped");
-                }
-            });
+            let listener = Listener::new(
+                listener,
+                config.limits.max_connections,
+                config.limits.max_connections_per_peer,
+            );
+            let task = tokio::spawn(crate::openai_front::serve(
+                app,
+                listener,
+                config.limits.header_read_timeout,
+                edge.router.metrics().connections_refused.clone(),
+                stopped.clone(),
+            ));
             Some(AbortOnDrop(task))
         }
     };
@@ -385,10 +385,20 @@ pub async fn serve(
         .add_service(health)
         .add_service(InterceptedService::new(reflection_v1, auth.clone()))
         .add_service(InterceptedService::new(reflection_v1alpha, auth))
-        .serve_with_incoming_shutdown(incoming(listener), async move {
-            let mut stopped = stopped;
-            let _ = stopped.wait_for(|s| *s).await;
-        });
+        .serve_with_incoming_shutdown(
+            incoming(
+                Listener::new(
+                    listener,
+                    config.limits.max_connections,
+                    config.limits.max_connections_per_peer,
+                ),
+                refused,
+            ),
+            async move {
+                let mut stopped = stopped;
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        );
     tokio::pin!(serving);
     tokio::select! {
         served = &mut serving => return Ok(served?),
@@ -423,33 +433,16 @@ pub async fn serve(
     Ok(())
 }
 
-/// Accepted connections, with `TCP_NODELAY`. An accept error (out of file descriptors, say)
-/// is logged once while it lasts and retried after a pause that grows to a second, instead of
-/// spinning on a listener that cannot accept.
+/// The gRPC front's connections, within the caps (see [`Listener::accept`]).
 fn incoming(
-    listener: TcpListener,
-) -> impl futures_util::Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
-    futures_util::stream::unfold(listener, |listener| async move {
-        let mut pause = Duration::from_millis(5);
-        let mut failing = false;
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    if failing {
-                        tracing::info!("accepting connections again");
-                    }
-                    let _ = stream.set_nodelay(true);
-                    return Some((Ok(stream), listener));
-                }
-                Err(e) => {
-                    if !failing {
-                        tracing::warn!(error = %e, "cannot accept connections; retrying with backoff");
-                        failing = true;
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
-            }
+    listener: Listener,
+    refused: prometheus_client::metrics::counter::Counter,
+) -> impl futures_util::Stream<Item = Result<Guarded, std::io::Error>> {
+    futures_util::stream::unfold(listener, move |mut listener| {
+        let refused = refused.clone();
+        async move {
+            let (stream, _, guard) = listener.accept(&refused).await;
+            Some((Ok(Guarded::new(stream, guard)), listener))
         }
     })
 }

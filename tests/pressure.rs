@@ -222,3 +222,96 @@ async fn a_first_token_timeout_moves_on_instead_of_retrying() {
     assert!(!text.is_empty());
     assert_eq!(slow.stats().requests, 1);
 }
+
+/// Reads until the server closes the connection (EOF or reset): an event, bounded by `within`.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    within(async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_client_can_hold_the_http_front() {
+    use tokio::io::AsyncWriteExt;
+    let up = MockServer::start(Script::default()).await.unwrap();
+    let port = refused_url().await.rsplit(':').next().unwrap().to_string();
+    let yaml = format!(
+        "server: {{http_listen: \"127.0.0.1:{port}\"}}\n\
+         limits: {{header_read_timeout_seconds: 0.5, max_connections_per_peer: 4}}\n\
+         providers:\n{}",
+        openai("up", 1, &up.url())
+    );
+    let router = start(&yaml).await;
+    let addr = format!("127.0.0.1:{port}");
+    // The HTTP front binds its port as the server starts: wait for it.
+    within(async {
+        while reqwest::get(format!("http://{addr}/v1/models")).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+
+    // A slowloris: half a request head, then nothing. Cut at the header timeout.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    closed_by_server(&mut slow).await;
+    // An idle keep-alive connection: one request, then silence. Closed after the timeout.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    closed_by_server(&mut idle).await;
+
+    // One peer (127.0.0.2) holds its 4 connections; a fifth from it is closed at once, while
+    // a client at another address is served.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        held.push(s.connect(addr.parse().unwrap()).await.unwrap());
+    }
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut fifth = s.connect(addr.parse().unwrap()).await.unwrap();
+    closed_by_server(&mut fifth).await;
+    let ok = reqwest::get(format!("http://{addr}/v1/models"))
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    assert!(metric(&router, "cascade_connections_refused_total") >= 1.0);
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_grpc_front_caps_connections_per_peer() {
+    let up = MockServer::start(Script::default()).await.unwrap();
+    let router = start(&format!(
+        "limits: {{max_connections_per_peer: 3}}\nproviders:\n{}",
+        openai("up", 1, &up.url())
+    ))
+    .await;
+    // The test's own client holds one connection from 127.0.0.1; 127.0.0.2 holds three more.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        held.push(s.connect(router.addr).await.unwrap());
+    }
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut fourth = s.connect(router.addr).await.unwrap();
+    closed_by_server(&mut fourth).await;
+    let mut c = router.client.clone();
+    assert_eq!(c.ask(prompt("still served")).await.provider, "up");
+    drop(held);
+}

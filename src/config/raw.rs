@@ -425,6 +425,13 @@ pub struct RawLimits {
     pub max_image_bytes: usize,
     /// Images one request may carry.
     pub max_images: usize,
+    /// Client connections open at once at most, on each front; beyond, a new one is closed.
+    pub max_connections: usize,
+    /// Client connections one peer address may hold open on each front at most.
+    pub max_connections_per_peer: usize,
+    /// An HTTP/1 request's head must arrive within this, counted from when the connection is
+    /// ready for it: a slow sender is cut, and an idle keep-alive connection closes.
+    pub header_read_timeout_seconds: f64,
 }
 
 impl Default for RawLimits {
@@ -439,6 +446,9 @@ impl Default for RawLimits {
             max_message_bytes: 4 << 20,
             max_image_bytes: 4 << 20,
             max_images: 16,
+            max_connections: 10_000,
+            max_connections_per_peer: 1_000,
+            header_read_timeout_seconds: 30.0,
         }
     }
 }

@@ -61,6 +61,9 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub max_image_bytes: usize,
     pub max_images: usize,
+    pub max_connections: usize,
+    pub max_connections_per_peer: usize,
+    pub header_read_timeout: Duration,
 }
 
 impl Check<'_> {
@@ -166,6 +169,13 @@ impl Check<'_> {
                 1,
                 "e.g. 4194304 (4 MiB)",
             ),
+            ("limits.max_connections", l.max_connections, 1, "e.g. 10000"),
+            (
+                "limits.max_connections_per_peer",
+                l.max_connections_per_peer,
+                1,
+                "e.g. 1000",
+            ),
         ] {
             if value < least {
                 return Err(self.err(key, format!("must be at least {least}"), fix));
@@ -180,6 +190,13 @@ impl Check<'_> {
             max_message_bytes: l.max_message_bytes,
             max_image_bytes: l.max_image_bytes,
             max_images: l.max_images,
+            max_connections: l.max_connections,
+            max_connections_per_peer: l.max_connections_per_peer,
+            header_read_timeout: self.seconds(
+                "limits.header_read_timeout_seconds",
+                l.header_read_timeout_seconds,
+                false,
+            )?,
             max_connection_age: self.seconds(
                 "limits.max_connection_age_seconds",
                 l.max_connection_age_seconds,

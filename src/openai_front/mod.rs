@@ -58,6 +58,47 @@ pub(crate) fn app(edge: Arc<Edge>, auth: Authenticate) -> App {
         .with_state(Arc::new(Front { edge, auth }))
 }
 
+/// Serves `app` on `listener` until `stopped` turns true, then lets the open connections
+/// finish (their calls are drained by the edge). HTTP/1 heads must arrive within
+/// `header_read_timeout` of the connection being ready for one — a slow sender is cut, an idle
+/// keep-alive connection closes; HTTP/2 connections are pinged and closed when silent.
+pub(crate) async fn serve(
+    app: App,
+    mut listener: crate::listener::Listener,
+    header_read_timeout: Duration,
+    refused: prometheus_client::metrics::counter::Counter,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo, TokioTimer},
+        server::{conn::auto, graceful::GracefulShutdown},
+        service::TowerToHyperService,
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, _, guard) = tokio::select! {
+            accepted = listener.accept(&refused) => accepted,
+            _ = stopped.wait_for(|s| *s) => break,
+        };
+        let io = TokioIo::new(crate::listener::Guarded::new(stream, guard));
+        let conn = builder
+            .serve_connection_with_upgrades(io, TowerToHyperService::new(app.clone()))
+            .into_owned();
+        tokio::spawn(graceful.watch(conn));
+    }
+    graceful.shutdown().await;
+}
+
 /// An error as OpenAI answers one: its status, its JSON body, and `Retry-After` when the
 /// caller should wait.
 struct Failure(RouterError);
