@@ -12,6 +12,9 @@ pub enum RouterError {
     /// The request itself is wrong; retrying it unchanged will not help.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The request is bigger than the router takes (`limits.max_message_bytes`).
+    #[error("{0}")]
+    TooLarge(String),
     /// The request names a model or chain the cascade file does not define.
     #[error("unknown model or chain {}; known: {known}", Shown(.model))]
     UnknownModel { model: String, known: String },
@@ -169,7 +172,8 @@ impl RouterError {
             RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             RouterError::Overloaded { .. }
             | RouterError::AtCapacity { .. }
-            | RouterError::QuotaExceeded { .. } => Code::ResourceExhausted,
+            | RouterError::QuotaExceeded { .. }
+            | RouterError::TooLarge(_) => Code::ResourceExhausted,
             RouterError::ShuttingDown => Code::Unavailable,
             RouterError::Unauthenticated(_) => Code::Unauthenticated,
             RouterError::PermissionDenied { .. } => Code::PermissionDenied,
@@ -184,6 +188,7 @@ impl RouterError {
     pub fn http_status(&self) -> u16 {
         match self {
             RouterError::InvalidArgument(_) | RouterError::Unsupported { .. } => 400,
+            RouterError::TooLarge(_) => 413,
             RouterError::UnknownModel { .. } | RouterError::NotCached(_) => 404,
             RouterError::Unauthenticated(_) => 401,
             RouterError::PermissionDenied { .. } => 403,
@@ -219,6 +224,7 @@ impl RouterError {
             | RouterError::DeadlineExceeded { attempts }
             | RouterError::Overloaded { attempts } => attempts,
             RouterError::InvalidArgument(_)
+            | RouterError::TooLarge(_)
             | RouterError::UnknownModel { .. }
             | RouterError::NotCached(_)
             | RouterError::ShuttingDown

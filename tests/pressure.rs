@@ -253,7 +253,10 @@ async fn no_client_can_hold_the_http_front() {
     let addr = format!("127.0.0.1:{port}");
     // The HTTP front binds its port as the server starts: wait for it.
     within(async {
-        while reqwest::get(format!("http://{addr}/v1/models")).await.is_err() {
+        while reqwest::get(format!("http://{addr}/v1/models"))
+            .await
+            .is_err()
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
@@ -314,4 +317,46 @@ async fn the_grpc_front_caps_connections_per_peer() {
     let mut c = router.client.clone();
     assert_eq!(c.ask(prompt("still served")).await.provider, "up");
     drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_over_the_limit_is_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = MockServer::start(Script::default()).await.unwrap();
+    let port = refused_url().await.rsplit(':').next().unwrap().to_string();
+    let yaml = format!(
+        "server: {{http_listen: \"127.0.0.1:{port}\"}}\nproviders:\n{}",
+        openai("up", 1, &up.url())
+    );
+    let _router = start(&yaml).await;
+    let addr = format!("127.0.0.1:{port}");
+    within(async {
+        while reqwest::get(format!("http://{addr}/v1/models"))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // 100 MB announced: refused with 413 before any of it is read.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100000000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    within(async {
+        let mut buf = [0u8; 512];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            head.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert_eq!(up.stats().requests, 0);
 }

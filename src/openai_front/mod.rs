@@ -168,16 +168,35 @@ impl Front {
         let client = self.client(headers)?;
         let deadline = self.deadline(headers);
         let extras = extras(headers)?;
+        // A body announced over the limit is refused before any of it is read.
+        let limit = self.edge.config.limits.max_message_bytes;
+        if let Some(len) = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            && len > limit as u64
+        {
+            return Err(RouterError::TooLarge(format!(
+                "the body is {len} bytes, over {limit} (limits.max_message_bytes)"
+            )));
+        }
         Ok((client, deadline, extras, self.read(body).await?))
     }
 
     /// The body, bounded by `limits.max_message_bytes`, read as `T`.
     async fn read<T: serde::de::DeserializeOwned>(&self, body: Body) -> Result<T, RouterError> {
         let limit = self.edge.config.limits.max_message_bytes;
-        let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-            RouterError::InvalidArgument(format!(
-                "the body is over {limit} bytes (limits.max_message_bytes)"
-            ))
+        let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+            let e = e.into_inner();
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                RouterError::TooLarge(format!(
+                    "the body is over {limit} bytes (limits.max_message_bytes)"
+                ))
+            } else {
+                RouterError::InvalidArgument(format!("the body could not be read: {e}"))
+            }
         })?;
         serde_json::from_slice(&bytes)
             .map_err(|e| RouterError::InvalidArgument(format!("not a valid request body: {e}")))

@@ -145,7 +145,7 @@ fn call(c: &ToolCall) -> Value {
 pub fn error_body(e: &RouterError) -> Value {
     let status = e.http_status();
     let kind = match status {
-        400 | 404 => "invalid_request_error",
+        400 | 404 | 413 => "invalid_request_error",
         401 => "authentication_error",
         403 => "permission_error",
         429 => "rate_limit_error",
