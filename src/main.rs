@@ -342,6 +342,12 @@ async fn serve(config: Config, path: Option<PathBuf>, listen: Option<SocketAddr>
             "serving WITHOUT client keys on a non-loopback address (server.allow_unauthenticated: true)"
         );
     }
+    // Every connection is a file: the soft limit (often 1024, or lower) would let a few
+    // hundred idle clients stop both fronts; the hard limit is the operator's.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(open_files = n, "open-file limit raised to the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let router = match Router::new(&config) {
         Ok(r) => Arc::new(r),
         Err(e) => {

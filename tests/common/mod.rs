@@ -277,6 +277,10 @@ impl Served {
         served
     }
 
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Waits (at most 30 s) for a log line containing `needle`, and returns it.
     pub fn wait_for_line(&mut self, needle: &str) -> String {
         loop {
