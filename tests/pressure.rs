@@ -223,6 +223,30 @@ async fn a_first_token_timeout_moves_on_instead_of_retrying() {
     assert_eq!(slow.stats().requests, 1);
 }
 
+/// A router with the HTTP front on a free port and these `limits`, in front of one mock, once
+/// the front listens: (router, its HTTP address, the mock).
+async fn http_front(limits: &str) -> (RunningRouter, String, MockServer) {
+    let up = MockServer::start(Script::default()).await.unwrap();
+    let port = refused_url().await.rsplit(':').next().unwrap().to_string();
+    let yaml = format!(
+        "server: {{http_listen: \"127.0.0.1:{port}\"}}\nlimits: {limits}\nproviders:\n{}",
+        openai("up", 1, &up.url())
+    );
+    let router = start(&yaml).await;
+    let addr = format!("127.0.0.1:{port}");
+    // The HTTP front binds its port as the server starts: wait for it.
+    within(async {
+        while reqwest::get(format!("http://{addr}/v1/models"))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    (router, addr, up)
+}
+
 /// Reads until the server closes the connection (EOF or reset): an event, bounded by `within`.
 async fn closed_by_server(stream: &mut tokio::net::TcpStream) {
     use tokio::io::AsyncReadExt;
@@ -241,26 +265,8 @@ async fn closed_by_server(stream: &mut tokio::net::TcpStream) {
 #[tokio::test(flavor = "multi_thread")]
 async fn no_client_can_hold_the_http_front() {
     use tokio::io::AsyncWriteExt;
-    let up = MockServer::start(Script::default()).await.unwrap();
-    let port = refused_url().await.rsplit(':').next().unwrap().to_string();
-    let yaml = format!(
-        "server: {{http_listen: \"127.0.0.1:{port}\"}}\n\
-         limits: {{header_read_timeout_seconds: 0.5, max_connections_per_peer: 4}}\n\
-         providers:\n{}",
-        openai("up", 1, &up.url())
-    );
-    let router = start(&yaml).await;
-    let addr = format!("127.0.0.1:{port}");
-    // The HTTP front binds its port as the server starts: wait for it.
-    within(async {
-        while reqwest::get(format!("http://{addr}/v1/models"))
-            .await
-            .is_err()
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    let (router, addr, _up) =
+        http_front("{header_read_timeout_seconds: 0.5, max_connections_per_peer: 4}").await;
 
     // A slowloris: half a request head, then nothing. Cut at the header timeout.
     let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -322,23 +328,7 @@ async fn the_grpc_front_caps_connections_per_peer() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_over_the_limit_is_413() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let up = MockServer::start(Script::default()).await.unwrap();
-    let port = refused_url().await.rsplit(':').next().unwrap().to_string();
-    let yaml = format!(
-        "server: {{http_listen: \"127.0.0.1:{port}\"}}\nproviders:\n{}",
-        openai("up", 1, &up.url())
-    );
-    let _router = start(&yaml).await;
-    let addr = format!("127.0.0.1:{port}");
-    within(async {
-        while reqwest::get(format!("http://{addr}/v1/models"))
-            .await
-            .is_err()
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    let (_router, addr, up) = http_front("{}").await;
     // 100 MB announced: refused with 413 before any of it is read.
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
     s.write_all(
