@@ -27,7 +27,9 @@
 //!   and runs the request through the stages below; `capability` keeps the targets that can
 //!   take the request (capabilities, context window, the fields each provider's API carries),
 //!   walking `fallback_chains.<capability>` when the route lacks one.
-//! - `cache`: the completion cache (moka in memory, Redis shared by replicas), keyed by a hash.
+//! - `cache`: the completion cache (moka in memory, Redis shared by replicas — a guest that is
+//!   skipped while it fails), keyed by a hash; `relay` passes a stream on to its caller and
+//!   caches it when it completes.
 //! - `coalescer`: identical deterministic requests in flight share one upstream call.
 //! - `cascade`: the ordered fallback loop with retries and backoff inside the deadline.
 //! - `upstream`: one provider's health and load — its breaker, concurrency limit (fixed or
@@ -35,7 +37,8 @@
 //! - `rate`: provider quotas (requests and tokens per minute) and per-client quotas.
 //! - `provider`: one module per upstream API behind one trait, each with a pooled client.
 //! - [`config`]: the cascade file: raw serde structs → validation by concern → runtime values.
-//! - `inflight`: the bound on calls in flight and the drain at shutdown.
+//! - `inflight`: the bound on calls in flight and the drain at shutdown; `listener`: the
+//!   connection caps both fronts accept through.
 //! - `error`: the router's error type and its one mapping to gRPC codes and HTTP statuses.
 //! - `metrics`: the Prometheus registry served at `server.metrics_listen`.
 //! - `fuzzing` (tests, feature `fuzzing`): the untrusted-input entry points that the property
@@ -68,6 +71,7 @@ mod metrics;
 mod openai_front;
 mod provider;
 mod rate;
+mod relay;
 mod router;
 mod upstream;
 

@@ -6,7 +6,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use futures_util::{StreamExt, stream::BoxStream};
+use futures_util::StreamExt;
 use tokio::time::{Instant, timeout_at};
 
 use crate::{
@@ -14,14 +14,12 @@ use crate::{
     capability::{self, Capability, Plan},
     cascade::{Cascade, Target},
     coalescer::Coalescer,
-    completion::{
-        Answer, Attempt, CacheMode, Completion, CompletionRequest, FailureKind, StreamEvent,
-        Streamed,
-    },
+    completion::{Answer, CacheMode, CompletionRequest, Streamed},
     config::{BreakerConfig, CacheConfig, Config, ProviderConfig},
     error::{RouterError, Sent},
     metrics::{Metrics, ProviderLabel},
-    provider::{self, ProviderError},
+    provider,
+    relay::Relay,
     upstream::{Circuit, Snapshot, Upstream},
 };
 
@@ -291,99 +289,6 @@ impl Router {
             .iter()
             .map(|(_, u)| u.snapshot())
             .collect()
-    }
-}
-
-/// Passes a provider's stream on to the caller, counting what was sent, ending it at the
-/// caller's deadline, and caching it when it completes (for a deterministic request).
-struct Relay {
-    first: Option<StreamEvent>,
-    rest: BoxStream<'static, Result<StreamEvent, ProviderError>>,
-    deadline: Instant,
-    provider: Arc<str>,
-    model: Arc<str>,
-    began: Instant,
-    sent: Sent,
-    /// Where the answer goes, and its text so far.
-    cache: Option<(Arc<Cache>, CacheKey, String)>,
-}
-
-/// Longest streamed answer kept for the cache; a longer one is not cached.
-const MAX_CACHED_STREAM: usize = 1 << 20;
-
-impl Relay {
-    /// The next event, and whether more may follow.
-    async fn next(&mut self) -> (Result<StreamEvent, RouterError>, bool) {
-        let next = match self.first.take() {
-            Some(first) => Some(Ok(first)),
-            None => match timeout_at(self.deadline, self.rest.next()).await {
-                Ok(next) => next,
-                Err(_) => return (Err(RouterError::StreamOutOfTime { sent: self.sent }), false),
-            },
-        };
-        let broke = |relay: &Relay, e: ProviderError| RouterError::StreamBroken {
-            sent: relay.sent,
-            attempt: Box::new(Attempt {
-                provider: relay.provider.clone(),
-                model: relay.model.clone(),
-                kind: e.kind,
-                http_status: e.http_status,
-                error: e.message,
-                tries: 1,
-                elapsed: relay.began.elapsed(),
-            }),
-        };
-        match next {
-            Some(Ok(StreamEvent::Text(text))) => {
-                self.sent.chunks += 1;
-                self.sent.bytes += text.len();
-                if let Some((_, _, kept)) = &mut self.cache {
-                    if kept.len() + text.len() <= MAX_CACHED_STREAM {
-                        kept.push_str(&text);
-                    } else {
-                        self.cache = None;
-                    }
-                }
-                (Ok(StreamEvent::Text(text)), true)
-            }
-            Some(Ok(StreamEvent::ToolCall(call))) => {
-                self.sent.chunks += 1;
-                self.sent.bytes += call.arguments.len();
-                // A streamed tool call is not put together again for the cache.
-                self.cache = None;
-                (Ok(StreamEvent::ToolCall(call)), true)
-            }
-            Some(Ok(StreamEvent::End {
-                finish_reason,
-                usage,
-            })) => {
-                if let Some((cache, key, text)) = self.cache.take() {
-                    let answer = Answer {
-                        completion: Completion::text(text, finish_reason.clone(), usage),
-                        provider: self.provider.clone(),
-                        model: self.model.clone(),
-                        attempts: Vec::new(),
-                        queue_wait: Duration::ZERO,
-                        upstream: self.began.elapsed(),
-                        batch_size: 1,
-                        cached: false,
-                    };
-                    cache.put(key, &answer).await;
-                }
-                (
-                    Ok(StreamEvent::End {
-                        finish_reason,
-                        usage,
-                    }),
-                    false,
-                )
-            }
-            Some(Err(e)) => (Err(broke(self, e)), false),
-            None => {
-                let e = ProviderError::new(FailureKind::Io, "the stream ended without its end");
-                (Err(broke(self, e)), false)
-            }
-        }
     }
 }
 
