@@ -350,3 +350,51 @@ async fn a_body_over_the_limit_is_413() {
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     assert_eq!(up.stats().requests, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_429_does_not_sideline_a_provider_for_everyone() {
+    // Every 5th request is told 429 with a 30 s Retry-After (one caller's quota); the rest
+    // are served. The provider stays in use; a 429 sends only its own request on.
+    let limited = MockServer::start(Script {
+        fault: Some(cascade_devtools::mock::Fault::RateLimited {
+            retry_after: "30".into(),
+        }),
+        fault_every: 5,
+        ..Script::default()
+    })
+    .await
+    .unwrap();
+    let backup = MockServer::start(Script::default()).await.unwrap();
+    let router = start(&format!(
+        "{}providers:\n{}{}",
+        cascade(0, 3, 60.0),
+        openai("limited", 1, &limited.url()),
+        openai("backup", 2, &backup.url()),
+    ))
+    .await;
+    let mut c = router.client.clone();
+    let mut by_limited = 0;
+    for i in 0..50 {
+        if c.ask(prompt(&format!("q{i}"))).await.provider == "limited" {
+            by_limited += 1;
+        }
+    }
+    assert_eq!(by_limited, 40, "all but the 429s (every 5th request)");
+    assert_eq!(backup.stats().requests, 10);
+
+    // A provider that keeps saying 429 is set aside for its Retry-After.
+    limited.set_script(Script::failing(
+        cascade_devtools::mock::Fault::RateLimited {
+            retry_after: "30".into(),
+        },
+    ));
+    for i in 0..10 {
+        assert_eq!(c.ask(prompt(&format!("r{i}"))).await.provider, "backup");
+    }
+    // The 50th request was a 429 with no success since: the next 429 is the second running.
+    assert_eq!(
+        limited.stats().requests,
+        51,
+        "two 429s running, then none sent"
+    );
+}

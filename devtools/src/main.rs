@@ -160,6 +160,7 @@ fn main() -> ExitCode {
                 max_concurrency: concurrency,
                 fault,
                 fault_rate,
+                fault_every: 0,
                 reject_marker: None,
                 omit_marker: None,
                 refuse_arrays: false,

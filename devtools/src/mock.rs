@@ -55,6 +55,9 @@ pub struct Script {
     pub fault: Option<Fault>,
     /// Fraction of requests (0.0 ..= 1.0) that get `fault`.
     pub fault_rate: f64,
+    /// When above 0, exactly every `fault_every`th request gets `fault` (instead of
+    /// `fault_rate`), for tests that need the pattern fixed.
+    pub fault_every: u64,
     /// Prompts containing this text are refused with 400, as a provider refuses bad input.
     pub reject_marker: Option<String>,
     /// `/v1/completions` leaves out the choices of prompts containing this text, as a buggy
@@ -75,6 +78,7 @@ impl Default for Script {
             max_concurrency: 1024,
             fault: None,
             fault_rate: 1.0,
+            fault_every: 0,
             reject_marker: None,
             omit_marker: None,
             refuse_arrays: false,
@@ -499,8 +503,13 @@ async fn respond(
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
     let mut broken = false;
+    let nth = shared.counters.requests.load(Relaxed);
+    let at_fault = match script.fault_every {
+        0 => script.fault_rate >= 1.0 || fastrand::f64() < script.fault_rate,
+        every => nth % every == 0,
+    };
     if let Some(fault) = &script.fault
-        && (script.fault_rate >= 1.0 || fastrand::f64() < script.fault_rate)
+        && at_fault
     {
         match fault.pick() {
             Fault::Slow(extra) => tokio::time::sleep(*extra).await,

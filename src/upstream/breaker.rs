@@ -35,6 +35,8 @@ enum State {
 struct Inner {
     state: State,
     cool_until: Option<Instant>,
+    /// A 429 / 503 with `Retry-After` came since the last success (see [`Breaker::asked_to_wait`]).
+    asked: bool,
 }
 
 /// Why a provider was skipped without a network attempt.
@@ -57,6 +59,7 @@ impl Breaker {
             inner: Mutex::new(Inner {
                 state: State::Closed { failures: 0 },
                 cool_until: None,
+                asked: false,
             }),
         }
     }
@@ -130,6 +133,17 @@ impl Breaker {
         }
     }
 
+    /// The provider asked to be left alone until `until` (a 429 or 503 with `Retry-After`).
+    /// The first such answer since its last success moves only its own request on: one
+    /// caller's quota (per key, per model) should not sideline the provider for everyone. A
+    /// second before a success means it keeps saying so: then it is kept aside until `until`.
+    pub fn asked_to_wait(&self, until: Instant) {
+        let again = std::mem::replace(&mut self.lock().asked, true);
+        if again {
+            self.cool_down(until);
+        }
+    }
+
     pub fn circuit(&self) -> Circuit {
         match self.lock().state {
             State::Closed { .. } => Circuit::Closed,
@@ -163,7 +177,10 @@ impl Breaker {
                 probes_in_flight: probes_in_flight.saturating_sub(1),
             },
             (_, None) => return,
-            (_, Some(true)) => State::Closed { failures: 0 },
+            (_, Some(true)) => {
+                inner.asked = false;
+                State::Closed { failures: 0 }
+            }
             (State::Closed { failures }, Some(false)) => {
                 let failures = failures + 1;
                 if failures >= self.config.failure_threshold {

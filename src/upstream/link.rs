@@ -474,7 +474,7 @@ impl Link {
             pass.neutral();
         }
         if let Some(wait) = e.retry_after {
-            self.breaker.cool_down(Instant::now() + wait);
+            self.breaker.asked_to_wait(Instant::now() + wait);
         }
         if let (Some(rate), Some(429)) = (&self.rate, e.http_status) {
             rate.tightened();
