@@ -270,6 +270,8 @@ pub enum ServeError {
     Metrics(std::net::SocketAddr, std::io::Error),
     #[error("server.http_listen {0}: {1}")]
     Http(std::net::SocketAddr, std::io::Error),
+    #[error("server.tls: {0}")]
+    Tls(std::io::Error),
 }
 
 /// How long, after the calls in flight are answered, connections get to deliver those answers
@@ -357,13 +359,14 @@ pub async fn serve(
             Some(AbortOnDrop(task))
         }
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &config.tls {
-        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
-        builder =
-            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
-    }
-    let serving = builder
+    // TLS handshakes are the listener's (with a timeout: tonic's own have none).
+    let acceptor = match &config.tls {
+        None => None,
+        Some(tls) => Some(
+            crate::listener::tls_acceptor(&tls.cert_pem, &tls.key_pem).map_err(ServeError::Tls)?,
+        ),
+    };
+    let routes = tonic::transport::Server::builder()
         // Fixed, generous flow-control windows rather than the adaptive one: h2 closes a
         // connection (GOAWAY ENHANCE_YOUR_CALM) once the small DATA frames it buffers exceed
         // half its connection window, and with the 64 KiB starting window that is ~140
@@ -384,21 +387,27 @@ pub async fn serve(
         ))
         .add_service(health)
         .add_service(InterceptedService::new(reflection_v1, auth.clone()))
-        .add_service(InterceptedService::new(reflection_v1alpha, auth))
-        .serve_with_incoming_shutdown(
-            incoming(
-                Listener::new(
-                    listener,
-                    config.limits.max_connections,
-                    config.limits.max_connections_per_peer,
-                ),
-                refused,
-            ),
-            async move {
-                let mut stopped = stopped;
-                let _ = stopped.wait_for(|s| *s).await;
-            },
-        );
+        .add_service(InterceptedService::new(reflection_v1alpha, auth));
+    let listener = Listener::new(
+        listener,
+        config.limits.max_connections,
+        config.limits.max_connections_per_peer,
+    );
+    let stop_serving = async move {
+        let mut stopped = stopped;
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let serving: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match acceptor {
+        None => {
+            Box::pin(routes.serve_with_incoming_shutdown(incoming(listener, refused), stop_serving))
+        }
+        Some(acceptor) => Box::pin(routes.serve_with_incoming_shutdown(
+            crate::listener::tls(listener, acceptor, config.limits.handshake_timeout, refused),
+            stop_serving,
+        )),
+    };
     tokio::pin!(serving);
     tokio::select! {
         served = &mut serving => return Ok(served?),

@@ -22,7 +22,7 @@ async fn a_tls_listener_answers_tls_clients_and_refuses_plaintext() {
     let cert_path = temp_file("tls-cert", &cert_pem);
     let key_path = temp_file("tls-key", &signing_key.serialize_pem());
     let yaml = format!(
-        "server: {{tls: {{cert: \"{}\", key: \"{}\"}}}}\nproviders:\n  - {{name: s, type: simulated, models: [m]}}\n",
+        "server: {{tls: {{cert: \"{}\", key: \"{}\"}}}}\nlimits: {{handshake_timeout_seconds: 0.3}}\nproviders:\n  - {{name: s, type: simulated, models: [m]}}\n",
         cert_path.display(),
         key_path.display()
     );
@@ -41,6 +41,11 @@ async fn a_tls_listener_answers_tls_clients_and_refuses_plaintext() {
         std::future::pending(),
     ));
 
+    // A client that connects and never finishes its handshake is dropped at the timeout,
+    // holding nothing; TLS clients are served all the while.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stalled.write_all(&[0x16, 0x03, 0x01]).await.unwrap(); // the start of a ClientHello
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&cert_pem))
         .domain_name("localhost");
@@ -62,6 +67,17 @@ async fn a_tls_listener_answers_tls_clients_and_refuses_plaintext() {
         .unwrap()
         .into_inner();
     assert_eq!(r.text, "[m] you said: over tls");
+    let mut buf = [0u8; 64];
+    let closed = common::within(async {
+        loop {
+            match stalled.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed, "the stalled handshake was dropped");
 
     let plaintext = match Channel::from_shared(format!("http://{addr}"))
         .unwrap()

@@ -506,7 +506,7 @@ async fn respond(
     let nth = shared.counters.requests.load(Relaxed);
     let at_fault = match script.fault_every {
         0 => script.fault_rate >= 1.0 || fastrand::f64() < script.fault_rate,
-        every => nth % every == 0,
+        every => nth.is_multiple_of(every),
     };
     if let Some(fault) = &script.fault
         && at_fault

@@ -432,6 +432,8 @@ pub struct RawLimits {
     /// An HTTP/1 request's head must arrive within this, counted from when the connection is
     /// ready for it: a slow sender is cut, and an idle keep-alive connection closes.
     pub header_read_timeout_seconds: f64,
+    /// A TLS client must finish its handshake within this of connecting.
+    pub handshake_timeout_seconds: f64,
 }
 
 impl Default for RawLimits {
@@ -449,6 +451,7 @@ impl Default for RawLimits {
             max_connections: 10_000,
             max_connections_per_peer: 1_000,
             header_read_timeout_seconds: 30.0,
+            handshake_timeout_seconds: 10.0,
         }
     }
 }

@@ -64,6 +64,7 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_connections_per_peer: usize,
     pub header_read_timeout: Duration,
+    pub handshake_timeout: Duration,
 }
 
 impl Check<'_> {
@@ -195,6 +196,11 @@ impl Check<'_> {
             header_read_timeout: self.seconds(
                 "limits.header_read_timeout_seconds",
                 l.header_read_timeout_seconds,
+                false,
+            )?,
+            handshake_timeout: self.seconds(
+                "limits.handshake_timeout_seconds",
+                l.handshake_timeout_seconds,
                 false,
             )?,
             max_connection_age: self.seconds(
