@@ -18,6 +18,8 @@ use std::{
     time::Duration,
 };
 
+use std::future::Future as _;
+
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -120,10 +122,12 @@ impl Listener {
     }
 }
 
-/// A connection that holds its [`Guard`] for as long as it is open.
+/// A connection that holds its [`Guard`] for as long as it is open, and optionally must send
+/// its first byte by a deadline (a client that connects and says nothing is dropped).
 pub struct Guarded {
     stream: TcpStream,
     _guard: Guard,
+    first_byte_by: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Guarded {
@@ -131,7 +135,14 @@ impl Guarded {
         Guarded {
             stream,
             _guard: guard,
+            first_byte_by: None,
         }
+    }
+
+    /// The connection is closed (its reads fail) if its first byte has not come `within`.
+    pub fn first_byte_within(mut self, within: Duration) -> Guarded {
+        self.first_byte_by = Some(Box::pin(tokio::time::sleep(within)));
+        self
     }
 }
 
@@ -141,7 +152,18 @@ impl AsyncRead for Guarded {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if let Some(by) = self.first_byte_by.as_mut() {
+            if read.is_ready() {
+                self.first_byte_by = None;
+            } else if by.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no first byte in time",
+                )));
+            }
+        }
+        read
     }
 }
 

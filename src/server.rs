@@ -400,9 +400,10 @@ pub async fn serve(
     let serving: std::pin::Pin<
         Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
     > = match acceptor {
-        None => {
-            Box::pin(routes.serve_with_incoming_shutdown(incoming(listener, refused), stop_serving))
-        }
+        None => Box::pin(routes.serve_with_incoming_shutdown(
+            incoming(listener, config.limits.handshake_timeout, refused),
+            stop_serving,
+        )),
         Some(acceptor) => Box::pin(routes.serve_with_incoming_shutdown(
             crate::listener::tls(listener, acceptor, config.limits.handshake_timeout, refused),
             stop_serving,
@@ -442,16 +443,19 @@ pub async fn serve(
     Ok(())
 }
 
-/// The gRPC front's connections, within the caps (see [`Listener::accept`]).
+/// The gRPC front's connections, within the caps (see [`Listener::accept`]); one that sends
+/// nothing (not even the HTTP/2 preface) within `first_byte` is dropped.
 fn incoming(
     listener: Listener,
+    first_byte: Duration,
     refused: prometheus_client::metrics::counter::Counter,
 ) -> impl futures_util::Stream<Item = Result<Guarded, std::io::Error>> {
     futures_util::stream::unfold(listener, move |mut listener| {
         let refused = refused.clone();
         async move {
             let (stream, _, guard) = listener.accept(&refused).await;
-            Some((Ok(Guarded::new(stream, guard)), listener))
+            let conn = Guarded::new(stream, guard).first_byte_within(first_byte);
+            Some((Ok(conn), listener))
         }
     })
 }

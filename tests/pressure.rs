@@ -398,3 +398,18 @@ async fn one_429_does_not_sideline_a_provider_for_everyone() {
         "two 429s running, then none sent"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grpc_client_that_says_nothing_is_dropped() {
+    let up = MockServer::start(Script::default()).await.unwrap();
+    let router = start(&format!(
+        "limits: {{handshake_timeout_seconds: 0.3}}\nproviders:\n{}",
+        openai("up", 1, &up.url())
+    ))
+    .await;
+    // Connected, and not even the HTTP/2 preface: closed at the timeout.
+    let mut silent = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    closed_by_server(&mut silent).await;
+    let mut c = router.client.clone();
+    assert_eq!(c.ask(prompt("still served")).await.provider, "up");
+}

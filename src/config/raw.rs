@@ -432,7 +432,8 @@ pub struct RawLimits {
     /// An HTTP/1 request's head must arrive within this, counted from when the connection is
     /// ready for it: a slow sender is cut, and an idle keep-alive connection closes.
     pub header_read_timeout_seconds: f64,
-    /// A TLS client must finish its handshake within this of connecting.
+    /// A TLS client must finish its handshake, and a plaintext gRPC client send its first
+    /// bytes, within this of connecting.
     pub handshake_timeout_seconds: f64,
 }
 
