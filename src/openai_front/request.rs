@@ -42,7 +42,7 @@ const REFUSED: &[(&str, &str)] = &[
 pub struct Body(Map<String, Value>);
 
 impl Body {
-    /// `key` read as `T`; `null` or absent is `None`. `at` prefixes the name in errors.
+    /// `key` read as `T`; `null` or absent is `None`; an error names `key`.
     fn take<T: DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>, RouterError> {
         take(&mut self.0, "", key)
     }
