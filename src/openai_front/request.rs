@@ -104,7 +104,13 @@ impl OneOrMany {
 fn common(b: &mut Body, extras: &Extras) -> Result<(GenParams, String), RouterError> {
     // Used by the front itself (see `Body::stream`, `Body::include_usage`).
     b.take::<bool>("stream")?;
-    b.take::<Value>("stream_options")?;
+    if let Some(Value::Object(options)) = b.take::<Value>("stream_options")?
+        && let Some(other) = options.keys().find(|k| *k != "include_usage")
+    {
+        return Err(invalid(format!(
+            "stream_options.{other}: not supported (include_usage is)"
+        )));
+    }
     if let Some(n) = b.take::<u32>("n")?
         && n != 1
     {
@@ -350,12 +356,11 @@ fn part(at: &str, p: Value) -> Result<Part, RouterError> {
         return Err(invalid(format!("{at}: a part is an object with a type")));
     };
     let kind: String = take(&mut p, &format!("{at}."), "type")?.unwrap_or_default();
-    match kind.as_str() {
-        "text" => Ok(Part::Text(
-            take(&mut p, &format!("{at}."), "text")?.unwrap_or_default(),
-        )),
+    let part = match kind.as_str() {
+        "text" => Part::Text(take(&mut p, &format!("{at}."), "text")?.unwrap_or_default()),
         "image_url" => {
             #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
             struct Url {
                 url: String,
                 detail: Option<String>,
@@ -370,12 +375,17 @@ fn part(at: &str, p: Value) -> Result<Part, RouterError> {
                     ))
                 })?),
             };
-            Image::from_url(&u.url, detail, at).map(Part::Image)
+            Part::Image(Image::from_url(&u.url, detail, at)?)
         }
-        other => Err(invalid(format!(
-            "{at}: {other:?} parts are not supported (text and image_url are)"
-        ))),
-    }
+        other => {
+            return Err(invalid(format!(
+                "{at}: {other:?} parts are not supported (text and image_url are)"
+            )));
+        }
+    };
+    // Anything else on the part (`cache_control`, ...) would be dropped: refused by name.
+    refuse_rest(at, p)?;
+    Ok(part)
 }
 
 #[derive(Deserialize)]
@@ -578,6 +588,14 @@ mod tests {
             (
                 r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "stream": true}"#,
                 "logprobs",
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}]}"#,
+                "messages[0].content[0].cache_control",
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": true, "stream_options": {"include_obfuscation": false}}"#,
+                "stream_options.include_obfuscation",
             ),
         ];
         for (json, names) in bad {
