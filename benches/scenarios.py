@@ -306,6 +306,32 @@ def payloads(b):
          "MiB per call held", "MiB per call at peak"], rows)
 
 
+def memory_rounds(b):
+    """Whether memory comes back after bursts: four rounds of N calls held in flight by the
+    simulated provider (router side only), RSS idle before, at the peak, and idle after each."""
+    n = 500 if b.smoke else 10000
+    hold_ms = 500 if b.smoke else 2000
+    router, port = b.router(
+        f"  - {{name: sim, type: simulated, models: [m], max_concurrency: 20000, simulated: {{latency_ms: {hold_ms}}}}}\n")
+    rows = []
+    first_idle = status_kib(router.pid, "VmRSS")
+    for round_ in range(1, 5):
+        before = status_kib(router.pid, "VmRSS")
+        sampled = []
+        sampler = threading.Thread(target=lambda: (time.sleep(hold_ms / 2000), sampled.append(status_kib(router.pid, "VmRSS"))))
+        sampler.start()
+        r = b.load("--addr", f"127.0.0.1:{port}", "-c", n, "-n", n, "--connections", max(1, n // 100),
+                   "-d", DATA, "--timeout", 60)
+        sampler.join()
+        time.sleep(1)  # the calls are answered; let the runtime settle before reading RSS
+        after = status_kib(router.pid, "VmRSS")
+        rows.append([round_, r["ok"], f"{before / 1024:.1f}", f"{sampled[0] / 1024:.1f}", f"{after / 1024:.1f}",
+                     f"{after / max(first_idle, 1):.2f}"])
+    b.stop_all()
+    return table(f"Memory after bursts: RSS around four rounds of {n} calls held {hold_ms} ms (simulated provider)",
+                 ["round", "answered", "idle before MiB", "in flight MiB", "idle after MiB", "after / first idle"], rows)
+
+
 def redis_stall(b):
     """A cached router in front of a real redis-server that hangs (SIGSTOP) mid-run: latency of
     cache misses with Redis healthy, then stalled (Redis is skipped after a few failures), then
@@ -862,7 +888,7 @@ def table(title, header, rows):
 SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory,
              "batching": batching, "window": window, "adaptive": adaptive, "agent_loop": agent_loop, "agent_cli": agent_cli,
              "http_front": http_front, "overload": overload, "soak": soak, "real": real,
-             "payloads": payloads, "redis_stall": redis_stall}
+             "payloads": payloads, "redis_stall": redis_stall, "memory_rounds": memory_rounds}
 
 
 def machine():
