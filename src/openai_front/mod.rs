@@ -262,14 +262,10 @@ async fn chat(
     let (client, deadline, extras, fields) = front
         .prepare::<Fields>(&headers, body)
         .await
-        .inspect_err(|e| front.edge.refused("ChatCompletions", e))?;
+        .inspect_err(|e| front.edge.refused(Kind::Chat.method(false), e))?;
     let (stream, usage) = (fields.stream(), fields.include_usage());
-    let method = if stream {
-        "ChatCompletionsStream"
-    } else {
-        "ChatCompletions"
-    };
-    let request = request::chat(fields, &extras).inspect_err(|e| front.edge.refused(method, e))?;
+    let request = request::chat(fields, &extras)
+        .inspect_err(|e| front.edge.refused(Kind::Chat.method(stream), e))?;
     if stream {
         return front
             .stream(Kind::Chat, request, client.as_ref(), deadline, usage)
@@ -277,7 +273,7 @@ async fn chat(
     }
     let edge = &front.edge;
     let answers = edge
-        .call("ChatCompletions", async {
+        .call(Kind::Chat.method(false), async {
             let r = edge.admit(request, client.as_ref())?;
             Ok(vec![edge.complete(&r, deadline).await?])
         })
@@ -293,15 +289,10 @@ async fn text(
     let (client, deadline, extras, fields) = front
         .prepare::<Fields>(&headers, body)
         .await
-        .inspect_err(|e| front.edge.refused("Completions", e))?;
+        .inspect_err(|e| front.edge.refused(Kind::Text.method(false), e))?;
     let (stream, usage) = (fields.stream(), fields.include_usage());
-    let method = if stream {
-        "CompletionsStream"
-    } else {
-        "Completions"
-    };
-    let mut requests =
-        request::text(fields, &extras).inspect_err(|e| front.edge.refused(method, e))?;
+    let mut requests = request::text(fields, &extras)
+        .inspect_err(|e| front.edge.refused(Kind::Text.method(stream), e))?;
     if stream && let Some(request) = requests.pop() {
         return front
             .stream(Kind::Text, request, client.as_ref(), deadline, usage)
@@ -309,7 +300,7 @@ async fn text(
     }
     let edge = &front.edge;
     let answers = edge
-        .call("Completions", async {
+        .call(Kind::Text.method(false), async {
             let admitted = requests
                 .into_iter()
                 .map(|r| edge.admit(r, client.as_ref()))
@@ -384,10 +375,7 @@ impl Front {
         deadline: Instant,
         include_usage: bool,
     ) -> Result<Response, Failure> {
-        let method = match kind {
-            Kind::Chat => "ChatCompletionsStream",
-            Kind::Text => "CompletionsStream",
-        };
+        let method = kind.method(true);
         let call = self.edge.stream(method, request, client, deadline).await?;
         let s = &call.streamed;
         let mut headers = HeaderMap::new();

@@ -44,6 +44,16 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The call's name in `cascade_requests_total`.
+    pub fn method(self, stream: bool) -> &'static str {
+        match (self, stream) {
+            (Kind::Chat, false) => "ChatCompletions",
+            (Kind::Chat, true) => "ChatCompletionsStream",
+            (Kind::Text, false) => "Completions",
+            (Kind::Text, true) => "CompletionsStream",
+        }
+    }
+
     pub fn object(self) -> &'static str {
         match self {
             Kind::Chat => "chat.completion",
