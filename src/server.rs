@@ -14,7 +14,7 @@ use crate::{
     edge::{Edge, StreamCall},
     error::RouterError,
     inflight::InFlight,
-    listener::{Guarded, Listener},
+    listener::{Guarded, Listener, Track},
     proto::{
         self, micros,
         v1::{self, router_server::RouterServer},
@@ -352,7 +352,7 @@ pub async fn serve(
             let task = tokio::spawn(crate::openai_front::serve(
                 app,
                 listener,
-                config.limits.header_read_timeout,
+                config.limits.clone(),
                 edge.router.metrics().connections_refused.clone(),
                 stopped.clone(),
             ));
@@ -363,7 +363,7 @@ pub async fn serve(
     let acceptor = match &config.tls {
         None => None,
         Some(tls) => Some(
-            crate::listener::tls_acceptor(&tls.cert_pem, &tls.key_pem).map_err(ServeError::Tls)?,
+            crate::listener::tls::acceptor(&tls.cert_pem, &tls.key_pem).map_err(ServeError::Tls)?,
         ),
     };
     let routes = tonic::transport::Server::builder()
@@ -379,6 +379,8 @@ pub async fn serve(
         .max_concurrent_streams(config.limits.max_concurrent_streams)
         .max_connection_age(config.limits.max_connection_age)
         .max_connection_age_grace(config.request_timeout)
+        // Outermost: counts each call on its connection (the idle rule), around its body.
+        .layer(Track)
         .layer(stamp)
         // Every service but health needs a client key when authentication is on.
         .add_service(InterceptedService::new(
@@ -401,13 +403,22 @@ pub async fn serve(
         Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
     > = match acceptor {
         None => Box::pin(routes.serve_with_incoming_shutdown(
-            incoming(listener, config.limits.handshake_timeout, refused),
+            incoming(listener, &config.limits, refused),
             stop_serving,
         )),
-        Some(acceptor) => Box::pin(routes.serve_with_incoming_shutdown(
-            crate::listener::tls(listener, acceptor, config.limits.handshake_timeout, refused),
-            stop_serving,
-        )),
+        Some(acceptor) => {
+            let idle = config.limits.idle_timeout;
+            Box::pin(routes.serve_with_incoming_shutdown(
+                crate::listener::tls::incoming(
+                    listener,
+                    acceptor,
+                    config.limits.handshake_timeout,
+                    refused,
+                    move |stream, guard| Guarded::new(stream, guard).idle_after(idle),
+                ),
+                stop_serving,
+            ))
+        }
     };
     tokio::pin!(serving);
     tokio::select! {
@@ -444,17 +455,21 @@ pub async fn serve(
 }
 
 /// The gRPC front's connections, within the caps (see [`Listener::accept`]); one that sends
-/// nothing (not even the HTTP/2 preface) within `first_byte` is dropped.
+/// nothing (not even the HTTP/2 preface) within the handshake timeout is dropped, and one
+/// idle for the idle timeout closed.
 fn incoming(
     listener: Listener,
-    first_byte: Duration,
+    limits: &crate::config::Limits,
     refused: prometheus_client::metrics::counter::Counter,
 ) -> impl futures_util::Stream<Item = Result<Guarded, std::io::Error>> {
+    let (first_byte, idle) = (limits.handshake_timeout, limits.idle_timeout);
     futures_util::stream::unfold(listener, move |mut listener| {
         let refused = refused.clone();
         async move {
             let (stream, _, guard) = listener.accept(&refused).await;
-            let conn = Guarded::new(stream, guard).first_byte_within(first_byte);
+            let conn = Guarded::new(stream, guard)
+                .first_byte_within(first_byte)
+                .idle_after(idle);
             Some((Ok(conn), listener))
         }
     })

@@ -45,18 +45,19 @@ async fn a_huge_bad_value_is_named_not_echoed() {
 #[tokio::test]
 async fn too_short_a_deadline_is_504_not_503_and_bearer_is_any_case() {
     let up = MockServer::start(Script {
-        base_latency: Duration::from_millis(20),
+        base_latency: Duration::from_millis(200),
         ..Script::default()
     })
     .await
     .unwrap();
-    let port = refused_url().await.rsplit(':').next().unwrap().to_string();
+    let port = free_port().await;
     let key = "sk-router-pressure-0123456789";
     let yaml = format!(
         "server: {{http_listen: \"127.0.0.1:{port}\", auth: {{keys: [{{name: a, key: \"${{KEY}}\"}}]}}}}\nproviders:\n{}",
         openai("up", 1, &up.url())
     );
     let router = start_with_env(&yaml, HashMap::from([("KEY".to_string(), key.to_string())])).await;
+    http_listening(&format!("127.0.0.1:{port}")).await;
     let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
     let post = |timeout: Option<&'static str>, scheme: &'static str| {
@@ -69,7 +70,7 @@ async fn too_short_a_deadline_is_504_not_503_and_bearer_is_any_case() {
         }
         r.send()
     };
-    // The first answer teaches the router the provider's fastest time (20 ms).
+    // The first answer teaches the router the provider's usual time (200 ms).
     assert_eq!(post(None, "bearer").await.unwrap().status().as_u16(), 200);
     assert_eq!(post(None, "BEARER").await.unwrap().status().as_u16(), 200);
     let short = post(Some("1"), "Bearer").await.unwrap();
@@ -77,7 +78,11 @@ async fn too_short_a_deadline_is_504_not_503_and_bearer_is_any_case() {
     // Over gRPC: DEADLINE_EXCEEDED, the lower-case scheme taken too.
     let mut c = router.client.clone();
     let mut req = tonic::Request::new(prompt("hi"));
-    req.set_timeout(Duration::from_millis(3));
+    // The deadline as sent, without the client's own timer, and far from tonic's server-side
+    // one (either, on a busy machine, can fire first and report CANCELLED): the router sees
+    // 50 ms is too short for a 200 ms provider and says so at once.
+    req.metadata_mut()
+        .insert("grpc-timeout", "50m".parse().unwrap());
     req.metadata_mut()
         .insert("authorization", format!("bearer {key}").parse().unwrap());
     let e = c.complete(req).await.unwrap_err();
@@ -227,39 +232,15 @@ async fn a_first_token_timeout_moves_on_instead_of_retrying() {
 /// the front listens: (router, its HTTP address, the mock).
 async fn http_front(limits: &str) -> (RunningRouter, String, MockServer) {
     let up = MockServer::start(Script::default()).await.unwrap();
-    let port = refused_url().await.rsplit(':').next().unwrap().to_string();
+    let port = free_port().await;
     let yaml = format!(
         "server: {{http_listen: \"127.0.0.1:{port}\"}}\nlimits: {limits}\nproviders:\n{}",
         openai("up", 1, &up.url())
     );
     let router = start(&yaml).await;
     let addr = format!("127.0.0.1:{port}");
-    // The HTTP front binds its port as the server starts: wait for it.
-    within(async {
-        while reqwest::get(format!("http://{addr}/v1/models"))
-            .await
-            .is_err()
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    http_listening(&addr).await;
     (router, addr, up)
-}
-
-/// Reads until the server closes the connection (EOF or reset): an event, bounded by `within`.
-async fn closed_by_server(stream: &mut tokio::net::TcpStream) {
-    use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; 1024];
-    within(async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -412,4 +393,58 @@ async fn a_grpc_client_that_says_nothing_is_dropped() {
     closed_by_server(&mut silent).await;
     let mut c = router.client.clone();
     assert_eq!(c.ask(prompt("still served")).await.provider, "up");
+}
+
+/// The HTTP/2 client preface and an empty SETTINGS frame: a gRPC connection, then silence.
+const H2_HELLO: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// The real binary closes 1,000 idle connections on each front after `idle_timeout_seconds`
+/// (HTTP/2 on gRPC, HTTP/1 keep-alive on the HTTP front, whose header timeout is far longer),
+/// while a call running longer than the idle timeout is not cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_are_closed_on_both_fronts_but_not_a_running_call() {
+    use tokio::{io::AsyncWriteExt, net::TcpStream};
+    // The test holds 2,000 sockets.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let up = MockServer::start(Script {
+        base_latency: Duration::from_millis(2500),
+        ..Script::default()
+    })
+    .await
+    .unwrap();
+    let port = free_port().await;
+    let config = temp_file(
+        "idle",
+        &format!(
+            "server: {{http_listen: \"127.0.0.1:{port}\"}}\n\
+             limits: {{idle_timeout_seconds: 1, max_connections_per_peer: 5000}}\n\
+             providers:\n{}",
+            openai("up", 1, &up.url())
+        ),
+    );
+    let served = Served::start(&[], &config, "info");
+    let http = format!("127.0.0.1:{port}");
+    http_listening(&http).await;
+
+    let mut client = served.client().await;
+    let running = tokio::spawn(async move { client.complete(prompt("longer than idle")).await });
+
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        let mut s = TcpStream::connect(&served.addr).await.unwrap();
+        s.write_all(H2_HELLO).await.unwrap();
+        idle.push(s);
+    }
+    for _ in 0..1000 {
+        let mut s = TcpStream::connect(&http).await.unwrap();
+        s.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        idle.push(s);
+    }
+    futures_util::future::join_all(idle.iter_mut().map(closed_by_server)).await;
+
+    let answer = within(running).await.unwrap().unwrap().into_inner();
+    assert_eq!(answer.provider, "up", "the running call was answered");
+    served.finish();
 }

@@ -435,6 +435,9 @@ pub struct RawLimits {
     /// A TLS client must finish its handshake, and a plaintext gRPC client send its first
     /// bytes, within this of connecting.
     pub handshake_timeout_seconds: f64,
+    /// A connection on which no call has run for this long is closed (on both fronts;
+    /// keepalive pings do not count as calls).
+    pub idle_timeout_seconds: f64,
 }
 
 impl Default for RawLimits {
@@ -453,6 +456,7 @@ impl Default for RawLimits {
             max_connections_per_peer: 1_000,
             header_read_timeout_seconds: 30.0,
             handshake_timeout_seconds: 10.0,
+            idle_timeout_seconds: 300.0,
         }
     }
 }

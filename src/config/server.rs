@@ -65,6 +65,7 @@ pub struct Limits {
     pub max_connections_per_peer: usize,
     pub header_read_timeout: Duration,
     pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 impl Check<'_> {
@@ -201,6 +202,11 @@ impl Check<'_> {
             handshake_timeout: self.seconds(
                 "limits.handshake_timeout_seconds",
                 l.handshake_timeout_seconds,
+                false,
+            )?,
+            idle_timeout: self.seconds(
+                "limits.idle_timeout_seconds",
+                l.idle_timeout_seconds,
                 false,
             )?,
             max_connection_age: self.seconds(

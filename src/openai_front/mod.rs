@@ -60,12 +60,13 @@ pub(crate) fn app(edge: Arc<Edge>, auth: Authenticate) -> App {
 
 /// Serves `app` on `listener` until `stopped` turns true, then lets the open connections
 /// finish (their calls are drained by the edge). HTTP/1 heads must arrive within
-/// `header_read_timeout` of the connection being ready for one — a slow sender is cut, an idle
-/// keep-alive connection closes; HTTP/2 connections are pinged and closed when silent.
+/// `limits.header_read_timeout` of the connection being ready for one — a slow sender is cut;
+/// HTTP/2 connections are pinged and closed when silent; a connection on which no call has run
+/// for `limits.idle_timeout` is closed.
 pub(crate) async fn serve(
     app: App,
     mut listener: crate::listener::Listener,
-    header_read_timeout: Duration,
+    limits: crate::config::Limits,
     refused: prometheus_client::metrics::counter::Counter,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -78,7 +79,7 @@ pub(crate) async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -90,9 +91,20 @@ pub(crate) async fn serve(
             accepted = listener.accept(&refused) => accepted,
             _ = stopped.wait_for(|s| *s) => break,
         };
-        let io = TokioIo::new(crate::listener::Guarded::new(stream, guard));
+        let io = crate::listener::Guarded::new(stream, guard).idle_after(limits.idle_timeout);
+        let on = io.connection();
+        let app = tower::Layer::layer(
+            &crate::listener::Track,
+            tower::ServiceExt::map_request(
+                app.clone(),
+                move |mut r: axum::http::Request<hyper::body::Incoming>| {
+                    r.extensions_mut().insert(on.clone());
+                    r
+                },
+            ),
+        );
         let conn = builder
-            .serve_connection_with_upgrades(io, TowerToHyperService::new(app.clone()))
+            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app))
             .into_owned();
         tokio::spawn(graceful.watch(conn));
     }

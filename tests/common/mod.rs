@@ -87,6 +87,40 @@ pub async fn refused_url() -> String {
     format!("http://{addr}")
 }
 
+/// A free loopback port for a front the test configures (the HTTP front, say).
+pub async fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Waits until an HTTP front at `addr` answers (it binds its port as the server starts).
+pub async fn http_listening(addr: &str) {
+    within(async {
+        while reqwest::get(format!("http://{addr}/v1/models"))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+/// Reads until the server closes the connection (EOF or reset): an event, bounded by `within`.
+pub async fn closed_by_server(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    within(async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
 pub fn prompt(text: &str) -> v1::CompleteRequest {
     v1::CompleteRequest {
         model: "m".into(),
@@ -228,11 +262,39 @@ impl Served {
         rust_log: &str,
         env: &[(&str, &str)],
     ) -> Served {
+        use std::process::Command;
+        Served::spawn(
+            Command::new(env!("CARGO_BIN_EXE_cascade-router")),
+            global,
+            config,
+            rust_log,
+            env,
+        )
+    }
+
+    /// [`Served::start`] with its open-file limit (soft and hard) set to `nofile` by util-linux's
+    /// `prlimit`, so the router cannot raise it.
+    pub fn start_with_nofile(global: &[&str], config: &std::path::Path, nofile: u64) -> Served {
+        let mut limited = std::process::Command::new("prlimit");
+        limited
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_cascade-router"));
+        Served::spawn(limited, global, config, "info", &[])
+    }
+
+    fn spawn(
+        mut command: std::process::Command,
+        global: &[&str],
+        config: &std::path::Path,
+        rust_log: &str,
+        env: &[(&str, &str)],
+    ) -> Served {
         use std::{
             io::{BufRead, BufReader},
-            process::{Command, Stdio},
+            process::Stdio,
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cascade-router"))
+        let mut child = command
             .args(global)
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(config)

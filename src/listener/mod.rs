@@ -8,6 +8,11 @@
 //! Hand-written: tower's concurrency limits bound requests, not connections, and nothing in
 //! tonic or hyper-util caps connections per peer.
 
+mod idle;
+pub mod tls;
+
+pub use idle::{Connection, Track};
+
 use std::{
     collections::HashMap,
     io,
@@ -123,11 +128,13 @@ impl Listener {
 }
 
 /// A connection that holds its [`Guard`] for as long as it is open, and optionally must send
-/// its first byte by a deadline (a client that connects and says nothing is dropped).
+/// its first byte by a deadline (a client that connects and says nothing is dropped) and is
+/// closed once idle (see [`idle`]).
 pub struct Guarded {
     stream: TcpStream,
     _guard: Guard,
     first_byte_by: Option<Pin<Box<tokio::time::Sleep>>>,
+    idle: Option<idle::Idle>,
 }
 
 impl Guarded {
@@ -136,6 +143,7 @@ impl Guarded {
             stream,
             _guard: guard,
             first_byte_by: None,
+            idle: None,
         }
     }
 
@@ -143,6 +151,20 @@ impl Guarded {
     pub fn first_byte_within(mut self, within: Duration) -> Guarded {
         self.first_byte_by = Some(Box::pin(tokio::time::sleep(within)));
         self
+    }
+
+    /// The connection is closed once no call has run on it for `after`. Calls are counted by
+    /// the [`Track`] layer, which finds them by the [`Connection`] in their extensions.
+    pub fn idle_after(mut self, after: Duration) -> Guarded {
+        self.idle = Some(idle::Idle::new(after));
+        self
+    }
+
+    /// What requests on this connection carry for [`Track`].
+    pub fn connection(&self) -> Connection {
+        self.idle
+            .as_ref()
+            .map_or_else(idle::untracked, idle::Idle::connection)
     }
 }
 
@@ -152,7 +174,16 @@ impl AsyncRead for Guarded {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let filled = buf.filled().len();
         let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if let Some(idle) = self.idle.as_mut() {
+            match read {
+                Poll::Ready(Ok(())) if buf.filled().len() > filled => idle.read(),
+                // Idle for the timeout: end of stream, which closes the connection.
+                Poll::Pending if idle.expired(cx) => return Poll::Ready(Ok(())),
+                _ => {}
+            }
+        }
         if let Some(by) = self.first_byte_by.as_mut() {
             if read.is_ready() {
                 self.first_byte_by = None;
@@ -197,65 +228,10 @@ impl AsyncWrite for Guarded {
     }
 }
 
-/// Connections over TLS: each handshake runs in a task of its own, cut at `timeout` (a client
-/// that never finishes one is dropped and holds nothing), and the finished ones come out in
-/// the order they finish. Ends when the stream is dropped.
-pub fn tls(
-    mut listener: Listener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    timeout: Duration,
-    refused: prometheus_client::metrics::counter::Counter,
-) -> impl futures_util::Stream<Item = io::Result<tokio_rustls::server::TlsStream<Guarded>>> {
-    // Bounded: handshakes finished but not yet taken wait here, at most this many.
-    let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    tokio::spawn(async move {
-        loop {
-            let (stream, peer, guard) = tokio::select! {
-                accepted = listener.accept(&refused) => accepted,
-                () = tx.closed() => return,
-            };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                let io = Guarded::new(stream, guard);
-                match tokio::time::timeout(timeout, acceptor.accept(io)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake not finished in time; dropped"),
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
-/// The TLS acceptor for a certificate chain and key (PEM), speaking HTTP/2 (gRPC).
-pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> io::Result<tokio_rustls::TlsAcceptor> {
-    use tokio_rustls::rustls::{
-        self,
-        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    };
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
-    let certs = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| bad("the certificate chain is not PEM"))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| bad("the key is not PEM"))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(&e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| bad(&e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
-
 impl tonic::transport::server::Connected for Guarded {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = Connection;
 
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> Connection {
+        self.connection()
     }
 }
