@@ -42,10 +42,22 @@ impl Edge {
     /// running, refused while draining, and answered UNAVAILABLE if the shutdown grace ends
     /// before it does. Counted by method and code, and timed — as CANCELLED if the caller
     /// went away first (this future dropped).
-    pub(crate) async fn call<T>(
+    ///
+    /// `work` goes in a box of its own before the call's future is made: an async fn keeps a
+    /// future argument in its state and again the copy it awaits (rust-lang/rust#62958),
+    /// which for a whole handler cost ~2.5 KiB more per call in flight.
+    pub(crate) fn call<'a, T: 'a>(
+        &'a self,
+        method: &'static str,
+        work: impl Future<Output = Result<T, RouterError>> + 'a,
+    ) -> impl Future<Output = Result<T, RouterError>> + 'a {
+        self.run(method, Box::pin(work))
+    }
+
+    async fn run<T, F: Future<Output = Result<T, RouterError>>>(
         &self,
         method: &'static str,
-        work: impl Future<Output = Result<T, RouterError>>,
+        work: std::pin::Pin<Box<F>>,
     ) -> Result<T, RouterError> {
         let record = Record::new(&**self.router.metrics(), method);
         let result = match self.inflight.enter().inspect_err(|e| self.shed(e)) {
