@@ -62,12 +62,27 @@ pub enum RouterError {
     /// `cache: ONLY` and the completion is not cached.
     #[error("{0}")]
     NotCached(String),
+    /// An HTTP path the OpenAI-compatible front does not serve.
+    #[error(
+        "no such endpoint: the router serves POST /v1/chat/completions, POST /v1/completions and GET /v1/models"
+    )]
+    NoSuchEndpoint,
     /// A stream broke after its first text: what was sent stands, the rest will not come.
     #[error("the stream from {}/{} broke after {sent}: {} ({})", .attempt.provider, .attempt.model, .attempt.kind, .attempt.error)]
     StreamBroken { sent: Sent, attempt: Box<Attempt> },
     /// The caller's deadline passed mid-stream.
     #[error("deadline exceeded mid-stream after {sent}")]
     StreamOutOfTime { sent: Sent },
+}
+
+/// How an error is told to a client: its gRPC code, and on the HTTP front its status and
+/// OpenAI's error `type` and `code`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Told {
+    pub grpc: Code,
+    pub http: u16,
+    pub kind: &'static str,
+    pub code: Option<&'static str>,
 }
 
 /// How much of a streamed answer reached the caller before it ended early.
@@ -160,47 +175,66 @@ impl RouterError {
         m
     }
 
-    /// The gRPC code for this error; the one place errors become codes.
-    pub fn code(&self) -> Code {
+    /// How this error is told to a client on either front: the one table of the mapping
+    /// (gRPC code; HTTP status, OpenAI error type and code, as OpenAI's clients act on them —
+    /// an unknown model is 404 there, as OpenAI answers it).
+    pub fn told(&self) -> Told {
+        use RouterError as E;
+        use Told as T;
+        const INVALID: &str = "invalid_request_error";
+        const SERVER: &str = "server_error";
+        const RATE: &str = "rate_limit_error";
+        let told = |grpc, http, kind, code| T {
+            grpc,
+            http,
+            kind,
+            code,
+        };
         match self {
-            RouterError::InvalidArgument(_) | RouterError::UnknownModel { .. } => {
-                Code::InvalidArgument
+            E::InvalidArgument(_) => told(Code::InvalidArgument, 400, INVALID, None),
+            E::TooLarge(_) => told(Code::ResourceExhausted, 413, INVALID, None),
+            E::UnknownModel { .. } => {
+                told(Code::InvalidArgument, 404, INVALID, Some("model_not_found"))
             }
-            RouterError::Unsupported { .. } => Code::FailedPrecondition,
-            RouterError::Unavailable { .. } | RouterError::StreamBroken { .. } => Code::Unavailable,
-            RouterError::StreamOutOfTime { .. } => Code::DeadlineExceeded,
-            RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-            RouterError::Overloaded { .. }
-            | RouterError::AtCapacity { .. }
-            | RouterError::QuotaExceeded { .. }
-            | RouterError::TooLarge(_) => Code::ResourceExhausted,
-            RouterError::ShuttingDown => Code::Unavailable,
-            RouterError::Unauthenticated(_) => Code::Unauthenticated,
-            RouterError::PermissionDenied { .. } => Code::PermissionDenied,
-            RouterError::NotCached(_) => Code::NotFound,
-            RouterError::Internal(_) => Code::Internal,
+            E::Unsupported { .. } => {
+                told(Code::FailedPrecondition, 400, INVALID, Some("unsupported"))
+            }
+            E::NotCached(_) => told(Code::NotFound, 404, INVALID, Some("not_cached")),
+            E::NoSuchEndpoint => told(Code::Unimplemented, 404, INVALID, Some("unknown_endpoint")),
+            E::Unauthenticated(_) => told(Code::Unauthenticated, 401, "authentication_error", None),
+            E::PermissionDenied { .. } => {
+                told(Code::PermissionDenied, 403, "permission_error", None)
+            }
+            E::QuotaExceeded { .. } => {
+                told(Code::ResourceExhausted, 429, RATE, Some("quota_exceeded"))
+            }
+            E::Overloaded { .. } | E::AtCapacity { .. } => {
+                told(Code::ResourceExhausted, 429, RATE, None)
+            }
+            E::Unavailable { .. } => told(
+                Code::Unavailable,
+                503,
+                SERVER,
+                Some("providers_unavailable"),
+            ),
+            E::StreamBroken { .. } => told(Code::Unavailable, 503, SERVER, Some("stream_broken")),
+            E::ShuttingDown => told(Code::Unavailable, 503, SERVER, None),
+            E::DeadlineExceeded { .. } | E::StreamOutOfTime { .. } => {
+                told(Code::DeadlineExceeded, 504, "timeout", None)
+            }
+            E::Internal(_) => told(Code::Internal, 500, SERVER, None),
         }
     }
 
-    /// The HTTP status for this error on the OpenAI-compatible front: the same meaning as
-    /// [`RouterError::code`], in the statuses OpenAI's clients act on (an unknown model is
-    /// 404 there, as OpenAI answers it).
+    /// The gRPC code for this error (see [`RouterError::told`]).
+    pub fn code(&self) -> Code {
+        self.told().grpc
+    }
+
+    /// The HTTP status for this error on the OpenAI-compatible front (see
+    /// [`RouterError::told`]).
     pub fn http_status(&self) -> u16 {
-        match self {
-            RouterError::InvalidArgument(_) | RouterError::Unsupported { .. } => 400,
-            RouterError::TooLarge(_) => 413,
-            RouterError::UnknownModel { .. } | RouterError::NotCached(_) => 404,
-            RouterError::Unauthenticated(_) => 401,
-            RouterError::PermissionDenied { .. } => 403,
-            RouterError::QuotaExceeded { .. }
-            | RouterError::Overloaded { .. }
-            | RouterError::AtCapacity { .. } => 429,
-            RouterError::Unavailable { .. }
-            | RouterError::ShuttingDown
-            | RouterError::StreamBroken { .. } => 503,
-            RouterError::DeadlineExceeded { .. } | RouterError::StreamOutOfTime { .. } => 504,
-            RouterError::Internal(_) => 500,
-        }
+        self.told().http
     }
 
     /// When to try again, in whole seconds as HTTP's `Retry-After` (and the gRPC
@@ -212,7 +246,20 @@ impl RouterError {
                 Some(secs.max(1))
             }
             RouterError::Overloaded { .. } | RouterError::AtCapacity { .. } => Some(1),
-            _ => None,
+            RouterError::InvalidArgument(_)
+            | RouterError::TooLarge(_)
+            | RouterError::UnknownModel { .. }
+            | RouterError::Unsupported { .. }
+            | RouterError::Unavailable { .. }
+            | RouterError::DeadlineExceeded { .. }
+            | RouterError::Unauthenticated(_)
+            | RouterError::PermissionDenied { .. }
+            | RouterError::ShuttingDown
+            | RouterError::Internal(_)
+            | RouterError::NotCached(_)
+            | RouterError::NoSuchEndpoint
+            | RouterError::StreamBroken { .. }
+            | RouterError::StreamOutOfTime { .. } => None,
         }
     }
 
@@ -227,6 +274,7 @@ impl RouterError {
             | RouterError::TooLarge(_)
             | RouterError::UnknownModel { .. }
             | RouterError::NotCached(_)
+            | RouterError::NoSuchEndpoint
             | RouterError::ShuttingDown
             | RouterError::Unauthenticated(_)
             | RouterError::PermissionDenied { .. }

@@ -113,8 +113,13 @@ async fn errors_come_in_openais_shape_with_the_matching_status() {
         error_of(post(&url, &chat("slow", "x"), &[("x-cascade-timeout-ms", "300")]).await).await;
     assert_eq!((status, kind.as_str()), (504, "timeout"));
 
-    let (status, ..) = error_of(reqwest::get(format!("{base}/embeddings")).await.unwrap()).await;
-    assert_eq!(status, 404);
+    let (status, kind, code, message) =
+        error_of(reqwest::get(format!("{base}/embeddings")).await.unwrap()).await;
+    assert_eq!(
+        (status, kind.as_str(), code),
+        (404, "invalid_request_error", json!("unknown_endpoint"))
+    );
+    assert!(message.contains("POST /v1/chat/completions"), "{message}");
 
     let ok = post(&url, &chat("m", "fine"), &[]).await;
     assert_eq!(ok.status(), 200);

@@ -145,9 +145,7 @@ fn json_body(v: &Value) -> ([(HeaderName, HeaderValue); 1], String) {
 }
 
 async fn not_found() -> Failure {
-    Failure(RouterError::NotCached(
-        "no such endpoint: the router serves POST /v1/chat/completions, POST /v1/completions and GET /v1/models".into(),
-    ))
+    Failure(RouterError::NoSuchEndpoint)
 }
 
 impl Front {

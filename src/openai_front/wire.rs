@@ -153,24 +153,7 @@ fn call(c: &ToolCall) -> Value {
 
 /// OpenAI's error body for `e`: `{"error": {"message", "type", "param", "code"}}`.
 pub fn error_body(e: &RouterError) -> Value {
-    let status = e.http_status();
-    let kind = match status {
-        400 | 404 | 413 => "invalid_request_error",
-        401 => "authentication_error",
-        403 => "permission_error",
-        429 => "rate_limit_error",
-        504 => "timeout",
-        _ => "server_error",
-    };
-    let code = match e {
-        RouterError::UnknownModel { .. } => Some("model_not_found"),
-        RouterError::NotCached(_) => Some("not_cached"),
-        RouterError::QuotaExceeded { .. } => Some("quota_exceeded"),
-        RouterError::StreamBroken { .. } => Some("stream_broken"),
-        RouterError::Unavailable { .. } => Some("providers_unavailable"),
-        RouterError::Unsupported { .. } => Some("unsupported"),
-        _ => None,
-    };
+    let told = e.told();
     // A refused field's name, as OpenAI says it: the message's first word, when it is one.
     let param = match e {
         RouterError::InvalidArgument(m) => m
@@ -179,5 +162,5 @@ pub fn error_body(e: &RouterError) -> Value {
             .filter(|p| !p.is_empty() && !p.contains(' ')),
         _ => None,
     };
-    json!({"error": {"message": e.client_message(), "type": kind, "param": param, "code": code}})
+    json!({"error": {"message": e.client_message(), "type": told.kind, "param": param, "code": told.code}})
 }
