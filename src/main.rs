@@ -107,7 +107,11 @@ enum Command {
 #[derive(clap::Args)]
 struct RouterArgs {
     /// The router: http://host:port or https://host:port.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "CASCADE_ROUTER_ADDR",
+        default_value = "http://127.0.0.1:50051"
+    )]
     addr: String,
     /// Each call's deadline, in seconds.
     #[arg(long, default_value_t = 60.0)]

@@ -1,5 +1,5 @@
-//! The README's curl examples, run as written against `cascade-router serve --config
-//! cascade.yaml` (the real binary; only the ports are made free ones).
+//! The README's curl and client examples, run as written against `cascade-router serve
+//! --config cascade.yaml` (the real binary; only the ports are made free ones).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -10,33 +10,24 @@ use common::*;
 
 const README: &str = include_str!("../README.md");
 const CASCADE_YAML: &str = include_str!("../cascade.yaml");
-const MARKER: &str = "<!-- readme-curl:";
 const WRITTEN_PORT: &str = "127.0.0.1:8088";
 
-/// The fenced block after the marker.
-fn curl_block() -> String {
-    let after = &README[README.find(MARKER).expect("the README's curl marker")..];
+/// The fenced block after `marker`.
+fn block_after(marker: &str) -> String {
+    let after = &README[README.find(marker).expect("the README's marker")..];
     let start = after.find("```sh\n").expect("a sh block after the marker") + "```sh\n".len();
     let end = after[start..].find("```").expect("the block's end");
     after[start..start + end].to_string()
 }
 
-#[test]
-fn the_readme_curl_examples_work_as_written() {
-    let block = curl_block();
-    assert!(
-        block.contains(WRITTEN_PORT),
-        "the examples use {WRITTEN_PORT}"
-    );
-    assert!(
-        CASCADE_YAML.contains(&format!("http_listen: \"{WRITTEN_PORT}\"")),
-        "cascade.yaml serves the HTTP front where the README says"
-    );
+/// `serve --config cascade.yaml` on free ports, without the hosted providers' keys (so only
+/// loopback and the simulated provider are reached).
+fn serve_cascade_yaml() -> Served {
     let config = temp_file(
         "cascade.yaml",
         &CASCADE_YAML.replace(WRITTEN_PORT, "127.0.0.1:0"),
     );
-    let mut served = Served::start_with_env(
+    Served::start_with_env(
         &[],
         &config,
         "info",
@@ -45,7 +36,21 @@ fn the_readme_curl_examples_work_as_written() {
             ("ANTHROPIC_API_KEY", ""),
             ("XAI_API_KEY", ""),
         ],
+    )
+}
+
+#[test]
+fn the_readme_curl_examples_work_as_written() {
+    let block = block_after("<!-- readme-curl:");
+    assert!(
+        block.contains(WRITTEN_PORT),
+        "the examples use {WRITTEN_PORT}"
     );
+    assert!(
+        CASCADE_YAML.contains(&format!("http_listen: \"{WRITTEN_PORT}\"")),
+        "cascade.yaml serves the HTTP front where the README says"
+    );
+    let mut served = serve_cascade_yaml();
     let line = served.wait_for_line("OpenAI-compatible HTTP front listening");
     let at = line.find("127.0.0.1:").unwrap();
     let addr: String = line[at..]
@@ -79,5 +84,68 @@ fn the_readme_curl_examples_work_as_written() {
     ] {
         assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
     }
+    served.finish();
+}
+
+/// The client block (`complete`, `batch`), run in a directory holding the files it names
+/// (`cat.png`, `tools.json`, `prompts.jsonl`), with the binary on `PATH` and
+/// `CASCADE_ROUTER_ADDR` naming the router's free port.
+#[test]
+fn the_readme_client_examples_work_as_written() {
+    let block = block_after("<!-- readme-client:");
+    let served = serve_cascade_yaml();
+    let dir = std::env::temp_dir().join(format!("cascade-readme-client-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A 1×1 PNG.
+    let png = [
+        0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 0x0d, 0x49, 0x48, 0x44, 0x52, 0,
+        0, 0, 1, 0, 0, 0, 1, 8, 6, 0, 0, 0, 0x1f, 0x15, 0xc4, 0x89, 0, 0, 0, 0x0d, 0x49, 0x44,
+        0x41, 0x54, 0x78, 0xda, 0x63, 0x64, 0xf8, 0xcf, 0x50, 0x0f, 0, 0x03, 0x86, 0x01, 0x80,
+        0x5a, 0x34, 0x7d, 0x6b, 0, 0, 0, 0, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
+    ];
+    std::fs::write(dir.join("cat.png"), png).unwrap();
+    std::fs::write(
+        dir.join("tools.json"),
+        r#"[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("prompts.jsonl"),
+        "{\"id\": \"a\", \"prompt\": \"first\"}\n{\"id\": \"b\", \"prompt\": \"second\"}\n",
+    )
+    .unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_cascade-router"));
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &block])
+        .current_dir(&dir)
+        .env("PATH", path)
+        .env("CASCADE_ROUTER_ADDR", format!("http://{}", served.addr))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "[simulated] you said: Summarise: the build is red since 10:02",
+        r#""provider":"simulated""#,
+        r#""name":"lookup""#,
+    ] {
+        assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
+    }
+    let answers = std::fs::read_to_string(dir.join("answers.jsonl")).unwrap();
+    assert_eq!(answers.lines().count(), 2, "{answers}");
+    assert!(
+        answers.contains("[simulated] you said: second"),
+        "{answers}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     served.finish();
 }
