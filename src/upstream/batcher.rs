@@ -40,7 +40,8 @@ use tracing::Instrument;
 
 use super::{
     Delivered,
-    link::{Link, Slot, Window},
+    attempt::Window,
+    link::{Link, Slot},
 };
 use crate::{
     completion::{CompletionRequest, FailureKind, Input},

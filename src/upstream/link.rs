@@ -1,6 +1,7 @@
 //! The link to one provider — its client, circuit breaker, concurrency slots and counters —
-//! and the one lifecycle every upstream request goes through, batched or not: hold a slot,
-//! ask the breaker, send within a budget, judge the outcome once, record it ([`Link::send`]).
+//! and the lifecycle every upstream request goes through, batched or not: hold a slot, ask
+//! the breaker, send within a budget, judge the outcome by [`super::attempt`]'s rule, record
+//! it ([`Link::send`]; [`Link::open_stream`] for streams, judged the same way).
 
 use std::{
     future::Future,
@@ -16,8 +17,9 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::{Instant, timeout_at};
 
 use super::{
+    attempt::{Budget, Outcome, Window, judge},
     breaker::{Breaker, Pass, Refusal},
-    limit::{Limit, Verdict},
+    limit::Limit,
     stats::Stats,
     warnings::{EVERY, Warnings},
 };
@@ -58,35 +60,6 @@ pub(super) struct Link {
 /// How long a provider that refused a prompt array is sent single requests before arrays are
 /// tried again.
 const ARRAYS_RETRY: Duration = Duration::from_secs(600);
-
-/// When one try must end: its share of the caller's time (`until`), within the caller's
-/// `deadline`. A try that runs out of its share has been too slow, which counts against the
-/// provider; one that runs out of the caller's deadline says nothing about the provider.
-#[derive(Clone, Copy, Debug)]
-pub struct Window {
-    pub until: Instant,
-    pub deadline: Instant,
-}
-
-impl Window {
-    /// All of the caller's time.
-    pub fn whole(deadline: Instant) -> Window {
-        Window {
-            until: deadline,
-            deadline,
-        }
-    }
-}
-
-/// When a request gives up, and whether that is the caller's deadline rather than the
-/// provider's timeout.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Budget {
-    pub(super) end: Instant,
-    pub(super) deadline_bound: bool,
-    /// The end is the provider's own timeout (not the caller's share of its deadline).
-    pub(super) timeout_bound: bool,
-}
 
 impl Link {
     pub(super) fn new(
@@ -196,12 +169,7 @@ impl Link {
     /// The time a request sent at `from` may take: this provider's timeout or the try's
     /// `window`, whichever ends first.
     pub(super) fn budget(&self, from: Instant, window: Window) -> Budget {
-        let provider_end = from + self.timeout;
-        Budget {
-            end: provider_end.min(window.until),
-            deadline_bound: window.until == window.deadline && window.deadline <= provider_end,
-            timeout_bound: provider_end <= window.until,
-        }
+        Budget::new(from, self.timeout, window)
     }
 
     /// The one way a request reaches the provider. The breaker admits it (a refusal sends
@@ -222,23 +190,12 @@ impl Link {
         tracing::debug!(provider = %self.name, items, "upstream request sent");
         let outcome = timeout_at(budget.end, call).await;
         let took = sent.elapsed();
-        // A try that ran out of time is the provider's fault only if it had the time the
-        // provider usually needs: one cut short by the caller's deadline, or by its share of
-        // it, before then is the caller's loss.
-        let blamed = !budget.deadline_bound
-            && (budget.timeout_bound
-                || self
-                    .stats
-                    .usual()
-                    .is_some_and(|usual| budget.end.saturating_duration_since(sent) >= usual));
-        let verdict = match &outcome {
-            Ok(Ok(_)) => Verdict::Took(took, items),
-            Ok(Err(e)) if e.kind == FailureKind::RateLimited || e.http_status == Some(503) => {
-                Verdict::Overloaded
-            }
-            Err(_) if blamed => Verdict::Overloaded,
-            _ => Verdict::Nothing,
-        };
+        let blamed = budget.blames(sent, self.stats.usual());
+        let (verdict, _) = judge(&match &outcome {
+            Ok(Ok(_)) => Outcome::Answered { took, items },
+            Ok(Err(e)) => Outcome::Failed(e),
+            Err(_) => Outcome::OutOfTime { blamed },
+        });
         self.limit.observe(&slot, verdict);
         drop(slot);
         self.upstream_seconds.observe(took.as_secs_f64());
@@ -258,15 +215,19 @@ impl Link {
                 if blamed {
                     self.failed(pass, &e);
                 } else {
-                    // The caller's time, not the provider, ran out: not the provider's fault.
-                    self.stats.failure();
-                    self.count_failure(FailureKind::Timeout);
-                    pass.neutral();
-                    tracing::debug!(provider = %self.name, "the caller's time ran out before the provider's usual answer time");
+                    self.out_of_the_callers_time(pass);
                 }
                 Err(e)
             }
         }
+    }
+
+    /// A try the caller's time (not the provider) cut short: counted, never blamed.
+    fn out_of_the_callers_time(&self, pass: Pass<'_>) {
+        self.stats.failure();
+        self.count_failure(FailureKind::Timeout);
+        pass.neutral();
+        tracing::debug!(provider = %self.name, "the caller's time ran out before the provider's usual answer time");
     }
 
     /// One unbatched request: a slot (waiting no later than a send could still be answered
@@ -374,10 +335,10 @@ impl Link {
         let pass = self.breaker.admit().map_err(refused)?;
         let sent = Instant::now();
         self.stats.sent(1);
-        let first_by = sent + self.first_token_timeout;
-        let end = first_by.min(window.until);
-        let deadline_bound = window.until == window.deadline && window.deadline <= first_by;
-        let first = timeout_at(end, async {
+        // The first event is the stream's answer: its budget and verdict are a unary try's,
+        // with the first-token timeout as the provider's timeout.
+        let budget = Budget::new(sent, self.first_token_timeout, window);
+        let first = timeout_at(budget.end, async {
             let mut events = self.provider.stream(model, request).await?;
             match events.next().await {
                 Some(Ok(first)) => Ok((first, events)),
@@ -398,7 +359,7 @@ impl Link {
                         Streaming {
                             link: self.clone(),
                             events,
-                            _slot: slot,
+                            slot,
                             sent,
                             idle: self.first_token_timeout,
                         }
@@ -408,24 +369,24 @@ impl Link {
                 });
             }
             Ok(Err(e)) => e,
-            // Cut short by the caller's deadline or its share of it, before the provider's own
-            // first-token timeout: the caller's loss, not the provider's failure.
-            Err(_) if deadline_bound || end < first_by => {
-                pass.neutral();
-                self.stats.failure();
-                self.count_failure(FailureKind::Timeout);
-                return Err(timed_out(sent.elapsed()));
+            Err(_) => {
+                let blamed = budget.blames(sent, None);
+                let (verdict, _) = judge(&Outcome::OutOfTime { blamed });
+                self.limit.observe(&slot, verdict);
+                self.upstream_seconds.observe(sent.elapsed().as_secs_f64());
+                if !blamed {
+                    self.out_of_the_callers_time(pass);
+                    return Err(timed_out(sent.elapsed()));
+                }
+                let e = ProviderError::new(
+                    FailureKind::Timeout,
+                    format!("no first token within {} ms", sent.elapsed().as_millis()),
+                );
+                self.failed(pass, &e);
+                return Err(e);
             }
-            Err(_) => ProviderError::new(
-                FailureKind::Timeout,
-                format!("no first token within {} ms", sent.elapsed().as_millis()),
-            ),
         };
-        let verdict = if e.kind == FailureKind::RateLimited || e.http_status == Some(503) {
-            Verdict::Overloaded
-        } else {
-            Verdict::Nothing
-        };
+        let (verdict, _) = judge(&Outcome::Failed(&e));
         self.limit.observe(&slot, verdict);
         self.upstream_seconds.observe(sent.elapsed().as_secs_f64());
         self.failed(pass, &e);
@@ -524,7 +485,7 @@ pub(crate) struct Opened {
 struct Streaming {
     link: Arc<Link>,
     events: EventStream,
-    _slot: Slot,
+    slot: Slot,
     sent: Instant,
     /// Longest silence between events.
     idle: Duration,
@@ -532,7 +493,8 @@ struct Streaming {
 
 impl Streaming {
     /// The events until the end or the first error, which is counted against the provider;
-    /// the end is counted as a success with the whole stream's time.
+    /// the end is counted as a success with the whole stream's time, and judged as a unary
+    /// answer of that time is (the concurrency limit learns from it).
     fn run(self) -> impl futures_util::Stream<Item = Result<StreamEvent, ProviderError>> + Send {
         futures_util::stream::unfold(Some(self), |st| async move {
             let mut st = st?;
@@ -548,21 +510,29 @@ impl Streaming {
                 )),
             };
             let link = &st.link;
+            let took = st.sent.elapsed();
             match &next {
                 Ok(StreamEvent::Text(_) | StreamEvent::ToolCall(_)) => {
                     return Some((next, Some(st)));
                 }
                 Ok(StreamEvent::End { .. }) => {
-                    let took = st.sent.elapsed();
+                    let (verdict, _) = judge(&Outcome::Answered { took, items: 1 });
+                    link.limit.observe(&st.slot, verdict);
                     link.stats.success(took);
                     link.upstream_seconds.observe(took.as_secs_f64());
                 }
                 Err(e) => {
-                    link.upstream_seconds
-                        .observe(st.sent.elapsed().as_secs_f64());
+                    // Silence mid-stream is the provider's own timeout.
+                    let (verdict, blamed) = judge(&if e.kind == FailureKind::Timeout {
+                        Outcome::OutOfTime { blamed: true }
+                    } else {
+                        Outcome::Failed(e)
+                    });
+                    link.limit.observe(&st.slot, verdict);
+                    link.upstream_seconds.observe(took.as_secs_f64());
                     link.stats.failure();
                     link.count_failure(e.kind);
-                    if e.counts_against_provider() {
+                    if blamed {
                         link.breaker.failed_later();
                     }
                     link.say(e);

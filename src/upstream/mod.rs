@@ -3,14 +3,17 @@
 //! how it ended. Everything about a provider's health and load lives in this module, behind
 //! that one method and [`Upstream::snapshot`]:
 //!
-//! - [`link`]: the provider's client, concurrency limit and counters, and the one lifecycle
-//!   every upstream request goes through (slot → breaker → send → judge → record);
+//! - [`link`]: the provider's client, concurrency limit and counters, and the lifecycle every
+//!   upstream request goes through (slot → breaker → send → judge → record);
+//! - [`attempt`]: an attempt's rules — its window and budget of time, and the one judgement of
+//!   its outcome (what the provider is blamed for, what the limit learns);
 //! - [`batcher`]: the batch queues, which only group items and hand each batch to the link;
 //! - [`breaker`]: the circuit breaker and the `Retry-After` cool-down;
 //! - [`limit`]: how many requests the provider is sent at once, fixed or learned;
 //! - [`stats`]: the counters behind ListProviders and Prometheus;
 //! - [`warnings`]: upstream failures said in the log at a bounded rate.
 
+mod attempt;
 mod batcher;
 mod breaker;
 mod limit;
@@ -22,9 +25,9 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::time::{Instant, timeout_at};
 
+pub use attempt::Window;
 pub use breaker::Circuit;
 pub(crate) use link::Opened;
-pub use link::Window;
 pub use stats::Counts;
 
 use batcher::Batcher;
@@ -320,12 +323,17 @@ mod tests {
     struct Scripted {
         native: bool,
         failing: AtomicBool,
+        /// Never answers.
+        hanging: AtomicBool,
         requests: AtomicUsize,
     }
 
     impl Scripted {
         async fn serve(&self) -> Result<(), ProviderError> {
             self.requests.fetch_add(1, SeqCst);
+            if self.hanging.load(SeqCst) {
+                std::future::pending::<()>().await;
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
             if self.failing.load(SeqCst) {
                 Err(ProviderError::new(FailureKind::ServerError, "scripted 500"))
@@ -384,14 +392,30 @@ mod tests {
                 ", batching: {mode: fixed, max_batch_size: 8, max_wait_ms: 5}"
             }
         };
+        scripted_upstream(path == Path::Native, batching)
+    }
+
+    /// A provider with the adaptive concurrency limit (its model batches adaptively), whose
+    /// timeout and first-token timeout are 1 s.
+    fn adaptive() -> (Upstream, Arc<Scripted>) {
+        let (up, s) = scripted_upstream(
+            false,
+            ", timeout_seconds: 1, first_token_timeout_seconds: 1, batching: {}",
+        );
+        s.failing.store(false, SeqCst);
+        (up, s)
+    }
+
+    fn scripted_upstream(native: bool, extra: &str) -> (Upstream, Arc<Scripted>) {
         let yaml = format!(
             "cascade: {{circuit_breaker: {{failure_threshold: 2, recovery_timeout: 10, half_open_max_calls: 1}}}}\n\
-             providers:\n  - {{name: p, type: simulated, models: [m]{batching}}}\n"
+             providers:\n  - {{name: p, type: simulated, models: [m]{extra}}}\n"
         );
         let c = config::parse(&yaml, "t", &|_| None).unwrap();
         let scripted = Arc::new(Scripted {
-            native: path == Path::Native,
+            native,
             failing: AtomicBool::new(true),
+            hanging: AtomicBool::new(false),
             requests: AtomicUsize::new(0),
         });
         let metrics = Arc::new(Metrics::new());
@@ -507,5 +531,65 @@ mod tests {
             "one request was the probe, the other was refused: {a:?} {b:?}"
         );
         closes_after_the_probe(&up, &s).await;
+    }
+
+    /// A successful stream teaches the concurrency limit as a unary answer does: sixteen
+    /// callers streaming at once through four slots, answers that never slow down — the
+    /// limit grows (before, only a failed stream reached it).
+    #[tokio::test(start_paused = true)]
+    async fn a_successful_stream_teaches_the_concurrency_limit() {
+        use futures_util::StreamExt as _;
+        let (up, _) = adaptive();
+        let before = up.link.limit.current();
+        let far = Instant::now() + Duration::from_secs(3600);
+        for _ in 0..10 {
+            let streams = (0..16).map(|_| async {
+                let opened = up
+                    .stream("m", &req(), Window::whole(far))
+                    .await
+                    .map_err(|_| "no stream")
+                    .unwrap();
+                opened.rest.collect::<Vec<_>>().await.len()
+            });
+            let ends = futures_util::future::join_all(streams).await;
+            assert!(ends.iter().all(|&n| n == 1), "each stream's end came");
+        }
+        assert!(
+            up.link.limit.current() > before,
+            "the limit grew from {before} to {}",
+            up.link.limit.current()
+        );
+    }
+
+    /// A first-token timeout is judged as a unary timeout is: the provider's failure, and an
+    /// overloaded verdict for its concurrency limit (before, the stream's said nothing).
+    #[tokio::test(start_paused = true)]
+    async fn a_first_token_timeout_is_judged_as_a_unary_timeout() {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let (streamed, s) = adaptive();
+        s.hanging.store(true, SeqCst);
+        let before = streamed.link.limit.current();
+        let e = match streamed.stream("m", &req(), Window::whole(far)).await {
+            Err(Miss::Failed(e)) => e,
+            Err(_) => panic!("not the provider's failure"),
+            Ok(_) => panic!("a hanging provider streamed"),
+        };
+        assert_eq!(e.kind, FailureKind::Timeout);
+
+        let (unary, s) = adaptive();
+        s.hanging.store(true, SeqCst);
+        match unary.attempt(&"m".into(), &req(), Window::whole(far)).await {
+            Err(Miss::Failed(e)) => assert_eq!(e.kind, FailureKind::Timeout),
+            Err(_) => panic!("not the provider's failure"),
+            Ok(_) => panic!("a hanging provider answered"),
+        }
+        let (after_stream, after_unary) =
+            (streamed.link.limit.current(), unary.link.limit.current());
+        assert!(after_stream < before, "{before} -> {after_stream}");
+        assert_eq!(after_stream, after_unary);
+        assert_eq!(
+            streamed.link.stats.counts().failures,
+            unary.link.stats.counts().failures
+        );
     }
 }
