@@ -7,14 +7,15 @@
 //!   upstream request goes through (slot → breaker → send → judge → record);
 //! - [`attempt`]: an attempt's rules — its window and budget of time, and the one judgement of
 //!   its outcome (what the provider is blamed for, what the limit learns);
-//! - [`batcher`]: the batch queues, which only group items and hand each batch to the link;
+//! - [`batch`]: the batch queues (adaptive and fixed workers), which only group items and
+//!   hand each batch to the link;
 //! - [`breaker`]: the circuit breaker and the `Retry-After` cool-down;
 //! - [`limit`]: how many requests the provider is sent at once, fixed or learned;
 //! - [`stats`]: the counters behind ListProviders and Prometheus;
 //! - [`warnings`]: upstream failures said in the log at a bounded rate.
 
 mod attempt;
-mod batcher;
+mod batch;
 mod breaker;
 mod limit;
 mod link;
@@ -30,7 +31,7 @@ pub use breaker::Circuit;
 pub(crate) use link::Opened;
 pub use stats::Counts;
 
-use batcher::Batcher;
+use batch::Batcher;
 use link::{Link, refused};
 
 use crate::{

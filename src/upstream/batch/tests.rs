@@ -1,0 +1,282 @@
+use super::{adaptive::*, *};
+use crate::{completion::GenParams, config};
+
+fn batcher(batching: &str) -> (Arc<Link>, Batcher) {
+    batcher_with(batching, "")
+}
+
+/// `extra`: more of the provider's settings, each followed by a comma.
+fn batcher_with(batching: &str, extra: &str) -> (Arc<Link>, Batcher) {
+    let yaml = format!(
+        "providers:\n  - {{name: sim, type: simulated, models: [m], {extra} batching: {batching}}}\n"
+    );
+    let c = config::parse(&yaml, "t", &|_| None).unwrap();
+    let p = &c.providers[0];
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let provider = crate::provider::build(p).unwrap();
+    let link = Arc::new(Link::new(p, c.cascade.breaker, &metrics, provider));
+    let b = Batcher::new(p, &link).unwrap();
+    (link, b)
+}
+
+fn req(prompt: &str) -> Arc<CompletionRequest> {
+    Arc::new(CompletionRequest {
+        model: "m".into(),
+        input: Input::Prompt(prompt.into()),
+        params: GenParams::default(),
+        agent: String::new(),
+        tenant: String::new(),
+        request_id: String::new(),
+        cache: crate::completion::CacheMode::Default,
+    })
+}
+
+fn later(ms: u64) -> Window {
+    Window::whole(Instant::now() + Duration::from_millis(ms))
+}
+
+#[test]
+fn the_arrival_gap_follows_the_service_time_within_bounds() {
+    let ms = Duration::from_millis;
+    assert_eq!(arrival_gap(ms(20), ms(5)), Duration::from_micros(2500));
+    assert_eq!(arrival_gap(ms(50), ms(5)), ms(5), "no longer than max_wait");
+    assert_eq!(
+        arrival_gap(ms(4), ms(5)),
+        ARRIVAL_GAP,
+        "no shorter than 1 ms"
+    );
+    assert_eq!(arrival_gap(ms(50), ms(0)), ARRIVAL_GAP);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lone_item_waits_exactly_the_window() {
+    let (_, b) = batcher("{mode: fixed, max_batch_size: 8, max_wait_ms: 5}");
+    let s = b.settings("m").unwrap();
+    let r = b
+        .submit(&"m".into(), &req("x"), s, later(60_000))
+        .await
+        .unwrap();
+    assert_eq!((r.batch_size, r.queue_wait), (1, Duration::from_millis(5)));
+    assert_eq!(r.completion.text, "[m] you said: x");
+}
+
+#[tokio::test(start_paused = true)]
+async fn full_batch_goes_at_once() {
+    let (up, b) = batcher("{mode: fixed, max_batch_size: 4, max_wait_ms: 1000}");
+    let s = b.settings("m").unwrap();
+    let model: Arc<str> = "m".into();
+    let reqs: Vec<_> = (0..4).map(|i| req(&format!("p{i}"))).collect();
+    let out =
+        futures_util::future::join_all(reqs.iter().map(|r| b.submit(&model, r, s, later(60_000))))
+            .await;
+    for (i, r) in out.into_iter().enumerate() {
+        let r = r.unwrap();
+        assert_eq!((r.batch_size, r.queue_wait), (4, Duration::ZERO));
+        assert_eq!(
+            r.completion.text,
+            format!("[m] you said: p{i}"),
+            "answers map back to their callers"
+        );
+    }
+    assert_eq!(up.stats.counts().requests, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn near_deadline_flushes_early() {
+    let (_, b) = batcher("{mode: fixed, max_batch_size: 8, max_wait_ms: 1000}");
+    let s = b.settings("m").unwrap();
+    let r = b
+        .submit(&"m".into(), &req("x"), s, later(100))
+        .await
+        .unwrap();
+    // A quarter of the 100 ms budget is kept for the upstream call.
+    assert_eq!(r.queue_wait, Duration::from_millis(75));
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_item_is_dropped_before_send() {
+    let (up, b) = batcher("{mode: fixed, max_batch_size: 8, max_wait_ms: 10}");
+    let s = b.settings("m").unwrap();
+    let model: Arc<str> = "m".into();
+    let ra = req("a");
+    let mut a = Box::pin(b.submit(&model, &ra, s, later(60_000)));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), &mut a)
+            .await
+            .is_err(),
+        "a is queued"
+    );
+    assert_eq!(up.stats.counts().queued, 1);
+    drop(a);
+    let r = b.submit(&model, &req("b"), s, later(60_000)).await.unwrap();
+    assert_eq!(r.batch_size, 1);
+    assert_eq!(up.stats.counts().items, 1, "only b went upstream");
+}
+
+#[tokio::test(start_paused = true)]
+async fn full_queue_refuses_at_once() {
+    let (_, b) = batcher("{mode: fixed, max_batch_size: 8, max_wait_ms: 1000, max_queue: 2}");
+    let s = b.settings("m").unwrap();
+    let model: Arc<str> = "m".into();
+    let (r1, r2) = (req("1"), req("2"));
+    let mut one = Box::pin(b.submit(&model, &r1, s, later(60_000)));
+    let mut two = Box::pin(b.submit(&model, &r2, s, later(60_000)));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), &mut one)
+            .await
+            .is_err()
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), &mut two)
+            .await
+            .is_err()
+    );
+    let err = b
+        .submit(&model, &req("3"), s, later(60_000))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FailureKind::Overloaded);
+    assert_eq!(
+        one.await.unwrap().batch_size,
+        2,
+        "the queued two still go, together"
+    );
+    assert!(two.await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_sends_a_lone_item_at_once() {
+    let (_, b) = batcher("{max_batch_size: 8, max_wait_ms: 5}");
+    let s = b.settings("m").unwrap();
+    assert_eq!(s.mode, BatchMode::Adaptive, "the default");
+    let started = Instant::now();
+    let r = b
+        .submit(&"m".into(), &req("x"), s, later(60_000))
+        .await
+        .unwrap();
+    assert_eq!((r.batch_size, r.queue_wait), (1, Duration::ZERO));
+    assert_eq!(started.elapsed(), Duration::ZERO, "no window paid");
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_gathers_what_arrives_while_the_provider_is_busy() {
+    let (up, b) = batcher_with("{}", "max_concurrency: 1, simulated: {latency_ms: 10},");
+    let s = b.settings("m").unwrap();
+    let model: Arc<str> = "m".into();
+    let first = req("first");
+    let mut a = Box::pin(b.submit(&model, &first, s, later(60_000)));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(4), &mut a)
+            .await
+            .is_err(),
+        "in flight for 10 ms"
+    );
+    assert_eq!(up.stats.counts().requests, 1, "sent alone, at once");
+    let reqs: Vec<_> = (0..3).map(|i| req(&format!("p{i}"))).collect();
+    let (a, rest) = tokio::join!(
+        a,
+        futures_util::future::join_all(reqs.iter().map(|r| b.submit(&model, r, s, later(60_000))))
+    );
+    assert_eq!(a.unwrap().batch_size, 1);
+    for (i, r) in rest.into_iter().enumerate() {
+        let r = r.unwrap();
+        // Sent together when the slot freed (6 ms) and arrivals paused: the first
+        // caller, just answered, was counted as coming back, and waited for an eighth
+        // of the quickest answer (10 ms / 8, on tokio's millisecond timer 2 ms).
+        assert_eq!(
+            (r.batch_size, r.queue_wait),
+            (3, Duration::from_millis(8)),
+            "together, once the slot freed and arrivals paused"
+        );
+        assert_eq!(r.completion.text, format!("[m] you said: p{i}"));
+    }
+    assert_eq!(up.stats.counts().requests, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_holds_a_fragment_for_a_request_to_come_back_while_the_provider_is_busy() {
+    // Three slots, two of them what the provider serves at once: the third is headroom.
+    let (up, b) = batcher_with("{max_wait_ms: 5}", "simulated: {latency_ms: 10},");
+    up.limit.settle(3, 2);
+    let s = b.settings("m").unwrap();
+    let model: Arc<str> = "m".into();
+    // One answer first, so the provider's quickest answer (10 ms) is known.
+    b.submit(&model, &req("warm"), s, later(60_000))
+        .await
+        .unwrap();
+    let four: Vec<_> = (0..4).map(|i| req(&format!("p{i}"))).collect();
+    let first =
+        futures_util::future::join_all(four.iter().map(|r| b.submit(&model, r, s, later(60_000))));
+    // A fifth caller 1 ms later, while both requests of two are in flight.
+    let late = async {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        b.submit(&model, &req("late"), s, later(60_000)).await
+    };
+    // Two of the first four send again as soon as they are answered (10 ms).
+    let back = async {
+        let answered = first.await;
+        let again: Vec<_> = ["a", "b"].map(req).into();
+        let again = futures_util::future::join_all(
+            again.iter().map(|r| b.submit(&model, r, s, later(60_000))),
+        )
+        .await;
+        (answered, again)
+    };
+    let (late, (answered, again)) = tokio::join!(late, back);
+    assert!(answered.iter().all(|r| r.as_ref().unwrap().batch_size == 2));
+    let late = late.unwrap();
+    assert_eq!(
+        (late.batch_size, late.queue_wait),
+        (3, Duration::from_millis(9)),
+        "held past max_wait on the headroom slot until a request came back, then sent \
+         with the callers it had answered"
+    );
+    assert!(again.iter().all(|r| r.as_ref().unwrap().batch_size == 3));
+    assert_eq!(up.stats.counts().requests, 4, "no request for a fragment");
+}
+
+#[tokio::test(start_paused = true)]
+async fn demand_is_the_recent_peak_and_forgotten_after_two_windows() {
+    let mut d = Demand::new();
+    let fastest = Duration::from_millis(10);
+    assert_eq!(d.see(64, fastest), 64);
+    tokio::time::advance(Duration::from_millis(5)).await;
+    assert_eq!(
+        d.see(48, fastest),
+        64,
+        "a batch's callers on their way back"
+    );
+    tokio::time::advance(Duration::from_millis(20)).await;
+    assert_eq!(d.see(1, fastest), 64, "the window before still counts");
+    tokio::time::advance(Duration::from_millis(20)).await;
+    assert_eq!(
+        d.see(1, fastest),
+        1,
+        "two windows on, only what is seen now"
+    );
+    // Counted at 0 and 15 ms of a window, next at 45 ms: the window from 20 to 40 ms
+    // passed unseen, and the count at 15 ms still stands.
+    let mut d = Demand::new();
+    assert_eq!(d.see(64, fastest), 64);
+    tokio::time::advance(Duration::from_millis(15)).await;
+    d.see(60, fastest);
+    tokio::time::advance(Duration::from_millis(30)).await;
+    assert_eq!(d.see(57, fastest), 64, "last counted 30 ms ago");
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_spreads_the_waiting_items_over_the_limit() {
+    // Four slots (the starting limit), 40 callers at once: four batches of ten.
+    let (up, b) = batcher_with("{}", "simulated: {latency_ms: 10},");
+    let s = b.settings("m").unwrap();
+    let model: Arc<str> = "m".into();
+    let reqs: Vec<_> = (0..40).map(|i| req(&format!("p{i}"))).collect();
+    let out =
+        futures_util::future::join_all(reqs.iter().map(|r| b.submit(&model, r, s, later(60_000))))
+            .await;
+    let mut sizes: Vec<u32> = out.iter().map(|r| r.as_ref().unwrap().batch_size).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    assert_eq!(sizes, [10], "{sizes:?}");
+    assert_eq!(up.stats.counts().requests, 4);
+}
