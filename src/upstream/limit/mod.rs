@@ -1,0 +1,274 @@
+//! How many requests a provider is sent at once.
+//!
+//! Fixed: `max_concurrency`. Adaptive (with adaptive batching): learned from the provider's
+//! answers in the manner of TCP Vegas and Netflix's concurrency-limits — grow while answers
+//! come back about as fast as the provider has answered requests of that size before, shrink
+//! when they slow down (it is queueing them) or when it answers 429 or 503 — with
+//! `max_concurrency` as the ceiling.
+//!
+//! Hand-written: the crates that adapt a limit (tower-acc, tower-resilience-adaptive) compare
+//! every answer with one baseline latency, but a batch of 32 prompts takes longer than a
+//! batch of 1 without any queueing. Here an answer is judged against the fastest answers
+//! seen per batch size (one bucket per size up to 16, then buckets an eighth apart), so only
+//! queueing reads as congestion.
+//!
+//! The slots are a tokio semaphore (FIFO-fair and cancel-safe) whose permits follow the
+//! limit: a rise adds permits; a fall forgets free ones, or takes busy ones back as they are
+//! released.
+//!
+//! Here: the slots and what an answer says ([`Verdict`]); the adaptive policy in `adaptive`.
+
+mod adaptive;
+
+use adaptive::Gradient;
+use std::{
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, futures::Notified},
+    time::Instant,
+};
+
+/// The limit an adaptive provider starts at (or its ceiling, if lower).
+const INITIAL: usize = 4;
+
+/// What an answer says about the provider's load.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Verdict {
+    /// Answered (or failed on its own account) in this time, for this many prompts.
+    Took(Duration, usize),
+    /// 429, 503, or the provider's own timeout: it is overloaded.
+    Overloaded,
+    /// Says nothing about load (a refused prompt, a caller gone).
+    Nothing,
+}
+
+pub(super) struct Limit {
+    slots: Arc<Semaphore>,
+    /// Prompts carried by the requests holding slots now.
+    items: AtomicUsize,
+    /// Slots carrying prompts now: requests in flight (a slot held while a batch gathers
+    /// carries none).
+    carrying: AtomicUsize,
+    /// Permits taken back from busy requests: forgotten when released instead of returned.
+    owed: AtomicUsize,
+    /// [`Limit::parallelism`], kept where taking a slot reads it without the policy's lock.
+    parallel: AtomicUsize,
+    /// Signalled as each slot is released.
+    released: Notify,
+    /// `None` for a fixed limit.
+    adaptive: Option<Mutex<Gradient>>,
+    ceiling: usize,
+}
+
+/// One concurrency slot, held while a request is in flight.
+pub(super) struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    limit: Arc<Limit>,
+    /// When it was taken, to ignore answers to requests sent before the limit last fell.
+    taken: Instant,
+    /// Prompts it carries (counted in [`Limit::items_in_flight`]).
+    items: usize,
+    /// Requests in flight beyond the parallelism as it was sent (its own included): requests
+    /// the provider queues for want of a free slot, whatever its parallelism.
+    beyond: usize,
+}
+
+impl Slot {
+    /// Says how many prompts the request on this slot carries.
+    pub(super) fn carry(&mut self, items: usize) {
+        let limit = &self.limit;
+        match (self.items, items) {
+            (0, 1..) => {
+                let sent = limit.carrying.fetch_add(1, Relaxed) + 1;
+                self.beyond = sent.saturating_sub(limit.parallel.load(Relaxed));
+            }
+            (1.., 0) => {
+                limit.carrying.fetch_sub(1, Relaxed);
+            }
+            _ => {}
+        }
+        let counted = &self.limit.items;
+        if items > self.items {
+            counted.fetch_add(items - self.items, Relaxed);
+        } else {
+            counted.fetch_sub(self.items - items, Relaxed);
+        }
+        self.items = items;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.carry(0);
+        self.limit.released.notify_waiters();
+        if let Some(p) = self.permit.take() {
+            let owed = &self.limit.owed;
+            if owed
+                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                p.forget();
+            }
+        }
+    }
+}
+
+impl Limit {
+    pub(super) fn fixed(max: usize) -> Arc<Limit> {
+        Arc::new(Limit {
+            slots: Arc::new(Semaphore::new(max)),
+            items: AtomicUsize::new(0),
+            carrying: AtomicUsize::new(0),
+            owed: AtomicUsize::new(0),
+            parallel: AtomicUsize::new(max),
+            released: Notify::new(),
+            adaptive: None,
+            ceiling: max,
+        })
+    }
+
+    pub(super) fn adaptive(ceiling: usize) -> Arc<Limit> {
+        let start = INITIAL.min(ceiling).max(1);
+        Arc::new(Limit {
+            slots: Arc::new(Semaphore::new(start)),
+            items: AtomicUsize::new(0),
+            carrying: AtomicUsize::new(0),
+            owed: AtomicUsize::new(0),
+            parallel: AtomicUsize::new(start),
+            released: Notify::new(),
+            adaptive: Some(Mutex::new(Gradient::new(start, ceiling))),
+            ceiling,
+        })
+    }
+
+    /// Requests allowed in flight now.
+    pub(super) fn current(&self) -> usize {
+        match &self.adaptive {
+            None => self.ceiling,
+            Some(g) => g.lock().unwrap_or_else(PoisonError::into_inner).permits(),
+        }
+    }
+
+    fn slot(self: &Arc<Limit>, permit: OwnedSemaphorePermit) -> Slot {
+        Slot {
+            permit: Some(permit),
+            limit: self.clone(),
+            taken: Instant::now(),
+            items: 0,
+            beyond: 0,
+        }
+    }
+
+    pub(super) fn is_adaptive(&self) -> bool {
+        self.adaptive.is_some()
+    }
+
+    /// Requests the provider serves at once: the limit when fixed; when learned, what the
+    /// provider showed (at most the limit).
+    pub(super) fn parallelism(&self) -> usize {
+        self.parallel.load(Relaxed)
+    }
+
+    /// Puts an adaptive limit past slow start at `permits` slots, `parallel` of them what the
+    /// provider serves at once.
+    #[cfg(test)]
+    pub(super) fn settle(&self, permits: usize, parallel: usize) {
+        let mut g = self
+            .adaptive
+            .as_ref()
+            .expect("an adaptive limit")
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if permits > g.permits() {
+            self.slots.add_permits(permits - g.permits());
+        } else {
+            self.slots.forget_permits(g.permits() - permits);
+        }
+        g.settle(permits, parallel);
+        self.parallel.store(parallel, Relaxed);
+    }
+
+    /// Resolves at the next release of a slot after this call (whether polled yet or not).
+    pub(super) fn released(&self) -> Notified<'_> {
+        self.released.notified()
+    }
+
+    /// Requests in flight now (slots carrying prompts).
+    pub(super) fn requests_in_flight(&self) -> usize {
+        self.carrying.load(Relaxed)
+    }
+
+    /// Prompts carried by requests in flight now.
+    pub(super) fn items_in_flight(&self) -> usize {
+        self.items.load(Relaxed)
+    }
+
+    /// A free slot now, if there is one.
+    pub(super) fn try_acquire(self: &Arc<Limit>) -> Option<Slot> {
+        let p = self.slots.clone().try_acquire_owned().ok()?;
+        Some(self.slot(p))
+    }
+
+    /// Waits for a slot, in arrival order. `None` once the semaphore is closed.
+    pub(super) async fn acquire(self: &Arc<Limit>) -> Option<Slot> {
+        let p = self.slots.clone().acquire_owned().await.ok()?;
+        Some(self.slot(p))
+    }
+
+    /// Learns from one answer to a request sent on `slot` (still held). A good answer says
+    /// the limit is too low only when every slot is taken: waiting requests take a freed
+    /// permit at once, so none is free while demand exceeds the limit.
+    pub(super) fn observe(&self, slot: &Slot, verdict: Verdict) {
+        let Some(g) = &self.adaptive else { return };
+        let saturated = self.slots.available_permits() == 0;
+        let busy = self.carrying.load(Relaxed);
+        let load = Load {
+            busy,
+            saturated,
+            beyond: slot.beyond,
+        };
+        let (before, after) = {
+            let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
+            let before = g.permits();
+            g.learn(slot.taken, load, verdict);
+            self.parallel.store(g.parallelism(), Relaxed);
+            (before, g.permits())
+        };
+        if after > before {
+            // Settle what is owed first, then add.
+            let mut add = after - before;
+            while add > 0
+                && self
+                    .owed
+                    .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                add -= 1;
+            }
+            self.slots.add_permits(add);
+        } else if before > after {
+            let drop = before - after;
+            let forgotten = self.slots.forget_permits(drop);
+            self.owed.fetch_add(drop - forgotten, Relaxed);
+        }
+    }
+}
+
+/// What the limit held as an answer came.
+#[derive(Clone, Copy, Debug)]
+struct Load {
+    /// Requests in flight (the answer's own included; a slot held while a batch gathers
+    /// is not one).
+    busy: usize,
+    /// Whether every slot was held.
+    saturated: bool,
+    /// The answer's request was sent with this many requests in flight beyond the
+    /// parallelism.
+    beyond: usize,
+}
