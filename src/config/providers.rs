@@ -263,6 +263,16 @@ impl Check<'_> {
                 Ok(expanded) => Some(self.url(&format!("{at}.{key_name}"), &expanded)?),
             },
         };
+        // Anthropic's SDKs take the host alone (the router adds `/v1/messages`); a URL given
+        // with `/v1`, as OpenAI-shaped ones are, means the same server.
+        let endpoint = endpoint.map(|mut u| {
+            if kind == ProviderKind::Anthropic
+                && let Some(host_only) = u.path().strip_suffix("/v1").map(str::to_string)
+            {
+                u.set_path(&host_only);
+            }
+            u
+        });
         let timeout = match p.timeout_seconds {
             None => cascade.attempt_timeout,
             Some(v) => self.seconds(&format!("{at}.timeout_seconds"), v, false)?,
@@ -574,5 +584,26 @@ mod tests {
     fn api_key_debug_is_redacted() {
         let k = ApiKey::new("sk-secret".into());
         assert!(!format!("{k:?}").contains("sk-secret"));
+    }
+
+    #[test]
+    fn an_anthropic_url_may_end_in_v1_as_openai_ones_do() {
+        for url in [
+            "https://api.anthropic.com",
+            "https://api.anthropic.com/",
+            "https://api.anthropic.com/v1",
+            "https://api.anthropic.com/v1/",
+        ] {
+            let yaml = format!(
+                "providers:\n  - {{name: a, type: anthropic, api_key: k, base_url: \"{url}\", models: [m]}}\n"
+            );
+            let c = crate::config::parse(&yaml, "t", &|_| None).unwrap();
+            let base = c.providers[0].endpoint.clone().unwrap();
+            assert_eq!(
+                crate::provider::http::join(&base, "/v1/messages").as_str(),
+                "https://api.anthropic.com/v1/messages",
+                "{url}"
+            );
+        }
     }
 }
