@@ -4,97 +4,11 @@
 //! is too small, or whose provider's API cannot carry one of the request's fields is skipped
 //! with no network attempt (attempt kind `unsupported`). When the route's own models lack a
 //! capability, the file's `fallback_chains.<capability>` is walked after them, as the Python
-//! router does. A model with no `capabilities` list is taken to have them all.
+//! router does (`cascade::plan`). A model with no `capabilities` list is taken to have them
+//! all. Here: what a request [`Needs`]; what a model has is the file's (`config`).
 
-use std::{fmt, sync::Arc, time::Duration};
-
-use crate::{
-    cascade::Target,
-    completion::{Attempt, CompletionRequest, FailureKind},
-    error::RouterError,
-};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Capability {
-    Text,
-    Tools,
-    Json,
-    Streaming,
-    Vision,
-}
-
-impl Capability {
-    pub const ALL: [Capability; 5] = [
-        Capability::Text,
-        Capability::Tools,
-        Capability::Json,
-        Capability::Streaming,
-        Capability::Vision,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Capability::Text => "text",
-            Capability::Tools => "tools",
-            Capability::Json => "json",
-            Capability::Streaming => "streaming",
-            Capability::Vision => "vision",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Capability> {
-        Capability::ALL.into_iter().find(|c| c.as_str() == s)
-    }
-
-    fn bit(self) -> u8 {
-        1 << self as u8
-    }
-}
-
-/// A set of capabilities.
-#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct Capabilities(u8);
-
-impl Capabilities {
-    pub fn with(self, c: Capability) -> Capabilities {
-        Capabilities(self.0 | c.bit())
-    }
-
-    pub fn has(self, c: Capability) -> bool {
-        self.0 & c.bit() != 0
-    }
-
-    pub fn iter(self) -> impl Iterator<Item = Capability> {
-        Capability::ALL.into_iter().filter(move |c| self.has(*c))
-    }
-
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-}
-
-impl FromIterator<Capability> for Capabilities {
-    fn from_iter<I: IntoIterator<Item = Capability>>(it: I) -> Capabilities {
-        it.into_iter()
-            .fold(Capabilities::default(), Capabilities::with)
-    }
-}
-
-impl fmt::Debug for Capabilities {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list()
-            .entries(self.iter().map(Capability::as_str))
-            .finish()
-    }
-}
-
-/// What the cascade file says of one model.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ModelInfo {
-    /// `None`: no list given, so nothing is assumed missing.
-    pub capabilities: Option<Capabilities>,
-    pub context_window: Option<u32>,
-}
+use crate::completion::CompletionRequest;
+pub use crate::config::{Capabilities, Capability, ModelInfo};
 
 /// Tokens counted for each image in the window estimate (about what one 512×512 tile and
 /// its overhead cost at the hosted APIs).
@@ -162,83 +76,6 @@ impl Needs {
             _ => None,
         }
     }
-}
-
-/// The targets a request may go to, and those skipped for it (with why).
-pub struct Plan {
-    pub targets: Arc<[Target]>,
-    pub skipped: Vec<Attempt>,
-}
-
-/// Filters `route` (then each `chains` entry for a capability the route lacks) down to the
-/// targets that can take `request`; fails when none can, naming what is missing.
-pub fn plan(
-    route: &Arc<[Target]>,
-    chains: &dyn Fn(Capability) -> Option<Arc<[Target]>>,
-    request: &CompletionRequest,
-    streaming: bool,
-) -> Result<Plan, RouterError> {
-    let needs = Needs::of(request, streaming);
-    let refusal = |t: &Target| t.upstream.refuses(&t.model, request, &needs);
-    // The common case, checked without allocating: every target can take it.
-    if route.iter().all(|t| refusal(t).is_none()) {
-        return Ok(Plan {
-            targets: route.clone(),
-            skipped: Vec::new(),
-        });
-    }
-    let mut candidates: Vec<Target> = route.to_vec();
-    for c in needs.capabilities.iter() {
-        let lacking = |t: &Target| {
-            t.upstream
-                .model_info(&t.model)
-                .capabilities
-                .is_some_and(|have| !have.has(c))
-        };
-        if route.iter().any(lacking)
-            && let Some(chain) = chains(c)
-        {
-            for t in chain.iter() {
-                if !candidates.contains(t) {
-                    candidates.push(t.clone());
-                }
-            }
-        }
-    }
-    let mut targets = Vec::with_capacity(candidates.len());
-    let mut skipped = Vec::new();
-    for t in candidates {
-        match refusal(&t) {
-            None => targets.push(t),
-            Some(why) => skipped.push(Attempt {
-                provider: t.upstream.name().clone(),
-                model: t.model.clone(),
-                kind: FailureKind::Unsupported,
-                http_status: None,
-                error: why,
-                tries: 0,
-                elapsed: Duration::ZERO,
-            }),
-        }
-    }
-    if targets.is_empty() {
-        return Err(RouterError::Unsupported {
-            needs: describe(&needs),
-            attempts: skipped,
-        });
-    }
-    Ok(Plan {
-        targets: targets.into(),
-        skipped,
-    })
-}
-
-/// The needs in words, for the error when nothing on the route meets them.
-fn describe(needs: &Needs) -> String {
-    let mut parts: Vec<&str> = needs.capabilities.iter().map(Capability::as_str).collect();
-    let tokens = format!("about {} tokens of window", needs.tokens);
-    parts.push(&tokens);
-    parts.join(", ")
 }
 
 #[cfg(test)]

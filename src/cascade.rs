@@ -1,7 +1,7 @@
 //! The ordered fallback loop: each target in turn, with retries and backoff on transient
 //! faults, until one answers or the caller's deadline passes. Each try is the upstream's
 //! ([`Upstream::attempt`]: breaker, budget, batch queue); failures are collected per provider
-//! and end as one aggregate error.
+//! and end as one aggregate error. Which targets it walks for a request is its [`Plan`].
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tower::retry::budget::{Budget as _, TpsBudget};
 
 use crate::{
-    capability::Plan,
+    capability::{Capability, Needs},
     completion::{Answer, Attempt, CompletionRequest, FailureKind},
     config::CascadePolicy,
     error::RouterError,
@@ -60,6 +60,84 @@ enum Turn<T> {
     Failed(Attempt),
     /// The caller's deadline passed; `Some` when a try was cut short by it.
     OutOfTime(Option<Attempt>),
+}
+
+/// The targets a request may go to, and those skipped for it (with why).
+pub struct Plan {
+    pub targets: Arc<[Target]>,
+    pub skipped: Vec<Attempt>,
+}
+
+/// Filters `route` (then each `chains` entry for a capability the route lacks) down to the
+/// targets that can take `request` (by [`Needs`]: capabilities, context window, what each
+/// provider's API can carry); fails when none can, naming what is missing.
+pub fn plan(
+    route: &Arc<[Target]>,
+    chains: &dyn Fn(Capability) -> Option<Arc<[Target]>>,
+    request: &CompletionRequest,
+    streaming: bool,
+) -> Result<Plan, RouterError> {
+    let needs = Needs::of(request, streaming);
+    let refusal = |t: &Target| t.upstream.refuses(&t.model, request, &needs);
+    // The common case, checked without allocating: every target can take it.
+    if route.iter().all(|t| refusal(t).is_none()) {
+        return Ok(Plan {
+            targets: route.clone(),
+            skipped: Vec::new(),
+        });
+    }
+    let mut candidates: Vec<Target> = route.to_vec();
+    for c in needs.capabilities.iter() {
+        let lacking = |t: &Target| {
+            t.upstream
+                .model_info(&t.model)
+                .capabilities
+                .is_some_and(|have| !have.has(c))
+        };
+        if route.iter().any(lacking)
+            && let Some(chain) = chains(c)
+        {
+            for t in chain.iter() {
+                if !candidates.contains(t) {
+                    candidates.push(t.clone());
+                }
+            }
+        }
+    }
+    let mut targets = Vec::with_capacity(candidates.len());
+    let mut skipped = Vec::new();
+    for t in candidates {
+        match refusal(&t) {
+            None => targets.push(t),
+            Some(why) => skipped.push(Attempt {
+                provider: t.upstream.name().clone(),
+                model: t.model.clone(),
+                kind: FailureKind::Unsupported,
+                http_status: None,
+                error: why,
+                tries: 0,
+                elapsed: Duration::ZERO,
+            }),
+        }
+    }
+    if targets.is_empty() {
+        return Err(RouterError::Unsupported {
+            needs: describe(&needs),
+            attempts: skipped,
+        });
+    }
+    Ok(Plan {
+        targets: targets.into(),
+        skipped,
+    })
+}
+
+/// The needs in words, for the error when nothing on the route meets them.
+fn describe(needs: &Needs) -> String {
+    let mut parts: Vec<&str> = needs.capabilities.iter().map(Capability::as_str).collect();
+    let tokens = format!("about {} tokens of window", needs.tokens);
+    parts.push(&tokens);
+    parts.join(", ")
 }
 
 impl Cascade {

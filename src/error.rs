@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use tonic::{Code, Status};
 
-use crate::completion::Attempt;
+use crate::failure::Attempt;
 
 /// Why a request got no completion. Each variant says what a client can do about it.
 #[derive(Clone, Debug, thiserror::Error)]

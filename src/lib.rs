@@ -65,6 +65,7 @@ mod coalescer;
 mod completion;
 mod edge;
 mod error;
+mod failure;
 mod inflight;
 mod listener;
 mod metrics;

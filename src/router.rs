@@ -11,8 +11,8 @@ use tokio::time::{Instant, timeout_at};
 
 use crate::{
     cache::{Cache, CacheKey, deterministic},
-    capability::{self, Capability, Plan},
-    cascade::{Cascade, Target},
+    capability::Capability,
+    cascade::{self, Cascade, Plan, Target},
     coalescer::Coalescer,
     completion::{Answer, CacheMode, CompletionRequest, Streamed},
     config::{BreakerConfig, CacheConfig, Config, ProviderConfig},
@@ -106,14 +106,14 @@ impl Routes {
     }
 
     /// The targets that can take `request` on `route`, with the chains of capabilities the
-    /// route lacks after it (see [`capability::plan`]).
+    /// route lacks after it (see [`cascade::plan`]).
     pub fn plan(
         &self,
         route: &Arc<[Target]>,
         request: &CompletionRequest,
         streaming: bool,
     ) -> Result<Plan, RouterError> {
-        capability::plan(
+        cascade::plan(
             route,
             &|c| self.by_capability.get(&c).cloned(),
             request,

@@ -11,6 +11,7 @@
 
 mod auth;
 mod cache;
+mod capabilities;
 mod cascade;
 mod chains;
 mod env;
@@ -24,6 +25,7 @@ use serde_yaml::Value;
 
 pub use auth::{AuthConfig, ClientKey, KeyHash, open_to_network};
 pub use cache::{CacheConfig, CacheScope, RedisConfig};
+pub use capabilities::{Capabilities, Capability, ModelInfo};
 pub use cascade::{BreakerConfig, CascadePolicy, RetryBudget};
 pub use providers::{
     ApiKey, BatchMode, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind, RateLimitConfig,

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use crate::capability::{Capabilities, Capability, ModelInfo};
+use super::{Capabilities, Capability, ModelInfo};
 
 use super::{
     CascadePolicy, Check, ConfigError,
