@@ -318,20 +318,4 @@ fn backoff(base: Duration, tries: u32) -> Duration {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_stays_in_its_band() {
-        let base = Duration::from_millis(100);
-        for tries in 1..=8 {
-            let full = base * (1 << (tries - 1).min(5));
-            let d = backoff(base, tries);
-            assert!(
-                d >= full / 2 && d <= full,
-                "try {tries}: {d:?} outside {full:?}"
-            );
-        }
-        assert_eq!(backoff(Duration::ZERO, 3), Duration::ZERO);
-    }
-}
+mod tests;

@@ -57,15 +57,14 @@ async fn falls_over_refused_then_500_to_the_healthy_third() {
 }
 
 #[tokio::test]
-async fn open_circuit_skips_provider_until_recovery_probe_closes_it() {
+async fn failures_over_http_open_the_circuit_and_an_open_circuit_sends_nothing() {
     let flaky = MockServer::start(Script::failing(Fault::Status(503)))
         .await
         .unwrap();
     let backup = MockServer::start(Script::default()).await.unwrap();
-    let recovery = Duration::from_millis(300);
     let yaml = format!(
         "{}providers:\n{}{}",
-        cascade(0, 3, recovery.as_secs_f64()),
+        cascade(0, 3, 60.0),
         openai("flaky", 1, &flaky.url()),
         openai("backup", 2, &backup.url()),
     );
@@ -76,7 +75,6 @@ async fn open_circuit_skips_provider_until_recovery_probe_closes_it() {
         assert_eq!(r.provider, "backup");
         assert_eq!(r.attempts[0].kind(), FailureKind::ServerError);
     }
-    let opened_at = Instant::now();
     assert_eq!(flaky.stats().requests, 3);
     assert_eq!(
         circuit_of(&providers(&mut router.client).await, "flaky"),
@@ -94,24 +92,16 @@ async fn open_circuit_skips_provider_until_recovery_probe_closes_it() {
         "no request reached the open provider"
     );
 
-    // The provider recovers; once recovery_timeout has passed a probe goes through and closes it.
-    flaky.set_script(Script::default());
-    tokio::time::sleep(recovery.saturating_sub(opened_at.elapsed()) + Duration::from_millis(20))
-        .await;
-    let r = router.client.ask(prompt("p4")).await;
-    assert_eq!(r.provider, "flaky");
-    assert!(r.attempts.is_empty());
-    assert_eq!(flaky.stats().requests, 4);
-    assert_eq!(
-        circuit_of(&providers(&mut router.client).await, "flaky"),
-        CircuitState::Closed
-    );
+    // The probe after `recovery_timeout` that closes it again: `cascade::tests`, on a paused
+    // clock.
 }
 
+/// A 429's `Retry-After` header, read off the wire, sets the provider aside (how long, to
+/// the millisecond, and the return after it: `cascade::tests`, on a paused clock).
 #[tokio::test]
-async fn retry_after_keeps_router_off_provider_for_that_long() {
+async fn retry_after_from_the_wire_sets_a_provider_aside() {
     let limited = MockServer::start(Script::failing(Fault::RateLimited {
-        retry_after: "2".into(),
+        retry_after: "60".into(),
     }))
     .await
     .unwrap();
@@ -136,28 +126,18 @@ async fn retry_after_keeps_router_off_provider_for_that_long() {
             "a 429 is not retried on the same provider"
         );
     }
-    let limited_at = Instant::now();
     limited.set_script(Script::default());
-
     let r = router.client.ask(prompt("b")).await;
-    let status = providers(&mut router.client).await;
-    if limited_at.elapsed() < Duration::from_millis(1500) {
-        assert_eq!(r.provider, "other");
-        assert_eq!(r.attempts[0].kind(), FailureKind::CoolingDown);
-        assert_eq!(limited.stats().requests, 2, "no request while cooling down");
-        let left = status
-            .iter()
-            .find(|p| p.name == "limited")
-            .unwrap()
-            .cooling_down_ms;
-        assert!(left > 0 && left <= 2000, "cooling_down_ms = {left}");
-    }
-
-    // Retry-After is the behaviour under test: wait it out, then the provider is used again.
-    tokio::time::sleep(Duration::from_millis(2050).saturating_sub(limited_at.elapsed())).await;
-    let r = router.client.ask(prompt("c")).await;
-    assert_eq!(r.provider, "limited");
-    assert_eq!(r.text, mock::reply("c"));
+    assert_eq!(r.provider, "other");
+    assert_eq!(r.attempts[0].kind(), FailureKind::CoolingDown);
+    assert_eq!(limited.stats().requests, 2, "no request while cooling down");
+    let left = providers(&mut router.client)
+        .await
+        .iter()
+        .find(|p| p.name == "limited")
+        .unwrap()
+        .cooling_down_ms;
+    assert!(left > 50_000 && left <= 60_000, "cooling_down_ms = {left}");
 }
 
 #[tokio::test]
@@ -173,14 +153,12 @@ async fn client_deadline_beats_a_hanging_provider_and_closes_the_upstream_reques
     let mut router = start(&yaml).await;
 
     let began = Instant::now();
-    let err = router
-        .client
-        // 1 s, so the router's answer leaves 25 ms before the client's own timer (5% of the
-        // deadline, at most 25 ms) — room a loaded 2-core machine needs; at 200 ms (10 ms)
-        // the client's bare CANCELLED won once while a build ran beside the tests.
-        .complete(with_timeout(prompt("x"), Duration::from_secs(1)))
-        .await
-        .unwrap_err();
+    // The deadline as sent (1 s), without the client's own timer: on a loaded machine that
+    // timer can fire first and report a bare CANCELLED; the router's answer is under test.
+    let mut req = tonic::Request::new(prompt("x"));
+    req.metadata_mut()
+        .insert("grpc-timeout", "1000m".parse().unwrap());
+    let err = router.client.complete(req).await.unwrap_err();
     let took = began.elapsed();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(err.message().contains("hangs/m"), "{}", err.message());

@@ -4,6 +4,8 @@
 //! and shared by all requests, so connections are reused across calls.
 
 pub mod anthropic;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod http;
 pub mod ollama;
 pub mod openai;

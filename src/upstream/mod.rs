@@ -107,7 +107,7 @@ impl Upstream {
         ))
     }
 
-    fn with_provider(
+    pub(crate) fn with_provider(
         config: &ProviderConfig,
         breaker: BreakerConfig,
         metrics: &Arc<Metrics>,
