@@ -21,7 +21,7 @@ mod server;
 
 use std::{collections::BTreeMap, collections::BTreeSet, path::Path, time::Duration};
 
-use serde_yaml::Value;
+use yaml_serde::Value;
 
 pub use auth::{AuthConfig, ClientKey, KeyHash, open_to_network};
 pub use cache::{CacheConfig, CacheScope, RedisConfig};
@@ -151,7 +151,7 @@ pub fn parse(
         warnings: Vec::new(),
         unset: Vec::new(),
     };
-    let doc: Value = serde_yaml::from_str(text).map_err(|e| {
+    let doc: Value = yaml_serde::from_str(text).map_err(|e| {
         let key = e
             .location()
             .map(|l| format!("line {} column {}", l.line(), l.column()))
@@ -217,7 +217,7 @@ impl Check<'_> {
     /// else an unknown key is an error.
     fn sections(&mut self, doc: Value) -> Result<RawFile, ConfigError> {
         let mut map = match doc {
-            Value::Null => serde_yaml::Mapping::new(),
+            Value::Null => yaml_serde::Mapping::new(),
             Value::Mapping(m) => m,
             _ => {
                 return Err(self.err(
