@@ -15,7 +15,7 @@ use crate::{
     config::{Limits, ServerConfig},
     error::RouterError,
     inflight::{InFlight, Ticket},
-    metrics::{CallLabel, MethodLabel, Metrics},
+    metrics::Metrics,
     rate::TenantQuotas,
     router::Router,
 };
@@ -83,7 +83,7 @@ impl Edge {
     /// Counts a call shed for want of room.
     fn shed(&self, e: &RouterError) {
         if matches!(e, RouterError::AtCapacity { .. }) {
-            self.router.metrics().shed.inc();
+            self.router.metrics().shed();
         }
     }
 
@@ -115,8 +115,8 @@ impl Edge {
         Ok(Arc::new(request))
     }
 
-    /// Takes one call from `tenant`'s quota, if quotas are on. The tenant is the caller's
-    /// `agent` (the client key's name once authentication lands).
+    /// Takes one call from `tenant`'s quota, if quotas are on. The tenant is the client key's
+    /// name when `server.auth` is on, else the request's `agent`.
     fn charge(&self, tenant: &str) -> Result<(), RouterError> {
         match &self.quotas {
             None => Ok(()),
@@ -237,19 +237,10 @@ impl<M: Borrow<Metrics>> Record<M> {
 
 impl<M: Borrow<Metrics>> Drop for Record<M> {
     fn drop(&mut self) {
-        let (metrics, method) = (self.metrics.borrow(), self.method);
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
-        metrics
-            .calls
-            .get_or_create(&CallLabel {
-                method,
-                code: format!("{code:?}"),
-            })
-            .inc();
-        metrics
-            .call_seconds
-            .get_or_create(&MethodLabel { method })
-            .observe(self.started.elapsed().as_secs_f64());
+        self.metrics
+            .borrow()
+            .call_ended(self.method, code, self.started.elapsed());
     }
 }
 
@@ -335,7 +326,7 @@ async fn handle(
                 .elapsed()
                 .saturating_sub(a.queue_wait)
                 .saturating_sub(a.upstream);
-            router.metrics().overhead_seconds.observe(own.as_secs_f64());
+            router.metrics().overhead(own);
         }
         if log_prompts && let Ok(a) = &outcome {
             tracing::info!(request_id = %request.request_id, completion = %a.completion.text, "completion (server.log_prompts)");

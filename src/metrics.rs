@@ -56,54 +56,160 @@ pub struct MethodLabel {
 /// Completion-cache counters.
 #[derive(Clone, Default)]
 pub struct CacheMetrics {
-    pub hits: Counter,
-    pub misses: Counter,
-    pub coalesced: Counter,
-    pub evictions: Counter,
-    pub bytes: Gauge,
-    pub redis_errors: Counter,
+    hits: Counter,
+    misses: Counter,
+    coalesced: Counter,
+    evictions: Counter,
+    bytes: Gauge,
+    redis_errors: Counter,
     /// Redis operations not tried: Redis was being skipped, or too many writes were pending.
-    pub redis_skipped: Counter,
+    redis_skipped: Counter,
     /// Times Redis started being skipped.
-    pub redis_trips: Counter,
+    redis_trips: Counter,
     /// 1 while Redis is used, 0 while it is skipped.
-    pub redis_up: Gauge,
+    redis_up: Gauge,
 }
 
 pub struct Metrics {
     registry: Registry,
-    pub cache: CacheMetrics,
+    cache: CacheMetrics,
     /// Upstream HTTP requests and the prompts they carried, per provider.
-    pub upstream_requests: Family<ProviderLabel, Counter>,
-    pub upstream_items: Family<ProviderLabel, Counter>,
-    pub batch_size: HistogramFamily,
-    pub queue_wait_seconds: HistogramFamily,
+    upstream_requests: Family<ProviderLabel, Counter>,
+    upstream_items: Family<ProviderLabel, Counter>,
+    batch_size: HistogramFamily,
+    queue_wait_seconds: HistogramFamily,
     /// Calls answered, by method and gRPC code (`cascade_requests_total`).
-    pub calls: Family<CallLabel, Counter>,
+    calls: Family<CallLabel, Counter>,
     /// Time from a call's arrival to its answer, by method.
-    pub call_seconds: Family<MethodLabel, Histogram, fn() -> Histogram>,
+    call_seconds: Family<MethodLabel, Histogram, fn() -> Histogram>,
     /// Upstream requests that failed, by provider and failure kind.
-    pub upstream_failures: Family<FailureLabel, Counter>,
+    upstream_failures: Family<FailureLabel, Counter>,
     /// Each provider's circuit: 0 closed, 1 half-open, 2 open (set when scraped).
-    pub circuit: Family<ProviderLabel, Gauge>,
+    circuit: Family<ProviderLabel, Gauge>,
     /// Each provider's concurrency limit now (set when scraped).
-    pub concurrency_limit: Family<ProviderLabel, Gauge>,
+    concurrency_limit: Family<ProviderLabel, Gauge>,
     /// Calls running now (set when scraped) and calls shed by `limits.max_in_flight`.
-    pub in_flight: Gauge,
-    pub shed: Counter,
+    in_flight: Gauge,
+    shed: Counter,
     /// Client connections closed at once for being over `limits.max_connections[_per_peer]`.
-    pub connections_refused: Counter,
+    connections_refused: Counter,
     /// Calls refused for a missing or unknown client key (before any handler runs).
-    pub unauthenticated: Counter,
+    unauthenticated: Counter,
     /// Each upstream request's time from send to outcome, per provider.
-    pub upstream_seconds: HistogramFamily,
+    upstream_seconds: HistogramFamily,
     /// Time a request waited for the provider's `rate_limit` before it could be sent.
-    pub rate_wait_seconds: HistogramFamily,
+    rate_wait_seconds: HistogramFamily,
     /// Requests the provider's `rate_limit` held back past their time (they moved on).
-    pub rate_limited: Family<ProviderLabel, Counter>,
+    rate_limited: Family<ProviderLabel, Counter>,
     /// The router's own share of an answered, uncached call: its duration less the time
     /// in a batch queue and at the provider.
-    pub overhead_seconds: Histogram,
+    overhead_seconds: Histogram,
+}
+
+impl CacheMetrics {
+    pub fn hit(&self) {
+        self.hits.inc();
+    }
+
+    pub fn miss(&self) {
+        self.misses.inc();
+    }
+
+    /// A request joined an identical one in flight.
+    pub fn coalesced(&self) {
+        self.coalesced.inc();
+    }
+
+    /// The eviction counter (moka's eviction listener counts into it).
+    pub fn evictions(&self) -> Counter {
+        self.evictions.clone()
+    }
+
+    /// Bytes held by the in-memory level now.
+    pub fn held(&self, bytes: u64) {
+        self.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    pub fn redis_failed(&self) {
+        self.redis_errors.inc();
+    }
+
+    pub fn redis_skipped(&self) {
+        self.redis_skipped.inc();
+    }
+
+    /// Redis started being skipped (`false`) or is used again (`true`).
+    pub fn redis_up(&self, up: bool) {
+        self.redis_up.set(i64::from(up));
+        if !up {
+            self.redis_trips.inc();
+        }
+    }
+
+    /// (hits, misses) so far.
+    #[cfg(test)]
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        (self.hits.get(), self.misses.get())
+    }
+}
+
+/// One provider's series: what happens to its upstream requests, by event.
+#[derive(Clone)]
+pub struct ProviderMetrics {
+    label: ProviderLabel,
+    requests: Counter,
+    items: Counter,
+    upstream_seconds: Histogram,
+    rate_wait_seconds: Histogram,
+    rate_limited: Counter,
+    batch_size: Histogram,
+    queue_wait_seconds: Histogram,
+    failures: Family<FailureLabel, Counter>,
+}
+
+impl ProviderMetrics {
+    /// An upstream request carrying `items` prompts went out.
+    pub fn sent(&self, items: usize) {
+        self.requests.inc();
+        self.items.inc_by(items as u64);
+    }
+
+    /// Upstream requests sent and the prompts they carried, so far.
+    pub fn sent_so_far(&self) -> (u64, u64) {
+        (self.requests.get(), self.items.get())
+    }
+
+    /// An upstream request ended (however) after `took`.
+    pub fn ended(&self, took: Duration) {
+        self.upstream_seconds.observe(took.as_secs_f64());
+    }
+
+    /// An upstream request failed this way.
+    pub fn failed(&self, kind: &'static str) {
+        self.failures
+            .get_or_create(&FailureLabel {
+                provider: self.label.provider.clone(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// A request waited `waited` for the provider's `rate_limit`; `held_back` when it ran out
+    /// of time there.
+    pub fn rate_waited(&self, waited: Duration, held_back: bool) {
+        self.rate_wait_seconds.observe(waited.as_secs_f64());
+        if held_back {
+            self.rate_limited.inc();
+        }
+    }
+
+    /// A batch of `size` prompts went out, each having waited in the queue.
+    pub fn batch(&self, size: usize, waits: impl Iterator<Item = Duration>) {
+        self.batch_size.observe(size as f64);
+        for w in waits {
+            self.queue_wait_seconds.observe(w.as_secs_f64());
+        }
+    }
 }
 
 fn batch_buckets() -> Histogram {
@@ -292,17 +398,73 @@ impl Metrics {
         }
     }
 
-    pub fn observe_batch(
-        &self,
-        provider: &ProviderLabel,
-        size: usize,
-        waits: impl Iterator<Item = Duration>,
-    ) {
-        self.batch_size.get_or_create(provider).observe(size as f64);
-        let h = self.queue_wait_seconds.get_or_create(provider);
-        for w in waits {
-            h.observe(w.as_secs_f64());
+    /// One provider's series, looked up once for its link.
+    pub fn provider(&self, name: &str) -> ProviderMetrics {
+        let label = ProviderLabel::of(name);
+        ProviderMetrics {
+            requests: self.upstream_requests.get_or_create(&label).clone(),
+            items: self.upstream_items.get_or_create(&label).clone(),
+            upstream_seconds: self.upstream_seconds.get_or_create(&label).clone(),
+            rate_wait_seconds: self.rate_wait_seconds.get_or_create(&label).clone(),
+            rate_limited: self.rate_limited.get_or_create(&label).clone(),
+            batch_size: self.batch_size.get_or_create(&label).clone(),
+            queue_wait_seconds: self.queue_wait_seconds.get_or_create(&label).clone(),
+            failures: self.upstream_failures.clone(),
+            label,
         }
+    }
+
+    /// The completion cache's counters.
+    pub fn cache(&self) -> &CacheMetrics {
+        &self.cache
+    }
+
+    /// A call at the edge ended with `code` after `took`.
+    pub fn call_ended(&self, method: &'static str, code: tonic::Code, took: Duration) {
+        self.calls
+            .get_or_create(&CallLabel {
+                method,
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.call_seconds
+            .get_or_create(&MethodLabel { method })
+            .observe(took.as_secs_f64());
+    }
+
+    /// A call refused at once by `limits.max_in_flight`.
+    pub fn shed(&self) {
+        self.shed.inc();
+    }
+
+    /// The router's own share of an answered, uncached call.
+    pub fn overhead(&self, own: Duration) {
+        self.overhead_seconds.observe(own.as_secs_f64());
+    }
+
+    /// Calls running now (set when scraped).
+    pub fn in_flight(&self, n: usize) {
+        self.in_flight.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A provider's circuit (0 closed, 1 half-open, 2 open) and concurrency limit now (set
+    /// when scraped).
+    pub fn provider_state(&self, provider: &str, circuit: i64, concurrency_limit: usize) {
+        let label = ProviderLabel::of(provider);
+        self.circuit.get_or_create(&label).set(circuit);
+        self.concurrency_limit
+            .get_or_create(&label)
+            .set(i64::try_from(concurrency_limit).unwrap_or(i64::MAX));
+    }
+
+    /// The counter of client connections closed for being over the caps (the listeners').
+    pub fn connections_refused(&self) -> Counter {
+        self.connections_refused.clone()
+    }
+
+    /// The counter of calls refused for a missing or unknown key (the authenticator's).
+    pub fn unauthenticated(&self) -> Counter {
+        self.unauthenticated.clone()
     }
 
     /// The registry in Prometheus' text format.

@@ -17,7 +17,7 @@ use crate::{
     completion::{Answer, CacheMode, CompletionRequest, Streamed},
     config::{BreakerConfig, CacheConfig, Config, ProviderConfig},
     error::{RouterError, Sent},
-    metrics::{Metrics, ProviderLabel},
+    metrics::Metrics,
     provider,
     relay::Relay,
     upstream::{Circuit, Snapshot, Upstream},
@@ -266,12 +266,8 @@ impl Router {
                 Circuit::HalfOpen => 1,
                 Circuit::Open => 2,
             };
-            let label = ProviderLabel::of(&s.name);
-            self.metrics.circuit.get_or_create(&label).set(value);
             self.metrics
-                .concurrency_limit
-                .get_or_create(&label)
-                .set(i64::try_from(s.concurrency_limit).unwrap_or(i64::MAX));
+                .provider_state(&s.name, value, s.concurrency_limit);
         }
         self.metrics.render()
     }
@@ -346,7 +342,7 @@ impl State {
                     reloaded.cache_kept = true;
                     Some(kept.clone())
                 }
-                None => Some((c.clone(), Arc::new(Cache::new(c, metrics.cache.clone())?))),
+                None => Some((c.clone(), Arc::new(Cache::new(c, metrics.cache().clone())?))),
             },
         };
         let targets: Vec<Arc<Upstream>> = upstreams.iter().map(|(_, u)| u.clone()).collect();
@@ -474,7 +470,7 @@ impl State {
         };
         let joined = || {
             tracing::debug!("joined an identical request in flight");
-            self.metrics.cache.coalesced.inc();
+            self.metrics.cache().coalesced();
         };
         // A shared flight runs on the deadline of the caller who started it. If that ran out
         // while this caller still has time, the flight failed for someone else's deadline:

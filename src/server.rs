@@ -309,8 +309,7 @@ pub async fn serve(
             let (scraped, running) = (router.clone(), inflight.clone());
             let task = tokio::spawn(crate::metrics::serve(
                 Arc::new(move || {
-                    let n = i64::try_from(running.count()).unwrap_or(i64::MAX);
-                    scraped.metrics().in_flight.set(n);
+                    scraped.metrics().in_flight(running.count());
                     scraped.render_metrics()
                 }),
                 listener,
@@ -326,12 +325,9 @@ pub async fn serve(
             r.extensions_mut().insert(Arrival(Instant::now()));
             r
         });
-    let auth = Authenticate::new(
-        config.auth.as_ref(),
-        router.metrics().unauthenticated.clone(),
-    );
+    let auth = Authenticate::new(config.auth.as_ref(), router.metrics().unauthenticated());
     let grace = config.shutdown_grace;
-    let refused = router.metrics().connections_refused.clone();
+    let refused = router.metrics().connections_refused();
     let edge = Arc::new(Edge::new(router, config.clone(), inflight.clone()));
     let service = RouterService { edge: edge.clone() };
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -353,7 +349,7 @@ pub async fn serve(
                 app,
                 listener,
                 config.limits.clone(),
-                edge.router.metrics().connections_refused.clone(),
+                edge.router.metrics().connections_refused(),
                 stopped.clone(),
             ));
             Some(AbortOnDrop(task))

@@ -185,7 +185,7 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(config: &CacheConfig, metrics: CacheMetrics) -> Result<Cache, ::redis::RedisError> {
-        let evictions = metrics.evictions.clone();
+        let evictions = metrics.evictions();
         let memory = moka::sync::Cache::builder()
             .max_capacity(config.max_bytes)
             .weigher(|_k, v: &Timed| v.entry.weight())
@@ -223,7 +223,7 @@ impl Cache {
         let now = Instant::now();
         if let Some(t) = self.memory.get(key) {
             if now < t.expires {
-                self.metrics.hits.inc();
+                self.metrics.hit();
                 return Some(answer(&t.entry));
             }
             self.memory.invalidate(key);
@@ -233,10 +233,10 @@ impl Cache {
         {
             let entry = Arc::new(entry);
             self.insert_memory(*key, entry.clone());
-            self.metrics.hits.inc();
+            self.metrics.hit();
             return Some(answer(&entry));
         }
-        self.metrics.misses.inc();
+        self.metrics.miss();
         None
     }
 
@@ -267,9 +267,7 @@ impl Cache {
     /// the rest of its maintenance over reads and writes).
     pub fn settle(&self) {
         self.memory.run_pending_tasks();
-        self.metrics
-            .bytes
-            .set(i64::try_from(self.memory.weighted_size()).unwrap_or(i64::MAX));
+        self.metrics.held(self.memory.weighted_size());
     }
 }
 
@@ -364,6 +362,6 @@ mod tests {
         );
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(cache.get(&key).await.is_none());
-        assert_eq!((metrics.hits.get(), metrics.misses.get()), (1, 1));
+        assert_eq!(metrics.hits_and_misses(), (1, 1));
     }
 }

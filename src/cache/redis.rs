@@ -53,7 +53,7 @@ struct Health {
 
 impl Redis {
     pub fn new(config: &RedisConfig, metrics: CacheMetrics) -> Result<Redis, redis::RedisError> {
-        metrics.redis_up.set(1);
+        metrics.redis_up(true);
         Ok(Redis {
             client: redis::Client::open(config.url.as_str())?,
             config: config.clone(),
@@ -89,7 +89,7 @@ impl Redis {
     /// The entry under `key`, or `None`: absent, Redis failing, or Redis being skipped.
     pub async fn get(self: &Arc<Self>, key: &CacheKey) -> Option<Entry> {
         if self.health.skipped.load(Relaxed) {
-            self.health.metrics.redis_skipped.inc();
+            self.health.metrics.redis_skipped();
             return None;
         }
         let Some(mut conn) = self.connection().await else {
@@ -122,7 +122,7 @@ impl Redis {
     /// Stores `entry` under `key` for `ttl`, in a task of its own: the caller does not wait.
     pub fn put(self: &Arc<Self>, key: &CacheKey, entry: &Entry, ttl: Duration) {
         if self.health.skipped.load(Relaxed) {
-            self.health.metrics.redis_skipped.inc();
+            self.health.metrics.redis_skipped();
             return;
         }
         let Ok(value) = serde_json::to_vec(entry) else {
@@ -132,7 +132,7 @@ impl Redis {
             return;
         }
         let Ok(permit) = self.writes.clone().try_acquire_owned() else {
-            self.health.metrics.redis_skipped.inc();
+            self.health.metrics.redis_skipped();
             return;
         };
         let (redis, key) = (self.clone(), key.redis_key());
@@ -163,13 +163,12 @@ impl Redis {
     /// Counts a failure; the [`TRIP_AFTER`]th running starts skipping Redis and probing it.
     fn failed(self: &Arc<Self>, what: &str) {
         let h = &self.health;
-        h.metrics.redis_errors.inc();
+        h.metrics.redis_failed();
         tracing::debug!(what, "redis failed; treating it as a miss");
         if h.failures.fetch_add(1, Relaxed) + 1 < TRIP_AFTER || h.skipped.swap(true, Relaxed) {
             return;
         }
-        h.metrics.redis_up.set(0);
-        h.metrics.redis_trips.inc();
+        h.metrics.redis_up(false);
         tracing::warn!(
             url = %self.config.url_without_password(),
             "redis failed {TRIP_AFTER} times running; the cache serves from memory alone until it answers again"
@@ -198,7 +197,7 @@ async fn probe(redis: std::sync::Weak<Redis>) {
             let h = &redis.health;
             h.failures.store(0, Relaxed);
             h.skipped.store(false, Relaxed);
-            h.metrics.redis_up.set(1);
+            h.metrics.redis_up(true);
             tracing::info!(
                 url = %redis.config.url_without_password(),
                 "redis answers again; the cache is shared again"

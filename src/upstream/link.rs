@@ -13,7 +13,6 @@ use std::{
 };
 
 use futures_util::{StreamExt, stream::BoxStream};
-use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::{Instant, timeout_at};
 
 use super::{
@@ -28,7 +27,7 @@ pub(super) use super::limit::Slot;
 use crate::{
     completion::{Completion, CompletionRequest, FailureKind, StreamEvent},
     config::{BreakerConfig, ProviderConfig},
-    metrics::{FailureLabel, Metrics, ProviderLabel},
+    metrics::{Metrics, ProviderMetrics},
     provider::{EventStream, Provider, ProviderError},
     rate::{ProviderLimit, estimate_tokens},
 };
@@ -50,10 +49,8 @@ pub(super) struct Link {
     arrays_off_until: Mutex<Option<Instant>>,
     timeout: Duration,
     first_token_timeout: Duration,
-    label: ProviderLabel,
-    metrics: Arc<Metrics>,
-    /// This provider's series of `cascade_upstream_request_duration_seconds`.
-    upstream_seconds: Histogram,
+    /// This provider's Prometheus series.
+    series: ProviderMetrics,
     warnings: Warnings,
 }
 
@@ -68,7 +65,7 @@ impl Link {
         metrics: &Arc<Metrics>,
         provider: Arc<dyn Provider>,
     ) -> Link {
-        let label = ProviderLabel::of(&config.name);
+        let series = metrics.provider(&config.name);
         Link {
             name: config.name.as_str().into(),
             provider,
@@ -80,14 +77,12 @@ impl Link {
             },
             waiting: AtomicUsize::new(0),
             max_waiting: config.max_waiting,
-            stats: Stats::new(metrics, &label),
+            stats: Stats::new(series.clone()),
             rate: config.rate_limit.as_ref().map(ProviderLimit::new),
             arrays_off_until: Mutex::new(None),
             timeout: config.timeout,
             first_token_timeout: config.first_token_timeout,
-            upstream_seconds: metrics.upstream_seconds.get_or_create(&label).clone(),
-            label,
-            metrics: metrics.clone(),
+            series,
             warnings: Warnings::default(),
         }
     }
@@ -198,7 +193,7 @@ impl Link {
         });
         self.limit.observe(&slot, verdict);
         drop(slot);
-        self.upstream_seconds.observe(took.as_secs_f64());
+        self.series.ended(took);
         match outcome {
             Ok(Ok(v)) => {
                 pass.success();
@@ -373,7 +368,7 @@ impl Link {
                 let blamed = budget.blames(sent, None);
                 let (verdict, _) = judge(&Outcome::OutOfTime { blamed });
                 self.limit.observe(&slot, verdict);
-                self.upstream_seconds.observe(sent.elapsed().as_secs_f64());
+                self.series.ended(sent.elapsed());
                 if !blamed {
                     self.out_of_the_callers_time(pass);
                     return Err(timed_out(sent.elapsed()));
@@ -388,7 +383,7 @@ impl Link {
         };
         let (verdict, _) = judge(&Outcome::Failed(&e));
         self.limit.observe(&slot, verdict);
-        self.upstream_seconds.observe(sent.elapsed().as_secs_f64());
+        self.series.ended(sent.elapsed());
         self.failed(pass, &e);
         Err(e)
     }
@@ -402,28 +397,16 @@ impl Link {
     ) -> Result<(), ProviderError> {
         let start = Instant::now();
         let taken = rate.take(requests, until).await;
-        self.metrics
-            .rate_wait_seconds
-            .get_or_create(&self.label)
-            .observe(start.elapsed().as_secs_f64());
-        if taken.is_err() {
-            self.metrics.rate_limited.get_or_create(&self.label).inc();
-        }
+        self.series.rate_waited(start.elapsed(), taken.is_err());
         taken
     }
 
     fn count_failure(&self, kind: FailureKind) {
-        self.metrics
-            .upstream_failures
-            .get_or_create(&FailureLabel {
-                provider: self.label.provider.clone(),
-                kind: kind.metric_name(),
-            })
-            .inc();
+        self.series.failed(kind.metric_name());
     }
 
     pub(super) fn observe_batch(&self, size: usize, waits: impl Iterator<Item = Duration>) {
-        self.metrics.observe_batch(&self.label, size, waits);
+        self.series.batch(size, waits);
     }
 
     fn failed(&self, pass: Pass<'_>, e: &ProviderError) {
@@ -519,7 +502,7 @@ impl Streaming {
                     let (verdict, _) = judge(&Outcome::Answered { took, items: 1 });
                     link.limit.observe(&st.slot, verdict);
                     link.stats.success(took);
-                    link.upstream_seconds.observe(took.as_secs_f64());
+                    link.series.ended(took);
                 }
                 Err(e) => {
                     // Silence mid-stream is the provider's own timeout.
@@ -529,7 +512,7 @@ impl Streaming {
                         Outcome::Failed(e)
                     });
                     link.limit.observe(&st.slot, verdict);
-                    link.upstream_seconds.observe(took.as_secs_f64());
+                    link.series.ended(took);
                     link.stats.failure();
                     link.count_failure(e.kind);
                     if blamed {

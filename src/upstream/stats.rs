@@ -6,19 +6,14 @@ use std::{
     time::Duration,
 };
 
-use prometheus_client::metrics::counter::Counter;
+use crate::metrics::ProviderMetrics;
 
-use crate::metrics::{Metrics, ProviderLabel};
-
-#[derive(Debug)]
 pub(super) struct Stats {
-    /// Upstream HTTP requests sent (also `cascade_upstream_requests_total`).
-    requests: Counter,
+    /// Upstream HTTP requests sent and the prompts they carried — more than the requests when
+    /// batching — (`cascade_upstream_requests_total`, `cascade_upstream_items_total`).
+    series: ProviderMetrics,
     successes: AtomicU64,
     failures: AtomicU64,
-    /// Prompts carried by those requests, more than `requests` when batching (also
-    /// `cascade_upstream_items_total`).
-    items: Counter,
     /// Items waiting in this provider's batch queues.
     queued: AtomicU64,
     latency_us_total: AtomicU64,
@@ -40,12 +35,11 @@ pub struct Counts {
 }
 
 impl Stats {
-    pub(super) fn new(metrics: &Metrics, label: &ProviderLabel) -> Self {
+    pub(super) fn new(series: ProviderMetrics) -> Self {
         Stats {
-            requests: metrics.upstream_requests.get_or_create(label).clone(),
+            series,
             successes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
-            items: metrics.upstream_items.get_or_create(label).clone(),
             queued: AtomicU64::new(0),
             latency_us_total: AtomicU64::new(0),
             fastest_us: AtomicU64::new(u64::MAX),
@@ -54,8 +48,7 @@ impl Stats {
     }
 
     pub(super) fn sent(&self, items: usize) {
-        self.requests.inc();
-        self.items.inc_by(items as u64);
+        self.series.sent(items);
     }
 
     pub(super) fn success(&self, took: Duration) {
@@ -102,11 +95,12 @@ impl Stats {
 
     pub(super) fn counts(&self) -> Counts {
         let successes = self.successes.load(Relaxed);
+        let (requests, items) = self.series.sent_so_far();
         Counts {
-            requests: self.requests.get(),
+            requests,
             successes,
             failures: self.failures.load(Relaxed),
-            items: self.items.get(),
+            items,
             queued: self.queued.load(Relaxed),
             mean_latency: match successes {
                 0 => Duration::ZERO,
