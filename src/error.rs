@@ -62,6 +62,9 @@ pub enum RouterError {
     /// `cache: ONLY` and the completion is not cached.
     #[error("{0}")]
     NotCached(String),
+    /// The request's body did not arrive in time (`limits.body_read_timeout_seconds`).
+    #[error("the request body did not arrive within {0} ms (limits.body_read_timeout_seconds)")]
+    BodyTimeout(u128),
     /// An HTTP path the OpenAI-compatible front does not serve.
     #[error(
         "no such endpoint: the router serves POST /v1/chat/completions, POST /v1/completions and GET /v1/models"
@@ -201,6 +204,7 @@ impl RouterError {
             }
             E::NotCached(_) => told(Code::NotFound, 404, INVALID, Some("not_cached")),
             E::NoSuchEndpoint => told(Code::Unimplemented, 404, INVALID, Some("unknown_endpoint")),
+            E::BodyTimeout(_) => told(Code::DeadlineExceeded, 408, INVALID, Some("body_timeout")),
             E::Unauthenticated(_) => told(Code::Unauthenticated, 401, "authentication_error", None),
             E::PermissionDenied { .. } => {
                 told(Code::PermissionDenied, 403, "permission_error", None)
@@ -258,6 +262,7 @@ impl RouterError {
             | RouterError::Internal(_)
             | RouterError::NotCached(_)
             | RouterError::NoSuchEndpoint
+            | RouterError::BodyTimeout(_)
             | RouterError::StreamBroken { .. }
             | RouterError::StreamOutOfTime { .. } => None,
         }
@@ -275,6 +280,7 @@ impl RouterError {
             | RouterError::UnknownModel { .. }
             | RouterError::NotCached(_)
             | RouterError::NoSuchEndpoint
+            | RouterError::BodyTimeout(_)
             | RouterError::ShuttingDown
             | RouterError::Unauthenticated(_)
             | RouterError::PermissionDenied { .. }

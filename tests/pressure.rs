@@ -246,8 +246,10 @@ async fn http_front(limits: &str) -> (RunningRouter, String, MockServer) {
 #[tokio::test(flavor = "multi_thread")]
 async fn no_client_can_hold_the_http_front() {
     use tokio::io::AsyncWriteExt;
-    let (router, addr, _up) =
-        http_front("{header_read_timeout_seconds: 0.5, max_connections_per_peer: 4}").await;
+    let (router, addr, _up) = http_front(
+        "{header_read_timeout_seconds: 0.5, body_read_timeout_seconds: 0.5, max_connections_per_peer: 4}",
+    )
+    .await;
 
     // A slowloris: half a request head, then nothing. Cut at the header timeout.
     let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -255,6 +257,18 @@ async fn no_client_can_hold_the_http_front() {
         .await
         .unwrap();
     closed_by_server(&mut slow).await;
+    // A slow body: the head, 10 of its 100 bytes, then nothing. 408 at the body timeout, and
+    // the connection closed.
+    let mut slow_body = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow_body
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\": ",
+        )
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut slow_body).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
     // An idle keep-alive connection: one request, then silence. Closed after the timeout.
     let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
     idle.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -393,6 +407,23 @@ async fn a_grpc_client_that_says_nothing_is_dropped() {
     closed_by_server(&mut silent).await;
     let mut c = router.client.clone();
     assert_eq!(c.ask(prompt("still served")).await.provider, "up");
+}
+
+/// What the server sends until it closes the connection (bounded by `within`).
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    within(async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&all).into_owned()
 }
 
 /// The HTTP/2 client preface and an empty SETTINGS frame: a gRPC connection, then silence.

@@ -438,6 +438,8 @@ pub struct RawLimits {
     /// A connection on which no call has run for this long is closed (on both fronts;
     /// keepalive pings do not count as calls).
     pub idle_timeout_seconds: f64,
+    /// An HTTP request's body must have arrived within this of its head (else 408).
+    pub body_read_timeout_seconds: f64,
 }
 
 impl Default for RawLimits {
@@ -457,6 +459,7 @@ impl Default for RawLimits {
             header_read_timeout_seconds: 30.0,
             handshake_timeout_seconds: 10.0,
             idle_timeout_seconds: 300.0,
+            body_read_timeout_seconds: 30.0,
         }
     }
 }

@@ -66,6 +66,7 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
+    pub body_read_timeout: Duration,
 }
 
 impl Check<'_> {
@@ -207,6 +208,11 @@ impl Check<'_> {
             idle_timeout: self.seconds(
                 "limits.idle_timeout_seconds",
                 l.idle_timeout_seconds,
+                false,
+            )?,
+            body_read_timeout: self.seconds(
+                "limits.body_read_timeout_seconds",
+                l.body_read_timeout_seconds,
                 false,
             )?,
             max_connection_age: self.seconds(

@@ -195,8 +195,14 @@ impl Front {
 
     /// The body, bounded by `limits.max_message_bytes`, read as `T`.
     async fn read<T: serde::de::DeserializeOwned>(&self, body: Body) -> Result<T, RouterError> {
-        let limit = self.edge.config.limits.max_message_bytes;
-        let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let limits = &self.edge.config.limits;
+        let limit = limits.max_message_bytes;
+        // A slow sender is cut: the body must follow its head within the body timeout.
+        let within = limits.body_read_timeout;
+        let read = tokio::time::timeout(within, axum::body::to_bytes(body, limit))
+            .await
+            .map_err(|_| RouterError::BodyTimeout(within.as_millis()))?;
+        let bytes = read.map_err(|e| {
             let e = e.into_inner();
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
