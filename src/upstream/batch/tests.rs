@@ -280,3 +280,82 @@ async fn adaptive_spreads_the_waiting_items_over_the_limit() {
     assert_eq!(sizes, [10], "{sizes:?}");
     assert_eq!(up.stats.counts().requests, 4);
 }
+
+/// Two requests that differ in any one generation parameter never share an upstream request:
+/// each field changed alone gives another batch key. The list is written without `..`, so a
+/// field added to `GenParams` does not compile here until it is given a variant.
+#[test]
+fn requests_differing_in_any_one_parameter_never_share_a_batch_key() {
+    use crate::completion::{ResponseFormat, Tool, ToolChoice};
+    let m: Arc<str> = "m".into();
+    let base = BatchKey::of(&m, &req("x"));
+    let GenParams {
+        max_tokens: _,
+        temperature: _,
+        stop: _,
+        seed: _,
+        top_p: _,
+        frequency_penalty: _,
+        presence_penalty: _,
+        logit_bias: _,
+        logprobs: _,
+        top_logprobs: _,
+        echo: _,
+        suffix: _,
+        best_of: _,
+        tools: _,
+        tool_choice: _,
+        parallel_tool_calls: _,
+        response_format: _,
+        extra: _,
+    } = GenParams::default();
+    let tool = Tool {
+        name: "f".into(),
+        description: None,
+        parameters: None,
+        strict: None,
+    };
+    type Change = fn(&mut GenParams);
+    let variants: Vec<(&str, Change)> = vec![
+        ("max_tokens", |p| p.max_tokens = Some(7)),
+        ("temperature", |p| p.temperature = Some(0.5)),
+        ("stop", |p| p.stop = vec!["\n".into()]),
+        ("seed", |p| p.seed = Some(3)),
+        ("top_p", |p| p.top_p = Some(0.9)),
+        ("frequency_penalty", |p| p.frequency_penalty = Some(0.1)),
+        ("presence_penalty", |p| p.presence_penalty = Some(0.1)),
+        ("logit_bias", |p| {
+            p.logit_bias.insert(42, 1.0);
+        }),
+        ("logprobs", |p| p.logprobs = true),
+        ("top_logprobs", |p| p.top_logprobs = Some(2)),
+        ("echo", |p| p.echo = true),
+        ("suffix", |p| p.suffix = Some("end".into())),
+        ("best_of", |p| p.best_of = Some(2)),
+        ("tool_choice", |p| {
+            p.tool_choice = Some(ToolChoice::Required)
+        }),
+        ("parallel_tool_calls", |p| {
+            p.parallel_tool_calls = Some(false)
+        }),
+        ("response_format", |p| {
+            p.response_format = Some(ResponseFormat::JsonObject);
+        }),
+        ("extra", |p| {
+            p.extra.insert("top_k".into(), serde_json::json!(5));
+        }),
+    ];
+    let mut with_tool = (*req("x")).clone();
+    with_tool.params.tools = vec![tool];
+    assert_ne!(base, BatchKey::of(&m, &Arc::new(with_tool)), "tools");
+    for (field, change) in variants {
+        let mut r = (*req("x")).clone();
+        change(&mut r.params);
+        assert_ne!(base, BatchKey::of(&m, &Arc::new(r)), "{field}");
+    }
+    assert_eq!(
+        base,
+        BatchKey::of(&m, &req("another prompt")),
+        "the prompt is not in it"
+    );
+}
