@@ -5,14 +5,15 @@
 //!
 //! # Layout
 //!
-//! The modules follow a request's path (see `../shared/DESIGN.md`):
+//! The modules follow a request's path (the same map as the README's):
 //!
 //! ```text
 //! agent ─gRPC─▶ server ──────┐
 //!               (proto)       ├▶ edge ─▶ router ─▶ cache ─▶ coalescer ─▶ cascade ─▶ upstream ─────────▶ provider ─HTTP─▶ model
-//! agent ─HTTP─▶ openai_front ─┘  admit   routes    hit?     same request  ordered    breaker, slots,      one module per API,
-//!               (wire JSON)      in flight                  in flight?    targets,   batch queues,        pooled client,
-//!                                                                         retries    one send lifecycle   SSE/NDJSON streams
+//! agent ─HTTP─▶ openai_front ─┘  admit   routes    hit?     same request  plan,      attempt rules,       one module per API,
+//!               (wire JSON)      in flight                  in flight?    ordered    breaker, slots,      pooled client,
+//!                                                                         targets,   batch queues         SSE/NDJSON streams
+//!                                                                         retries
 //! ```
 //!
 //! - [`server`]: the tonic service — the caller's deadline, health, reflection — with
@@ -24,22 +25,25 @@
 //!   turns; sampling fields, tools and response format in `GenParams`), the completion, the
 //!   attempts.
 //! - `router` ([`Router`], [`Routes`]): resolves a model, chain or agent to ordered targets
-//!   and runs the request through the stages below; `capability` keeps the targets that can
-//!   take the request (capabilities, context window, the fields each provider's API carries),
-//!   walking `fallback_chains.<capability>` when the route lacks one.
+//!   and runs the request through the stages below.
 //! - `cache`: the completion cache (moka in memory, Redis shared by replicas — a guest that is
 //!   skipped while it fails), keyed by a hash; `relay` passes a stream on to its caller and
 //!   caches it when it completes.
 //! - `coalescer`: identical deterministic requests in flight share one upstream call.
-//! - `cascade`: the ordered fallback loop with retries and backoff inside the deadline.
-//! - `upstream`: one provider's health and load — its breaker, concurrency limit (fixed or
-//!   learned), counters and batch queues — and the one way a request is sent to it.
+//! - `cascade`: the plan (the targets that can take the request — `capability`: what it
+//!   needs; capabilities, context window, the fields each provider's API carries — walking
+//!   `fallback_chains.<capability>` when the route lacks one), then the ordered fallback loop
+//!   with retries and backoff inside the deadline.
+//! - `upstream`: one provider's health and load — an attempt's rules (`attempt`), its
+//!   breaker, concurrency limit (fixed or learned), counters and batch queues — and the one
+//!   way a request is sent to it.
 //! - `rate`: provider quotas (requests and tokens per minute) and per-client quotas.
 //! - `provider`: one module per upstream API behind one trait, each with a pooled client.
 //! - [`config`]: the cascade file: raw serde structs → validation by concern → runtime values.
-//! - `inflight`: the bound on calls in flight and the drain at shutdown; `listener`: the
-//!   connection caps both fronts accept through.
-//! - `error`: the router's error type and its one mapping to gRPC codes and HTTP statuses.
+//! - `inflight`: the bound on calls in flight and the drain at shutdown; `listener`: how both
+//!   fronts accept — connection caps, TLS handshakes with a timeout, idle connections closed.
+//! - `error`: the router's error type and its one table of gRPC codes, HTTP statuses and
+//!   OpenAI error types; `failure`: why a try got no answer (kinds, attempts), a leaf.
 //! - `metrics`: the Prometheus registry served at `server.metrics_listen`.
 //! - `fuzzing` (tests, feature `fuzzing`): the untrusted-input entry points that the property
 //!   tests and the fuzz targets in `fuzz/` drive.

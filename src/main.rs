@@ -168,7 +168,7 @@ fn init_logging(format: LogFormat) {
 
 /// jemalloc, configured in `.cargo/config.toml` (a background thread returns pages unused for
 /// 1 s): glibc's malloc kept a burst's peak resident for good — ~100 MiB after 10,000 calls in
-/// flight, against ~16 MiB here (BENCHMARKS.md, "Memory after bursts").
+/// flight, against ~16 MiB here (BENCHMARKS.md, "memory_rounds").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -149,3 +149,45 @@ fn the_readme_client_examples_work_as_written() {
     let _ = std::fs::remove_dir_all(&dir);
     served.finish();
 }
+
+/// The README's diagram of the request's path is the one `src/lib.rs` opens with.
+#[test]
+fn the_readme_diagram_is_the_module_maps() {
+    let lib = include_str!("../src/lib.rs");
+    let lib: String = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let diagram = |text: &str| {
+        let start = text.find("```text\n").expect("a text diagram") + "```text\n".len();
+        let end = text[start..].find("```").expect("its end");
+        text[start..start + end].to_string()
+    };
+    assert_eq!(diagram(README), diagram(&lib));
+    for module in [
+        "server",
+        "openai_front",
+        "edge",
+        "router",
+        "cache",
+        "coalescer",
+        "cascade",
+        "upstream",
+        "provider",
+    ] {
+        assert!(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("src")
+                .join(module)
+                .with_extension("rs")
+                .exists()
+                || std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("src")
+                    .join(module)
+                    .is_dir(),
+            "the diagram names src/{module}, which is not there"
+        );
+    }
+}
