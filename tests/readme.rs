@@ -20,6 +20,18 @@ fn block_after(marker: &str) -> String {
     after[start..start + end].to_string()
 }
 
+/// Runs `command`; its stdout, once it has succeeded (else its output in the failure).
+fn succeeds(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// `serve --config cascade.yaml` on free ports, without the hosted providers' keys (so only
 /// loopback and the simulated provider are reached).
 fn serve_cascade_yaml() -> Served {
@@ -58,21 +70,14 @@ fn the_readme_curl_examples_work_as_written() {
         .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
         .collect();
 
-    let out = Command::new("bash")
-        .args([
-            "-euo",
-            "pipefail",
-            "-c",
-            &block.replace(WRITTEN_PORT, &addr),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut bash = Command::new("bash");
+    bash.args([
+        "-euo",
+        "pipefail",
+        "-c",
+        &block.replace(WRITTEN_PORT, &addr),
+    ]);
+    let stdout = succeeds(&mut bash);
     for want in [
         r#""content":"[simulated] you said: Say hello""#,
         r#""delta":{"content":"you ","role":"assistant"}"#,
@@ -120,19 +125,12 @@ fn the_readme_client_examples_work_as_written() {
         bin.parent().unwrap().display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &block])
+    let mut bash = Command::new("bash");
+    bash.args(["-euo", "pipefail", "-c", &block])
         .current_dir(&dir)
         .env("PATH", path)
-        .env("CASCADE_ROUTER_ADDR", format!("http://{}", served.addr))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .env("CASCADE_ROUTER_ADDR", format!("http://{}", served.addr));
+    let stdout = succeeds(&mut bash);
     for want in [
         "[simulated] you said: Summarise: the build is red since 10:02",
         r#""provider":"simulated""#,

@@ -18,7 +18,6 @@ fn backoff_grows_and_stays_in_its_band() {
 // clock: the behaviour exactly, with no wall-clock wait (the HTTP mock keeps the wire format).
 
 use crate::{
-    completion::{CacheMode, GenParams, Input},
     config,
     metrics::Metrics,
     provider::fake::{Fake, Script},
@@ -62,15 +61,7 @@ fn cascade(cascade: &str, fakes: &[Arc<Fake>]) -> (Cascade, Plan) {
 }
 
 fn req() -> Arc<CompletionRequest> {
-    Arc::new(CompletionRequest {
-        model: "m".into(),
-        input: Input::Prompt("x".into()),
-        params: GenParams::default(),
-        agent: String::new(),
-        tenant: String::new(),
-        request_id: String::new(),
-        cache: CacheMode::Default,
-    })
+    CompletionRequest::test_prompt("x")
 }
 
 fn fake(name: &'static str, script: Script) -> Arc<Fake> {

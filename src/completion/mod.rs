@@ -35,6 +35,22 @@ pub struct CompletionRequest {
     pub cache: CacheMode,
 }
 
+#[cfg(test)]
+impl CompletionRequest {
+    /// A bare prompt for model `m`, for unit tests.
+    pub(crate) fn test_prompt(text: &str) -> std::sync::Arc<CompletionRequest> {
+        std::sync::Arc::new(CompletionRequest {
+            model: "m".into(),
+            input: Input::Prompt(text.into()),
+            params: GenParams::default(),
+            agent: String::new(),
+            tenant: String::new(),
+            request_id: String::new(),
+            cache: CacheMode::Default,
+        })
+    }
+}
+
 impl CompletionRequest {
     /// What both edges check alike: every parameter in range, a conversation's shape, and
     /// fields that go with one kind of input only.

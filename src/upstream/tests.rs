@@ -7,10 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use async_trait::async_trait;
 
 use super::*;
-use crate::{
-    completion::{CacheMode, GenParams, Input},
-    config,
-};
+use crate::config;
 
 /// A provider whose outcome the test sets, counting the requests that reach it. Each takes
 /// 10 ms (of the paused clock), so concurrent requests overlap.
@@ -123,15 +120,7 @@ fn scripted_upstream(native: bool, extra: &str) -> (Upstream, Arc<Scripted>) {
 }
 
 fn req() -> Arc<CompletionRequest> {
-    Arc::new(CompletionRequest {
-        model: "m".into(),
-        input: Input::Prompt("x".into()),
-        params: GenParams::default(),
-        agent: String::new(),
-        tenant: String::new(),
-        request_id: String::new(),
-        cache: CacheMode::Default,
-    })
+    CompletionRequest::test_prompt("x")
 }
 
 /// Opens the breaker with two failed requests, checks that the open breaker sends

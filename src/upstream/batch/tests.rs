@@ -20,15 +20,7 @@ fn batcher_with(batching: &str, extra: &str) -> (Arc<Link>, Batcher) {
 }
 
 fn req(prompt: &str) -> Arc<CompletionRequest> {
-    Arc::new(CompletionRequest {
-        model: "m".into(),
-        input: Input::Prompt(prompt.into()),
-        params: GenParams::default(),
-        agent: String::new(),
-        tenant: String::new(),
-        request_id: String::new(),
-        cache: crate::completion::CacheMode::Default,
-    })
+    CompletionRequest::test_prompt(prompt)
 }
 
 fn later(ms: u64) -> Window {
