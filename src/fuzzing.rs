@@ -69,7 +69,7 @@ pub fn stream_answer(api: u8, chunks: Vec<Vec<u8>>) -> bool {
 /// `/v1/completions`): read field by field into domain requests, or refused. Returns how many
 /// requests it made.
 pub fn http_request(chat: bool, body: &[u8]) -> Option<usize> {
-    use crate::openai_front::request;
+    use crate::front::openai::request;
     let fields: request::Body = serde_json::from_slice(body).ok()?;
     let extras = request::Extras::default();
     if chat {

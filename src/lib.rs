@@ -8,19 +8,20 @@
 //! The modules follow a request's path (the same map as the README's):
 //!
 //! ```text
-//! agent ─gRPC─▶ server ──────┐
-//!               (proto)       ├▶ edge ─▶ router ─▶ cache ─▶ coalescer ─▶ cascade ─▶ upstream ─────────▶ provider ─HTTP─▶ model
-//! agent ─HTTP─▶ openai_front ─┘  admit   routes    hit?     same request  plan,      attempt rules,       one module per API,
-//!               (wire JSON)      in flight                  in flight?    ordered    breaker, slots,      pooled client,
-//!                                                                         targets,   batch queues         SSE/NDJSON streams
-//!                                                                         retries
+//! agent ─gRPC─▶ front/grpc ───┐
+//!               (proto)        ├▶ front/edge ─▶ router ─▶ cache ─▶ coalescer ─▶ cascade ─▶ upstream ─────────▶ provider ─HTTP─▶ model
+//! agent ─HTTP─▶ front/openai ─┘  admit,         routes    hit?     same request  plan,      attempt rules,       one module per API,
+//!               (wire JSON)      in flight                         in flight?    ordered    breaker, slots,      pooled client,
+//!                                                                                targets,   batch queues         SSE/NDJSON streams
+//!                                                                                retries
 //! ```
 //!
-//! - [`server`]: the tonic service — the caller's deadline, health, reflection — with
-//!   [`proto`] converting wire types to validated domain values at the edge and `auth`
-//!   checking client keys; `openai_front`: the OpenAI-compatible HTTP API, a second edge over
-//!   the same path; `edge`: what both share — a place in flight, admission (limits, the
-//!   client's models, quotas), a span per request, answering or streaming, each call counted.
+//! - `front`: the two fronts — `grpc` (the `cascade.v1.Router` handlers, the caller's
+//!   deadline; [`proto`] converts wire types to validated domain values and `auth` checks
+//!   client keys) and `openai` (the OpenAI-compatible HTTP API) — over `edge`, what both
+//!   share: a place in flight, admission (limits, the client's models, quotas), a span per
+//!   request, answering or streaming, each call counted. [`server`] is the composition root
+//!   that serves them (with health, reflection and the drain).
 //! - `completion`: those domain values: the request (messages with parts, images and tool
 //!   turns; sampling fields, tools and response format in `GenParams`), the completion, the
 //!   attempts.
@@ -67,13 +68,12 @@ mod capability;
 mod cascade;
 mod coalescer;
 mod completion;
-mod edge;
 mod error;
 mod failure;
+mod front;
 mod inflight;
 mod listener;
 mod metrics;
-mod openai_front;
 mod provider;
 mod rate;
 mod relay;

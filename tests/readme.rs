@@ -165,9 +165,9 @@ fn the_readme_diagram_is_the_module_maps() {
     };
     assert_eq!(diagram(README), diagram(&lib));
     for module in [
-        "server",
-        "openai_front",
-        "edge",
+        "front/grpc",
+        "front/openai",
+        "front/edge",
         "router",
         "cache",
         "coalescer",

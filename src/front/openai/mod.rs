@@ -37,8 +37,8 @@ use self::{
 use crate::{
     auth::{Authenticate, Client},
     completion::{Answer, Attempt, CacheMode, CompletionRequest, StreamEvent, Usage},
-    edge::{Edge, StreamCall},
     error::RouterError,
+    front::edge::{Edge, StreamCall},
 };
 
 /// What the handlers share.

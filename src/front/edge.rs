@@ -1,5 +1,5 @@
 //! What both fronts — the gRPC service ([`crate::server`]) and the OpenAI-compatible HTTP
-//! API ([`crate::openai_front`]) — do with a request once it is decoded: hold a place in
+//! API ([`crate::front::openai`]) — do with a request once it is decoded: hold a place in
 //! flight, admit it (limits, the client's models, its quota), then answer or stream it
 //! through the router, each call counted and timed by method and code.
 

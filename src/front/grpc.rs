@@ -1,0 +1,278 @@
+//! The gRPC front: the `cascade.v1.Router` handlers, the caller's deadline, and proto ↔
+//! domain conversion. Everything behind it works on domain values. (Serving it, with health,
+//! reflection and the drain, is `crate::server`'s.)
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::{StreamExt, stream::BoxStream};
+use tokio::{task::JoinSet, time::Instant};
+use tonic::{Request, Response, Status, codegen::http};
+
+use super::edge::{Edge, StreamCall};
+use crate::{
+    auth::Client,
+    completion::{CompletionRequest, StreamEvent},
+    error::RouterError,
+    proto::{micros, v1},
+};
+
+/// We give up a little before the client's deadline — 5% of it, between 1 and 25 ms — so
+/// that our DEADLINE_EXCEEDED, with its list of attempts, reaches the client before the
+/// client's own timer fires (tonic clients report that as a bare CANCELLED) and before tonic's
+/// server-side timer does the same.
+fn deadline_margin(timeout: Duration) -> Duration {
+    (timeout / 20).clamp(Duration::from_millis(1), Duration::from_millis(25))
+}
+
+/// When the request arrived, stamped by [`stamp_arrival`] in front of every handler.
+#[derive(Clone, Copy, Debug)]
+struct Arrival(Instant);
+
+/// Stamps a request's arrival (deadlines count from it); done by a layer in front of every
+/// handler (`crate::server`).
+pub(crate) fn stamp_arrival<B>(r: &mut http::Request<B>) {
+    r.extensions_mut().insert(Arrival(Instant::now()));
+}
+
+pub struct RouterService {
+    edge: Arc<Edge>,
+}
+
+impl RouterService {
+    pub(crate) fn new(edge: Arc<Edge>) -> RouterService {
+        RouterService { edge }
+    }
+
+    /// A wire request validated and admitted.
+    fn admit(
+        &self,
+        msg: v1::CompleteRequest,
+        client: Option<&Client>,
+    ) -> Result<Arc<CompletionRequest>, RouterError> {
+        self.edge.admit(CompletionRequest::try_from(msg)?, client)
+    }
+
+    /// The caller's deadline from `grpc-timeout`, or the configured default.
+    fn deadline<T>(&self, req: &Request<T>) -> Instant {
+        let arrival = req
+            .extensions()
+            .get::<Arrival>()
+            .map_or_else(Instant::now, |a| a.0);
+        let timeout = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map(|t| t.saturating_sub(deadline_margin(t)))
+            .unwrap_or(self.edge.config.request_timeout);
+        arrival + timeout
+    }
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A streamed call's events as `CompleteStreamResponse`s: text messages, then one with `end`;
+/// an error ends it with its status.
+fn messages(call: StreamCall) -> BoxStream<'static, Result<v1::CompleteStreamResponse, Status>> {
+    let s = &call.streamed;
+    let end = v1::StreamEnd {
+        provider: s.provider.to_string(),
+        model: s.model.to_string(),
+        attempts: s.attempts.iter().map(v1::Attempt::from).collect(),
+        request_id: call.request.request_id.clone(),
+        cached: s.cached,
+        first_token_us: micros(s.first_after),
+        ..Default::default()
+    };
+    futures_util::stream::unfold(Some((call, end)), |state| async move {
+        let (mut call, mut end) = state?;
+        match call.next().await? {
+            Ok(StreamEvent::Text(text)) => {
+                end.chunks = end.chunks.saturating_add(1);
+                let message = v1::CompleteStreamResponse {
+                    text,
+                    ..Default::default()
+                };
+                Some((Ok(message), Some((call, end))))
+            }
+            Ok(StreamEvent::ToolCall(delta)) => {
+                end.chunks = end.chunks.saturating_add(1);
+                let message = v1::CompleteStreamResponse {
+                    tool_calls: vec![delta.into()],
+                    ..Default::default()
+                };
+                Some((Ok(message), Some((call, end))))
+            }
+            Ok(StreamEvent::End {
+                finish_reason,
+                usage,
+            }) => {
+                end.finish_reason = finish_reason;
+                end.usage = usage.map(v1::Usage::from);
+                let message = v1::CompleteStreamResponse {
+                    end: Some(end),
+                    ..Default::default()
+                };
+                Some((Ok(message), None))
+            }
+            Err(e) => Some((Err(Status::from(e)), None)),
+        }
+    })
+    .boxed()
+}
+
+#[tonic::async_trait]
+impl v1::router_server::Router for RouterService {
+    async fn complete(
+        &self,
+        req: Request<v1::CompleteRequest>,
+    ) -> Result<Response<v1::CompleteResponse>, Status> {
+        self.edge
+            .call("Complete", async {
+                let deadline = self.deadline(&req);
+                let client = req.extensions().get::<Client>().cloned();
+                let request = self.admit(req.into_inner(), client.as_ref())?;
+                let answer = self.edge.complete(&request, deadline).await?;
+                Ok(Response::new(v1::CompleteResponse::from_answer(
+                    answer,
+                    request.request_id.clone(),
+                )))
+            })
+            .await
+            .map_err(Status::from)
+    }
+
+    async fn complete_batch(
+        &self,
+        req: Request<v1::CompleteBatchRequest>,
+    ) -> Result<Response<v1::CompleteBatchResponse>, Status> {
+        self.edge
+            .call("CompleteBatch", self.batch(req))
+            .await
+            .map_err(Status::from)
+    }
+
+    type CompleteStreamStream = BoxStream<'static, Result<v1::CompleteStreamResponse, Status>>;
+
+    async fn complete_stream(
+        &self,
+        req: Request<v1::CompleteRequest>,
+    ) -> Result<Response<Self::CompleteStreamStream>, Status> {
+        let deadline = self.deadline(&req);
+        let client = req.extensions().get::<Client>().cloned();
+        let call = async {
+            let request = CompletionRequest::try_from(req.into_inner())?;
+            self.edge
+                .stream("CompleteStream", request, client.as_ref(), deadline)
+                .await
+        }
+        .await?;
+        let s = &call.streamed;
+        let headers = [
+            ("x-cascade-provider", s.provider.to_string()),
+            ("x-cascade-model", s.model.to_string()),
+            ("x-cascade-attempts", s.attempts.len().to_string()),
+            ("x-cascade-cached", s.cached.to_string()),
+        ];
+        let mut response = Response::new(messages(call));
+        for (name, value) in headers {
+            if let Ok(v) = value.parse() {
+                response.metadata_mut().insert(name, v);
+            }
+        }
+        Ok(response)
+    }
+
+    async fn list_providers(
+        &self,
+        _req: Request<v1::ListProvidersRequest>,
+    ) -> Result<Response<v1::ListProvidersResponse>, Status> {
+        let providers = self
+            .edge
+            .router
+            .providers()
+            .into_iter()
+            .map(v1::ProviderStatus::from)
+            .collect();
+        Ok(Response::new(v1::ListProvidersResponse { providers }))
+    }
+}
+
+impl RouterService {
+    async fn batch(
+        &self,
+        req: Request<v1::CompleteBatchRequest>,
+    ) -> Result<Response<v1::CompleteBatchResponse>, RouterError> {
+        let deadline = self.deadline(&req);
+        let client = req.extensions().get::<Client>().cloned();
+        let items = req.into_inner().requests;
+        let most = self.edge.config.max_batch_items;
+        if items.len() > most {
+            return Err(RouterError::InvalidArgument(format!(
+                "{} requests in one batch; at most {most} (server.max_batch_items)",
+                items.len(),
+            )));
+        }
+        let mut results: Vec<Option<v1::BatchResult>> = vec![None; items.len()];
+        // Dropping the set (the caller went away) aborts every item's upstream work.
+        let mut tasks = JoinSet::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let edge = self.edge.clone();
+            let admitted = self.admit(item, client.as_ref());
+            tasks.spawn(async move {
+                let result = match admitted {
+                    Err(e) => v1::batch_result::Result::Error(e.into()),
+                    Ok(r) => match edge.complete(&r, deadline).await {
+                        Ok(a) => v1::batch_result::Result::Response(
+                            v1::CompleteResponse::from_answer(a, r.request_id.clone()),
+                        ),
+                        Err(e) => v1::batch_result::Result::Error(e.into()),
+                    },
+                };
+                (i, result)
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let (i, result) = joined
+                .map_err(|e| RouterError::Internal(format!("a batch item's task failed: {e}")))?;
+            if let Some(slot) = results.get_mut(i) {
+                *slot = Some(v1::BatchResult {
+                    result: Some(result),
+                });
+            }
+        }
+        Ok(Response::new(v1::CompleteBatchResponse {
+            results: results.into_iter().map(Option::unwrap_or_default).collect(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("200m"), Some(Duration::from_millis(200)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("123456789m"), None, "more than 8 digits");
+        assert_eq!(parse_grpc_timeout("5x"), None);
+    }
+}

@@ -1,0 +1,6 @@
+//! The two fronts callers reach — gRPC (`grpc`) and the OpenAI-compatible HTTP API
+//! (`openai`) — over `edge`, what both do with a request once it is decoded.
+
+pub(crate) mod edge;
+pub(crate) mod grpc;
+pub(crate) mod openai;
