@@ -25,11 +25,11 @@
 //! - `completion`: those domain values: the request (messages with parts, images and tool
 //!   turns; sampling fields, tools and response format in `GenParams`), the completion, the
 //!   attempts.
-//! - `router` ([`Router`], [`Routes`]): resolves a model, chain or agent to ordered targets
-//!   and runs the request through the stages below.
-//! - `cache`: the completion cache (moka in memory, Redis shared by replicas — a guest that is
-//!   skipped while it fails), keyed by a hash; `relay` passes a stream on to its caller and
+//! - `router` ([`Router`]; `routes` resolves a model, chain or agent to ordered targets):
+//!   runs the request through the stages below; `relay` passes a stream on to its caller and
 //!   caches it when it completes.
+//! - `cache`: the completion cache (moka in memory, Redis shared by replicas — a guest that is
+//!   skipped while it fails), keyed by a hash.
 //! - `coalescer`: identical deterministic requests in flight share one upstream call.
 //! - `cascade`: the plan (the targets that can take the request — `capability`: what it
 //!   needs; capabilities, context window, the fields each provider's API carries — walking
@@ -76,7 +76,6 @@ mod listener;
 mod metrics;
 mod provider;
 mod rate;
-mod relay;
 mod router;
 mod upstream;
 

@@ -3,173 +3,33 @@
 //!
 //! Routes are computed once from the config, so a lookup is one hash-map probe.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use tokio::time::{Instant, timeout_at};
 
+mod relay;
+mod routes;
+
+pub use routes::Routes;
+
 use crate::{
     cache::{Cache, CacheKey, deterministic},
-    capability::Capability,
-    cascade::{self, Cascade, Plan, Target},
+    cascade::{Cascade, Plan},
     coalescer::Coalescer,
     completion::{Answer, CacheMode, CompletionRequest, Streamed},
     config::{BreakerConfig, CacheConfig, Config, ProviderConfig},
     error::{RouterError, Sent},
     metrics::Metrics,
     provider,
-    relay::Relay,
     upstream::{Circuit, Snapshot, Upstream},
 };
+use relay::Relay;
 
 /// How many times a caller starts a shared flight again after another caller's deadline
 /// ended one (see [`Router::complete`]).
 const REFLIGHTS: usize = 4;
-
-/// Name → targets, precomputed from the cascade file.
-#[derive(Debug)]
-pub struct Routes {
-    by_name: HashMap<String, Arc<[Target]>>,
-    /// Every usable provider's default model, in priority order.
-    default: Arc<[Target]>,
-    /// Agent id → model or chain name.
-    assignments: HashMap<String, String>,
-    /// `fallback_chains.<capability>`: walked for a request whose route lacks it.
-    by_capability: HashMap<Capability, Arc<[Target]>>,
-}
-
-impl Routes {
-    /// Routes over `upstreams`, the usable providers in priority order.
-    pub fn new(config: &Config, upstreams: &[Arc<Upstream>]) -> Routes {
-        let for_model = |model: &str| -> Vec<Target> {
-            upstreams
-                .iter()
-                .filter(|u| u.serves(model))
-                .map(|u| Target {
-                    upstream: u.clone(),
-                    model: model.into(),
-                })
-                .collect()
-        };
-        let mut by_name: HashMap<String, Arc<[Target]>> = config
-            .models
-            .iter()
-            .map(|m| (m.clone(), for_model(m).into()))
-            .collect();
-        // Chains win over a model of the same name (the config warns about it).
-        for (chain, models) in &config.chains {
-            let mut targets: Vec<Target> = Vec::new();
-            for t in models.iter().flat_map(|m| for_model(m)) {
-                if !targets.contains(&t) {
-                    targets.push(t);
-                }
-            }
-            by_name.insert(chain.clone(), targets.into());
-        }
-        let default = upstreams
-            .iter()
-            .map(|u| Target {
-                upstream: u.clone(),
-                model: u.default_model().into(),
-            })
-            .collect();
-        let by_capability = Capability::ALL
-            .into_iter()
-            .filter_map(|c| Some((c, by_name.get(c.as_str())?.clone())))
-            .collect();
-        Routes {
-            by_name,
-            by_capability,
-            default,
-            assignments: config
-                .assignments
-                .iter()
-                .map(|(a, m)| (a.clone(), m.clone()))
-                .collect(),
-        }
-    }
-
-    /// Routes over providers of their own (for benches and tools that only route).
-    pub fn from_config(config: &Config) -> Result<Routes, BuildError> {
-        let upstreams = build_upstreams(config, &Arc::new(Metrics::new()))?;
-        Ok(Routes::new(config, &upstreams))
-    }
-
-    /// The targets for a request's `model` and `agent`.
-    pub fn resolve<'a>(
-        &'a self,
-        model: &str,
-        agent: &str,
-    ) -> Result<&'a Arc<[Target]>, RouterError> {
-        self.resolve_named(model, agent).map(|(_, t)| t)
-    }
-
-    /// The targets that can take `request` on `route`, with the chains of capabilities the
-    /// route lacks after it (see [`cascade::plan`]).
-    pub fn plan(
-        &self,
-        route: &Arc<[Target]>,
-        request: &CompletionRequest,
-        streaming: bool,
-    ) -> Result<Plan, RouterError> {
-        cascade::plan(
-            route,
-            &|c| self.by_capability.get(&c).cloned(),
-            request,
-            streaming,
-        )
-    }
-
-    /// Every model and chain name a request may ask for, sorted.
-    pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.by_name.keys().cloned().collect();
-        names.sort_unstable();
-        names
-    }
-
-    /// Like [`Routes::resolve`], with the resolved model or chain name ("" for the default).
-    pub fn resolve_named<'a>(
-        &'a self,
-        model: &str,
-        agent: &str,
-    ) -> Result<(&'a str, &'a Arc<[Target]>), RouterError> {
-        let name = match (model, self.assignments.get(agent)) {
-            ("", Some(assigned)) => assigned.as_str(),
-            ("", None) => return Ok(("", &self.default)),
-            (named, _) => named,
-        };
-        self.by_name
-            .get_key_value(name)
-            .map(|(name, t)| (name.as_str(), t))
-            .ok_or_else(|| {
-                let mut known: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
-                known.sort_unstable();
-                let more = known.len().saturating_sub(20);
-                known.truncate(20);
-                let mut list = known.join(", ");
-                if more > 0 {
-                    list.push_str(&format!(" and {more} more"));
-                }
-                RouterError::UnknownModel {
-                    model: name.into(),
-                    known: list,
-                }
-            })
-    }
-}
-
-/// One upstream per usable provider, in priority order.
-fn build_upstreams(
-    config: &Config,
-    metrics: &Arc<Metrics>,
-) -> Result<Vec<Arc<Upstream>>, reqwest::Error> {
-    config
-        .providers
-        .iter()
-        .map(|p| Upstream::new(p, config.cascade.breaker, metrics).map(Arc::new))
-        .collect()
-}
 
 /// Why the router could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -491,68 +351,4 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config;
-
-    const YAML: &str = r#"
-providers:
-  - {name: b, type: simulated, priority: 2, models: [small, big]}
-  - {name: a, type: simulated, priority: 1, models: [{name: big, default: true}]}
-  - {name: off, type: simulated, enabled: false, models: [ghost]}
-fallback_chains:
-  cheap_first: [small, big]
-agent_model_assignments:
-  triage: cheap_first
-"#;
-
-    fn routes() -> Routes {
-        let c = config::parse(YAML, "t", &|_| None).unwrap();
-        Routes::from_config(&c).unwrap()
-    }
-
-    fn names(r: &Routes, model: &str, agent: &str) -> Vec<(String, String)> {
-        r.resolve(model, agent)
-            .unwrap()
-            .iter()
-            .map(|t| (t.upstream.name().to_string(), t.model.to_string()))
-            .collect()
-    }
-
-    fn pairs(want: &[(&str, &str)]) -> Vec<(String, String)> {
-        want.iter()
-            .map(|(p, m)| (p.to_string(), m.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn model_goes_to_every_provider_listing_it_by_priority() {
-        // Provider a has priority 1, b priority 2.
-        assert_eq!(
-            names(&routes(), "big", ""),
-            pairs(&[("a", "big"), ("b", "big")])
-        );
-    }
-
-    #[test]
-    fn chain_walks_models_in_order_without_repeats() {
-        let want = pairs(&[("b", "small"), ("a", "big"), ("b", "big")]);
-        assert_eq!(names(&routes(), "cheap_first", ""), want);
-        assert_eq!(names(&routes(), "", "triage"), want, "agent assignment");
-    }
-
-    #[test]
-    fn default_is_each_providers_default_model() {
-        assert_eq!(
-            names(&routes(), "", "someone"),
-            pairs(&[("a", "big"), ("b", "small")])
-        );
-    }
-
-    #[test]
-    fn disabled_only_model_resolves_empty_and_unknown_is_an_error() {
-        assert!(names(&routes(), "ghost", "").is_empty());
-        let err = routes().resolve("nope", "").unwrap_err();
-        assert!(err.to_string().contains("cheap_first"), "{err}");
-    }
-}
+mod tests;
