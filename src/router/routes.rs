@@ -92,7 +92,7 @@ impl Routes {
     }
 
     /// The targets that can take `request` on `route`, with the chains of capabilities the
-    /// route lacks after it (see [`cascade::plan`]).
+    /// route lacks after it (see `cascade::plan`).
     pub fn plan(
         &self,
         route: &Arc<[Target]>,
