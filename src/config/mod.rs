@@ -28,7 +28,8 @@ pub use cache::{CacheConfig, CacheScope, RedisConfig};
 pub use capabilities::{Capabilities, Capability, ModelInfo};
 pub use cascade::{BreakerConfig, CascadePolicy, RetryBudget};
 pub use providers::{
-    ApiKey, BatchMode, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind, RateLimitConfig,
+    Api, ApiKey, BatchMode, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind,
+    RateLimitConfig,
 };
 pub use server::{Limits, QuotaConfig, ServerConfig, TlsFiles};
 

@@ -50,6 +50,27 @@ impl ProviderKind {
     }
 }
 
+/// The API a provider speaks, with what reaching it takes: a network API its base URL
+/// (without a trailing slash), the simulated one its latency. A network provider cannot lack
+/// its URL, so none can fall back to the simulated one by mistake.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Api {
+    /// OpenAI's shape: `openai`, `grok`, and any OpenAI-compatible server.
+    OpenAi {
+        base: url::Url,
+    },
+    Ollama {
+        base: url::Url,
+    },
+    Anthropic {
+        base: url::Url,
+    },
+    /// Built in, no network: deterministic text after `latency`.
+    Simulated {
+        latency: Duration,
+    },
+}
+
 /// An API key. Its Debug never shows the secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ApiKey(String);
@@ -73,10 +94,11 @@ impl fmt::Debug for ApiKey {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProviderConfig {
     pub name: String,
+    /// What the file calls its API (reported by ListProviders).
     pub kind: ProviderKind,
     pub priority: i32,
-    /// Base URL without a trailing slash; `None` only for the simulated provider.
-    pub endpoint: Option<url::Url>,
+    /// How the router reaches it.
+    pub api: Api,
     pub api_key: Option<ApiKey>,
     /// Model names, the default first.
     pub models: Vec<String>,
@@ -86,7 +108,6 @@ pub struct ProviderConfig {
     pub max_concurrency: usize,
     pub max_waiting: usize,
     pub http: HttpConfig,
-    pub simulated_latency: Duration,
     /// Batching for every model of this provider, unless overridden per model.
     pub batching: Option<BatchingConfig>,
     pub model_batching: BTreeMap<String, BatchingConfig>,
@@ -380,11 +401,26 @@ impl Check<'_> {
             ));
             return Ok(None);
         }
+        let api = match (kind, endpoint) {
+            (ProviderKind::Simulated, _) => Api::Simulated {
+                latency: simulated_latency,
+            },
+            (ProviderKind::OpenAi | ProviderKind::Grok, Some(base)) => Api::OpenAi { base },
+            (ProviderKind::Ollama, Some(base)) => Api::Ollama { base },
+            (ProviderKind::Anthropic, Some(base)) => Api::Anthropic { base },
+            (_, None) => {
+                return Err(self.err(
+                    format!("{at}.url"),
+                    "missing",
+                    "give the server's URL (`url:` or `base_url:`)",
+                ));
+            }
+        };
         Ok(Some(ProviderConfig {
             name: p.name,
             kind,
             priority: p.priority,
-            endpoint,
+            api,
             api_key,
             models,
             timeout,
@@ -392,7 +428,6 @@ impl Check<'_> {
             max_concurrency: p.max_concurrency,
             max_waiting: p.max_waiting,
             http,
-            simulated_latency,
             batching,
             model_batching,
             rate_limit,
@@ -598,7 +633,9 @@ mod tests {
                 "providers:\n  - {{name: a, type: anthropic, api_key: k, base_url: \"{url}\", models: [m]}}\n"
             );
             let c = crate::config::parse(&yaml, "t", &|_| None).unwrap();
-            let base = c.providers[0].endpoint.clone().unwrap();
+            let Api::Anthropic { base } = c.providers[0].api.clone() else {
+                panic!("not the Anthropic API: {:?}", c.providers[0].api);
+            };
             assert_eq!(
                 crate::provider::http::join(&base, "/v1/messages").as_str(),
                 "https://api.anthropic.com/v1/messages",

@@ -21,7 +21,7 @@ pub use stream::EventStream;
 
 use crate::{
     completion::{Completion, CompletionRequest, FailureKind, StreamEvent, ToolCallDelta},
-    config::{ProviderConfig, ProviderKind},
+    config::{Api, ProviderConfig},
 };
 
 /// A model API. Dropping a returned future cancels its upstream request.
@@ -177,17 +177,10 @@ impl ProviderError {
 
 /// Builds the provider a validated config entry describes.
 pub fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>, reqwest::Error> {
-    let endpoint = config.endpoint.clone();
-    Ok(match (config.kind, endpoint) {
-        (ProviderKind::OpenAi | ProviderKind::Grok, Some(base)) => {
-            Arc::new(openai::OpenAi::new(config, &base)?)
-        }
-        (ProviderKind::Ollama, Some(base)) => Arc::new(ollama::Ollama::new(config, &base)?),
-        (ProviderKind::Anthropic, Some(base)) => {
-            Arc::new(anthropic::Anthropic::new(config, &base)?)
-        }
-        (ProviderKind::Simulated, _) | (_, None) => {
-            Arc::new(simulated::Simulated::new(config.simulated_latency))
-        }
+    Ok(match &config.api {
+        Api::OpenAi { base } => Arc::new(openai::OpenAi::new(config, base)?),
+        Api::Ollama { base } => Arc::new(ollama::Ollama::new(config, base)?),
+        Api::Anthropic { base } => Arc::new(anthropic::Anthropic::new(config, base)?),
+        Api::Simulated { latency } => Arc::new(simulated::Simulated::new(*latency)),
     })
 }
