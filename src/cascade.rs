@@ -268,7 +268,7 @@ impl Cascade {
         };
         let mut tries = 0u32;
         loop {
-            let window = share(Instant::now(), deadline, last);
+            let window = Window::share(Instant::now(), deadline, last);
             let err = match try_once(target, window).await {
                 Ok(d) => return Turn::Answered(d),
                 Err(Miss::Skipped(e)) => return Turn::Failed(attempt(e, tries)),
@@ -296,17 +296,6 @@ impl Cascade {
             return Turn::Failed(attempt(err, tries));
         }
     }
-}
-
-/// The window of a try starting at `now`: all that is left for the last provider, at most
-/// half of it while another provider remains.
-fn share(now: Instant, deadline: Instant, last: bool) -> Window {
-    let until = if last {
-        deadline
-    } else {
-        now + deadline.saturating_duration_since(now) / 2
-    };
-    Window { until, deadline }
 }
 
 /// Exponential backoff with equal jitter: `base · 2^(n-1)` capped at 32 × base, of which the

@@ -1,6 +1,9 @@
-//! An attempt's rules, in one place: how long a try may take ([`Window`], [`Budget`]) and how
-//! its outcome is judged ([`judge`]) — what the provider is blamed for (its breaker) and what
-//! its concurrency limit learns. Unary, batched and streamed requests all go by these.
+//! An attempt's rules, in one place: how long a try may take — its share of the caller's
+//! deadline ([`Window::share`]), the latest it may be sent or its batch close
+//! ([`Window::latest_send`], [`Window::close_by`]), the provider's timeout within it
+//! ([`Budget`]) — and how its outcome is judged ([`judge`]): what the provider is blamed for
+//! (its breaker) and what its concurrency limit learns. Unary, batched and streamed requests
+//! all go by these.
 //!
 //! The rule: a provider is blamed only for what it did. A try that ran out of time is its
 //! fault only if it had the provider's own timeout, or the time the provider usually takes
@@ -31,6 +34,34 @@ impl Window {
             until: deadline,
             deadline,
         }
+    }
+
+    /// The window of a try starting at `now`: all that is left for the last provider, at
+    /// most half of it while another provider remains (so one that hangs cannot take it all).
+    pub fn share(now: Instant, deadline: Instant, last: bool) -> Window {
+        let until = if last {
+            deadline
+        } else {
+            now + deadline.saturating_duration_since(now) / 2
+        };
+        Window { until, deadline }
+    }
+
+    /// The latest a request can be sent and still be answered within the window, judging by
+    /// the provider's `fastest` answer so far.
+    pub(super) fn latest_send(&self, fastest: Duration) -> Instant {
+        self.until.checked_sub(fastest).unwrap_or(self.until)
+    }
+
+    /// The latest a batch holding an item `enqueued` with this window may close and still be
+    /// answered in it: the end less the provider's `fastest` answer, and never less than a
+    /// quarter of the item's time (up to 50 ms) while that is still unknown — more cautious
+    /// than [`Window::latest_send`]: a fixed batch still waits for a slot after it closes,
+    /// and one item's close-by time holds back the whole batch.
+    pub(super) fn close_by(&self, enqueued: Instant, fastest: Duration) -> Instant {
+        let budget = self.until.saturating_duration_since(enqueued);
+        let reserve = fastest.max((budget / 4).min(Duration::from_millis(50)));
+        self.until.checked_sub(reserve).unwrap_or(enqueued)
     }
 }
 
@@ -120,6 +151,24 @@ mod tests {
         );
         assert!(b.blames(now, Some(s(1))));
         assert!(!b.blames(now, Some(s(3))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tries_window_and_its_latest_send_and_close() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let deadline = now + ms(1000);
+        let half = Window::share(now, deadline, false);
+        assert_eq!((half.until, half.deadline), (now + ms(500), deadline));
+        assert_eq!(Window::share(now, deadline, true).until, deadline);
+        assert_eq!(half.latest_send(ms(100)), now + ms(400));
+        assert!(half.latest_send(ms(900)) < now, "already too late to send");
+        // A batch closes by the fastest answer before the end, or a quarter of the item's
+        // time (at most 50 ms) while nothing is known.
+        assert_eq!(half.close_by(now, ms(100)), now + ms(400));
+        assert_eq!(half.close_by(now, Duration::ZERO), now + ms(450));
+        let short = Window::whole(now + ms(40));
+        assert_eq!(short.close_by(now, Duration::ZERO), now + ms(30));
     }
 
     #[test]

@@ -241,13 +241,9 @@ impl Link {
         self.send_one(slot, model, request, window).await
     }
 
-    /// The latest a request can be sent and still be answered within `window`, judging by
-    /// the quickest answer this provider ever gave.
+    /// The latest a request can be sent and still be answered within `window`.
     fn latest_send(&self, window: Window) -> Instant {
-        window
-            .until
-            .checked_sub(self.stats.fastest())
-            .unwrap_or(window.until)
+        window.latest_send(self.stats.fastest())
     }
 
     /// One unbatched request on a slot already held: its quota, then [`Link::send`].

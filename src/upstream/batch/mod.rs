@@ -248,14 +248,7 @@ async fn next_or_idle(rx: &mut mpsc::Receiver<Item>) -> Option<Item> {
     }
 }
 
-/// The latest a batch holding this item may close and still be answered before the item's
-/// try ends: that end less the provider's fastest answer so far, and never less than a
-/// quarter of the item's time (up to 50 ms) while that is still unknown — more cautious than
-/// an unbatched request's `Link::latest_send`: a fixed batch still waits for a slot after it
-/// closes, and one item's close-by time holds back the whole batch.
+/// The latest a batch holding this item may close (see [`Window::close_by`]).
 fn close_by(item: &Item, fastest: Duration) -> Instant {
-    let until = item.window.until;
-    let budget = until.saturating_duration_since(item.enqueued);
-    let reserve = fastest.max((budget / 4).min(Duration::from_millis(50)));
-    until.checked_sub(reserve).unwrap_or(item.enqueued)
+    item.window.close_by(item.enqueued, fastest)
 }
