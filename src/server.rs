@@ -168,7 +168,7 @@ pub async fn serve(
                     acceptor,
                     config.limits.handshake_timeout,
                     refused,
-                    move |stream, guard| Guarded::new(stream, guard).idle_after(idle),
+                    move |stream, guard| Guarded::new(stream, guard, idle),
                 ),
                 stop_serving,
             ))
@@ -221,9 +221,7 @@ fn incoming(
         let refused = refused.clone();
         async move {
             let (stream, _, guard) = listener.accept(&refused).await;
-            let conn = Guarded::new(stream, guard)
-                .first_byte_within(first_byte)
-                .idle_after(idle);
+            let conn = Guarded::new(stream, guard, idle).first_byte_within(first_byte);
             Some((Ok(conn), listener))
         }
     })

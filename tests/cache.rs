@@ -169,7 +169,7 @@ async fn cache_stays_within_max_bytes() {
 #[tokio::test]
 async fn metrics_are_served_over_http() {
     let up = MockServer::start(Script::default()).await.unwrap();
-    let port = refused_url().await.rsplit(':').next().unwrap().to_string();
+    let port = free_port().await;
     let yaml = format!(
         "server: {{metrics_listen: \"127.0.0.1:{port}\"}}\n{}",
         cached_router_yaml(&up, "{}")

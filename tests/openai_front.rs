@@ -18,7 +18,7 @@ async fn front(
     providers: &str,
     env: HashMap<String, String>,
 ) -> (RunningRouter, String) {
-    let port = refused_url().await.rsplit(':').next().unwrap().to_string();
+    let port = free_port().await;
     let yaml = format!(
         "server: {{http_listen: \"127.0.0.1:{port}\"{server}}}\n{top}{}providers:\n{providers}",
         cascade(0, 100, 60.0)

@@ -29,7 +29,7 @@ async fn the_openai_sdk_works_against_the_http_front() {
         MockServer::start(Script::default()).await.unwrap(),
         MockServer::start(Script::default()).await.unwrap(),
     );
-    let port = refused_url().await.rsplit(':').next().unwrap().to_string();
+    let port = free_port().await;
     let yaml = format!(
         "server: {{http_listen: \"127.0.0.1:{port}\"}}\n{}providers:\n\
          - {{name: fails, type: openai, priority: 1, base_url: \"{}/v1\", models: [flaky]}}\n\

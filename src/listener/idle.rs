@@ -53,7 +53,7 @@ impl Activity {
 /// The connection a request came on, put in the request's extensions (by tonic as the
 /// connection's connect info; by the HTTP front itself) for [`Track`] to find.
 #[derive(Clone)]
-pub struct Connection(Option<Arc<Activity>>);
+pub struct Connection(Arc<Activity>);
 
 impl Connection {
     fn of<B>(req: &http::Request<B>) -> Option<&Connection> {
@@ -63,10 +63,9 @@ impl Connection {
             .or_else(|| ext.get::<TlsConnectInfo<Connection>>().map(|t| t.get_ref()))
     }
 
-    fn begin(&self) -> Option<Busy> {
-        let activity = self.0.as_ref()?;
-        activity.running.fetch_add(1, Ordering::AcqRel);
-        Some(Busy(activity.clone()))
+    fn begin(&self) -> Busy {
+        self.0.running.fetch_add(1, Ordering::AcqRel);
+        Busy(self.0.clone())
     }
 }
 
@@ -105,7 +104,7 @@ impl Idle {
     }
 
     pub(super) fn connection(&self) -> Connection {
-        Connection(Some(self.activity.clone()))
+        Connection(self.activity.clone())
     }
 
     /// Bytes came in.
@@ -129,11 +128,6 @@ impl Idle {
         }
         false
     }
-}
-
-/// A connection without the idle rule (none configured).
-pub(super) fn untracked() -> Connection {
-    Connection(None)
 }
 
 /// The layer in front of every request that counts it as running on its connection until its
@@ -165,7 +159,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let busy = Connection::of(&req).and_then(Connection::begin);
+        let busy = Connection::of(&req).map(Connection::begin);
         TrackFuture {
             inner: self.0.call(req),
             busy,
@@ -246,7 +240,7 @@ mod tests {
         assert!(!expired(&mut idle), "just opened");
 
         // A call runs for 30 s: never idle meanwhile.
-        let busy = Connection::of(&request_on(&conn)).and_then(Connection::begin);
+        let busy = Connection::of(&request_on(&conn)).map(Connection::begin);
         assert!(busy.is_some());
         tokio::time::advance(Duration::from_secs(30)).await;
         assert!(!expired(&mut idle), "a call is running");
@@ -279,7 +273,7 @@ mod tests {
         drop(response);
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(expired(&mut idle));
-        // A request from a connection without the rule passes untouched.
+        // A request that names no connection passes untouched.
         let untracked = svc.call(http::Request::new(())).await;
         assert!(untracked.is_ok());
     }

@@ -127,23 +127,24 @@ impl Listener {
     }
 }
 
-/// A connection that holds its [`Guard`] for as long as it is open, and optionally must send
-/// its first byte by a deadline (a client that connects and says nothing is dropped) and is
-/// closed once idle (see [`idle`]).
+/// A connection that holds its [`Guard`] for as long as it is open, is closed once no call
+/// has run on it for `idle_after` (see [`idle`]; calls are counted by the [`Track`] layer,
+/// which finds them by the [`Connection`] in their extensions), and optionally must send its
+/// first byte by a deadline (a client that connects and says nothing is dropped).
 pub struct Guarded {
     stream: TcpStream,
     _guard: Guard,
     first_byte_by: Option<Pin<Box<tokio::time::Sleep>>>,
-    idle: Option<idle::Idle>,
+    idle: idle::Idle,
 }
 
 impl Guarded {
-    pub fn new(stream: TcpStream, guard: Guard) -> Guarded {
+    pub fn new(stream: TcpStream, guard: Guard, idle_after: Duration) -> Guarded {
         Guarded {
             stream,
             _guard: guard,
             first_byte_by: None,
-            idle: None,
+            idle: idle::Idle::new(idle_after),
         }
     }
 
@@ -153,18 +154,9 @@ impl Guarded {
         self
     }
 
-    /// The connection is closed once no call has run on it for `after`. Calls are counted by
-    /// the [`Track`] layer, which finds them by the [`Connection`] in their extensions.
-    pub fn idle_after(mut self, after: Duration) -> Guarded {
-        self.idle = Some(idle::Idle::new(after));
-        self
-    }
-
     /// What requests on this connection carry for [`Track`].
     pub fn connection(&self) -> Connection {
-        self.idle
-            .as_ref()
-            .map_or_else(idle::untracked, idle::Idle::connection)
+        self.idle.connection()
     }
 }
 
@@ -176,13 +168,11 @@ impl AsyncRead for Guarded {
     ) -> Poll<io::Result<()>> {
         let filled = buf.filled().len();
         let read = Pin::new(&mut self.stream).poll_read(cx, buf);
-        if let Some(idle) = self.idle.as_mut() {
-            match read {
-                Poll::Ready(Ok(())) if buf.filled().len() > filled => idle.read(),
-                // Idle for the timeout: end of stream, which closes the connection.
-                Poll::Pending if idle.expired(cx) => return Poll::Ready(Ok(())),
-                _ => {}
-            }
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > filled => self.idle.read(),
+            // Idle for the timeout: end of stream, which closes the connection.
+            Poll::Pending if self.idle.expired(cx) => return Poll::Ready(Ok(())),
+            _ => {}
         }
         if let Some(by) = self.first_byte_by.as_mut() {
             if read.is_ready() {

@@ -91,7 +91,7 @@ pub(crate) async fn serve(
             accepted = listener.accept(&refused) => accepted,
             _ = stopped.wait_for(|s| *s) => break,
         };
-        let io = crate::listener::Guarded::new(stream, guard).idle_after(limits.idle_timeout);
+        let io = crate::listener::Guarded::new(stream, guard, limits.idle_timeout);
         let on = io.connection();
         let app = tower::Layer::layer(
             &crate::listener::Track,
