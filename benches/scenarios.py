@@ -67,8 +67,9 @@ def status_kib(pid, key):
 
 
 class Bench:
-    def __init__(self, binary, smoke):
+    def __init__(self, binary, smoke, old_bin=None):
         self.bin = binary
+        self.old_bin = old_bin
         self.tools = os.path.join(os.path.dirname(binary), "cascade-bench")
         self.smoke = smoke
         self.procs = []
@@ -99,12 +100,12 @@ class Bench:
         port = free_port()
         return self.spawn(["mock-provider", "--listen", f"127.0.0.1:{port}", *extra], port), port
 
-    def router(self, providers_yaml, cascade_yaml="cascade:\n  max_retries_per_provider: 0\n"):
+    def router(self, providers_yaml, cascade_yaml="cascade:\n  max_retries_per_provider: 0\n", exe=None):
         port = free_port()
         path = os.path.join(self.tmp, f"router-{port}.yaml")
         with open(path, "w") as f:
             f.write(cascade_yaml + "providers:\n" + providers_yaml)
-        return self.spawn(["serve", "--config", path, "--listen", f"127.0.0.1:{port}"], port), port
+        return self.spawn(["serve", "--config", path, "--listen", f"127.0.0.1:{port}"], port, exe=exe), port
 
     def load(self, *args):
         out = subprocess.run([self.tools, "load", "--json", *map(str, args)], capture_output=True, text=True, timeout=600)
@@ -494,6 +495,12 @@ def closed_run(b, mport, rport, callers, secs):
     return r
 
 
+def spread(runs):
+    """Max over min of a setting's runs' throughput: how much it varies from run to run."""
+    rates = [r["throughput_rps"] for r in runs]
+    return f"{max(rates) / max(min(rates), 1e-9):.2f}x"
+
+
 def adaptive(b):
     """Adaptive batching against the best fixed setting of a window/size sweep, per cost model
     and caller count (closed loop), with batching off for reference. Two stages per caller
@@ -512,6 +519,9 @@ def adaptive(b):
         base = f"http://127.0.0.1:{mport}/v1"
         ports = {"off": b.router(openai_provider("up", base))[1],
                  "adaptive": b.router(openai_provider("up", base, "    batching: {mode: adaptive}\n"))[1]}
+        if b.old_bin:
+            ports["old adaptive"] = b.router(openai_provider("up", base, "    batching: {mode: adaptive}\n"),
+                                             exe=b.old_bin)[1]
         fixed = []
         for size, wait in sweep:
             fixed.append(f"fixed {size}/{wait} ms")
@@ -521,7 +531,7 @@ def adaptive(b):
         for c in callers_list:
             swept = {k: closed_run(b, mport, ports[k], c, secs)["throughput_rps"] for k in fixed}
             ranked = sorted(fixed, key=swept.get, reverse=True)
-            finalists = ["off", "adaptive", *ranked[:2]]
+            finalists = ["off", "adaptive", *(["old adaptive"] if b.old_bin else []), *ranked[:2]]
             for k in finalists:
                 closed_run(b, mport, ports[k], c, warm)
             runs = {k: [] for k in finalists}
@@ -539,7 +549,10 @@ def adaptive(b):
                          f"{rate(c, 'adaptive'):.0f} ({p50(c, 'adaptive'):.1f}, {size(c, 'adaptive'):.1f})",
                          best, f"{rate(c, best):.0f} ({p50(c, best):.1f}, {size(c, best):.1f})",
                          f"{rate(c, 'adaptive') / rate(c, best):.2f}",
-                         " ".join(f"{r['throughput_rps']:.0f}" for r in res[c]["adaptive"])])
+                         " ".join(f"{r['throughput_rps']:.0f}" for r in res[c]["adaptive"]),
+                         spread(res[c]["adaptive"]), spread(res[c][best]),
+                         *([f"{rate(c, 'old adaptive'):.0f} ({rate(c, 'old adaptive') / rate(c, best):.2f})"]
+                           if b.old_bin else [])])
         b.stop_all()
         lone = p50(callers_list[0], "adaptive") - p50(callers_list[0], "off")
         out.append(table(f"Adaptive batching, mock {model_name}: sweep of {len(sweep)} fixed settings once, then "
@@ -547,7 +560,9 @@ def adaptive(b):
                          f"{warm} s warm-up, medians; lone caller p50 {lone:+.2f} ms against batching off",
                          ["callers", "off: prompts/s (p50 ms)", "adaptive: prompts/s (p50 ms, mean batch)",
                           "best fixed (size/window)", "best fixed: prompts/s (p50 ms, mean batch)",
-                          "adaptive / best fixed", "adaptive's runs, prompts/s"], rows))
+                          "adaptive / best fixed", "adaptive's runs, prompts/s",
+                          "adaptive's spread", "best fixed's spread",
+                          *(["old adaptive: prompts/s (/ best fixed)"] if b.old_bin else [])], rows))
     return "\n".join(out)
 
 
@@ -726,6 +741,8 @@ def real(b):
         routers[f"router, fixed ({size}, {wait} ms)"] = (
             entry + f", batching: {{mode: fixed, max_batch_size: {size}, max_wait_ms: {wait}}}}}\n")
     ports = {name: b.router(yaml)[1] for name, yaml in routers.items()}
+    if b.old_bin:
+        ports["router, old adaptive"] = b.router(routers["router, adaptive batching"], exe=b.old_bin)[1]
     data = '{"model":"smollm2","prompt":"Name one animal, number {{n}}:","max_tokens":8,"temperature":0}'
     # Short runs, many of them: the machine's speed drifts over minutes, and alternating
     # quickly keeps the paths compared under the same drift. The fixed settings are within a
@@ -740,6 +757,8 @@ def real(b):
     sweep = {name: run(name, secs)["throughput_rps"] for name in fixed}
     best = max(fixed, key=sweep.get)
     res = {"straight at llama-server": [], "router, batching off": [], "router, adaptive batching": [], best: []}
+    if b.old_bin:
+        res["router, old adaptive"] = []
     for name in res:
         run(name, warm)
     for _ in range(reps):
@@ -913,12 +932,14 @@ def main():
     ap.add_argument("scenarios", nargs="*", default=["all"], help="all, or any of " + ", ".join(SCENARIOS))
     ap.add_argument("--smoke", action="store_true", help="tiny counts, to check the scripts work")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "cascade-router"))
+    ap.add_argument("--old-bin", help="a router binary of an earlier commit, run beside --bin as "
+                    "'old adaptive' in the adaptive and real scenarios")
     args = ap.parse_args()
     names = list(SCENARIOS) if "all" in args.scenarios else args.scenarios
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         ap.error(f"unknown scenario(s): {', '.join(unknown)}")
-    b = Bench(args.bin, args.smoke)
+    b = Bench(args.bin, args.smoke, args.old_bin)
     for exe in (b.bin, b.tools):
         if not os.access(exe, os.X_OK):
             ap.error(f"{exe} is not an executable; run cargo build --release --workspace first")

@@ -19,6 +19,8 @@ mod batch;
 mod breaker;
 mod limit;
 mod link;
+#[cfg(test)]
+mod simulator;
 mod stats;
 mod warnings;
 

@@ -1,5 +1,5 @@
-//! Adaptive batching: send at once while the provider has room under its learned limit,
-//! gather while it is busy, size batches to spread the waiting prompts over its parallelism.
+//! Adaptive batching: what is queued goes when a slot frees under the learned limit, in
+//! batches sized to spread the callers' prompts evenly over the limit.
 
 use super::dispatch::{fail_all, send_native, send_on};
 use super::*;
@@ -63,10 +63,9 @@ impl Demand {
     }
 }
 
-/// Adaptive batching: an item goes at once while the provider has room under its learned
-/// concurrency limit; items arriving while it is busy gather and leave together when room
-/// frees, in batches sized to spread the waiting prompts evenly over the limit (at most
-/// `max_batch_size`). No item waits for company while the provider has room.
+/// Adaptive batching: items gather while every slot is taken and leave when one frees, in
+/// batches of the callers' prompts over the limit (at most `max_batch_size`); a lone caller
+/// never waits for company.
 pub(super) async fn adaptive_worker(
     link: Arc<Link>,
     model: Arc<str>,
@@ -132,55 +131,34 @@ pub(super) async fn adaptive_worker(
         }
         let arrays = native && link.takes_arrays();
         let size = if arrays {
-            let parallel = link.limit.parallelism().max(1);
+            let limit = link.limit.current().max(1);
             let fastest = link.stats.fastest();
             // The callers' prompts (waiting here or in flight, at their recent peak), spread
-            // evenly over the requests the provider serves at once.
+            // evenly over the requests the provider is sent at once.
             let mut prompts_now =
                 |pending: usize| demand.see(pending + link.limit.items_in_flight(), fastest);
-            let target =
-                |prompts: usize| prompts.div_ceil(parallel).clamp(1, settings.max_batch_size);
+            let target = |prompts: usize| prompts.div_ceil(limit).clamp(1, settings.max_batch_size);
             let mut prompts = prompts_now(pending.len());
-            // Under load, the callers of a batch that just came back send again a moment
-            // after its slot frees: wait for them (at most max_wait, never past an item's
-            // close-by time) rather than send a fragment. They come back together, so a pause
-            // in arrivals ends the wait. But when as many requests are in flight as the
-            // callers' prompts make at this size (at most the parallelism), this slot is
-            // headroom and the provider is busy: a fragment sent there would wait a whole
-            // service time at the provider, or take a slot a whole batch needs, so it waits
-            // here until a request comes back (its callers then join it) — as items wait
-            // when no slot is free. A lone caller's target is 1: no wait.
+            // Under load, the callers of the batch whose slot just freed send again a moment
+            // later: wait for them rather than send a fragment — until a pause in arrivals,
+            // at most max_wait, never past an item's close-by time. A lone caller's target
+            // is 1: no wait.
             if pending.len() < target(prompts) {
-                let close = pending
+                let end = pending
                     .iter()
                     .map(|i| close_by(i, fastest))
                     .min()
-                    .unwrap_or(now);
-                let headroom = |prompts: usize| {
-                    let requests = prompts.div_ceil(target(prompts));
-                    link.limit.requests_in_flight() >= requests.min(parallel)
-                };
+                    .unwrap_or(now)
+                    .min(now + settings.max_wait);
                 let gap = arrival_gap(fastest, settings.max_wait);
-                let mut window = None;
                 while pending.len() < target(prompts) {
-                    // Taken before the check, so a release between the two is not missed.
-                    let returned = link.limit.released();
-                    let pause = if headroom(prompts) {
-                        window = None;
-                        close
-                    } else {
-                        let end = *window
-                            .get_or_insert_with(|| close.min(Instant::now() + settings.max_wait));
-                        end.min(Instant::now() + gap)
-                    };
                     tokio::select! {
                         biased;
                         item = rx.recv() => match item {
                             Some(item) => pending.push_back(item),
                             None => break,
                         },
-                        () = returned, if window.is_none() => {}
-                        () = sleep_until(pause) => break,
+                        () = sleep_until(end.min(Instant::now() + gap)) => break,
                     }
                     prompts = prompts_now(pending.len());
                 }

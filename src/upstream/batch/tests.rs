@@ -186,48 +186,6 @@ async fn adaptive_gathers_what_arrives_while_the_provider_is_busy() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn adaptive_holds_a_fragment_for_a_request_to_come_back_while_the_provider_is_busy() {
-    // Three slots, two of them what the provider serves at once: the third is headroom.
-    let (up, b) = batcher_with("{max_wait_ms: 5}", "simulated: {latency_ms: 10},");
-    up.limit.settle(3, 2);
-    let s = b.settings("m").unwrap();
-    let model: Arc<str> = "m".into();
-    // One answer first, so the provider's quickest answer (10 ms) is known.
-    b.submit(&model, &req("warm"), s, later(60_000))
-        .await
-        .unwrap();
-    let four: Vec<_> = (0..4).map(|i| req(&format!("p{i}"))).collect();
-    let first =
-        futures_util::future::join_all(four.iter().map(|r| b.submit(&model, r, s, later(60_000))));
-    // A fifth caller 1 ms later, while both requests of two are in flight.
-    let late = async {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        b.submit(&model, &req("late"), s, later(60_000)).await
-    };
-    // Two of the first four send again as soon as they are answered (10 ms).
-    let back = async {
-        let answered = first.await;
-        let again: Vec<_> = ["a", "b"].map(req).into();
-        let again = futures_util::future::join_all(
-            again.iter().map(|r| b.submit(&model, r, s, later(60_000))),
-        )
-        .await;
-        (answered, again)
-    };
-    let (late, (answered, again)) = tokio::join!(late, back);
-    assert!(answered.iter().all(|r| r.as_ref().unwrap().batch_size == 2));
-    let late = late.unwrap();
-    assert_eq!(
-        (late.batch_size, late.queue_wait),
-        (3, Duration::from_millis(9)),
-        "held past max_wait on the headroom slot until a request came back, then sent \
-         with the callers it had answered"
-    );
-    assert!(again.iter().all(|r| r.as_ref().unwrap().batch_size == 3));
-    assert_eq!(up.stats.counts().requests, 4, "no request for a fragment");
-}
-
-#[tokio::test(start_paused = true)]
 async fn demand_is_the_recent_peak_and_forgotten_after_two_windows() {
     let mut d = Demand::new();
     let fastest = Duration::from_millis(10);

@@ -1,26 +1,21 @@
 //! How many requests a provider is sent at once.
 //!
 //! Fixed: `max_concurrency`. Adaptive (with adaptive batching): learned from the provider's
-//! answers in the manner of TCP Vegas and Netflix's concurrency-limits — grow while answers
-//! come back about as fast as the provider has answered requests of that size before, shrink
-//! when they slow down (it is queueing them) or when it answers 429 or 503 — with
+//! answers by TCP Vegas' rule on the size-normalised slowdown (`adaptive`), with
 //! `max_concurrency` as the ceiling.
 //!
 //! Hand-written: the crates that adapt a limit (tower-acc, tower-resilience-adaptive) compare
 //! every answer with one baseline latency, but a batch of 32 prompts takes longer than a
-//! batch of 1 without any queueing. Here an answer is judged against the fastest answers
-//! seen per batch size (one bucket per size up to 16, then buckets an eighth apart), so only
-//! queueing reads as congestion.
+//! batch of 1 without any queueing; here an answer is judged against the fastest answers
+//! seen for its size, so only queueing reads as congestion.
 //!
 //! The slots are a tokio semaphore (FIFO-fair and cancel-safe) whose permits follow the
 //! limit: a rise adds permits; a fall forgets free ones, or takes busy ones back as they are
 //! released.
-//!
-//! Here: the slots and what an answer says ([`Verdict`]); the adaptive policy in `adaptive`.
 
 mod adaptive;
 
-use adaptive::Gradient;
+use adaptive::Vegas;
 use std::{
     sync::{
         Arc, Mutex, PoisonError,
@@ -30,7 +25,7 @@ use std::{
 };
 
 use tokio::{
-    sync::{Notify, OwnedSemaphorePermit, Semaphore, futures::Notified},
+    sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
 
@@ -57,13 +52,10 @@ pub(super) struct Limit {
     carrying: AtomicUsize,
     /// Permits taken back from busy requests: forgotten when released instead of returned.
     owed: AtomicUsize,
-    /// [`Limit::parallelism`], kept where taking a slot reads it without the policy's lock.
-    parallel: AtomicUsize,
-    /// Signalled as each slot is released.
-    released: Notify,
+    /// The limit now, read without the policy's lock.
+    permits: AtomicUsize,
     /// `None` for a fixed limit.
-    adaptive: Option<Mutex<Gradient>>,
-    ceiling: usize,
+    adaptive: Option<Mutex<Vegas>>,
 }
 
 /// One concurrency slot, held while a request is in flight.
@@ -74,9 +66,6 @@ pub(super) struct Slot {
     taken: Instant,
     /// Prompts it carries (counted in [`Limit::items_in_flight`]).
     items: usize,
-    /// Requests in flight beyond the parallelism as it was sent (its own included): requests
-    /// the provider queues for want of a free slot, whatever its parallelism.
-    beyond: usize,
 }
 
 impl Slot {
@@ -84,13 +73,8 @@ impl Slot {
     pub(super) fn carry(&mut self, items: usize) {
         let limit = &self.limit;
         match (self.items, items) {
-            (0, 1..) => {
-                let sent = limit.carrying.fetch_add(1, Relaxed) + 1;
-                self.beyond = sent.saturating_sub(limit.parallel.load(Relaxed));
-            }
-            (1.., 0) => {
-                limit.carrying.fetch_sub(1, Relaxed);
-            }
+            (0, 1..) => limit.flowed(limit.carrying.fetch_add(1, Relaxed) + 1),
+            (1.., 0) => limit.flowed(limit.carrying.fetch_sub(1, Relaxed) - 1),
             _ => {}
         }
         let counted = &self.limit.items;
@@ -106,7 +90,6 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.carry(0);
-        self.limit.released.notify_waiters();
         if let Some(p) = self.permit.take() {
             let owed = &self.limit.owed;
             if owed
@@ -126,10 +109,8 @@ impl Limit {
             items: AtomicUsize::new(0),
             carrying: AtomicUsize::new(0),
             owed: AtomicUsize::new(0),
-            parallel: AtomicUsize::new(max),
-            released: Notify::new(),
+            permits: AtomicUsize::new(max),
             adaptive: None,
-            ceiling: max,
         })
     }
 
@@ -140,19 +121,14 @@ impl Limit {
             items: AtomicUsize::new(0),
             carrying: AtomicUsize::new(0),
             owed: AtomicUsize::new(0),
-            parallel: AtomicUsize::new(start),
-            released: Notify::new(),
-            adaptive: Some(Mutex::new(Gradient::new(start, ceiling))),
-            ceiling,
+            permits: AtomicUsize::new(start),
+            adaptive: Some(Mutex::new(Vegas::new(start, ceiling))),
         })
     }
 
     /// Requests allowed in flight now.
     pub(super) fn current(&self) -> usize {
-        match &self.adaptive {
-            None => self.ceiling,
-            Some(g) => g.lock().unwrap_or_else(PoisonError::into_inner).permits(),
-        }
+        self.permits.load(Relaxed)
     }
 
     fn slot(self: &Arc<Limit>, permit: OwnedSemaphorePermit) -> Slot {
@@ -161,7 +137,6 @@ impl Limit {
             limit: self.clone(),
             taken: Instant::now(),
             items: 0,
-            beyond: 0,
         }
     }
 
@@ -169,16 +144,9 @@ impl Limit {
         self.adaptive.is_some()
     }
 
-    /// Requests the provider serves at once: the limit when fixed; when learned, what the
-    /// provider showed (at most the limit).
-    pub(super) fn parallelism(&self) -> usize {
-        self.parallel.load(Relaxed)
-    }
-
-    /// Puts an adaptive limit past slow start at `permits` slots, `parallel` of them what the
-    /// provider serves at once.
+    /// Puts an adaptive limit past slow start at `permits` slots.
     #[cfg(test)]
-    pub(super) fn settle(&self, permits: usize, parallel: usize) {
+    pub(super) fn settle(&self, permits: usize) {
         let mut g = self
             .adaptive
             .as_ref()
@@ -190,18 +158,17 @@ impl Limit {
         } else {
             self.slots.forget_permits(g.permits() - permits);
         }
-        g.settle(permits, parallel);
-        self.parallel.store(parallel, Relaxed);
+        g.settle(permits);
+        self.permits.store(permits, Relaxed);
     }
 
-    /// Resolves at the next release of a slot after this call (whether polled yet or not).
-    pub(super) fn released(&self) -> Notified<'_> {
-        self.released.notified()
-    }
-
-    /// Requests in flight now (slots carrying prompts).
-    pub(super) fn requests_in_flight(&self) -> usize {
-        self.carrying.load(Relaxed)
+    /// Tells the adaptive policy how many requests are in flight from now.
+    fn flowed(&self, in_flight: usize) {
+        if let Some(g) = &self.adaptive {
+            g.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .flowed(in_flight);
+        }
     }
 
     /// Prompts carried by requests in flight now.
@@ -226,18 +193,11 @@ impl Limit {
     /// permit at once, so none is free while demand exceeds the limit.
     pub(super) fn observe(&self, slot: &Slot, verdict: Verdict) {
         let Some(g) = &self.adaptive else { return };
-        let saturated = self.slots.available_permits() == 0;
-        let busy = self.carrying.load(Relaxed);
-        let load = Load {
-            busy,
-            saturated,
-            beyond: slot.beyond,
-        };
         let (before, after) = {
             let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
             let before = g.permits();
-            g.learn(slot.taken, load, verdict);
-            self.parallel.store(g.parallelism(), Relaxed);
+            g.learn(slot.taken, verdict);
+            self.permits.store(g.permits(), Relaxed);
             (before, g.permits())
         };
         if after > before {
@@ -258,17 +218,4 @@ impl Limit {
             self.owed.fetch_add(drop - forgotten, Relaxed);
         }
     }
-}
-
-/// What the limit held as an answer came.
-#[derive(Clone, Copy, Debug)]
-struct Load {
-    /// Requests in flight (the answer's own included; a slot held while a batch gathers
-    /// is not one).
-    busy: usize,
-    /// Whether every slot was held.
-    saturated: bool,
-    /// The answer's request was sent with this many requests in flight beyond the
-    /// parallelism.
-    beyond: usize,
 }
