@@ -4,13 +4,12 @@
 //! A [`Batcher`] per provider keeps one queue per [`BatchKey`]: a handle (bounded channel plus
 //! a count of queued items) and a worker task, in the shape of tower's `Buffer`. Two policies:
 //!
-//! - **adaptive** (the default): an item goes at once while the provider has room under its
-//!   learned concurrency limit (`limit`); what arrives while it is busy gathers and leaves
-//!   when a slot frees, in batches of ceil(callers' prompts / parallelism) — the prompts
-//!   waiting and in flight at their recent peak ([`Demand`]) — so the load spreads evenly over
-//!   the requests the provider serves in parallel (waiting up to `max_wait` for callers of a
-//!   batch just answered to send again; a fragment with that many requests already in flight
-//!   waits for one to come back). A lone caller pays no window.
+//! - **adaptive** (the default): items gather while every slot under the learned
+//!   concurrency limit (`limit`) is taken, and leave when one frees, in batches of
+//!   ceil(callers' prompts / limit) — the prompts waiting and in flight at their recent peak
+//!   ([`Demand`]), so the load spreads evenly over the requests the provider is sent at once
+//!   (waiting up to `max_wait` for callers of a batch just answered to send again). A lone
+//!   caller pays no window.
 //! - **fixed**: the worker closes a batch when `max_batch_size` items are queued or the oldest
 //!   has waited `max_wait` — Triton's dynamic batcher rule — and earlier when an item's
 //!   deadline is near (its deadline minus the provider's fastest answer). It then waits for a

@@ -3,8 +3,8 @@
 //! Every answer's time is divided by the time the provider takes for a request of that size
 //! when it is not queueing ([`Baseline`]), so a batch of 32 taking longer than a batch of 1 is
 //! not read as congestion. Over a round of answers (at least [`ROUND`], and at least the
-//! limit), the slowdown `r` (the answers' time over their expected time, over its usual level
-//! `noise`: jitter, a shared machine) and the mean requests in flight `busy` give, by Little's
+//! limit), the slowdown `r` (each answer's time over the time expected for its size, over its
+//! usual level `noise`) and the mean requests in flight `busy` give, by Little's
 //! law, `busy × (1 − 1/r)` requests waiting at the provider. Then:
 //!
 //! - more than [`BETA`] waiting: the provider serves fewer than were sent, so the limit falls to
@@ -18,8 +18,13 @@
 //!
 //! The limit aims at no queue at all — Vegas with α = 0 — because batches are sized over it:
 //! a request waiting at the provider holds prompts that could have ridden in a request being
-//! served. Tuning constants: [`ROUND`], [`BETA`], [`PROBE_AFTER_MAX`], [`BACKOFF`], [`NOISE_UP`],
-//! [`NOISE_DOWN`], [`DRIFT`], plus `INITIAL` (where it starts) in the parent module.
+//! served. `noise` is the slowdown of rounds without queueing (answers vary; the fastest is
+//! the floor): set by rounds with at most one request in flight, where no queue can form, and
+//! lowered by calm rounds, never raised by them (queueing would be learned as the usual).
+//!
+//! Tuning constants (ten in all): [`ROUND`], [`BETA`], [`Z`], [`PROBE_AFTER_MAX`], [`BACKOFF`],
+//! [`DRIFT`], [`NOISE_GAIN`], [`BUCKETS`]; `INITIAL` in the parent module; `ARRIVAL_GAP` in
+//! the adaptive batch worker. Judged on `upstream::simulator` before any wall-clock run.
 
 use super::*;
 
