@@ -8,7 +8,7 @@
 //! law, `busy × (1 − 1/r)` requests waiting at the provider. Then:
 //!
 //! - more than [`BETA`] waiting: the provider serves fewer than were sent, so the limit falls to
-//!   what it showed it serves, `busy / r` (after a probe, one less than the probe);
+//!   what it showed it serves, `busy / r` (a probe that crowded it is taken back);
 //! - otherwise, with every slot taken: in slow start the limit doubles; after it, one more
 //!   slot is tried (a probe), at once after a probe was kept, and after twice as many calm
 //!   rounds as last time after one was taken back (at most [`PROBE_AFTER_MAX`]), so a
@@ -61,9 +61,13 @@ pub(super) struct Vegas {
     noise: f64,
     round: Round,
     flow: Flow,
-    /// When the limit last moved: a round counts only answers to requests sent since, so it
-    /// judges the limit it is about.
+    /// When the limit last moved, the requests sent before that still in flight, and when the
+    /// last of them ended: a round counts only answers to requests sent after that, so it judges
+    /// the limit it is about (a request sent just after a fall still queues behind those sent
+    /// before it).
     moved_at: Option<Instant>,
+    before_move: usize,
+    settled_at: Option<Instant>,
     /// Answers to requests sent before this do not halve the limit again.
     fell_at: Option<Instant>,
     /// Calm rounds with every slot taken since the last probe, and how many the next needs.
@@ -109,6 +113,8 @@ impl Vegas {
             round: Round::default(),
             flow: Flow::default(),
             moved_at: None,
+            before_move: 0,
+            settled_at: None,
             fell_at: None,
             calm: 0,
             probe_after: 1,
@@ -126,11 +132,19 @@ impl Vegas {
         (self.limit, self.slow_start) = (permits, false);
     }
 
-    /// `in_flight` requests from now on.
-    pub(super) fn flowed(&mut self, in_flight: usize) {
+    /// `in_flight` requests from now on; `ended`, the send time of one that just ended.
+    pub(super) fn flowed(&mut self, in_flight: usize, ended: Option<Instant>) {
         let now = Instant::now();
         self.flow.area = self.flow.area(now);
         (self.flow.in_flight, self.flow.at) = (in_flight, Some(now));
+        if ended.is_some_and(|sent| self.moved_at.is_some_and(|at| sent < at))
+            && self.before_move > 0
+        {
+            self.before_move -= 1;
+            if self.before_move == 0 {
+                self.settled_at = Some(now);
+            }
+        }
     }
 
     pub(super) fn learn(&mut self, sent: Instant, verdict: Verdict) {
@@ -150,23 +164,29 @@ impl Vegas {
     fn set(&mut self, limit: f64) {
         let limit = (limit as usize).clamp(1, self.ceiling);
         if limit != self.limit {
+            let now = Instant::now();
             self.limit = limit;
-            self.moved_at = Some(Instant::now());
+            self.moved_at = Some(now);
+            self.before_move = self.flow.in_flight;
+            self.settled_at = (self.before_move == 0).then_some(now);
             self.round = Round::default();
         }
     }
 
     fn took(&mut self, sent: Instant, took: Duration, items: usize) {
         let expected = self.baseline.expected(items);
-        self.baseline.learn(items, took);
-        if self.moved_at.is_some_and(|at| sent < at) {
+        // An answer within one queued request of the expected time moves it; a slower one
+        // does not (it queued), so queueing is never learned as the usual.
+        let x = expected.map_or(1.0, |e| took.as_secs_f64() / e);
+        self.baseline
+            .learn(items, took, x <= 1.0 + 1.0 / self.limit as f64);
+        if self.moved_at.is_some() && self.settled_at.is_none_or(|at| sent < at) {
             return;
         }
         let now = Instant::now();
         let round = &mut self.round;
         let (since, area) = *round.since.get_or_insert((now, self.flow.area(now)));
         round.answers += 1;
-        let x = expected.map_or(1.0, |e| took.as_secs_f64() / e);
         round.slowdown += x;
         round.squares += x * x;
         // Slow start moves per round trip, as TCP's does.
@@ -197,13 +217,24 @@ impl Vegas {
             self.slow_start = false;
             self.calm = 0;
             if std::mem::take(&mut self.probing) {
+                // The probe's one more request crowded it: take that back (if more than the
+                // probe crowds it, the next round shows that).
                 self.probe_after = (self.probe_after * 2).min(PROBE_AFTER_MAX);
+                self.set(self.limit as f64 - 1.0);
+            } else {
+                self.set((busy / r).min(self.limit as f64 - 1.0));
             }
-            self.set((busy / r).min(self.limit as f64 - 1.0));
             return;
         }
-        // Calm rounds may lower the noise, never raise it: queueing would be learned as usual.
-        self.noise -= (self.noise - raw).max(0.0) * NOISE_GAIN;
+        // Calm rounds lower the noise quickly and raise it slowly: the fastest time of each size
+        // falls as answers are seen (the luckiest so far), so the usual slowdown over it
+        // rises, while queueing must not be learned as the usual.
+        self.noise += (raw - self.noise)
+            * if raw > self.noise {
+                NOISE_GAIN / 4.0
+            } else {
+                NOISE_GAIN
+            };
         if std::mem::take(&mut self.probing) {
             self.probe_after = 1;
         }
@@ -249,11 +280,15 @@ pub(super) fn bucket(items: usize) -> usize {
 }
 
 impl Baseline {
-    /// Learns an answer's time.
-    pub(super) fn learn(&mut self, items: usize, took: Duration) {
+    /// Learns an answer's time: a faster one at once, a slower one a little if `drift`.
+    pub(super) fn learn(&mut self, items: usize, took: Duration, drift: bool) {
         let took = took.as_secs_f64();
         match &mut self.usual[bucket(items)] {
-            Some((_, t)) if took > *t => *t += (took - *t) * DRIFT,
+            Some((_, t)) if took > *t => {
+                if drift {
+                    *t += (took - *t) * DRIFT;
+                }
+            }
             usual => *usual = Some((items, took)),
         }
     }

@@ -62,8 +62,9 @@ pub(super) struct Limit {
 pub(super) struct Slot {
     permit: Option<OwnedSemaphorePermit>,
     limit: Arc<Limit>,
-    /// When it was taken, to ignore answers to requests sent before the limit last fell.
-    taken: Instant,
+    /// When its request was sent (taken, until then), to tell answers to requests sent before
+    /// the limit last moved.
+    sent: Instant,
     /// Prompts it carries (counted in [`Limit::items_in_flight`]).
     items: usize,
 }
@@ -73,8 +74,11 @@ impl Slot {
     pub(super) fn carry(&mut self, items: usize) {
         let limit = &self.limit;
         match (self.items, items) {
-            (0, 1..) => limit.flowed(limit.carrying.fetch_add(1, Relaxed) + 1),
-            (1.., 0) => limit.flowed(limit.carrying.fetch_sub(1, Relaxed) - 1),
+            (0, 1..) => {
+                self.sent = Instant::now();
+                limit.flowed(limit.carrying.fetch_add(1, Relaxed) + 1, None);
+            }
+            (1.., 0) => limit.flowed(limit.carrying.fetch_sub(1, Relaxed) - 1, Some(self.sent)),
             _ => {}
         }
         let counted = &self.limit.items;
@@ -135,7 +139,7 @@ impl Limit {
         Slot {
             permit: Some(permit),
             limit: self.clone(),
-            taken: Instant::now(),
+            sent: Instant::now(),
             items: 0,
         }
     }
@@ -162,12 +166,13 @@ impl Limit {
         self.permits.store(permits, Relaxed);
     }
 
-    /// Tells the adaptive policy how many requests are in flight from now.
-    fn flowed(&self, in_flight: usize) {
+    /// Tells the adaptive policy how many requests are in flight from now;
+    /// `ended`: the send time of the request that just ended, if one did.
+    fn flowed(&self, in_flight: usize, ended: Option<Instant>) {
         if let Some(g) = &self.adaptive {
             g.lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .flowed(in_flight);
+                .flowed(in_flight, ended);
         }
     }
 
@@ -196,7 +201,7 @@ impl Limit {
         let (before, after) = {
             let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
             let before = g.permits();
-            g.learn(slot.taken, verdict);
+            g.learn(slot.sent, verdict);
             self.permits.store(g.permits(), Relaxed);
             (before, g.permits())
         };

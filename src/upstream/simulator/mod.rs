@@ -160,7 +160,7 @@ pub(super) struct Report {
 }
 
 /// Simulated time a run warms up before it measures, and then measures.
-pub(super) const WARM_UP: Duration = Duration::from_millis(3000);
+pub(super) const WARM_UP: Duration = Duration::from_millis(10000);
 pub(super) const MEASURE: Duration = Duration::from_millis(3000);
 
 /// One run on a fresh paused-clock runtime: `policy` against `model` under `load`. Every

@@ -65,61 +65,68 @@ const SWEEP: [(usize, u64); 9] = [
     (128, 1),
     (128, 5),
 ];
-const SEED: u64 = 7;
+/// Each comparison runs with these seeds (callers' round trips; the provider's jitter).
+const SEEDS: [u64; 3] = [7, 1, 2];
 
 /// Where adaptive falls more than 10% short of the best fixed setting, and the least it
-/// reaches there (checked, so a change that loses more fails): on a provider whose answers
-/// vary ±50% at random, a round of 8 answers cannot tell queueing from chance, and the limit
-/// settles below the provider's slots (see the module doc of `limit::adaptive`).
-const KNOWN_SHORT: [(&str, usize, f64); 2] = [(JITTERY.name, 64, 0.75), (JITTERY.name, 256, 0.20)];
+/// reaches there over [`SEEDS`] (checked, so a change that loses more fails): on a provider
+/// whose answers vary ±50% at random, the fastest answer seen per batch size depends on how
+/// many of that size were seen, so the slowdown over it cannot tell queueing from chance, and
+/// the limit falls below the provider's slots (see the note on issue #28).
+const KNOWN_SHORT: [(&str, usize, f64); 2] = [(JITTERY.name, 64, 0.70), (JITTERY.name, 256, 0.20)];
 
 /// Adaptive against the best of the fixed sweep at every caller count, and a lone caller
-/// against batching off. Prints the table (`cargo test simulator -- --nocapture`).
+/// against batching off, with every seed. Prints the table (`cargo test simulator --
+/// --nocapture`).
 fn holds(model: Model) {
     println!("\n{}", model.name);
     println!(
-        "callers | off: prompts/s (p50 ms) | adaptive (p50 ms, prompts/request) | best fixed | ratio"
+        "callers | seed | off: prompts/s (p50 ms) | adaptive (p50 ms, prompts/request) | best fixed | ratio"
     );
     let mut short = Vec::new();
     for callers in CALLERS {
         let load = Load::Closed(callers);
-        let off = run(model, Policy::Off, load, SEED);
-        let adaptive = run(model, Policy::Adaptive, load, SEED);
-        let (best, fixed) = SWEEP
-            .iter()
-            .map(|&(size, wait)| {
-                let p = Policy::Fixed(size, wait);
-                (p, run(model, p, load, SEED))
-            })
-            .max_by(|a, b| a.1.throughput.total_cmp(&b.1.throughput))
-            .expect("a sweep");
-        let ratio = adaptive.throughput / fixed.throughput;
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        println!(
-            "{callers} | {:.0} ({:.0}) | {:.0} ({:.0}, {:.1}) | {best}: {:.0} ({:.0}, {:.1}) | {ratio:.2}",
-            off.throughput,
-            ms(off.p50),
-            adaptive.throughput,
-            ms(adaptive.p50),
-            1.0 / adaptive.requests_per_prompt,
-            fixed.throughput,
-            ms(fixed.p50),
-            1.0 / fixed.requests_per_prompt,
-        );
-        if callers == 1 {
-            let extra = adaptive.p50.saturating_sub(off.p50);
-            assert!(
-                extra <= Duration::from_millis(1),
-                "{}: a lone caller's p50 is {extra:?} above batching off",
-                model.name
+        for seed in SEEDS {
+            let off = run(model, Policy::Off, load, seed);
+            let adaptive = run(model, Policy::Adaptive, load, seed);
+            let (best, fixed) = SWEEP
+                .iter()
+                .map(|&(size, wait)| {
+                    let p = Policy::Fixed(size, wait);
+                    (p, run(model, p, load, seed))
+                })
+                .max_by(|a, b| a.1.throughput.total_cmp(&b.1.throughput))
+                .expect("a sweep");
+            let ratio = adaptive.throughput / fixed.throughput;
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            println!(
+                "{callers} | {seed} | {:.0} ({:.0}) | {:.0} ({:.0}, {:.1}) | {best}: {:.0} ({:.0}, {:.1}) | {ratio:.2}",
+                off.throughput,
+                ms(off.p50),
+                adaptive.throughput,
+                ms(adaptive.p50),
+                1.0 / adaptive.requests_per_prompt,
+                fixed.throughput,
+                ms(fixed.p50),
+                1.0 / fixed.requests_per_prompt,
             );
-        }
-        let floor = KNOWN_SHORT
-            .iter()
-            .find(|k| k.0 == model.name && k.1 == callers)
-            .map_or(0.9, |k| k.2);
-        if ratio < floor {
-            short.push(format!("{callers} callers: {ratio:.2} (at least {floor})"));
+            if callers == 1 {
+                let extra = adaptive.p50.saturating_sub(off.p50);
+                assert!(
+                    extra <= Duration::from_millis(1),
+                    "{}: a lone caller's p50 is {extra:?} above batching off",
+                    model.name
+                );
+            }
+            let floor = KNOWN_SHORT
+                .iter()
+                .find(|k| k.0 == model.name && k.1 == callers)
+                .map_or(0.9, |k| k.2);
+            if ratio < floor {
+                short.push(format!(
+                    "{callers} callers, seed {seed}: {ratio:.2} (at least {floor})"
+                ));
+            }
         }
     }
     assert!(
@@ -162,9 +169,12 @@ fn holds_on_few_slots_with_a_costly_request() {
 #[test]
 fn a_run_from_a_cold_start_gives_the_same_figures_every_time() {
     for model in [GPU, JITTERY] {
-        let once = run(model, Policy::Adaptive, Load::Closed(64), SEED);
+        let once = run(model, Policy::Adaptive, Load::Closed(64), SEEDS[0]);
         assert!(once.throughput > 0.0);
-        assert_eq!(once, run(model, Policy::Adaptive, Load::Closed(64), SEED));
+        assert_eq!(
+            once,
+            run(model, Policy::Adaptive, Load::Closed(64), SEEDS[0])
+        );
     }
 }
 
@@ -176,7 +186,7 @@ fn open_loop_callers_below_capacity_are_all_answered_about_as_fast_as_alone() {
         MOCK_8,
         Policy::Adaptive,
         Load::Open(Duration::from_micros(2500)),
-        SEED,
+        SEEDS[0],
     );
     assert!((r.throughput - 400.0).abs() < 10.0, "{r:?}");
     assert!(r.p99 < ms(60), "{r:?}");

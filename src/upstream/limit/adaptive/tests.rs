@@ -46,14 +46,29 @@ async fn a_limit_its_callers_do_not_fill_does_not_grow() {
 async fn falls_to_what_the_provider_showed_it_serves() {
     let limit = Limit::adaptive(64);
     limit.settle(16);
-    // Sixteen at once answered in 20 ms: the usual time.
-    wave(&limit, 16, 20 * MS, 1).await;
-    // Then 40 ms each, twice the usual: by Little's law eight of the sixteen waited at a
-    // provider serving eight at once.
-    for _ in 0..3 {
-        wave(&limit, 16, 40 * MS, 1).await;
+    // Sixteen at once answered in 20 ms: the usual time (calm rounds with every slot taken:
+    // one more slot is tried).
+    for _ in 0..2 {
+        wave(&limit, 16, 20 * MS, 1).await;
     }
-    assert_eq!(limit.current(), 8);
+    assert_eq!(limit.current(), 17);
+    // Then the provider serves eight at once, 20 ms each: n in flight take 20 × n / 8 ms.
+    let served = |n: u32| if n <= 8 { 20 * MS } else { 20 * MS * n / 8 };
+    let mut seen = vec![];
+    for _ in 0..8 {
+        let n = limit.current();
+        wave(&limit, n, served(n as u32), 1).await;
+        seen.push(limit.current());
+    }
+    assert_eq!(
+        seen[..4],
+        [17, 16, 16, 8],
+        "the probe taken back, then the fall"
+    );
+    assert!(
+        seen[4..].iter().all(|&l| l == 8 || l == 9),
+        "probes of one: {seen:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -112,9 +127,9 @@ async fn halves_on_overload_once_per_round_trip_taking_back_busy_slots() {
 fn expected_time_is_bounded_by_bigger_sizes_and_linear_between() {
     let mut b = Baseline::default();
     assert_eq!(b.expected(4), None);
-    b.learn(1, 21 * MS);
-    b.learn(8, 28 * MS);
-    b.learn(4, 48 * MS);
+    b.learn(1, 21 * MS, true);
+    b.learn(8, 28 * MS, true);
+    b.learn(4, 48 * MS, true);
     let ms = |n| (b.expected(n).unwrap() * 1e6).round() / 1e3;
     assert_eq!(ms(4), 24.0, "between 1 and 8, not its own 48");
     assert_eq!(ms(1), 21.0);
