@@ -19,8 +19,16 @@
 //! The limit aims at no queue at all — Vegas with α = 0 — because batches are sized over it:
 //! a request waiting at the provider holds prompts that could have ridden in a request being
 //! served. `noise` is the slowdown of rounds without queueing (answers vary; the fastest is
-//! the floor): set by rounds with at most one request in flight, where no queue can form, and
-//! lowered by calm rounds, never raised by them (queueing would be learned as the usual).
+//! the floor): set by rounds with at most one request in flight, where no queue can form;
+//! calm rounds lower it quickly and raise it a quarter as fast (the fastest of each size
+//! falls as more answers are seen, but queueing must not be learned as the usual). A round
+//! counts only answers to requests sent after those in flight when the limit last moved have
+//! ended: a request sent just after a fall still queues behind them.
+//!
+//! Known weakness (issue #28's note): on a provider whose answers vary widely (±50%), the
+//! fastest answer per size depends on how many of that size were seen, so the slowdown cannot
+//! tell queueing from chance and the limit settles below the provider's slots — 0.72–0.9 of
+//! the best fixed setting at 64 callers and 0.25–0.9 at 256 in the simulator.
 //!
 //! Tuning constants (ten in all): [`ROUND`], [`BETA`], [`Z`], [`PROBE_AFTER_MAX`], [`BACKOFF`],
 //! [`DRIFT`], [`NOISE_GAIN`], [`BUCKETS`]; `INITIAL` in the parent module; `ARRIVAL_GAP` in
@@ -43,10 +51,12 @@ pub(super) const Z: f64 = 2.0;
 pub(super) const PROBE_AFTER_MAX: u32 = 32;
 /// The limit falls to this fraction on a 429 or 503.
 pub(super) const BACKOFF: f64 = 0.5;
-/// Each answer moves the fastest time of its size this fraction of the way up to it, so a
-/// provider that became slower for good (other tenants, a smaller GPU) is relearned.
+/// An answer within one queued request of the fastest time of its size moves that time this
+/// fraction of the way up to it, so a provider that became a little slower for good is
+/// relearned (one much slower lowers the limit to one request, where `noise` learns it).
 pub(super) const DRIFT: f64 = 1.0 / 256.0;
-/// How far a calm round moves the usual slowdown (`noise`) toward its own.
+/// How far a calm round moves the usual slowdown (`noise`) down toward its own (up: a quarter
+/// of that).
 pub(super) const NOISE_GAIN: f64 = 1.0 / 8.0;
 
 pub(super) const BUCKETS: usize = 64;
