@@ -9,10 +9,13 @@
 //!
 //! - more than [`BETA`] waiting: the provider serves fewer than were sent, so the limit falls to
 //!   what it showed it serves, `busy / r` (a probe that crowded it is taken back);
-//! - otherwise, with every slot taken: in slow start the limit doubles; after it, one more
-//!   slot is tried (a probe), at once after a probe was kept, and after twice as many calm
-//!   rounds as last time after one was taken back (at most [`PROBE_AFTER_MAX`]), so a
-//!   provider at its true limit pays for few probes;
+//! - the first crowded round ends slow start, and the limit starts again from one request: the
+//!   sizes slow start sent may all have queued (every request waiting alike looks like no wait
+//!   at all), so it climbs back a slot a round, learning each size's time unqueued;
+//! - otherwise, with every slot taken at some moment of the round: in slow start the limit
+//!   doubles; after it, one more slot is tried (a probe), at once after a probe was kept, and
+//!   after twice as many calm rounds as last time after one was taken back (at most
+//!   [`PROBE_AFTER_MAX`]), so a provider at its true limit pays for few probes;
 //! - a 429 or 503 (or the provider's own timeout) halves it ([`BACKOFF`]), at most once per
 //!   round trip.
 //!
@@ -27,10 +30,10 @@
 //!
 //! Known weakness (issue #28's note): on a provider whose answers vary widely (±50%), the
 //! fastest answer per size depends on how many of that size were seen, so the slowdown cannot
-//! tell queueing from chance and the limit settles below the provider's slots — 0.72–0.9 of
-//! the best fixed setting at 64 callers and 0.25–0.9 at 256 in the simulator.
+//! tell queueing from chance and the limit settles below the provider's slots — 0.64–0.70 of
+//! the best fixed setting at 64 callers and 0.55–0.87 at 256 in the simulator.
 //!
-//! Tuning constants (ten in all): [`ROUND`], [`BETA`], [`Z`], [`PROBE_AFTER_MAX`], [`BACKOFF`],
+//! Tuning constants (nine in all): [`ROUND`], [`BETA`], [`PROBE_AFTER_MAX`], [`BACKOFF`],
 //! [`DRIFT`], [`NOISE_GAIN`], [`BUCKETS`]; `INITIAL` in the parent module; `ARRIVAL_GAP` in
 //! the adaptive batch worker. Judged on `upstream::simulator` before any wall-clock run.
 
@@ -42,11 +45,8 @@ mod tests;
 /// Answers a round takes at least (and at least the limit's worth), so one slow answer among
 /// few does not move the limit.
 pub(super) const ROUND: usize = 8;
-/// Requests waiting at the provider, on a round's mean, above which it is crowded — if the
-/// round's slowdown over the usual is more than [`Z`] standard errors of its mean (more than
-/// chance explains, on a provider whose answers vary).
+/// Requests waiting at the provider, on a round's mean, above which it is crowded.
 pub(super) const BETA: f64 = 0.5;
-pub(super) const Z: f64 = 2.0;
 /// The most calm rounds between probes.
 pub(super) const PROBE_AFTER_MAX: u32 = 32;
 /// The limit falls to this fraction on a 429 or 503.
@@ -89,9 +89,8 @@ pub(super) struct Vegas {
 #[derive(Debug, Default)]
 struct Round {
     answers: usize,
-    /// Each answer's time over the time expected for its size, summed, and squared and summed.
+    /// Each answer's time over the time expected for its size, summed.
     slowdown: f64,
-    squares: f64,
     /// When it began (its first answer), and [`Flow::area`] then.
     since: Option<(Instant, f64)>,
 }
@@ -100,6 +99,8 @@ struct Round {
 #[derive(Debug, Default)]
 struct Flow {
     in_flight: usize,
+    /// The most in flight since the last round ended.
+    peak: usize,
     /// Requests in flight × seconds, up to `at`.
     area: f64,
     at: Option<Instant>,
@@ -147,6 +148,7 @@ impl Vegas {
         let now = Instant::now();
         self.flow.area = self.flow.area(now);
         (self.flow.in_flight, self.flow.at) = (in_flight, Some(now));
+        self.flow.peak = self.flow.peak.max(in_flight);
         if ended.is_some_and(|sent| self.moved_at.is_some_and(|at| sent < at))
             && self.before_move > 0
         {
@@ -180,6 +182,7 @@ impl Vegas {
             self.before_move = self.flow.in_flight;
             self.settled_at = (self.before_move == 0).then_some(now);
             self.round = Round::default();
+            self.flow.peak = self.flow.in_flight;
         }
     }
 
@@ -198,17 +201,15 @@ impl Vegas {
         let (since, area) = *round.since.get_or_insert((now, self.flow.area(now)));
         round.answers += 1;
         round.slowdown += x;
-        round.squares += x * x;
         // Slow start moves per round trip, as TCP's does.
         let answers = if self.slow_start { 1 } else { ROUND };
         if round.answers < answers.max(self.limit) || now == since {
             return;
         }
         let round = std::mem::take(&mut self.round);
+        let peak = std::mem::replace(&mut self.flow.peak, self.flow.in_flight);
         let n = round.answers as f64;
         let raw = round.slowdown / n;
-        // The round's mean is known to within its answers' spread over the root of their count.
-        let error = ((round.squares / n - raw * raw).max(0.0) / n).sqrt();
         let r = (raw / self.noise).max(1.0);
         let busy = (self.flow.area(now) - area) / (now - since).as_secs_f64();
         let waiting = busy * (1.0 - 1.0 / r);
@@ -223,10 +224,15 @@ impl Vegas {
             // No queue is possible with one request in flight: its slowdown is all noise.
             self.noise = raw;
         }
-        if waiting > BETA && raw - self.noise > Z * error {
-            self.slow_start = false;
+        if waiting > BETA {
             self.calm = 0;
-            if std::mem::take(&mut self.probing) {
+            if std::mem::replace(&mut self.slow_start, false) {
+                // The end of slow start: the sizes it learned may all have queued (every
+                // request waiting the same looks like no wait at all), so the limit starts
+                // again from one request — where nothing queues — and climbs a slot a round,
+                // learning each size's time unqueued.
+                self.set(1.0);
+            } else if std::mem::take(&mut self.probing) {
                 // The probe's one more request crowded it: take that back (if more than the
                 // probe crowds it, the next round shows that).
                 self.probe_after = (self.probe_after * 2).min(PROBE_AFTER_MAX);
@@ -248,8 +254,8 @@ impl Vegas {
         if std::mem::take(&mut self.probing) {
             self.probe_after = 1;
         }
-        // Every slot taken, but for the moments a freed one waits for its next request.
-        if busy < self.limit as f64 - 1.0 {
+        // Every slot taken at some moment of the round: more would have been used.
+        if peak < self.limit {
             return;
         }
         if self.slow_start {
