@@ -12,7 +12,8 @@
 //! - the first crowded round ends slow start, and the limit starts again from one request: the
 //!   sizes slow start sent may all have queued (every request waiting alike looks like no wait
 //!   at all), so it climbs back a slot a round, learning each size's time unqueued;
-//! - otherwise, with every slot taken at some moment of the round: in slow start the limit
+//! - otherwise, with every slot taken at some moment of the round, or more prompts in flight
+//!   than slots (more slots would split them into more requests): in slow start the limit
 //!   doubles; after it, one more slot is tried (a probe), at once after a probe was kept, and
 //!   after twice as many calm rounds as last time after one was taken back (at most
 //!   [`PROBE_AFTER_MAX`]), so a provider at its true limit pays for few probes;
@@ -30,7 +31,7 @@
 //!
 //! Known weakness (issue #28's note): on a provider whose answers vary widely (±50%), the
 //! fastest answer per size depends on how many of that size were seen, so the slowdown cannot
-//! tell queueing from chance and the limit settles below the provider's slots — 0.64–0.70 of
+//! tell queueing from chance and the limit settles below the provider's slots — 0.39–0.64 of
 //! the best fixed setting at 64 callers and 0.55–0.87 at 256 in the simulator.
 //!
 //! Tuning constants (nine in all): [`ROUND`], [`BETA`], [`PROBE_AFTER_MAX`], [`BACKOFF`],
@@ -91,6 +92,8 @@ struct Round {
     answers: usize,
     /// Each answer's time over the time expected for its size, summed.
     slowdown: f64,
+    /// Answers that came with more prompts in flight than slots.
+    shared: usize,
     /// When it began (its first answer), and [`Flow::area`] then.
     since: Option<(Instant, f64)>,
 }
@@ -159,7 +162,8 @@ impl Vegas {
         }
     }
 
-    pub(super) fn learn(&mut self, sent: Instant, verdict: Verdict) {
+    /// `shared`: more prompts are in flight than the limit has slots.
+    pub(super) fn learn(&mut self, sent: Instant, verdict: Verdict, shared: bool) {
         match verdict {
             Verdict::Nothing => {}
             Verdict::Overloaded => {
@@ -169,7 +173,7 @@ impl Vegas {
                     self.set(self.limit as f64 * BACKOFF);
                 }
             }
-            Verdict::Took(took, items) => self.took(sent, took, items),
+            Verdict::Took(took, items) => self.took(sent, took, items, shared),
         }
     }
 
@@ -186,7 +190,7 @@ impl Vegas {
         }
     }
 
-    fn took(&mut self, sent: Instant, took: Duration, items: usize) {
+    fn took(&mut self, sent: Instant, took: Duration, items: usize, shared: bool) {
         let expected = self.baseline.expected(items);
         // An answer within one queued request of the expected time moves it; a slower one
         // does not (it queued), so queueing is never learned as the usual.
@@ -201,6 +205,7 @@ impl Vegas {
         let (since, area) = *round.since.get_or_insert((now, self.flow.area(now)));
         round.answers += 1;
         round.slowdown += x;
+        round.shared += usize::from(shared);
         // Slow start moves per round trip, as TCP's does.
         let answers = if self.slow_start { 1 } else { ROUND };
         if round.answers < answers.max(self.limit) || now == since {
@@ -254,8 +259,10 @@ impl Vegas {
         if std::mem::take(&mut self.probing) {
             self.probe_after = 1;
         }
-        // Every slot taken at some moment of the round: more would have been used.
-        if peak < self.limit {
+        // More slots would have been used: every one was taken at some moment of the round,
+        // or more prompts were in flight than slots (batches are sized over the limit, so
+        // with more slots they would have gone as more, smaller requests).
+        if peak < self.limit && round.shared * 2 < round.answers {
             return;
         }
         if self.slow_start {

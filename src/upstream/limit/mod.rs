@@ -201,7 +201,9 @@ impl Limit {
         let (before, after) = {
             let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
             let before = g.permits();
-            g.learn(slot.sent, verdict);
+            // More prompts in flight than slots: more slots would split them into more requests.
+            let shared = self.items.load(Relaxed) > before;
+            g.learn(slot.sent, verdict, shared);
             self.permits.store(g.permits(), Relaxed);
             (before, g.permits())
         };
