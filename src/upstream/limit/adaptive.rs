@@ -32,7 +32,10 @@
 //! Known weakness (issue #28's note): on a provider whose answers vary widely (±50%), the
 //! fastest answer per size depends on how many of that size were seen, so the slowdown cannot
 //! tell queueing from chance and the limit settles below the provider's slots — 0.39–0.64 of
-//! the best fixed setting at 64 callers and 0.55–0.87 at 256 in the simulator.
+//! the best fixed setting at 64 callers and 0.55–0.87 at 256 in the simulator. And on the
+//! wall clock, a router that served 1 and 8 callers before 64 on a 4-slot provider holds the
+//! limit one above its slots (0.89 of the best fixed setting; a fresh router 1.1) — not yet
+//! reproduced on the simulator.
 //!
 //! Tuning constants (nine in all): [`ROUND`], [`BETA`], [`PROBE_AFTER_MAX`], [`BACKOFF`],
 //! [`DRIFT`], [`NOISE_GAIN`], [`BUCKETS`]; `INITIAL` in the parent module; `ARRIVAL_GAP` in
