@@ -224,8 +224,12 @@ impl Vegas {
         tracing::debug!(
             limit = self.limit,
             busy,
+            peak,
             slowdown = raw,
+            noise = self.noise,
             waiting,
+            slow_start = self.slow_start,
+            probing = self.probing,
             "concurrency round"
         );
         if busy <= 1.0 {
