@@ -29,16 +29,17 @@
 //! counts only answers to requests sent after those in flight when the limit last moved have
 //! ended: a request sent just after a fall still queues behind them.
 //!
-//! Known weakness (issue #28's note): on a provider whose answers vary widely (±50%), the
-//! fastest answer per size depends on how many of that size were seen, so the slowdown cannot
-//! tell queueing from chance and the limit settles below the provider's slots — 0.39–0.64 of
-//! the best fixed setting at 64 callers and 0.55–0.87 at 256 in the simulator. And on the
-//! wall clock, a router that served 1 and 8 callers before 64 on a 4-slot provider holds the
-//! limit one above its slots (0.89 of the best fixed setting; a fresh router 1.1) — not yet
+//! Answers that vary widely (±50% at random) make a round's mean vary by chance, so `r` is
+//! taken less [`SURE`] standard errors of it, from `spread`: how much answers vary in rounds
+//! without queueing (learned as `noise` is). Known weakness (issue #28's note): with such
+//! answers one request waiting cannot be told from chance, so the limit settles one above the
+//! provider's slots (0.89–0.90 of the best fixed setting at 64 callers in the simulator). And
+//! on the wall clock, a router that served 1 and 8 callers before 64 on a 4-slot provider held
+//! the limit one above its slots (0.89 of the best fixed setting; a fresh router 1.1) — not
 //! reproduced on the simulator.
 //!
-//! Tuning constants (nine in all): [`ROUND`], [`BETA`], [`PROBE_AFTER_MAX`], [`BACKOFF`],
-//! [`DRIFT`], [`NOISE_GAIN`], [`BUCKETS`]; `INITIAL` in the parent module; `ARRIVAL_GAP` in
+//! Tuning constants (ten in all): [`ROUND`], [`BETA`], [`PROBE_AFTER_MAX`], [`BACKOFF`],
+//! [`DRIFT`], [`NOISE_GAIN`], [`SURE`], [`BUCKETS`]; `INITIAL` in the parent module; `ARRIVAL_GAP` in
 //! the adaptive batch worker. Judged on `upstream::simulator` before any wall-clock run.
 
 use super::*;
@@ -63,6 +64,9 @@ pub(super) const DRIFT: f64 = 1.0 / 256.0;
 /// of that).
 pub(super) const NOISE_GAIN: f64 = 1.0 / 8.0;
 
+/// Standard errors of a round's mean slowdown that are read as chance, not queueing.
+pub(super) const SURE: f64 = 2.0;
+
 pub(super) const BUCKETS: usize = 64;
 
 #[derive(Debug)]
@@ -73,6 +77,9 @@ pub(super) struct Vegas {
     baseline: Baseline,
     /// The slowdown of rounds without queueing: the answers' own spread over the fastest.
     noise: f64,
+    /// How much answers vary in rounds without queueing: their standard deviation over their
+    /// mean.
+    spread: f64,
     round: Round,
     flow: Flow,
     /// When the limit last moved, the requests sent before that still in flight, and when the
@@ -93,8 +100,10 @@ pub(super) struct Vegas {
 #[derive(Debug, Default)]
 struct Round {
     answers: usize,
-    /// Each answer's time over the time expected for its size, summed.
+    /// Each answer's time over the time expected for its size, summed, and its squares summed
+    /// (for the spread of the round's mean).
     slowdown: f64,
+    squares: f64,
     /// Answers that came with more prompts in flight than slots.
     shared: usize,
     /// When it began (its first answer), and [`Flow::area`] then.
@@ -127,6 +136,7 @@ impl Vegas {
             slow_start: true,
             baseline: Baseline::default(),
             noise: 1.0,
+            spread: 0.0,
             round: Round::default(),
             flow: Flow::default(),
             moved_at: None,
@@ -208,6 +218,7 @@ impl Vegas {
         let (since, area) = *round.since.get_or_insert((now, self.flow.area(now)));
         round.answers += 1;
         round.slowdown += x;
+        round.squares += x * x;
         round.shared += usize::from(shared);
         // Slow start moves per round trip, as TCP's does.
         let answers = if self.slow_start { 1 } else { ROUND };
@@ -218,7 +229,16 @@ impl Vegas {
         let peak = std::mem::replace(&mut self.flow.peak, self.flow.in_flight);
         let n = round.answers as f64;
         let raw = round.slowdown / n;
-        let r = (raw / self.noise).max(1.0);
+        // The answers' own spread (their standard deviation over their mean) this round.
+        let spread = if round.answers > 1 {
+            ((round.squares - n * raw * raw).max(0.0) / (n - 1.0)).sqrt() / raw
+        } else {
+            0.0
+        };
+        // The slowdown over the usual, less what chance gives a round's mean of answers that
+        // vary as they usually do ([`SURE`] standard errors): a provider whose answers vary
+        // widely is judged crowded only when chance cannot explain it.
+        let r = (raw / self.noise - SURE * self.spread / n.sqrt()).max(1.0);
         let busy = (self.flow.area(now) - area) / (now - since).as_secs_f64();
         let waiting = busy * (1.0 - 1.0 / r);
         tracing::debug!(
@@ -235,6 +255,9 @@ impl Vegas {
         if busy <= 1.0 {
             // No queue is possible with one request in flight: its slowdown is all noise.
             self.noise = raw;
+            if round.answers > 1 {
+                self.spread = spread;
+            }
         }
         if waiting > BETA {
             self.calm = 0;
@@ -257,12 +280,19 @@ impl Vegas {
         // Calm rounds lower the noise quickly and raise it slowly: the fastest time of each size
         // falls as answers are seen (the luckiest so far), so the usual slowdown over it
         // rises, while queueing must not be learned as the usual.
-        self.noise += (raw - self.noise)
-            * if raw > self.noise {
-                NOISE_GAIN / 4.0
-            } else {
-                NOISE_GAIN
-            };
+        let toward = |usual: f64, now: f64| {
+            usual
+                + (now - usual)
+                    * if now > usual {
+                        NOISE_GAIN / 4.0
+                    } else {
+                        NOISE_GAIN
+                    }
+        };
+        self.noise = toward(self.noise, raw);
+        if round.answers > 1 {
+            self.spread = toward(self.spread, spread);
+        }
         if std::mem::take(&mut self.probing) {
             self.probe_after = 1;
         }

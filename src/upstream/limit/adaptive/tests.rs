@@ -83,6 +83,42 @@ async fn bigger_batches_taking_longer_is_not_congestion() {
     assert!(limit.current() >= 8, "never fell: {}", limit.current());
 }
 
+/// Answers, one prompt each, taking `times`: sent together on as many slots, answered together
+/// after the longest.
+async fn answers(limit: &Arc<Limit>, times: &[u32]) {
+    let mut slots = take(limit, times.len());
+    for s in &mut slots {
+        s.carry(1);
+    }
+    tokio::time::advance(times.iter().max().map_or(MS, |&t| t * MS)).await;
+    for (s, &t) in slots.iter().zip(times) {
+        limit.observe(s, Verdict::Took(t * MS, 1));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_slower_than_usual_by_chance_are_not_a_queue() {
+    let limit = Limit::adaptive(64);
+    limit.settle(1);
+    // One at a time, no queue possible: answers vary from 10 to 30 ms as usual.
+    for t in [10, 20, 30, 10, 20, 30, 10, 20, 30] {
+        answers(&limit, &[t]).await;
+    }
+    limit.settle(8);
+    // Eight at once, a third slower than usual on the round's mean — within what chance gives
+    // eight answers that vary so (without the spread, 8 × (1 − 1/1.33) = 2 would be waiting).
+    for _ in 0..3 {
+        answers(&limit, &[20, 30, 20, 30, 20, 30, 20, 30]).await;
+        assert!(limit.current() >= 8, "fell to {}", limit.current());
+    }
+    // Three times slower than usual: no chance of that, the provider is queueing.
+    for _ in 0..3 {
+        let n = limit.current();
+        answers(&limit, &vec![60; n]).await;
+    }
+    assert!(limit.current() < 8, "did not fall: {}", limit.current());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_probe_that_crowds_is_taken_back_and_the_next_comes_later() {
     let limit = Limit::adaptive(64);
