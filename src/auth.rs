@@ -20,6 +20,8 @@ pub struct Client {
     pub name: Arc<str>,
     /// Models or chains it may ask for; `None`: any.
     pub models: Option<Arc<[String]>>,
+    /// May use the operator's control actions (`server.auth.keys[].admin`).
+    pub admin: bool,
 }
 
 /// The interceptor; with no keys configured it lets every call through.
@@ -41,6 +43,7 @@ impl Authenticate {
                         let client = Client {
                             name: k.name.as_str().into(),
                             models: k.models.as_ref().map(|m| m.clone().into()),
+                            admin: k.admin,
                         };
                         (k.hash, client)
                     })
@@ -123,6 +126,7 @@ mod tests {
                 name: "a".into(),
                 hash: KeyHash::of(key),
                 models: None,
+                admin: false,
             }],
         };
         let a = Authenticate::new(Some(&auth), Counter::default());

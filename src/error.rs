@@ -67,9 +67,16 @@ pub enum RouterError {
     BodyTimeout(u128),
     /// An HTTP path the OpenAI-compatible front does not serve.
     #[error(
-        "no such endpoint: the router serves POST /v1/chat/completions, POST /v1/completions and GET /v1/models"
+        "no such endpoint: the router serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, the status page at /status and its API under /api"
     )]
     NoSuchEndpoint,
+    /// An operator action names a provider the running config does not have.
+    #[error("unknown provider {}; known: {known}", Shown(.name))]
+    UnknownProvider { name: String, known: String },
+    /// An operator action by a key not marked `admin: true`, or the operator API asked for
+    /// from beyond loopback with authentication off.
+    #[error("{0}")]
+    NotOperator(String),
     /// A stream broke after its first text: what was sent stands, the rest will not come.
     #[error("the stream from {}/{} broke after {sent}: {} ({})", .attempt.provider, .attempt.model, .attempt.kind, .attempt.error)]
     StreamBroken { sent: Sent, attempt: Box<Attempt> },
@@ -204,6 +211,10 @@ impl RouterError {
             }
             E::NotCached(_) => told(Code::NotFound, 404, INVALID, Some("not_cached")),
             E::NoSuchEndpoint => told(Code::Unimplemented, 404, INVALID, Some("unknown_endpoint")),
+            E::UnknownProvider { .. } => {
+                told(Code::NotFound, 404, INVALID, Some("provider_not_found"))
+            }
+            E::NotOperator(_) => told(Code::PermissionDenied, 403, "permission_error", None),
             E::BodyTimeout(_) => told(Code::DeadlineExceeded, 408, INVALID, Some("body_timeout")),
             E::Unauthenticated(_) => told(Code::Unauthenticated, 401, "authentication_error", None),
             E::PermissionDenied { .. } => {
@@ -262,6 +273,8 @@ impl RouterError {
             | RouterError::Internal(_)
             | RouterError::NotCached(_)
             | RouterError::NoSuchEndpoint
+            | RouterError::UnknownProvider { .. }
+            | RouterError::NotOperator(_)
             | RouterError::BodyTimeout(_)
             | RouterError::StreamBroken { .. }
             | RouterError::StreamOutOfTime { .. } => None,
@@ -280,6 +293,8 @@ impl RouterError {
             | RouterError::UnknownModel { .. }
             | RouterError::NotCached(_)
             | RouterError::NoSuchEndpoint
+            | RouterError::UnknownProvider { .. }
+            | RouterError::NotOperator(_)
             | RouterError::BodyTimeout(_)
             | RouterError::ShuttingDown
             | RouterError::Unauthenticated(_)

@@ -21,9 +21,36 @@ pub enum FailureKind {
     /// Skipped: the model lacks a capability the request needs, the request is too long for
     /// its window, or the provider's API cannot carry one of its fields.
     Unsupported,
+    /// Skipped: an operator disabled the provider or is draining it.
+    Disabled,
+    /// Skipped: its active health checks failed.
+    Unhealthy,
 }
 
 impl FailureKind {
+    pub const ALL: [FailureKind; 15] = [
+        FailureKind::Connect,
+        FailureKind::Timeout,
+        FailureKind::Io,
+        FailureKind::ServerError,
+        FailureKind::RateLimited,
+        FailureKind::Unauthorized,
+        FailureKind::Rejected,
+        FailureKind::Malformed,
+        FailureKind::CircuitOpen,
+        FailureKind::CoolingDown,
+        FailureKind::NoTimeLeft,
+        FailureKind::Overloaded,
+        FailureKind::Unsupported,
+        FailureKind::Disabled,
+        FailureKind::Unhealthy,
+    ];
+
+    /// Its place in [`FailureKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The label value in metrics: snake case, stable.
     pub fn metric_name(self) -> &'static str {
         match self {
@@ -40,12 +67,21 @@ impl FailureKind {
             FailureKind::NoTimeLeft => "no_time_left",
             FailureKind::Overloaded => "overloaded",
             FailureKind::Unsupported => "unsupported",
+            FailureKind::Disabled => "disabled",
+            FailureKind::Unhealthy => "unhealthy",
         }
     }
 
-    /// A provider skipped by its breaker or `Retry-After` cool-down, with no request sent.
+    /// A provider skipped by its breaker, its `Retry-After` cool-down, an operator or its
+    /// health checks, with no request sent.
     pub fn is_refusal(self) -> bool {
-        matches!(self, FailureKind::CircuitOpen | FailureKind::CoolingDown)
+        matches!(
+            self,
+            FailureKind::CircuitOpen
+                | FailureKind::CoolingDown
+                | FailureKind::Disabled
+                | FailureKind::Unhealthy
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +99,8 @@ impl FailureKind {
             FailureKind::NoTimeLeft => "no time left",
             FailureKind::Overloaded => "overloaded",
             FailureKind::Unsupported => "unsupported",
+            FailureKind::Disabled => "disabled",
+            FailureKind::Unhealthy => "unhealthy",
         }
     }
 }

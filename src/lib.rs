@@ -46,6 +46,9 @@
 //! - `error`: the router's error type and its one table of gRPC codes, HTTP statuses and
 //!   OpenAI error types; `failure`: why a try got no answer (kinds, attempts), a leaf.
 //! - `metrics`: the Prometheus registry served at `server.metrics_listen`.
+//! - `control`: what operators do to providers at run time (enable, disable, drain, reset a
+//!   circuit), kept across reloads; `status`: what the status page and `/api/status` show
+//!   (`front/status` serves them).
 //! - `fuzzing` (tests, feature `fuzzing`): the untrusted-input entry points that the property
 //!   tests and the fuzz targets in `fuzz/` drive.
 //!
@@ -68,6 +71,7 @@ mod capability;
 mod cascade;
 mod coalescer;
 mod completion;
+mod control;
 mod error;
 mod failure;
 mod front;
@@ -77,6 +81,7 @@ mod metrics;
 mod provider;
 mod rate;
 mod router;
+mod status;
 mod upstream;
 
 pub use completion::CompletionRequest;

@@ -147,7 +147,6 @@ impl CacheMetrics {
     }
 
     /// (hits, misses) so far.
-    #[cfg(test)]
     pub fn hits_and_misses(&self) -> (u64, u64) {
         (self.hits.get(), self.misses.get())
     }

@@ -314,6 +314,8 @@ impl From<FailureKind> for v1::FailureKind {
             FailureKind::NoTimeLeft => v1::FailureKind::NoTimeLeft,
             FailureKind::Overloaded => v1::FailureKind::Overloaded,
             FailureKind::Unsupported => v1::FailureKind::Unsupported,
+            FailureKind::Disabled => v1::FailureKind::Disabled,
+            FailureKind::Unhealthy => v1::FailureKind::Unhealthy,
         }
     }
 }
@@ -351,6 +353,10 @@ impl From<Snapshot> for v1::ProviderStatus {
                 n => c.items as f64 / n as f64,
             },
             adaptive: s.adaptive,
+            order: s.order.as_str().into(),
+            in_flight: u32::try_from(s.in_flight).unwrap_or(u32::MAX),
+            health_checked: s.health.is_some(),
+            healthy: s.health.as_ref().is_none_or(|h| h.healthy),
         }
     }
 }

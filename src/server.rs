@@ -89,6 +89,15 @@ pub async fn serve(
     let edge = Arc::new(Edge::new(router, config.clone(), inflight.clone()));
     let service = RouterService::new(edge.clone());
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    // TLS handshakes are the listeners' (with a timeout: tonic's own have none).
+    let acceptor = |alpn: &[&[u8]]| {
+        config
+            .tls
+            .as_ref()
+            .map(|tls| crate::listener::tls::acceptor(&tls.cert_pem, &tls.key_pem, alpn))
+            .transpose()
+            .map_err(ServeError::Tls)
+    };
     // Dropped (and so stopped) when serving ends; stops accepting when the drain begins.
     let _http = match config.http_listen {
         None => None,
@@ -96,8 +105,11 @@ pub async fn serve(
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| ServeError::Http(addr, e))?;
-            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "OpenAI-compatible HTTP front listening");
-            let app = crate::front::openai::app(edge.clone(), auth.clone());
+            let tls = acceptor(&[b"h2", b"http/1.1"])?;
+            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), tls = tls.is_some(), "OpenAI-compatible HTTP front and status page listening");
+            let board = Arc::new(crate::status::Board::default());
+            let sampling = board.run(edge.router.clone());
+            let app = crate::front::openai::app(edge.clone(), auth.clone(), board);
             let listener = Listener::new(
                 listener,
                 config.limits.max_connections,
@@ -107,19 +119,14 @@ pub async fn serve(
                 app,
                 listener,
                 config.limits.clone(),
+                tls,
                 edge.router.metrics().connections_refused(),
                 stopped.clone(),
             ));
-            Some(AbortOnDrop(task))
+            Some((AbortOnDrop(task), AbortOnDrop(sampling)))
         }
     };
-    // TLS handshakes are the listener's (with a timeout: tonic's own have none).
-    let acceptor = match &config.tls {
-        None => None,
-        Some(tls) => Some(
-            crate::listener::tls::acceptor(&tls.cert_pem, &tls.key_pem).map_err(ServeError::Tls)?,
-        ),
-    };
+    let acceptor = acceptor(&[b"h2"])?;
     let routes = tonic::transport::Server::builder()
         // Fixed, generous flow-control windows rather than the adaptive one: h2 closes a
         // connection (GOAWAY ENHANCE_YOUR_CALM) once the small DATA frames it buffers exceed

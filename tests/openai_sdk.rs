@@ -176,3 +176,39 @@ async fn the_openai_sdk_works_against_the_http_front() {
     }
     assert_eq!(failing.stats().requests, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openai_sdk_works_over_tls_to_the_http_front() {
+    let Some(python) = python_with("openai, httpx") else {
+        return;
+    };
+    let up = MockServer::start(Script::default()).await.unwrap();
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert_path = temp_file("http-tls-cert", &cert.pem());
+    let key_path = temp_file("http-tls-key", &signing_key.serialize_pem());
+    let port = free_port().await;
+    let yaml = format!(
+        "server: {{http_listen: \"127.0.0.1:{port}\", tls: {{cert: \"{}\", key: \"{}\"}}}}\nproviders:\n{}",
+        cert_path.display(),
+        key_path.display(),
+        openai("up", 1, &up.url()),
+    );
+    let _router = start(&yaml).await;
+    // Plaintext to the TLS front gets no answer from it.
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/v1/models")).await;
+    assert!(
+        plain.is_err() || !plain.unwrap().status().is_success(),
+        "plaintext was served"
+    );
+    let base = format!("https://127.0.0.1:{port}/v1");
+    let args = ["--base-url", &base, "--model", "m", "--ca"]
+        .map(String::from)
+        .into_iter()
+        .chain([cert_path.display().to_string()])
+        .collect();
+    let r = python_report(python, "openai_sdk.py", args).await;
+    assert_eq!(r["chat"], mock::reply("hello from the sdk"));
+    assert_eq!(r["text"], mock::reply("complete this"));
+}

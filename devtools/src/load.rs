@@ -655,6 +655,24 @@ pub mod bare {
         ) -> Result<Response<v1::ListProvidersResponse>, Status> {
             Ok(Response::new(v1::ListProvidersResponse::default()))
         }
+
+        async fn control_provider(
+            &self,
+            _r: Request<v1::ControlProviderRequest>,
+        ) -> Result<Response<v1::ProviderStatus>, Status> {
+            Err(Status::unimplemented(
+                "the bare server answers Complete only",
+            ))
+        }
+
+        async fn check_health(
+            &self,
+            _r: Request<v1::CheckHealthRequest>,
+        ) -> Result<Response<v1::CheckHealthResponse>, Status> {
+            Err(Status::unimplemented(
+                "the bare server answers Complete only",
+            ))
+        }
     }
 
     pub async fn serve(

@@ -184,10 +184,13 @@ pub struct Snapshot {
     /// Requests whose client closed the connection before the answer was ready (or, for a
     /// streamed answer, before its last chunk was sent).
     pub cancelled: u64,
+    /// Health probes (GET of a model list), not counted in `requests`.
+    pub probes: u64,
 }
 
 #[derive(Default)]
 struct Counters {
+    probes: AtomicU64,
     connections: AtomicU64,
     requests: AtomicU64,
     items: AtomicU64,
@@ -302,6 +305,7 @@ impl MockServer {
             items: c.items.load(Relaxed),
             completed: c.completed.load(Relaxed),
             cancelled: c.cancelled.load(Relaxed),
+            probes: c.probes.load(Relaxed),
         }
     }
 
@@ -348,8 +352,12 @@ fn self_signed() -> Result<(TlsAcceptor, String), Box<dyn std::error::Error + Se
     Ok((TlsAcceptor::from(Arc::new(config)), cert.pem()))
 }
 
+/// Accepts and serves connections; the connections are this task's own, so dropping the
+/// server (which aborts it) closes them too, as a killed server's would be.
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let Ok((stream, _)) = listener.accept().await else {
             // Out of file descriptors and the like: back off instead of spinning.
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -359,7 +367,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<Tls
         shared.bump(&shared.counters.connections, 1);
         let shared = shared.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let svc = service_fn(move |req| handle(shared.clone(), req));
             let builder = auto::Builder::new(TokioExecutor::new());
             let _ = match tls {
@@ -449,6 +457,34 @@ async fn respond(
         (&Method::POST, "/api/chat") => Endpoint::OllamaChat,
         (&Method::POST, "/v1/messages") => Endpoint::Messages,
         (&Method::GET, "/health") => return full(StatusCode::OK, "{}"),
+        // What health checks probe: OpenAI's and Anthropic's model lists, Ollama's tags. A
+        // script whose every request is faulty fails these too (a hung server hangs them).
+        (&Method::GET, path @ ("/v1/models" | "/api/tags")) => {
+            shared.bump(&shared.counters.probes, 1);
+            let script = shared
+                .script
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if let Some(fault) = &script.fault
+                && script.fault_rate >= 1.0
+                && script.fault_every == 0
+            {
+                return match fault.pick() {
+                    Fault::Slow(extra) => {
+                        tokio::time::sleep(*extra).await;
+                        full(StatusCode::OK, r#"{"object":"list","data":[]}"#)
+                    }
+                    other => faulty(other).await,
+                };
+            }
+            let body = if path == "/api/tags" {
+                r#"{"models":[]}"#
+            } else {
+                r#"{"object":"list","data":[{"id":"mock","object":"model"}]}"#
+            };
+            return full(StatusCode::OK, body);
+        }
         (&Method::GET, "/stats") => {
             let c = &shared.counters;
             let stats = json!({

@@ -103,15 +103,22 @@ def main() -> int:
     p.add_argument("--tool-models", default="",
                    help="comma-separated models to run a tool round trip on (streamed and not)")
     p.add_argument("--vision-model", help="a text-only model: an image sent to it goes to a vision model")
+    p.add_argument("--ca", help="a CA certificate (PEM) to trust: the router's HTTP front over TLS")
     p.add_argument("--report", action="store_true", help="print the results as JSON")
     args = p.parse_args()
 
     # The key is the router's client key when server.auth is on; any string otherwise.
+    # Over TLS with a private CA, the SDK's HTTP client is told to trust it.
+    extra = {}
+    if args.ca:
+        import httpx
+        extra["http_client"] = httpx.Client(verify=args.ca)
     client = OpenAI(
         base_url=args.base_url,
         api_key=os.environ.get("CASCADE_ROUTER_KEY", "not-needed"),
         max_retries=0,
         timeout=30,
+        **extra,
     )
     said = [{"role": "user", "content": "hello from the sdk"}]
     out = {}

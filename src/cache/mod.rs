@@ -262,6 +262,16 @@ impl Cache {
         );
     }
 
+    /// Entries held in memory (as of the last [`Cache::settle`]).
+    pub fn entries(&self) -> u64 {
+        self.memory.entry_count()
+    }
+
+    /// Bytes held in memory (as of the last [`Cache::settle`]).
+    pub fn bytes(&self) -> u64 {
+        self.memory.weighted_size()
+    }
+
     /// Settles moka's pending bookkeeping (evictions, weights) and updates the bytes gauge:
     /// done when metrics are read, not on every insert, so writes stay cheap (moka amortises
     /// the rest of its maintenance over reads and writes).

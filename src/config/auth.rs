@@ -18,12 +18,14 @@ pub struct AuthConfig {
 }
 
 /// One client: its name (the tenant for the cache and the quotas), the SHA-256 of its key,
-/// and the models or chains it may ask for (`None`: any).
+/// the models or chains it may ask for (`None`: any), and whether it is an operator.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientKey {
     pub name: String,
     pub hash: KeyHash,
     pub models: Option<Vec<String>>,
+    /// May use the operator's control actions.
+    pub admin: bool,
 }
 
 /// The SHA-256 of a client key: all the router keeps of it. Its Debug shows nothing.
@@ -94,6 +96,7 @@ impl Check<'_> {
                 name: k.name,
                 hash,
                 models: k.models,
+                admin: k.admin,
             });
         }
         Ok(Some(AuthConfig { keys }))

@@ -15,9 +15,12 @@ mod capabilities;
 mod cascade;
 mod chains;
 mod env;
+mod health;
 mod providers;
+mod rate;
 mod raw;
 mod server;
+mod view;
 
 use std::{collections::BTreeMap, collections::BTreeSet, path::Path, time::Duration};
 
@@ -27,10 +30,11 @@ pub use auth::{AuthConfig, ClientKey, KeyHash, open_to_network};
 pub use cache::{CacheConfig, CacheScope, RedisConfig};
 pub use capabilities::{Capabilities, Capability, ModelInfo};
 pub use cascade::{BreakerConfig, CascadePolicy, RetryBudget};
+pub use health::HealthCheckConfig;
 pub use providers::{
     Api, ApiKey, BatchMode, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind,
-    RateLimitConfig,
 };
+pub use rate::RateLimitConfig;
 pub use server::{Limits, QuotaConfig, ServerConfig, TlsFiles};
 
 use raw::RawFile;

@@ -3,15 +3,14 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
-    num::NonZeroU32,
     time::Duration,
 };
 
-use super::{Capabilities, Capability, ModelInfo};
+use super::{Capabilities, Capability, HealthCheckConfig, ModelInfo, RateLimitConfig};
 
 use super::{
     CascadePolicy, Check, ConfigError,
-    raw::{RawBatching, RawKind, RawModel, RawProvider, RawRateLimit, SUPPORTED_TYPES},
+    raw::{RawBatching, RawKind, RawModel, RawProvider, SUPPORTED_TYPES},
 };
 
 /// The upstream APIs this router speaks.
@@ -116,15 +115,7 @@ pub struct ProviderConfig {
     pub model_info: BTreeMap<String, ModelInfo>,
     /// Request fields outside OpenAI's reference forwarded to this provider.
     pub pass_through: Vec<String>,
-}
-
-/// A provider's quota.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RateLimitConfig {
-    pub requests_per_minute: Option<NonZeroU32>,
-    pub tokens_per_minute: Option<NonZeroU32>,
-    /// Requests that may go back to back.
-    pub burst: NonZeroU32,
+    pub health_check: Option<HealthCheckConfig>,
 }
 
 /// `batching.mode`.
@@ -353,6 +344,11 @@ impl Check<'_> {
             Some(r) => Some(self.rate_limit(&format!("{at}.rate_limit"), r)?),
         };
         let model_info = self.model_info(at, &p.models)?;
+        let health_check = p
+            .health_check
+            .as_ref()
+            .map(|h| self.health_check(&format!("{at}.health_check"), h))
+            .transpose()?;
         for (j, f) in p.pass_through.iter().enumerate() {
             if f.is_empty() || crate::completion::is_modelled_field(f) {
                 return Err(self.err(
@@ -433,6 +429,7 @@ impl Check<'_> {
             rate_limit,
             model_info,
             pass_through: p.pass_through,
+            health_check,
         }))
     }
 
@@ -481,37 +478,6 @@ impl Check<'_> {
             }
         }
         Ok(out)
-    }
-
-    fn rate_limit(&self, at: &str, r: &RawRateLimit) -> Result<RateLimitConfig, ConfigError> {
-        let positive = |key: &str, v: Option<u32>| match v {
-            None => Ok(None),
-            Some(n) => NonZeroU32::new(n).map(Some).ok_or_else(|| {
-                self.err(
-                    format!("{at}.{key}"),
-                    "must be at least 1",
-                    "leave it out for no limit, or give a count per minute",
-                )
-            }),
-        };
-        let rpm = positive("requests_per_minute", r.requests_per_minute)?;
-        let tpm = positive("tokens_per_minute", r.tokens_per_minute)?;
-        if rpm.is_none() && tpm.is_none() {
-            return Err(self.err(
-                at,
-                "sets no limit",
-                "give requests_per_minute, tokens_per_minute or both",
-            ));
-        }
-        let burst = match positive("burst", r.burst)? {
-            Some(b) => b,
-            None => ten_seconds_of(rpm),
-        };
-        Ok(RateLimitConfig {
-            requests_per_minute: rpm,
-            tokens_per_minute: tpm,
-            burst,
-        })
     }
 
     /// Model names, the default first (the first entry when none is marked).
@@ -602,13 +568,6 @@ impl Check<'_> {
         u.set_path(&trimmed);
         Ok(u)
     }
-}
-
-/// A burst of ten seconds' worth of a per-minute rate (at least 1).
-pub(super) fn ten_seconds_of(per_minute: Option<NonZeroU32>) -> NonZeroU32 {
-    per_minute
-        .and_then(|n| NonZeroU32::new(n.get() / 6))
-        .unwrap_or(NonZeroU32::MIN)
 }
 
 #[cfg(test)]

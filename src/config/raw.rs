@@ -164,6 +164,8 @@ pub struct RawProvider {
     pub rate_limit: Option<RawRateLimit>,
     /// Request fields outside OpenAI's reference (vLLM's `top_k`, ...) forwarded to it.
     pub pass_through: Vec<String>,
+    /// Active probes of the provider; absent means none.
+    pub health_check: Option<RawHealthCheck>,
     // The Python router's keys that this router does not use.
     pub description: Ignored,
     pub tags: Ignored,
@@ -190,6 +192,7 @@ impl Default for RawProvider {
             batching: None,
             rate_limit: None,
             pass_through: Vec::new(),
+            health_check: None,
             description: None,
             tags: None,
             notes: None,
@@ -254,6 +257,32 @@ impl<'de> Deserialize<'de> for RawModel {
         }
 
         d.deserialize_any(ModelVisitor)
+    }
+}
+
+/// Active health checks, Envoy's semantics: a probe every `interval_seconds`, failing after
+/// `timeout_ms`; `unhealthy_after` failures in a row take the provider out, `healthy_after`
+/// successes in a row bring it back.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub interval_seconds: f64,
+    pub timeout_ms: f64,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+    /// The path probed (GET); absent: the API's own cheap endpoint.
+    pub path: Option<String>,
+}
+
+impl Default for RawHealthCheck {
+    fn default() -> Self {
+        RawHealthCheck {
+            interval_seconds: 10.0,
+            timeout_ms: 1000.0,
+            unhealthy_after: 3,
+            healthy_after: 2,
+            path: None,
+        }
     }
 }
 
@@ -381,6 +410,9 @@ pub struct RawClientKey {
     pub sha256: Option<String>,
     /// Models or chains this key may ask for; absent: any.
     pub models: Option<Vec<String>>,
+    /// May use the operator's control actions (disable, drain, ...).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 impl Default for RawServer {

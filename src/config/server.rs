@@ -232,7 +232,7 @@ impl Check<'_> {
                     )
                 })?;
                 let burst = match q.burst {
-                    None => super::providers::ten_seconds_of(Some(rpm)),
+                    None => super::rate::ten_seconds_of(Some(rpm)),
                     Some(b) => NonZeroU32::new(b).ok_or_else(|| {
                         self.err("server.quotas.burst", "must be at least 1", "e.g. 10")
                     })?,

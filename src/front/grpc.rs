@@ -212,6 +212,69 @@ impl v1::router_server::Router for RouterService {
             .collect();
         Ok(Response::new(v1::ListProvidersResponse { providers }))
     }
+
+    async fn control_provider(
+        &self,
+        req: Request<v1::ControlProviderRequest>,
+    ) -> Result<Response<v1::ProviderStatus>, Status> {
+        operator(&req)?;
+        let asked = req.into_inner();
+        let action = crate::control::Action::parse(&asked.action)?;
+        let s = self.edge.router.control(&asked.provider, action)?;
+        Ok(Response::new(v1::ProviderStatus::from(s)))
+    }
+
+    async fn check_health(
+        &self,
+        req: Request<v1::CheckHealthRequest>,
+    ) -> Result<Response<v1::CheckHealthResponse>, Status> {
+        operator(&req)?;
+        let probes = self
+            .edge
+            .router
+            .check_health()
+            .await
+            .into_iter()
+            .map(|(name, probe)| {
+                let mut p = v1::HealthProbe {
+                    provider: name.to_string(),
+                    ..Default::default()
+                };
+                if let Some(probe) = probe {
+                    p.checked = true;
+                    p.passed = probe.failure.is_none();
+                    p.took_us = u64::try_from(probe.took.as_micros()).unwrap_or(u64::MAX);
+                    p.error = probe
+                        .failure
+                        .map(|(kind, message)| format!("{kind}: {message}"))
+                        .unwrap_or_default();
+                }
+                p
+            })
+            .collect();
+        Ok(Response::new(v1::CheckHealthResponse { probes }))
+    }
+}
+
+/// Whether `req` may use an operator's action: a key marked admin when authentication is
+/// on (the interceptor put its client in the extensions), else a loopback peer.
+fn operator<T>(req: &Request<T>) -> Result<(), RouterError> {
+    match req.extensions().get::<Client>() {
+        Some(c) if c.admin => Ok(()),
+        Some(c) => Err(RouterError::NotOperator(format!(
+            "client {:?} may not control providers: its key is not marked admin: true (server.auth.keys[].admin)",
+            c.name
+        ))),
+        None if crate::listener::Connection::in_extensions(req.extensions())
+            .and_then(|c| c.peer())
+            .is_some_and(|a| a.ip().is_loopback()) =>
+        {
+            Ok(())
+        }
+        None => Err(RouterError::NotOperator(
+            "operator actions answer loopback peers only while server.auth is off".into(),
+        )),
+    }
 }
 
 impl RouterService {

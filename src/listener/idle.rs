@@ -29,6 +29,8 @@ const READ_GRACE: Duration = Duration::from_secs(1);
 
 /// The calls running on one connection, and when the last one ended.
 struct Activity {
+    /// The connection's peer, for the operator API's loopback rule.
+    peer: Option<std::net::SocketAddr>,
     running: AtomicUsize,
     epoch: Instant,
     /// Nanoseconds from `epoch` to when the last call ended (or the connection opened).
@@ -57,10 +59,19 @@ pub struct Connection(Arc<Activity>);
 
 impl Connection {
     fn of<B>(req: &http::Request<B>) -> Option<&Connection> {
+        Connection::in_extensions(req.extensions())
+    }
+
+    /// The connection a request's extensions name (plain, or as tonic's TLS connect info).
+    pub fn in_extensions(ext: &http::Extensions) -> Option<&Connection> {
         use tonic::transport::server::TlsConnectInfo;
-        let ext = req.extensions();
         ext.get::<Connection>()
             .or_else(|| ext.get::<TlsConnectInfo<Connection>>().map(|t| t.get_ref()))
+    }
+
+    /// The connection's peer.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.0.peer
     }
 
     fn begin(&self) -> Busy {
@@ -89,10 +100,11 @@ pub(super) struct Idle {
 }
 
 impl Idle {
-    pub(super) fn new(after: Duration) -> Idle {
+    pub(super) fn new(after: Duration, peer: Option<std::net::SocketAddr>) -> Idle {
         let now = Instant::now();
         Idle {
             activity: Arc::new(Activity {
+                peer,
                 running: AtomicUsize::new(0),
                 epoch: now,
                 quiet_since: AtomicU64::new(0),
@@ -235,7 +247,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_is_idle_only_after_its_last_call_and_recent_reads() {
-        let mut idle = Idle::new(Duration::from_secs(10));
+        let mut idle = Idle::new(Duration::from_secs(10), None);
         let conn = idle.connection();
         assert!(!expired(&mut idle), "just opened");
 
@@ -262,7 +274,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_body_holds_the_call_until_it_is_dropped() {
         use tower::{Layer as _, Service as _};
-        let mut idle = Idle::new(Duration::from_secs(1));
+        let mut idle = Idle::new(Duration::from_secs(1), None);
         let conn = idle.connection();
         let mut svc = Track.layer(tower::service_fn(|_: http::Request<()>| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(String::from("body")))

@@ -140,11 +140,12 @@ pub struct Guarded {
 
 impl Guarded {
     pub fn new(stream: TcpStream, guard: Guard, idle_after: Duration) -> Guarded {
+        let peer = stream.peer_addr().ok();
         Guarded {
             stream,
             _guard: guard,
             first_byte_by: None,
-            idle: idle::Idle::new(idle_after),
+            idle: idle::Idle::new(idle_after, peer),
         }
     }
 

@@ -39,8 +39,13 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// The TLS acceptor for a certificate chain and key (PEM), speaking HTTP/2 (gRPC).
-pub fn acceptor(cert_pem: &[u8], key_pem: &[u8]) -> io::Result<tokio_rustls::TlsAcceptor> {
+/// The TLS acceptor for a certificate chain and key (PEM), offering the ALPN protocols
+/// `alpn` (`h2` for gRPC; `h2` and `http/1.1` for the HTTP front).
+pub fn acceptor(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    alpn: &[&[u8]],
+) -> io::Result<tokio_rustls::TlsAcceptor> {
     use tokio_rustls::rustls::{
         self,
         pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
@@ -57,6 +62,6 @@ pub fn acceptor(cert_pem: &[u8], key_pem: &[u8]) -> io::Result<tokio_rustls::Tls
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| bad(&e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

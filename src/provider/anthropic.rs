@@ -34,6 +34,7 @@ const API_VERSION: &str = "2023-06-01";
 pub struct Anthropic {
     client: Client,
     messages: Url,
+    probe: Url,
 }
 
 impl Anthropic {
@@ -52,6 +53,7 @@ impl Anthropic {
         Ok(Anthropic {
             client: http::client(config, headers)?,
             messages: http::join(base, "/v1/messages"),
+            probe: http::probe_url(config, base, "/v1/models"),
         })
     }
 }
@@ -362,6 +364,10 @@ fn json_tool(r: &CompletionRequest) -> Option<(&str, Option<&str>, Option<&Value
 impl Provider for Anthropic {
     fn unsupported(&self, request: &CompletionRequest) -> Option<String> {
         unsupported(request)
+    }
+
+    async fn probe(&self) -> Result<(), ProviderError> {
+        http::probe(&self.client, &self.probe).await
     }
 
     async fn complete(

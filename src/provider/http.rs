@@ -65,6 +65,37 @@ fn proxy_in_env() -> bool {
     .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()))
 }
 
+/// What active health checks GET: the config's `health_check.path` on the provider's server
+/// (replacing the base URL's path), else `default` joined onto the base URL.
+pub fn probe_url(config: &ProviderConfig, base: &Url, default: &str) -> Url {
+    match config.health_check.as_ref().and_then(|h| h.path.as_deref()) {
+        Some(path) => {
+            let mut u = base.clone();
+            u.set_path(path);
+            u
+        }
+        None => join(base, default),
+    }
+}
+
+/// One health probe: a GET whose answer is any 2xx (its body is not read past a little).
+/// The caller bounds its time.
+pub async fn probe(client: &Client, url: &Url) -> Result<(), ProviderError> {
+    let resp = client
+        .get(url.clone())
+        .send()
+        .await
+        .map_err(transport_error)?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let retry = retry_after(resp.headers());
+    let body = resp.bytes().await.unwrap_or_default();
+    let cut = body.len().min(MAX_ERROR_BODY);
+    Err(status_error(status, &body[..cut], retry))
+}
+
 /// Joins an endpoint path onto a base URL whose path has no trailing slash.
 pub fn join(base: &Url, path: &str) -> Url {
     let mut u = base.clone();

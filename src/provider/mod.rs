@@ -56,6 +56,12 @@ pub trait Provider: Send + Sync {
         Ok(in_one_piece(c))
     }
 
+    /// One active health probe: a GET of the API's cheap endpoint (or the configured path).
+    /// The default, for providers with no network, always passes.
+    async fn probe(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
     /// Whether [`Provider::complete_batch`] sends many prompts in one request.
     fn batches_prompts(&self) -> bool {
         false

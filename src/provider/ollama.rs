@@ -30,6 +30,7 @@ pub struct Ollama {
     client: Client,
     generate: Url,
     chat: Url,
+    probe: Url,
 }
 
 impl Ollama {
@@ -38,6 +39,7 @@ impl Ollama {
             client: http::client(config, HeaderMap::new())?,
             generate: http::join(base, "/api/generate"),
             chat: http::join(base, "/api/chat"),
+            probe: http::probe_url(config, base, "/api/tags"),
         })
     }
 }
@@ -383,6 +385,10 @@ pub fn read_answer(
 impl Provider for Ollama {
     fn unsupported(&self, request: &CompletionRequest) -> Option<String> {
         unsupported(request)
+    }
+
+    async fn probe(&self) -> Result<(), ProviderError> {
+        http::probe(&self.client, &self.probe).await
     }
 
     async fn stream(

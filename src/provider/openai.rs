@@ -24,6 +24,7 @@ pub struct OpenAi {
     client: Client,
     completions: Url,
     chat: Url,
+    probe: Url,
 }
 
 impl OpenAi {
@@ -39,6 +40,7 @@ impl OpenAi {
             client: http::client(config, headers)?,
             completions: http::join(base, "/completions"),
             chat: http::join(base, "/chat/completions"),
+            probe: http::probe_url(config, base, "/models"),
         })
     }
 }
@@ -404,6 +406,10 @@ fn match_choices(n: usize, choices: Vec<TextChoice>) -> Vec<Result<Completion, P
 
 #[async_trait]
 impl Provider for OpenAi {
+    async fn probe(&self) -> Result<(), ProviderError> {
+        http::probe(&self.client, &self.probe).await
+    }
+
     fn batches_prompts(&self) -> bool {
         true
     }

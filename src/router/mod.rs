@@ -20,10 +20,11 @@ use crate::{
     coalescer::Coalescer,
     completion::{Answer, CacheMode, CompletionRequest, Streamed},
     config::{BreakerConfig, CacheConfig, Config, ProviderConfig},
+    control::{Action, Order, Overrides},
     error::{RouterError, Sent},
     metrics::Metrics,
     provider,
-    upstream::{Circuit, Snapshot, Upstream},
+    upstream::{Circuit, Probe, Snapshot, Upstream},
 };
 use relay::Relay;
 
@@ -46,6 +47,17 @@ pub enum BuildError {
 pub struct Router {
     state: ArcSwap<State>,
     metrics: Arc<Metrics>,
+    /// Operators' orders by provider name, put in force again on every reload.
+    overrides: Overrides,
+}
+
+/// The completion cache's figures, for the status page.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CacheFigures {
+    pub hits: u64,
+    pub misses: u64,
+    pub entries: u64,
+    pub bytes: u64,
 }
 
 /// What a reload kept and what it built anew.
@@ -61,10 +73,12 @@ pub struct Reloaded {
 impl Router {
     pub fn new(config: &Config) -> Result<Router, BuildError> {
         let metrics = Arc::new(Metrics::new());
-        let (state, _) = State::build(config, &metrics, None)?;
+        let overrides = Overrides::default();
+        let (state, _) = State::build(config, &metrics, None, &overrides)?;
         Ok(Router {
             state: ArcSwap::from_pointee(state),
             metrics,
+            overrides,
         })
     }
 
@@ -108,7 +122,7 @@ impl Router {
     /// counters, and the cache is kept when its settings did not change.
     pub fn reload(&self, config: &Config) -> Result<Reloaded, BuildError> {
         let old = self.state.load_full();
-        let (state, reloaded) = State::build(config, &self.metrics, Some(&old))?;
+        let (state, reloaded) = State::build(config, &self.metrics, Some(&old), &self.overrides)?;
         self.state.store(Arc::new(state));
         Ok(reloaded)
     }
@@ -135,6 +149,73 @@ impl Router {
     /// The registry's handles, for the edge's own series (calls, in flight, shed).
     pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Every model and chain name with a provider that could take a request now (enabled,
+    /// healthy, circuit not open), sorted: what `/v1/models` lists.
+    pub fn servable_names(&self) -> Vec<String> {
+        self.state.load().routes.servable_names()
+    }
+
+    /// Carries out an operator's `action` on the provider `name`, and says its state after.
+    /// Orders (disable, drain) hold until `enable`, across reloads.
+    pub fn control(&self, name: &str, action: Action) -> Result<Snapshot, RouterError> {
+        let state = self.state.load();
+        let Some((_, up)) = state.upstreams.iter().find(|(p, _)| p.name == name) else {
+            let known: Vec<&str> = state
+                .upstreams
+                .iter()
+                .map(|(p, _)| p.name.as_str())
+                .collect();
+            return Err(RouterError::UnknownProvider {
+                name: name.into(),
+                known: known.join(", "),
+            });
+        };
+        let order = match action {
+            Action::Enable => Some(Order::Serve),
+            Action::Disable => Some(Order::Disable),
+            Action::Drain => Some(Order::Drain),
+            Action::ResetCircuit => None,
+        };
+        match order {
+            Some(order) => {
+                self.overrides.set(name, order);
+                up.set_order(order);
+            }
+            None => up.reset_circuit(),
+        }
+        tracing::info!(provider = name, ?action, "operator action");
+        Ok(up.snapshot())
+    }
+
+    /// Probes every provider that has health checks now, at once; `None` for those without.
+    pub async fn check_health(&self) -> Vec<(Arc<str>, Option<Probe>)> {
+        let state = self.state.load_full();
+        let probes = state
+            .upstreams
+            .iter()
+            .map(|(_, up)| async move { (up.name().clone(), up.check_health().await) });
+        futures_util::future::join_all(probes).await
+    }
+
+    /// The effective configuration, every secret redacted.
+    pub fn config_view(&self) -> serde_json::Value {
+        self.state.load().view.clone()
+    }
+
+    /// The cache's figures, `None` with the cache off.
+    pub fn cache_figures(&self) -> Option<CacheFigures> {
+        let state = self.state.load();
+        let (_, cache) = state.cache.as_ref()?;
+        cache.settle();
+        let (hits, misses) = self.metrics.cache().hits_and_misses();
+        Some(CacheFigures {
+            hits,
+            misses,
+            entries: cache.entries(),
+            bytes: cache.bytes(),
+        })
     }
 
     /// Providers in priority order, with their live state.
@@ -168,6 +249,8 @@ struct State {
     /// Providers in priority order, with the settings each was built from.
     upstreams: Vec<(ProviderConfig, Arc<Upstream>)>,
     metrics: Arc<Metrics>,
+    /// The effective configuration, secrets redacted (`GET /api/config`).
+    view: serde_json::Value,
 }
 
 impl State {
@@ -176,6 +259,7 @@ impl State {
         config: &Config,
         metrics: &Arc<Metrics>,
         old: Option<&State>,
+        overrides: &Overrides,
     ) -> Result<(State, Reloaded), BuildError> {
         let mut reloaded = Reloaded::default();
         let mut upstreams = Vec::with_capacity(config.providers.len());
@@ -193,6 +277,7 @@ impl State {
                     Arc::new(Upstream::new(p, config.cascade.breaker, metrics)?)
                 }
             };
+            up.set_order(overrides.get(&p.name));
             upstreams.push((p.clone(), up));
         }
         let cache = match &config.cache {
@@ -214,6 +299,7 @@ impl State {
             breaker: config.cascade.breaker,
             upstreams,
             metrics: metrics.clone(),
+            view: config.view(),
         };
         Ok((state, reloaded))
     }

@@ -114,6 +114,18 @@ impl Routes {
         names
     }
 
+    /// The names with a target that could take a request now, sorted.
+    pub fn servable_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .by_name
+            .iter()
+            .filter(|(_, targets)| targets.iter().any(|t| t.upstream.serving()))
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.sort_unstable();
+        names
+    }
+
     /// Like [`Routes::resolve`], with the resolved model or chain name ("" for the default).
     pub fn resolve_named<'a>(
         &'a self,

@@ -49,13 +49,17 @@ pub enum Refusal {
 #[derive(Debug)]
 pub struct Breaker {
     config: BreakerConfig,
+    /// Active health checks probe the provider: an open circuit stays open past its recovery
+    /// time until a health probe succeeds ([`Breaker::reset`]), so no caller is the probe.
+    probed: bool,
     inner: Mutex<Inner>,
 }
 
 impl Breaker {
-    pub fn new(config: BreakerConfig) -> Breaker {
+    pub fn new(config: BreakerConfig, probed: bool) -> Breaker {
         Breaker {
             config,
+            probed,
             inner: Mutex::new(Inner {
                 state: State::Closed { failures: 0 },
                 cool_until: None,
@@ -82,7 +86,9 @@ impl Breaker {
         }
         let probe = match &mut inner.state {
             State::Closed { .. } => false,
-            State::Open { until } if now < *until => return Err(Refusal::CircuitOpen),
+            State::Open { until } if now < *until || self.probed => {
+                return Err(Refusal::CircuitOpen);
+            }
             State::Open { .. } => {
                 inner.state = State::HalfOpen {
                     probes_in_flight: 1,
@@ -115,7 +121,7 @@ impl Breaker {
             return Err(Refusal::CoolingDown(until - now));
         }
         match inner.state {
-            State::Open { until } if now < until => Err(Refusal::CircuitOpen),
+            State::Open { until } if now < until || self.probed => Err(Refusal::CircuitOpen),
             State::HalfOpen { probes_in_flight }
                 if probes_in_flight >= self.config.half_open_max_calls =>
             {
@@ -144,10 +150,27 @@ impl Breaker {
         }
     }
 
+    /// A health probe succeeded: an open circuit closes (a cool-down asked for by the
+    /// provider still runs: its quota is not its health).
+    pub fn probe_passed(&self) {
+        let mut inner = self.lock();
+        if matches!(inner.state, State::Open { .. }) {
+            inner.state = State::Closed { failures: 0 };
+        }
+    }
+
+    /// Closes the circuit and ends any cool-down: an operator's `reset_circuit`.
+    pub fn reset(&self) {
+        let mut inner = self.lock();
+        inner.state = State::Closed { failures: 0 };
+        inner.cool_until = None;
+        inner.asked = false;
+    }
+
     pub fn circuit(&self) -> Circuit {
         match self.lock().state {
             State::Closed { .. } => Circuit::Closed,
-            State::Open { until } if Instant::now() < until => Circuit::Open,
+            State::Open { until } if Instant::now() < until || self.probed => Circuit::Open,
             State::Open { .. } | State::HalfOpen { .. } => Circuit::HalfOpen,
         }
     }
@@ -232,11 +255,14 @@ mod tests {
     use super::*;
 
     fn breaker() -> Breaker {
-        Breaker::new(BreakerConfig {
-            failure_threshold: 3,
-            recovery_timeout: Duration::from_secs(10),
-            half_open_max_calls: 1,
-        })
+        Breaker::new(
+            BreakerConfig {
+                failure_threshold: 3,
+                recovery_timeout: Duration::from_secs(10),
+                half_open_max_calls: 1,
+            },
+            false,
+        )
     }
 
     fn fail(b: &Breaker, n: u32) {
@@ -302,5 +328,35 @@ mod tests {
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(b.admit().is_ok());
         assert_eq!(b.cooling_down_for(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_health_checks_no_caller_is_the_probe() {
+        let b = Breaker::new(
+            BreakerConfig {
+                failure_threshold: 1,
+                recovery_timeout: Duration::from_secs(10),
+                half_open_max_calls: 1,
+            },
+            true,
+        );
+        fail(&b, 1);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(b.admit().err(), Some(Refusal::CircuitOpen), "past recovery");
+        assert_eq!(b.circuit(), Circuit::Open);
+        b.probe_passed();
+        assert!(b.admit().is_ok());
+        assert_eq!(b.circuit(), Circuit::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reset_closes_the_circuit_and_ends_a_cool_down() {
+        let b = breaker();
+        fail(&b, 3);
+        b.cool_down(Instant::now() + Duration::from_secs(60));
+        assert!(b.admit().is_err());
+        b.reset();
+        assert_eq!(b.circuit(), Circuit::Closed);
+        assert!(b.admit().is_ok());
     }
 }

@@ -69,7 +69,7 @@ impl Link {
         Link {
             name: config.name.as_str().into(),
             provider,
-            breaker: Breaker::new(breaker),
+            breaker: Breaker::new(breaker, config.health_check.is_some()),
             limit: if config.adaptive() {
                 Limit::adaptive(config.max_concurrency)
             } else {
@@ -96,6 +96,11 @@ impl Link {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .is_none_or(|until| Instant::now() >= until)
+    }
+
+    /// One health probe of the provider (see [`super::health`]): nothing else is charged.
+    pub(super) async fn probe(&self) -> Result<(), ProviderError> {
+        self.provider.probe().await
     }
 
     /// Why the provider's API cannot carry `request` as it is, if it cannot.
@@ -219,8 +224,7 @@ impl Link {
 
     /// A try the caller's time (not the provider) cut short: counted, never blamed.
     fn out_of_the_callers_time(&self, pass: Pass<'_>) {
-        self.stats.failure();
-        self.count_failure(FailureKind::Timeout);
+        self.stats.failure(FailureKind::Timeout);
         pass.neutral();
         tracing::debug!(provider = %self.name, "the caller's time ran out before the provider's usual answer time");
     }
@@ -397,17 +401,12 @@ impl Link {
         taken
     }
 
-    fn count_failure(&self, kind: FailureKind) {
-        self.series.failed(kind.metric_name());
-    }
-
     pub(super) fn observe_batch(&self, size: usize, waits: impl Iterator<Item = Duration>) {
         self.series.batch(size, waits);
     }
 
     fn failed(&self, pass: Pass<'_>, e: &ProviderError) {
-        self.stats.failure();
-        self.count_failure(e.kind);
+        self.stats.failure(e.kind);
         if e.counts_against_provider() {
             pass.failure();
         } else {
@@ -425,6 +424,7 @@ impl Link {
     /// Logs a failure: at debug each time; at warn, bounded by [`Warnings`], when it is the
     /// provider's doing (the caller's own bad request or deadline is not).
     fn say(&self, e: &ProviderError) {
+        self.stats.note(e);
         tracing::debug!(provider = %self.name, kind = %e.kind, status = e.http_status, error = %e.message, "upstream request failed");
         let worth_a_warning = matches!(
             e.kind,
@@ -509,8 +509,7 @@ impl Streaming {
                     });
                     link.limit.observe(&st.slot, verdict);
                     link.series.ended(took);
-                    link.stats.failure();
-                    link.count_failure(e.kind);
+                    link.stats.failure(e.kind);
                     if blamed {
                         link.breaker.failed_later();
                     }

@@ -10,6 +10,7 @@
 //! - [`batch`]: the batch queues (adaptive and fixed workers), which only group items and
 //!   hand each batch to the link;
 //! - [`breaker`]: the circuit breaker and the `Retry-After` cool-down;
+//! - [`health`]: active health checks, which take a dead provider out before callers pay;
 //! - [`limit`]: how many requests the provider is sent at once, fixed or learned;
 //! - [`stats`]: the counters behind ListProviders and Prometheus;
 //! - [`warnings`]: upstream failures said in the log at a bounded rate.
@@ -17,6 +18,7 @@
 mod attempt;
 mod batch;
 mod breaker;
+mod health;
 mod limit;
 mod link;
 #[cfg(test)]
@@ -30,8 +32,9 @@ use tokio::time::{Instant, timeout_at};
 
 pub use attempt::Window;
 pub use breaker::Circuit;
+pub use health::{Checked, Probe};
 pub(crate) use link::Opened;
-pub use stats::Counts;
+pub use stats::{Counts, Latencies, Noted};
 
 use batch::Batcher;
 use link::{Link, refused};
@@ -40,6 +43,7 @@ use crate::{
     capability::{ModelInfo, Needs},
     completion::{Completion, CompletionRequest, FailureKind},
     config::{BreakerConfig, ProviderConfig, ProviderKind},
+    control::{Order, OrderCell},
     metrics::Metrics,
     provider::{self, Provider, ProviderError},
 };
@@ -48,6 +52,11 @@ use crate::{
 pub struct Upstream {
     link: Arc<Link>,
     batcher: Option<Batcher>,
+    /// The operator's order for it (see [`crate::control`]).
+    order: OrderCell,
+    health: Option<Arc<health::Health>>,
+    /// Probes `health` while this upstream lives.
+    _watch: Option<health::Watch>,
     kind: ProviderKind,
     priority: i32,
     models: Vec<String>,
@@ -93,6 +102,16 @@ pub struct Snapshot {
     pub concurrency_limit: usize,
     /// Whether that limit is learned.
     pub adaptive: bool,
+    pub order: Order,
+    /// Requests in flight to it now.
+    pub in_flight: usize,
+    /// Its active health checks, when it has them.
+    pub health: Option<Checked>,
+    /// Failures so far per kind, in [`FailureKind::ALL`]'s order.
+    pub failures_by_kind: [u64; FailureKind::ALL.len()],
+    pub latencies: Latencies,
+    /// The latest failures, oldest first.
+    pub recent_failures: Vec<Noted>,
 }
 
 impl Upstream {
@@ -116,8 +135,15 @@ impl Upstream {
         provider: Arc<dyn Provider>,
     ) -> Upstream {
         let link = Arc::new(Link::new(config, breaker, metrics, provider));
+        let health = config
+            .health_check
+            .clone()
+            .map(|c| Arc::new(health::Health::new(c)));
         Upstream {
             batcher: Batcher::new(config, &link),
+            order: OrderCell::default(),
+            _watch: health.as_ref().and_then(|h| health::watch(&link, h)),
+            health,
             link,
             kind: config.kind,
             priority: config.priority,
@@ -163,6 +189,47 @@ impl Upstream {
         self.link.unsupported(request)
     }
 
+    /// Puts the operator's `order` in force for new requests.
+    pub fn set_order(&self, order: Order) {
+        self.order.set(order);
+    }
+
+    /// Closes its circuit and ends any cool-down (an operator's `reset_circuit`).
+    pub fn reset_circuit(&self) {
+        self.link.breaker.reset();
+    }
+
+    /// Probes it now (an operator's health check); `None` without health checks configured.
+    pub async fn check_health(&self) -> Option<Probe> {
+        let health = self.health.as_ref()?;
+        Some(health.probe(&self.link).await)
+    }
+
+    /// Whether a new request may go to it now: no operator holds it back and its health
+    /// checks (if any) pass; else why not, as a skip with no network attempt.
+    fn admits(&self) -> Result<(), Miss> {
+        let order = self.order.get();
+        if !order.admits() {
+            return Err(Miss::Skipped(ProviderError::new(
+                FailureKind::Disabled,
+                format!("an operator ordered {}", order.as_str()),
+            )));
+        }
+        if self.health.as_ref().is_some_and(|h| !h.healthy()) {
+            return Err(Miss::Skipped(ProviderError::new(
+                FailureKind::Unhealthy,
+                "its health checks are failing",
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether it could take a new request now (for `/v1/models`): admitted, and its circuit
+    /// not open.
+    pub fn serving(&self) -> bool {
+        self.admits().is_ok() && self.link.breaker.circuit() != Circuit::Open
+    }
+
     /// The model for requests that name none (listed first).
     pub fn default_model(&self) -> &str {
         self.models.first().map(String::as_str).unwrap_or_default()
@@ -179,6 +246,7 @@ impl Upstream {
         if now >= window.deadline {
             return Err(Miss::OutOfTime(None));
         }
+        self.admits()?;
         let queue = self
             .batcher
             .as_ref()
@@ -270,6 +338,7 @@ impl Upstream {
         if Instant::now() >= window.deadline {
             return Err(Miss::OutOfTime(None));
         }
+        self.admits()?;
         match self.link.open_stream(model, request, window).await {
             Ok(opened) => Ok(opened),
             Err(e) if e.kind == FailureKind::Timeout && Instant::now() >= window.deadline => {
@@ -301,6 +370,12 @@ impl Upstream {
             native_batching: self.link.takes_arrays(),
             concurrency_limit: self.link.limit.current(),
             adaptive: self.link.limit.is_adaptive(),
+            order: self.order.get(),
+            in_flight: self.link.limit.in_flight(),
+            health: self.health.as_ref().map(|h| h.checked()),
+            failures_by_kind: self.link.stats.failures_by_kind(),
+            latencies: self.link.stats.latencies(),
+            recent_failures: self.link.stats.recent(),
         }
     }
 }

@@ -2,11 +2,25 @@
 //! snapshot that may be a little stale.
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
-    time::Duration,
+    collections::VecDeque,
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, SystemTime},
 };
 
-use crate::metrics::ProviderMetrics;
+use crate::{completion::FailureKind, metrics::ProviderMetrics, provider::ProviderError};
+
+/// Answer-time buckets: the first ends at [`FIRST_BUCKET_US`], each next one a quarter longer
+/// (the last, at about 65 s, takes everything longer).
+const LATENCY_BUCKETS: usize = 64;
+const FIRST_BUCKET_US: f64 = 50.0;
+const GROWTH: f64 = 1.25;
+/// Failures kept for the status page, the newest last.
+const RECENT: usize = 20;
+/// The most of a failure's message kept for the status page.
+const RECENT_MESSAGE: usize = 200;
 
 pub(super) struct Stats {
     /// Upstream HTTP requests sent and the prompts they carried — more than the requests when
@@ -21,6 +35,79 @@ pub(super) struct Stats {
     /// A moving mean of recent answer times (µs; 0 before the first), weighting each new
     /// answer 1/8: the time the provider usually takes now.
     usual_us: AtomicU64,
+    /// Answers per time bucket, for p50 / p99 over any stretch (two readings' difference).
+    /// Hand-written: 64 relaxed counters are all that takes, where histogram crates want a
+    /// lock or a recorder per thread.
+    latency: [AtomicU64; LATENCY_BUCKETS],
+    /// Failures per [`FailureKind`], in [`FailureKind::ALL`]'s order.
+    by_kind: [AtomicU64; FailureKind::ALL.len()],
+    /// The latest failures, for the status page: kind, status and message, never a body.
+    recent: Mutex<VecDeque<Noted>>,
+}
+
+/// One failure as the status page shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Noted {
+    pub at: SystemTime,
+    pub kind: FailureKind,
+    pub http_status: Option<u16>,
+    /// The provider error's message (which never carries a header, a key or a prompt),
+    /// cut to 200 characters.
+    pub error: String,
+}
+
+/// A reading of a provider's answer-time buckets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Latencies([u64; LATENCY_BUCKETS]);
+
+impl Default for Latencies {
+    fn default() -> Latencies {
+        Latencies([0; LATENCY_BUCKETS])
+    }
+}
+
+impl Latencies {
+    /// The `q` quantile (0..=1) of the answers counted since `earlier` (a reading taken
+    /// before this one), as its bucket's upper end; `None` with no answers between.
+    pub fn quantile_since(&self, earlier: &Latencies, q: f64) -> Option<Duration> {
+        let counts: Vec<u64> = self
+            .0
+            .iter()
+            .zip(&earlier.0)
+            .map(|(a, b)| a.saturating_sub(*b))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        let bucket = counts
+            .iter()
+            .position(|&c| {
+                seen += c;
+                seen >= rank
+            })
+            .unwrap_or(LATENCY_BUCKETS - 1);
+        Some(Duration::from_micros(bucket_end_us(bucket) as u64))
+    }
+
+    /// Answers counted in all.
+    pub fn count(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+fn bucket_end_us(bucket: usize) -> f64 {
+    FIRST_BUCKET_US * GROWTH.powi(bucket as i32)
+}
+
+fn bucket_of(us: u64) -> usize {
+    if (us as f64) <= FIRST_BUCKET_US {
+        return 0;
+    }
+    let b = ((us as f64 / FIRST_BUCKET_US).ln() / GROWTH.ln()).ceil() as usize;
+    b.min(LATENCY_BUCKETS - 1)
 }
 
 /// What the counters said at one moment.
@@ -44,6 +131,9 @@ impl Stats {
             latency_us_total: AtomicU64::new(0),
             fastest_us: AtomicU64::new(u64::MAX),
             usual_us: AtomicU64::new(0),
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            by_kind: std::array::from_fn(|_| AtomicU64::new(0)),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
         }
     }
 
@@ -56,6 +146,7 @@ impl Stats {
         self.successes.fetch_add(1, Relaxed);
         self.latency_us_total.fetch_add(us, Relaxed);
         self.fastest_us.fetch_min(us, Relaxed);
+        self.latency[bucket_of(us)].fetch_add(1, Relaxed);
         let _ = self.usual_us.fetch_update(Relaxed, Relaxed, |old| {
             Some(match old {
                 0 => us.max(1),
@@ -72,8 +163,45 @@ impl Stats {
         }
     }
 
-    pub(super) fn failure(&self) {
+    /// A failed request, counted by kind (here and in Prometheus).
+    pub(super) fn failure(&self, kind: FailureKind) {
         self.failures.fetch_add(1, Relaxed);
+        self.by_kind[kind.index()].fetch_add(1, Relaxed);
+        self.series.failed(kind.metric_name());
+    }
+
+    /// Keeps `e` among the latest failures shown on the status page.
+    pub(super) fn note(&self, e: &ProviderError) {
+        let mut error = e.message.clone();
+        if let Some((cut, _)) = error.char_indices().nth(RECENT_MESSAGE) {
+            error.truncate(cut);
+        }
+        let noted = Noted {
+            at: SystemTime::now(),
+            kind: e.kind,
+            http_status: e.http_status,
+            error,
+        };
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(noted);
+    }
+
+    /// The latest failures, oldest first.
+    pub(super) fn recent(&self) -> Vec<Noted> {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.iter().cloned().collect()
+    }
+
+    /// Failures so far per kind, in [`FailureKind::ALL`]'s order.
+    pub(super) fn failures_by_kind(&self) -> [u64; FailureKind::ALL.len()] {
+        std::array::from_fn(|i| self.by_kind[i].load(Relaxed))
+    }
+
+    pub(super) fn latencies(&self) -> Latencies {
+        Latencies(std::array::from_fn(|i| self.latency[i].load(Relaxed)))
     }
 
     pub(super) fn queued(&self, n: usize) {
@@ -107,5 +235,32 @@ impl Stats {
                 n => Duration::from_micros(self.latency_us_total.load(Relaxed) / n),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_read_the_answers_between_two_readings() {
+        let stats = Stats::new(crate::metrics::Metrics::new().provider("p"));
+        for _ in 0..90 {
+            stats.success(Duration::from_millis(10));
+        }
+        let before = stats.latencies();
+        for ms in [100; 99].into_iter().chain([2000]) {
+            stats.success(Duration::from_millis(ms));
+        }
+        let now = stats.latencies();
+        let p50 = now.quantile_since(&before, 0.5).unwrap_or_default();
+        let p99 = now.quantile_since(&before, 0.99).unwrap_or_default();
+        let p100 = now.quantile_since(&before, 1.0).unwrap_or_default();
+        // Bucket ends are at most a quarter above the answer's time.
+        assert!((100..=125).contains(&p50.as_millis()), "{p50:?}");
+        assert!((100..=125).contains(&p99.as_millis()), "{p99:?}");
+        assert!((2000..=2500).contains(&p100.as_millis()), "{p100:?}");
+        assert_eq!(now.quantile_since(&now, 0.5), None);
+        assert_eq!(now.count(), 190);
     }
 }

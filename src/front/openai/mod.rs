@@ -47,26 +47,31 @@ pub(crate) struct Front {
     auth: Authenticate,
 }
 
-/// The front's routes over `edge`, checking keys with `auth`.
-pub(crate) fn app(edge: Arc<Edge>, auth: Authenticate) -> App {
+/// The front's routes over `edge`, checking keys with `auth`, and the status page and its
+/// API (see [`crate::front::status`]) over `board`.
+pub(crate) fn app(edge: Arc<Edge>, auth: Authenticate, board: Arc<crate::status::Board>) -> App {
+    let status = crate::front::status::routes(edge.clone(), auth.clone(), board);
     App::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(text))
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
-        .fallback(not_found)
         .with_state(Arc::new(Front { edge, auth }))
+        .merge(status)
+        .fallback(not_found)
 }
 
 /// Serves `app` on `listener` until `stopped` turns true, then lets the open connections
-/// finish (their calls are drained by the edge). HTTP/1 heads must arrive within
-/// `limits.header_read_timeout` of the connection being ready for one — a slow sender is cut;
-/// HTTP/2 connections are pinged and closed when silent; a connection on which no call has run
-/// for `limits.idle_timeout` is closed.
+/// finish (their calls are drained by the edge). With `tls`, each connection's handshake
+/// runs in its own task and is cut at `limits.handshake_timeout`. HTTP/1 heads must arrive
+/// within `limits.header_read_timeout` of the connection being ready for one — a slow sender
+/// is cut; HTTP/2 connections are pinged and closed when silent; a connection on which no call
+/// has run for `limits.idle_timeout` is closed.
 pub(crate) async fn serve(
     app: App,
     mut listener: crate::listener::Listener,
     limits: crate::config::Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     refused: prometheus_client::metrics::counter::Counter,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -85,9 +90,10 @@ pub(crate) async fn serve(
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     loop {
-        let (stream, _, guard) = tokio::select! {
+        let (stream, peer, guard) = tokio::select! {
             accepted = listener.accept(&refused) => accepted,
             _ = stopped.wait_for(|s| *s) => break,
         };
@@ -103,10 +109,33 @@ pub(crate) async fn serve(
                 },
             ),
         );
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app))
-            .into_owned();
-        tokio::spawn(graceful.watch(conn));
+        let service = TowerToHyperService::new(app);
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        match &tls {
+            None => {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(io), service)
+                    .into_owned();
+                tokio::spawn(watcher.watch(conn));
+            }
+            Some(acceptor) => {
+                let (acceptor, handshake) = (acceptor.clone(), limits.handshake_timeout);
+                tokio::spawn(async move {
+                    match tokio::time::timeout(handshake, acceptor.accept(io)).await {
+                        Ok(Ok(tls)) => {
+                            let conn = builder
+                                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                                .into_owned();
+                            let _ = watcher.watch(conn).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake not finished in time; dropped")
+                        }
+                    }
+                });
+            }
+        }
     }
     graceful.shutdown().await;
 }
@@ -509,9 +538,9 @@ async fn model(
     }
 }
 
-/// The models and chains `client` may ask for.
+/// The models and chains `client` may ask for, with a provider that could serve them now.
 fn visible(front: &Front, client: Option<&Client>) -> Vec<String> {
-    let mut names = front.edge.router.route_names();
+    let mut names = front.edge.router.servable_names();
     if let Some(allowed) = client.and_then(|c| c.models.as_ref()) {
         names.retain(|n| allowed.contains(n));
     }

@@ -144,6 +144,11 @@ impl Limit {
         }
     }
 
+    /// Requests in flight now.
+    pub(super) fn in_flight(&self) -> usize {
+        self.carrying.load(Relaxed)
+    }
+
     pub(super) fn is_adaptive(&self) -> bool {
         self.adaptive.is_some()
     }
