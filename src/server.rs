@@ -106,7 +106,7 @@ pub async fn serve(
                 .await
                 .map_err(|e| ServeError::Http(addr, e))?;
             let tls = acceptor(&[b"h2", b"http/1.1"])?;
-            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), tls = tls.is_some(), "OpenAI-compatible HTTP front and status page listening");
+            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), tls = tls.is_some(), "OpenAI-compatible HTTP front listening (and the status page, /status)");
             let board = Arc::new(crate::status::Board::default());
             let sampling = board.run(edge.router.clone());
             let app = crate::front::openai::app(edge.clone(), auth.clone(), board);

@@ -13,11 +13,13 @@ use tonic_health::pb::{
 };
 use tonic_reflection::pb::{v1, v1alpha};
 
-const METHODS: [&str; 4] = [
+const METHODS: [&str; 6] = [
     "Complete",
     "CompleteBatch",
     "CompleteStream",
     "ListProviders",
+    "ControlProvider",
+    "CheckHealth",
 ];
 
 fn methods_of(files: &[Vec<u8>]) -> Vec<String> {

@@ -111,8 +111,8 @@ def main() -> int:
     # Over TLS with a private CA, the SDK's HTTP client is told to trust it.
     extra = {}
     if args.ca:
-        import httpx
-        extra["http_client"] = httpx.Client(verify=args.ca)
+        from openai import DefaultHttpxClient
+        extra["http_client"] = DefaultHttpxClient(verify=args.ca)
     client = OpenAI(
         base_url=args.base_url,
         api_key=os.environ.get("CASCADE_ROUTER_KEY", "not-needed"),
