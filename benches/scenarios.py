@@ -903,6 +903,61 @@ def http_front(b):
     return out + "\n" + table(title, ["front", "offered req/s", "answered req/s", "p50 µs", "p99 µs", "errors", "sustained"], ladder_rows)
 
 
+def operator(b):
+    """The status page's weight, and router CPU per request at 1k req/s with health checks and
+    a page open (its 1 s poll of /api/status) against neither, in the same run."""
+    mocks = [b.mock() for _ in range(3)]
+    plain = "".join(openai_provider(f"p{i}", f"http://127.0.0.1:{port}/v1", "    priority: %d\n" % (i + 1))
+                    for i, (_, port) in enumerate(mocks))
+    checked = "".join(openai_provider(f"p{i}", f"http://127.0.0.1:{port}/v1",
+                                      "    priority: %d\n    health_check: {interval_seconds: 1}\n" % (i + 1))
+                      for i, (_, port) in enumerate(mocks))
+    fronts = {}
+    for name, providers in [("no health checks, no page", plain), ("health checks every 1 s on 3 providers, page open", checked)]:
+        hport = free_port()
+        router, rport = b.router(providers, cascade_yaml=f"server: {{http_listen: \"127.0.0.1:{hport}\"}}\ncascade:\n  max_retries_per_provider: 0\n")
+        wait_port(hport, router)
+        fronts[name] = (router, rport, hport)
+    weight = {}
+    _, _, hport = next(iter(fronts.values()))
+    for path in ["/status", "/status/page.js", "/status/page.css"]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{hport}{path}") as r:
+            weight[path] = len(r.read())
+    with urllib.request.urlopen(f"http://127.0.0.1:{hport}/api/status") as r:
+        weight["/api/status (3 providers, each poll)"] = len(r.read())
+    stop = threading.Event()
+
+    def page(port):
+        while not stop.wait(1.0):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status").read()
+            except OSError:
+                pass
+    poller = threading.Thread(target=page, args=(fronts["health checks every 1 s on 3 providers, page open"][2],), daemon=True)
+    poller.start()
+    rate = 200 if b.smoke else 1000
+    reps, secs = (1, 0.5) if b.smoke else (5, 5)
+    common = ["-c", 256, "--connections", 8, "--warmup", 200, "-d", DATA, "--rate", rate, "--duration", secs]
+    cpu = {name: [] for name in fronts}
+    p50 = {name: [] for name in fronts}
+    for _ in range(reps):
+        for name, (router, rport, _) in fronts.items():
+            c0 = cpu_seconds(router.pid)
+            r = b.load("--addr", f"127.0.0.1:{rport}", *common)
+            cpu[name].append((cpu_seconds(router.pid) - c0) / (r["requests"] + 200) * 1e6)
+            p50[name].append(pct(r, "p50"))
+    stop.set()
+    b.stop_all()
+    rows = [[name, f"{med(cpu[name]):.1f}", f"{min(cpu[name]):.1f}–{max(cpu[name]):.1f}", med(p50[name])] for name in fronts]
+    base, other = (med(cpu[n]) for n in fronts)
+    out = table(f"Operator: router CPU per request at {rate} req/s (open loop, {reps} alternated runs of {secs} s); "
+                f"with checks and the page {other / base:.2f}× the CPU",
+                ["router", "CPU µs/req (median)", "range", "p50 µs"], rows)
+    out += "\n" + table("The status page's weight (bytes, uncompressed, embedded in the binary)",
+                         ["asset", "bytes"], [[k, v] for k, v in weight.items()])
+    return out
+
+
 def table(title, header, rows):
     out = [f"#### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -912,7 +967,8 @@ def table(title, header, rows):
 SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory,
              "batching": batching, "window": window, "adaptive": adaptive, "agent_loop": agent_loop, "agent_cli": agent_cli,
              "http_front": http_front, "overload": overload, "soak": soak, "real": real,
-             "payloads": payloads, "redis_stall": redis_stall, "memory_rounds": memory_rounds}
+             "payloads": payloads, "redis_stall": redis_stall, "memory_rounds": memory_rounds,
+             "operator": operator}
 
 
 def machine():

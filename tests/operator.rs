@@ -471,3 +471,20 @@ async fn the_config_api_shows_every_setting_and_no_secret() {
     assert_eq!(v["server"]["auth"]["keys"][0]["key"], "<redacted>");
     assert_eq!(v["server"]["auth"]["keys"][0]["admin"], true);
 }
+
+#[test]
+fn an_http_front_open_to_the_network_without_keys_refuses_to_start() {
+    let e = cascade_router::config::parse(
+        "server: {http_listen: \"0.0.0.0:8088\"}\nproviders:\n  - {name: s, type: simulated, models: [m]}\n",
+        "f.yaml",
+        &|_| None,
+    )
+    .err()
+    .map(|e| e.to_string());
+    assert!(
+        e.as_deref().is_some_and(
+            |e| e.starts_with("f.yaml: server.http_listen: 0.0.0.0:8088 is not a loopback")
+        ),
+        "{e:?}"
+    );
+}

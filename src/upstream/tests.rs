@@ -48,6 +48,18 @@ impl Provider for Scripted {
         self.native
     }
 
+    /// A health probe: fails while requests fail, never answers while they hang; not counted
+    /// among the requests.
+    async fn probe(&self) -> Result<(), ProviderError> {
+        if self.hanging.load(SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        match self.failing.load(SeqCst) {
+            true => Err(ProviderError::new(FailureKind::Connect, "scripted refusal")),
+            false => Ok(()),
+        }
+    }
+
     async fn complete(
         &self,
         _model: &str,
@@ -273,4 +285,41 @@ async fn a_first_token_timeout_is_judged_as_a_unary_timeout() {
         streamed.link.stats.counts().failures,
         unary.link.stats.counts().failures
     );
+}
+
+/// Probes at 0, 1, 2 s fail: out of rotation after the third (`unhealthy_after: 3`), and no
+/// attempt reaches it; probes at 3 and 4 s pass: back after the second (`healthy_after: 2`).
+#[tokio::test(start_paused = true)]
+async fn probes_take_a_dead_provider_out_after_its_failures_in_a_row_and_bring_it_back() {
+    let (up, s) = scripted_upstream(
+        false,
+        ", health_check: {interval_seconds: 1, timeout_ms: 100, unhealthy_after: 3, healthy_after: 2}",
+    );
+    let start = Instant::now();
+    let since = |t: Instant| t.duration_since(start).as_millis();
+    tokio::time::sleep_until(start + Duration::from_millis(1950)).await;
+    assert!(up.serving(), "two failed probes are not yet three");
+    tokio::time::sleep_until(start + Duration::from_millis(2050)).await;
+    assert!(
+        !up.serving(),
+        "out after the third, at {} ms",
+        since(Instant::now())
+    );
+    let m: Arc<str> = "m".into();
+    let far = Instant::now() + Duration::from_secs(60);
+    match up.attempt(&m, &req(), Window::whole(far)).await {
+        Err(Miss::Skipped(e)) => assert_eq!(e.kind, FailureKind::Unhealthy),
+        other => panic!("expected a skip, got {other:?}"),
+    }
+    assert_eq!(s.requests.load(SeqCst), 0, "no request sent to it");
+    s.failing.store(false, SeqCst);
+    tokio::time::sleep_until(start + Duration::from_millis(3500)).await;
+    assert!(!up.serving(), "one passing probe is not yet two");
+    tokio::time::sleep_until(start + Duration::from_millis(4050)).await;
+    assert!(up.serving(), "back after the second passing probe");
+    let checked = up
+        .snapshot()
+        .health
+        .map(|h| (h.healthy, h.record.passed_in_a_row));
+    assert_eq!(checked, Some((true, 2)));
 }
