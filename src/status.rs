@@ -268,11 +268,7 @@ fn provider_view(
         models: s.models.clone(),
         state: state(s, error_rate),
         order: s.order.as_str(),
-        circuit: match s.circuit {
-            Circuit::Closed => "closed",
-            Circuit::Open => "open",
-            Circuit::HalfOpen => "half_open",
-        },
+        circuit: s.circuit.as_str(),
         cooling_down_ms: s.cooling_down.as_millis() as u64,
         health: s.health.as_ref().map(|h| HealthView {
             healthy: h.healthy,

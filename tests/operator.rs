@@ -398,15 +398,20 @@ async fn with_health_checks_a_probe_not_a_caller_closes_an_open_circuit() {
         MockServer::start(Script::default()).await.unwrap(),
         MockServer::start(Script::default()).await.unwrap(),
     );
-    let (mut router, base) = two(
-        ", health_check: {interval_seconds: 0.1, timeout_ms: 100, unhealthy_after: 3}",
-        &a,
-        &b,
-    )
-    .await;
-    // One failed request opens a's circuit (threshold 1, recovery 60 s); its model list
-    // still answers, so the next probe closes it long before the recovery time.
-    // (`fault_every: 1`: every completion fails, the model list is still served.)
+    let port = free_port().await;
+    let yaml = format!(
+        "server: {{http_listen: \"127.0.0.1:{port}\"}}\n{}providers:\n\
+         - {{name: a, type: openai, priority: 1, base_url: \"{}/v1\", models: [m], health_check: {{interval_seconds: 0.1, timeout_ms: 100, unhealthy_after: 3}}}}\n\
+         - {{name: b, type: openai, priority: 2, base_url: \"{}/v1\", models: [m]}}\n",
+        cascade(0, 1, 0.3),
+        a.url(),
+        b.url(),
+    );
+    let mut router = start(&yaml).await;
+    let base = format!("http://127.0.0.1:{port}");
+    http_listening(&format!("127.0.0.1:{port}")).await;
+    // One failed request opens a's circuit (threshold 1, recovery 0.3 s); its model list still
+    // answers (`fault_every: 1`: every completion fails, probes do not).
     a.set_script(Script {
         fault: Some(Fault::Status(500)),
         fault_every: 1,
@@ -415,8 +420,11 @@ async fn with_health_checks_a_probe_not_a_caller_closes_an_open_circuit() {
     assert_eq!(answered_by(&mut router, "fails at a").await.provider, "b");
     let sent = a.stats().requests;
     a.set_script(Script::default());
+    // Past its recovery time the circuit stays open for callers — they go to b, a gets
+    // nothing — until a probe closes it.
     within(async {
         while status(&base).await["providers"][0]["circuit"] != "closed" {
+            assert_eq!(answered_by(&mut router, "meanwhile").await.provider, "b");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })

@@ -189,7 +189,7 @@ async fn control(
     Ok(json_response(&json!({
         "provider": &*s.name,
         "order": s.order.as_str(),
-        "circuit": format!("{:?}", s.circuit).to_lowercase(),
+        "circuit": s.circuit.as_str(),
         "in_flight": s.in_flight,
     }))
     .into_response())

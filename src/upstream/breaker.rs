@@ -24,6 +24,16 @@ pub enum Circuit {
     HalfOpen,
 }
 
+impl Circuit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Circuit::Closed => "closed",
+            Circuit::Open => "open",
+            Circuit::HalfOpen => "half_open",
+        }
+    }
+}
+
 #[derive(Debug)]
 enum State {
     Closed { failures: u32 },
@@ -150,11 +160,12 @@ impl Breaker {
         }
     }
 
-    /// A health probe succeeded: an open circuit closes (a cool-down asked for by the
-    /// provider still runs: its quota is not its health).
+    /// A health probe succeeded: a circuit open for its recovery time closes — the probe
+    /// is the half-open try, in place of a caller's request. (A cool-down asked for by the
+    /// provider still runs: its quota is not its health.)
     pub fn probe_passed(&self) {
         let mut inner = self.lock();
-        if matches!(inner.state, State::Open { .. }) {
+        if matches!(inner.state, State::Open { until } if Instant::now() >= until) {
             inner.state = State::Closed { failures: 0 };
         }
     }
@@ -341,6 +352,12 @@ mod tests {
             true,
         );
         fail(&b, 1);
+        b.probe_passed();
+        assert_eq!(
+            b.circuit(),
+            Circuit::Open,
+            "a probe within the recovery time"
+        );
         tokio::time::advance(Duration::from_secs(60)).await;
         assert_eq!(b.admit().err(), Some(Refusal::CircuitOpen), "past recovery");
         assert_eq!(b.circuit(), Circuit::Open);

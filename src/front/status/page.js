@@ -60,7 +60,8 @@ function row(p) {
     (h.last_error ? ` (${h.last_error})` : h.last_took_ms !== null ? ` (${fmt(h.last_took_ms)} ms)` : "");
   return el("tr", { "data-provider": p.name, "data-state": p.state },
     el("td", {}, el("strong", {}, p.name), " ", el("span", { class: "models" }, `${p.type} · ${p.models.join(", ")}`)),
-    el("td", {}, el("span", { class: "state " + p.state }, p.state.replace("_", " "))),
+    el("td", {}, el("span", { class: "state " + p.state }, p.state.replace("_", " ")),
+      p.order !== "serve" ? el("span", { class: "models" }, ` operator: ${p.order}`) : ""),
     el("td", { class: "n" }, fmt(p.requests_per_s)),
     el("td", { class: "n", title: kinds }, pct(p.error_rate) + (kinds ? ` · ${kinds}` : "")),
     el("td", { class: "n" }, `${fmt(p.p50_ms)} / ${fmt(p.p99_ms)}`),

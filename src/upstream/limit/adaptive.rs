@@ -34,9 +34,9 @@
 //! without queueing (learned as `noise` is). Known weakness (issue #28's note): with such
 //! answers one request waiting cannot be told from chance, so the limit settles one above the
 //! provider's slots (0.89–0.90 of the best fixed setting at 64 callers in the simulator). And
-//! on the wall clock, a router that served 1 and 8 callers before 64 on a 4-slot provider held
-//! the limit one above its slots (0.89 of the best fixed setting; a fresh router 1.1) — not
-//! reproduced on the simulator.
+//! on the wall clock, a router that served 1 and 8 callers before 64 on a 4-slot provider once
+//! held the limit one above its slots (0.89 of the best fixed setting; 1.03 in the next run; a
+//! fresh router 1.1) — not reproduced on the simulator.
 //!
 //! Tuning constants (ten in all): [`ROUND`], [`BETA`], [`PROBE_AFTER_MAX`], [`BACKOFF`],
 //! [`DRIFT`], [`NOISE_GAIN`], [`SURE`], [`BUCKETS`]; `INITIAL` in the parent module; `ARRIVAL_GAP` in
