@@ -180,6 +180,8 @@ pub struct ProviderView {
     pub kind: &'static str,
     pub priority: i32,
     pub models: Vec<String>,
+    /// Endpoints (replicas of its server) it spreads requests over.
+    pub endpoints: usize,
     /// healthy, degraded, unhealthy, circuit_open, half_open, cooling_down, draining,
     /// disabled: the first that holds, from the last.
     pub state: &'static str,
@@ -266,6 +268,7 @@ fn provider_view(
         kind: s.kind.as_str(),
         priority: s.priority,
         models: s.models.clone(),
+        endpoints: s.endpoints,
         state: state(s, error_rate),
         order: s.order.as_str(),
         circuit: s.circuit.as_str(),

@@ -32,7 +32,7 @@ pub use capabilities::{Capabilities, Capability, ModelInfo};
 pub use cascade::{BreakerConfig, CascadePolicy, RetryBudget};
 pub use health::HealthCheckConfig;
 pub use providers::{
-    Api, ApiKey, BatchMode, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind,
+    Api, ApiKey, Balance, BatchMode, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind,
 };
 pub use rate::RateLimitConfig;
 pub use server::{Limits, QuotaConfig, ServerConfig, TlsFiles};

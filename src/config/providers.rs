@@ -116,6 +116,36 @@ pub struct ProviderConfig {
     /// Request fields outside OpenAI's reference forwarded to this provider.
     pub pass_through: Vec<String>,
     pub health_check: Option<HealthCheckConfig>,
+    /// Every replica's base URL, `api`'s first (none for the simulated API).
+    pub endpoints: Vec<url::Url>,
+    pub balance: Balance,
+}
+
+/// `providers[].balance`: how requests spread over a provider's `endpoints`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Of two endpoints picked at random, the one with less in flight and queued for its
+    /// concurrency limit (power of two choices).
+    #[default]
+    LeastOutstanding,
+    /// Each endpoint in turn.
+    RoundRobin,
+}
+
+impl ProviderConfig {
+    /// This provider's settings for one of its endpoints.
+    pub fn at_endpoint(&self, base: &url::Url) -> ProviderConfig {
+        let mut one = self.clone();
+        one.api = match &self.api {
+            Api::OpenAi { .. } => Api::OpenAi { base: base.clone() },
+            Api::Ollama { .. } => Api::Ollama { base: base.clone() },
+            Api::Anthropic { .. } => Api::Anthropic { base: base.clone() },
+            simulated @ Api::Simulated { .. } => simulated.clone(),
+        };
+        one.endpoints = vec![base.clone()];
+        one
+    }
 }
 
 /// `batching.mode`.
@@ -245,7 +275,10 @@ impl Check<'_> {
                 return Ok(None);
             }
         };
-        let (key_name, endpoint_text) = match (&p.base_url, &p.url) {
+        let models = self.models(at, &p.models)?;
+        // Each endpoint with its key: `endpoints` (replicas of one server), else `url` /
+        // `base_url`, else the API's public URL.
+        let texts: Vec<(String, String)> = match (&p.base_url, &p.url) {
             (Some(_), Some(_)) => {
                 return Err(self.err(
                     format!("{at}.url"),
@@ -253,38 +286,54 @@ impl Check<'_> {
                     "keep one of them",
                 ));
             }
-            (Some(u), None) => ("base_url", Some(u.clone())),
-            (None, Some(u)) => ("url", Some(u.clone())),
-            (None, None) => ("url", kind.default_endpoint().map(str::to_string)),
+            (Some(_), None) | (None, Some(_)) if !p.endpoints.is_empty() => {
+                return Err(self.err(
+                    format!("{at}.endpoints"),
+                    "set beside `url` / `base_url`",
+                    "list every replica under `endpoints`, or give one `url`",
+                ));
+            }
+            (Some(u), None) => vec![(format!("{at}.base_url"), u.clone())],
+            (None, Some(u)) => vec![(format!("{at}.url"), u.clone())],
+            (None, None) if p.endpoints.is_empty() => kind
+                .default_endpoint()
+                .map(|u| vec![(format!("{at}.url"), u.to_string())])
+                .unwrap_or_default(),
+            (None, None) => p
+                .endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, u)| (format!("{at}.endpoints[{i}]"), u.clone()))
+                .collect(),
         };
-        let models = self.models(at, &p.models)?;
         // Validate URLs of disabled providers too: a typo should not wait for the day it is enabled.
-        let endpoint = match endpoint_text {
-            None => None,
-            Some(text) => match self.expand(&text) {
+        let mut endpoints = Vec::with_capacity(texts.len());
+        for (key, text) in texts {
+            match self.expand(&text) {
                 Err(var) => {
                     if p.enabled {
                         self.warn(format!(
-                            "{at}.{key_name}: ${{{var}}} is unset; provider {:?} disabled",
+                            "{key}: ${{{var}}} is unset; provider {:?} disabled",
                             p.name
                         ));
                         self.unset.push(var);
                     }
                     return Ok(None);
                 }
-                Ok(expanded) => Some(self.url(&format!("{at}.{key_name}"), &expanded)?),
-            },
-        };
-        // Anthropic's SDKs take the host alone (the router adds `/v1/messages`); a URL given
-        // with `/v1`, as OpenAI-shaped ones are, means the same server.
-        let endpoint = endpoint.map(|mut u| {
-            if kind == ProviderKind::Anthropic
-                && let Some(host_only) = u.path().strip_suffix("/v1").map(str::to_string)
-            {
-                u.set_path(&host_only);
+                Ok(expanded) => {
+                    let mut u = self.url(&key, &expanded)?;
+                    // Anthropic's SDKs take the host alone (the router adds `/v1/messages`); a
+                    // URL given with `/v1`, as OpenAI-shaped ones are, means the same server.
+                    if kind == ProviderKind::Anthropic
+                        && let Some(host_only) = u.path().strip_suffix("/v1").map(str::to_string)
+                    {
+                        u.set_path(&host_only);
+                    }
+                    endpoints.push(u);
+                }
             }
-            u
-        });
+        }
+        let endpoint = endpoints.first().cloned();
         let timeout = match p.timeout_seconds {
             None => cascade.attempt_timeout,
             Some(v) => self.seconds(&format!("{at}.timeout_seconds"), v, false)?,
@@ -307,7 +356,7 @@ impl Check<'_> {
                 h.pool_idle_timeout_seconds,
                 false,
             )?,
-            pool_max_idle_per_host: h.pool_max_idle_per_host,
+            pool_max_idle_per_host: h.pool_max_idle_per_host.unwrap_or(p.max_concurrency),
             connect_timeout: self.seconds(
                 &format!("{at}.http.connect_timeout_seconds"),
                 h.connect_timeout_seconds,
@@ -430,6 +479,11 @@ impl Check<'_> {
             model_info,
             pass_through: p.pass_through,
             health_check,
+            endpoints: match kind {
+                ProviderKind::Simulated => Vec::new(),
+                _ => endpoints,
+            },
+            balance: p.balance,
         }))
     }
 

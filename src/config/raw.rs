@@ -166,6 +166,9 @@ pub struct RawProvider {
     pub pass_through: Vec<String>,
     /// Active probes of the provider; absent means none.
     pub health_check: Option<RawHealthCheck>,
+    /// Replicas of one server, each a URL as `url` takes it (instead of `url`).
+    pub endpoints: Vec<String>,
+    pub balance: super::Balance,
     // The Python router's keys that this router does not use.
     pub description: Ignored,
     pub tags: Ignored,
@@ -193,6 +196,8 @@ impl Default for RawProvider {
             rate_limit: None,
             pass_through: Vec::new(),
             health_check: None,
+            endpoints: Vec::new(),
+            balance: super::Balance::default(),
             description: None,
             tags: None,
             notes: None,
@@ -311,7 +316,9 @@ pub struct RawQuotas {
 pub struct RawHttp {
     /// Kept below common servers' keep-alive so the pool does not reuse a closing connection.
     pub pool_idle_timeout_seconds: f64,
-    pub pool_max_idle_per_host: usize,
+    /// Absent: as many as the provider's `max_concurrency` (an endpoint may have that many in
+    /// flight; fewer would close and reopen connections at every burst).
+    pub pool_max_idle_per_host: Option<usize>,
     pub connect_timeout_seconds: f64,
     /// Speak HTTP/2 over plain TCP (h2c); TLS upstreams negotiate HTTP/2 on their own.
     pub http2_prior_knowledge: bool,
@@ -323,7 +330,7 @@ impl Default for RawHttp {
     fn default() -> Self {
         RawHttp {
             pool_idle_timeout_seconds: 30.0,
-            pool_max_idle_per_host: 64,
+            pool_max_idle_per_host: None,
             connect_timeout_seconds: 5.0,
             http2_prior_knowledge: false,
             ca_file: None,

@@ -181,6 +181,8 @@ fn provider_view(p: &ProviderConfig) -> Value {
         model_info,
         pass_through,
         health_check,
+        endpoints,
+        balance,
     } = p;
     let (url, latency) = match api {
         Api::OpenAi { base } | Api::Ollama { base } | Api::Anthropic { base } => {
@@ -246,6 +248,14 @@ fn provider_view(p: &ProviderConfig) -> Value {
         })),
         "model_info": info,
         "pass_through": pass_through,
+        "endpoints": endpoints.iter().map(|u| {
+            let mut shown = u.clone();
+            if shown.password().is_some() {
+                let _ = shown.set_password(Some(REDACTED));
+            }
+            shown.to_string()
+        }).collect::<Vec<_>>(),
+        "balance": format!("{balance:?}"),
         "health_check": health_check.as_ref().map(|HealthCheckConfig { interval, timeout, unhealthy_after, healthy_after, path }| json!({
             "interval_seconds": secs(*interval),
             "timeout_ms": timeout.as_secs_f64() * 1e3,

@@ -9,6 +9,8 @@
 //!   its outcome (what the provider is blamed for, what the limit learns);
 //! - [`batch`]: the batch queues (adaptive and fixed workers), which only group items and
 //!   hand each batch to the link;
+//! - [`replica`]: one endpoint of the provider (a replica of its server) with its own link,
+//!   batch queues and health checks; the provider spreads requests over them;
 //! - [`breaker`]: the circuit breaker and the `Retry-After` cool-down;
 //! - [`health`]: active health checks, which take a dead provider out before callers pay;
 //! - [`limit`]: how many requests the provider is sent at once, fixed or learned;
@@ -21,14 +23,18 @@ mod breaker;
 mod health;
 mod limit;
 mod link;
+mod replica;
 #[cfg(test)]
 mod simulator;
 mod stats;
 mod warnings;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
+};
 
-use tokio::time::{Instant, timeout_at};
+use tokio::time::Instant;
 
 pub use attempt::Window;
 pub use breaker::Circuit;
@@ -36,32 +42,47 @@ pub use health::{Checked, Probe};
 pub(crate) use link::Opened;
 pub use stats::{Counts, Latencies, Noted};
 
-use batch::Batcher;
 use link::{Link, refused};
+use replica::Replica;
 
 use crate::{
     capability::{ModelInfo, Needs},
     completion::{Completion, CompletionRequest, FailureKind},
-    config::{BreakerConfig, ProviderConfig, ProviderKind},
+    config::{Balance, BreakerConfig, ProviderConfig, ProviderKind},
     control::{Order, OrderCell},
     metrics::Metrics,
-    provider::{self, Provider, ProviderError},
+    provider::{self, ProviderError},
 };
 
-/// A provider with its breaker, slots, counters and batch queues.
+/// A provider: its endpoints (each with its breaker, slots, counters and batch queues), how
+/// requests spread over them, and the operator's order for it.
 pub struct Upstream {
-    link: Arc<Link>,
-    batcher: Option<Batcher>,
+    name: Arc<str>,
+    replicas: Vec<Replica>,
+    balance: Balance,
+    /// The next endpoint's turn, for `round_robin`.
+    turn: AtomicUsize,
     /// The operator's order for it (see [`crate::control`]).
     order: OrderCell,
-    health: Option<Arc<health::Health>>,
-    /// Probes `health` while this upstream lives.
-    _watch: Option<health::Watch>,
     kind: ProviderKind,
     priority: i32,
     models: Vec<String>,
     model_info: std::collections::BTreeMap<String, ModelInfo>,
     pass_through: Vec<String>,
+}
+
+/// Whether a try that failed on one endpoint for the endpoint's own reasons (down, hung,
+/// failing, full, its circuit open) goes to another endpoint of the same provider.
+fn elsewhere(e: &ProviderError) -> bool {
+    e.retry_same_provider()
+        || matches!(
+            e.kind,
+            FailureKind::Connect
+                | FailureKind::Overloaded
+                | FailureKind::CircuitOpen
+                | FailureKind::CoolingDown
+                | FailureKind::Unhealthy
+        )
 }
 
 /// A completion and how it travelled.
@@ -112,39 +133,57 @@ pub struct Snapshot {
     pub latencies: Latencies,
     /// The latest failures, oldest first.
     pub recent_failures: Vec<Noted>,
+    /// Endpoints (replicas of its server) it spreads requests over.
+    pub endpoints: usize,
 }
 
 impl Upstream {
+    /// The provider `config` describes, with a client of its own for each of its endpoints.
     pub fn new(
         config: &ProviderConfig,
         breaker: BreakerConfig,
         metrics: &Arc<Metrics>,
     ) -> Result<Upstream, reqwest::Error> {
-        Ok(Upstream::with_provider(
-            config,
-            breaker,
-            metrics,
-            provider::build(config)?,
-        ))
+        let replicas = match config.endpoints.len() {
+            0 | 1 => vec![Replica::new(
+                config,
+                breaker,
+                metrics,
+                provider::build(config)?,
+            )],
+            _ => config
+                .endpoints
+                .iter()
+                .map(|base| {
+                    let one = config.at_endpoint(base);
+                    Ok(Replica::new(&one, breaker, metrics, provider::build(&one)?))
+                })
+                .collect::<Result<_, reqwest::Error>>()?,
+        };
+        Ok(Upstream::of(config, replicas))
     }
 
+    /// A provider with one endpoint served by `provider` (tests' scripted providers).
+    #[cfg(test)]
     pub(crate) fn with_provider(
         config: &ProviderConfig,
         breaker: BreakerConfig,
         metrics: &Arc<Metrics>,
-        provider: Arc<dyn Provider>,
+        provider: Arc<dyn crate::provider::Provider>,
     ) -> Upstream {
-        let link = Arc::new(Link::new(config, breaker, metrics, provider));
-        let health = config
-            .health_check
-            .clone()
-            .map(|c| Arc::new(health::Health::new(c)));
+        Upstream::of(
+            config,
+            vec![Replica::new(config, breaker, metrics, provider)],
+        )
+    }
+
+    fn of(config: &ProviderConfig, replicas: Vec<Replica>) -> Upstream {
         Upstream {
-            batcher: Batcher::new(config, &link),
+            name: config.name.as_str().into(),
+            replicas,
+            balance: config.balance,
+            turn: AtomicUsize::new(0),
             order: OrderCell::default(),
-            _watch: health.as_ref().and_then(|h| health::watch(&link, h)),
-            health,
-            link,
             kind: config.kind,
             priority: config.priority,
             models: config.models.clone(),
@@ -154,7 +193,12 @@ impl Upstream {
     }
 
     pub fn name(&self) -> &Arc<str> {
-        &self.link.name
+        &self.name
+    }
+
+    /// The first endpoint's link: what every endpoint shares (the API and its fields).
+    fn first(&self) -> &Link {
+        &self.replicas[0].link
     }
 
     /// Whether this provider lists `model`.
@@ -180,13 +224,13 @@ impl Upstream {
         }
         if let Some(field) = request.params.extra.keys().find(|k| {
             !(self.pass_through.contains(k)
-                || (self.link.forwards_openai_fields() && crate::completion::is_openai_field(k)))
+                || (self.first().forwards_openai_fields() && crate::completion::is_openai_field(k)))
         }) {
             return Some(format!(
                 "{field}: the provider does not take it (list it under its pass_through to forward it)"
             ));
         }
-        self.link.unsupported(request)
+        self.first().unsupported(request)
     }
 
     /// Puts the operator's `order` in force for new requests.
@@ -194,19 +238,37 @@ impl Upstream {
         self.order.set(order);
     }
 
-    /// Closes its circuit and ends any cool-down (an operator's `reset_circuit`).
+    /// Closes its endpoints' circuits and ends any cool-down (an operator's `reset_circuit`).
     pub fn reset_circuit(&self) {
-        self.link.breaker.reset();
+        for r in &self.replicas {
+            r.link.breaker.reset();
+        }
     }
 
-    /// Probes it now (an operator's health check); `None` without health checks configured.
+    /// Probes every endpoint now (an operator's health check), at once; `None` without health
+    /// checks configured. One probe's outcome per provider: the slowest, and the first
+    /// failure (naming its endpoint when there are several).
     pub async fn check_health(&self) -> Option<Probe> {
-        let health = self.health.as_ref()?;
-        Some(health.probe(&self.link).await)
+        let probes = self
+            .replicas
+            .iter()
+            .map(|r| async move { Some(r.health.as_ref()?.probe(&r.link).await) });
+        let probes: Vec<Option<Probe>> = futures_util::future::join_all(probes).await;
+        let mut all = probes.into_iter().flatten().enumerate();
+        let (_, mut worst) = all.next()?;
+        for (i, p) in all {
+            worst.took = worst.took.max(p.took);
+            if worst.failure.is_none()
+                && let Some((kind, message)) = p.failure
+            {
+                worst.failure = Some((kind, format!("endpoint {i}: {message}")));
+            }
+        }
+        Some(worst)
     }
 
-    /// Whether a new request may go to it now: no operator holds it back and its health
-    /// checks (if any) pass; else why not, as a skip with no network attempt.
+    /// Whether a new request may go to it now as far as the operator is concerned; else why
+    /// not, as a skip with no network attempt.
     fn admits(&self) -> Result<(), Miss> {
         let order = self.order.get();
         if !order.admits() {
@@ -215,19 +277,17 @@ impl Upstream {
                 format!("an operator ordered {}", order.as_str()),
             )));
         }
-        if self.health.as_ref().is_some_and(|h| !h.healthy()) {
-            return Err(Miss::Skipped(ProviderError::new(
-                FailureKind::Unhealthy,
-                "its health checks are failing",
-            )));
-        }
         Ok(())
     }
 
-    /// Whether it could take a new request now (for `/v1/models`): admitted, and its circuit
-    /// not open.
+    /// Whether it could take a new request now (for `/v1/models`): no operator holds it
+    /// back, and an endpoint is healthy with its circuit not open.
     pub fn serving(&self) -> bool {
-        self.admits().is_ok() && self.link.breaker.circuit() != Circuit::Open
+        self.admits().is_ok()
+            && self
+                .replicas
+                .iter()
+                .any(|r| r.healthy() && !r.circuit_open())
     }
 
     /// The model for requests that name none (listed first).
@@ -235,147 +295,166 @@ impl Upstream {
         self.models.first().map(String::as_str).unwrap_or_default()
     }
 
-    /// One try at `model` for `request`, ending by `window.until`.
+    /// One try at `model` for `request`, ending by `window.until`: on one endpoint, picked
+    /// by the provider's `balance`; a try that failed there for the endpoint's own reasons
+    /// (it is down, timed out, answered 5xx, or had no room) goes once more to another.
     pub async fn attempt(
         &self,
         model: &Arc<str>,
         request: &Arc<CompletionRequest>,
         window: Window,
     ) -> Result<Delivered, Miss> {
-        let now = Instant::now();
-        if now >= window.deadline {
-            return Err(Miss::OutOfTime(None));
-        }
         self.admits()?;
-        let queue = self
-            .batcher
-            .as_ref()
-            .and_then(|b| b.settings(model).map(|s| (b, s)));
-        if queue.is_some() {
-            // A look, not an admission (the batch is admitted when it is sent): it keeps
-            // items out of the queue of a provider that would refuse them.
-            self.link
-                .breaker
-                .check()
-                .map_err(|r| Miss::Skipped(refused(r)))?;
-        }
-        let fastest = self.link.stats.fastest();
-        let left = window.until.saturating_duration_since(now);
-        if left < fastest {
-            return Err(Miss::Skipped(ProviderError::new(
-                FailureKind::NoTimeLeft,
-                format!(
-                    "{} ms left for this try, it never answered in under {} ms",
-                    left.as_millis(),
-                    fastest.as_millis()
-                ),
-            )));
-        }
-        let result = match queue {
-            // Time in the batch queue is the router's own: the provider's timeout starts when
-            // the batch is sent (the batcher's send holds it to that), so the queued item is
-            // bounded here by its share alone; an item still queued when that ends moves on.
-            Some((batcher, settings)) => timeout_at(
-                window.until,
-                batcher.submit(model, request, settings, window),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(ProviderError::new(
-                    FailureKind::Overloaded,
-                    format!(
-                        "no answer within its {} ms share (queued or in flight)",
-                        now.elapsed().as_millis()
-                    ),
-                ))
-            }),
-            None => self
-                .link
-                .complete(model, request, window)
-                .await
-                .map(|(completion, took)| Delivered {
-                    completion,
-                    batch_size: 1,
-                    queue_wait: Duration::ZERO,
-                    upstream: took,
-                }),
-        };
-        match result {
-            Ok(delivered) => Ok(delivered),
-            // The caller's deadline ended the try (in flight, or still in the batch queue).
-            Err(e)
-                if matches!(e.kind, FailureKind::Timeout | FailureKind::Overloaded)
-                    && Instant::now() >= window.deadline =>
-            {
-                Err(Miss::OutOfTime(Some(ProviderError::new(
-                    FailureKind::Timeout,
-                    format!(
-                        "caller's deadline passed after {} ms",
-                        now.elapsed().as_millis()
-                    ),
-                ))))
+        let first = self.pick(None)?;
+        let tried = self.replicas[first].attempt(model, request, window).await;
+        match tried {
+            Err(Miss::Failed(ref e) | Miss::Skipped(ref e)) if elsewhere(e) => {
+                match self.pick(Some(first)) {
+                    Ok(other) => self.replicas[other].attempt(model, request, window).await,
+                    Err(_) => tried,
+                }
             }
-            // Nothing was sent: refused by the breaker before sending (unbatched), or no room
-            // in the router's own queue for this provider.
-            Err(e)
-                if e.kind == FailureKind::Overloaded
-                    || (queue.is_none() && e.kind.is_refusal()) =>
-            {
-                Err(Miss::Skipped(e))
-            }
-            Err(e) => Err(Miss::Failed(e)),
+            other => other,
         }
     }
 
     /// One try at streaming `model`'s answer to `request`: `Ok` once its first event
-    /// arrived by `window.until` (see [`Link::open_stream`]). Streams are never batched.
+    /// arrived by `window.until` (see [`Link::open_stream`]); on another endpoint once, as
+    /// [`Upstream::attempt`] does. Streams are never batched.
     pub(crate) async fn stream(
         &self,
         model: &str,
         request: &CompletionRequest,
         window: Window,
     ) -> Result<Opened, Miss> {
-        if Instant::now() >= window.deadline {
-            return Err(Miss::OutOfTime(None));
-        }
         self.admits()?;
-        match self.link.open_stream(model, request, window).await {
-            Ok(opened) => Ok(opened),
-            Err(e) if e.kind == FailureKind::Timeout && Instant::now() >= window.deadline => {
-                Err(Miss::OutOfTime(Some(e)))
+        let first = self.pick(None)?;
+        let tried = self.replicas[first].stream(model, request, window).await;
+        match tried {
+            Err(Miss::Failed(ref e) | Miss::Skipped(ref e)) if elsewhere(e) => {
+                match self.pick(Some(first)) {
+                    Ok(other) => self.replicas[other].stream(model, request, window).await,
+                    Err(_) => tried,
+                }
             }
-            Err(e) if e.kind == FailureKind::Overloaded || e.kind.is_refusal() => {
-                Err(Miss::Skipped(e))
-            }
-            Err(e) => Err(Miss::Failed(e)),
+            other => other,
         }
+    }
+
+    /// The endpoint for the next try (not `not`): of those open to a request now, by the
+    /// provider's `balance`; a skip saying why when none is.
+    fn pick(&self, not: Option<usize>) -> Result<usize, Miss> {
+        let open: Vec<usize> = (0..self.replicas.len())
+            .filter(|&i| Some(i) != not && self.replicas[i].open())
+            .collect();
+        let lighter = |a: usize, b: usize| {
+            if self.replicas[b].load() < self.replicas[a].load() {
+                b
+            } else {
+                a
+            }
+        };
+        match (open.len(), self.balance) {
+            (0, _) => Err(self.none_open(not)),
+            (1, _) => Ok(open[0]),
+            (_, Balance::RoundRobin) => {
+                let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(open[turn % open.len()])
+            }
+            (2, Balance::LeastOutstanding) => Ok(lighter(open[0], open[1])),
+            (n, Balance::LeastOutstanding) => {
+                // Power of two choices: two distinct endpoints at random, the lighter one.
+                let a = fastrand::usize(..n);
+                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+                Ok(lighter(open[a], open[b]))
+            }
+        }
+    }
+
+    /// Why no endpoint (but `not`) may take a request now.
+    fn none_open(&self, not: Option<usize>) -> Miss {
+        let others = (0..self.replicas.len()).filter(|&i| Some(i) != not);
+        if others.clone().all(|i| !self.replicas[i].healthy()) {
+            return Miss::Skipped(ProviderError::new(
+                FailureKind::Unhealthy,
+                "its health checks are failing",
+            ));
+        }
+        // A healthy one refused by its breaker or a cool-down: say which.
+        let refusal = others
+            .filter(|&i| self.replicas[i].healthy())
+            .find_map(|i| self.replicas[i].link.breaker.check().err())
+            .map_or_else(
+                || ProviderError::new(FailureKind::CircuitOpen, "no endpoint admits a request"),
+                refused,
+            );
+        Miss::Skipped(refusal)
     }
 
     /// Whether a try starting at `at` could still be answered before `deadline`, judging by
-    /// the quickest answer this provider ever gave.
+    /// the quickest answer any of its endpoints ever gave.
     #[must_use]
     pub fn fits(&self, at: Instant, deadline: Instant) -> bool {
-        at + self.link.stats.fastest() < deadline
+        let fastest = self.replicas.iter().map(|r| r.link.stats.fastest()).min();
+        at + fastest.unwrap_or_default() < deadline
     }
 
+    /// Its state now, its endpoints' figures summed (their circuit: the most open one's
+    /// when none is closed; health: healthy while one is).
     pub fn snapshot(&self) -> Snapshot {
+        let links = || self.replicas.iter().map(|r| &r.link);
+        let circuits: Vec<Circuit> = links().map(|l| l.breaker.circuit()).collect();
+        let circuit = if circuits.contains(&Circuit::Closed) {
+            Circuit::Closed
+        } else if circuits.contains(&Circuit::HalfOpen) {
+            Circuit::HalfOpen
+        } else {
+            Circuit::Open
+        };
+        let mut counts = Counts::default();
+        let mut failures_by_kind = [0; FailureKind::ALL.len()];
+        let mut latencies = Latencies::default();
+        let mut recent_failures = Vec::new();
+        for l in links() {
+            counts.add(&l.stats.counts());
+            for (sum, n) in failures_by_kind.iter_mut().zip(l.stats.failures_by_kind()) {
+                *sum += n;
+            }
+            latencies.add(&l.stats.latencies());
+            recent_failures.extend(l.stats.recent());
+        }
+        recent_failures.sort_by_key(|f| f.at);
+        let checked: Vec<Checked> = self
+            .replicas
+            .iter()
+            .filter_map(|r| r.health.as_ref().map(|h| h.checked()))
+            .collect();
+        let health = checked
+            .iter()
+            .find(|c| c.healthy)
+            .or(checked.first())
+            .cloned();
         Snapshot {
-            name: self.link.name.clone(),
+            name: self.name.clone(),
             kind: self.kind,
             priority: self.priority,
             models: self.models.clone(),
-            circuit: self.link.breaker.circuit(),
-            cooling_down: self.link.breaker.cooling_down_for(),
-            counts: self.link.stats.counts(),
-            native_batching: self.link.takes_arrays(),
-            concurrency_limit: self.link.limit.current(),
-            adaptive: self.link.limit.is_adaptive(),
+            circuit,
+            cooling_down: links()
+                .map(|l| l.breaker.cooling_down_for())
+                .min()
+                .unwrap_or_default(),
+            counts,
+            native_batching: self.first().takes_arrays(),
+            concurrency_limit: links().map(|l| l.limit.current()).sum(),
+            adaptive: self.first().limit.is_adaptive(),
             order: self.order.get(),
-            in_flight: self.link.limit.in_flight(),
-            health: self.health.as_ref().map(|h| h.checked()),
-            failures_by_kind: self.link.stats.failures_by_kind(),
-            latencies: self.link.stats.latencies(),
-            recent_failures: self.link.stats.recent(),
+            in_flight: links().map(|l| l.limit.in_flight()).sum(),
+            health,
+            failures_by_kind,
+            latencies,
+            recent_failures,
+            endpoints: self.replicas.len(),
         }
     }
 }

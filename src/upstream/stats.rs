@@ -92,6 +92,13 @@ impl Latencies {
         Some(Duration::from_micros(bucket_end_us(bucket) as u64))
     }
 
+    /// Adds another endpoint's reading.
+    pub fn add(&mut self, other: &Latencies) {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a += b;
+        }
+    }
+
     /// Answers counted in all.
     pub fn count(&self) -> u64 {
         self.0.iter().sum()
@@ -119,6 +126,23 @@ pub struct Counts {
     pub items: u64,
     pub queued: u64,
     pub mean_latency: Duration,
+}
+
+impl Counts {
+    /// Adds another endpoint's counts (the mean latency weighted by successes).
+    pub fn add(&mut self, other: &Counts) {
+        let answered = self.successes + other.successes;
+        if answered > 0 {
+            let total = self.mean_latency.as_secs_f64() * self.successes as f64
+                + other.mean_latency.as_secs_f64() * other.successes as f64;
+            self.mean_latency = Duration::from_secs_f64(total / answered as f64);
+        }
+        self.requests += other.requests;
+        self.successes = answered;
+        self.failures += other.failures;
+        self.items += other.items;
+        self.queued += other.queued;
+    }
 }
 
 impl Stats {

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 
 use super::*;
 use crate::config;
+use crate::provider::Provider;
 
 /// A provider whose outcome the test sets, counting the requests that reach it. Each takes
 /// 10 ms (of the paused clock), so concurrent requests overlap.
@@ -235,7 +236,7 @@ async fn parallel_batch_admits_each_request() {
 async fn a_successful_stream_teaches_the_concurrency_limit() {
     use futures_util::StreamExt as _;
     let (up, _) = adaptive();
-    let before = up.link.limit.current();
+    let before = up.replicas[0].link.limit.current();
     let far = Instant::now() + Duration::from_secs(3600);
     for _ in 0..10 {
         let streams = (0..16).map(|_| async {
@@ -250,9 +251,9 @@ async fn a_successful_stream_teaches_the_concurrency_limit() {
         assert!(ends.iter().all(|&n| n == 1), "each stream's end came");
     }
     assert!(
-        up.link.limit.current() > before,
+        up.replicas[0].link.limit.current() > before,
         "the limit grew from {before} to {}",
-        up.link.limit.current()
+        up.replicas[0].link.limit.current()
     );
 }
 
@@ -263,7 +264,7 @@ async fn a_first_token_timeout_is_judged_as_a_unary_timeout() {
     let far = Instant::now() + Duration::from_secs(3600);
     let (streamed, s) = adaptive();
     s.hanging.store(true, SeqCst);
-    let before = streamed.link.limit.current();
+    let before = streamed.replicas[0].link.limit.current();
     let e = match streamed.stream("m", &req(), Window::whole(far)).await {
         Err(Miss::Failed(e)) => e,
         Err(_) => panic!("not the provider's failure"),
@@ -278,12 +279,15 @@ async fn a_first_token_timeout_is_judged_as_a_unary_timeout() {
         Err(_) => panic!("not the provider's failure"),
         Ok(_) => panic!("a hanging provider answered"),
     }
-    let (after_stream, after_unary) = (streamed.link.limit.current(), unary.link.limit.current());
+    let (after_stream, after_unary) = (
+        streamed.replicas[0].link.limit.current(),
+        unary.replicas[0].link.limit.current(),
+    );
     assert!(after_stream < before, "{before} -> {after_stream}");
     assert_eq!(after_stream, after_unary);
     assert_eq!(
-        streamed.link.stats.counts().failures,
-        unary.link.stats.counts().failures
+        streamed.replicas[0].link.stats.counts().failures,
+        unary.replicas[0].link.stats.counts().failures
     );
 }
 

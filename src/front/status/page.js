@@ -59,7 +59,8 @@ function row(p) {
   const health = !h ? "off" : (h.healthy ? "passing" : "failing") +
     (h.last_error ? ` (${h.last_error})` : h.last_took_ms !== null ? ` (${fmt(h.last_took_ms)} ms)` : "");
   return el("tr", { "data-provider": p.name, "data-state": p.state },
-    el("td", {}, el("strong", {}, p.name), " ", el("span", { class: "models" }, `${p.type} · ${p.models.join(", ")}`)),
+    el("td", {}, el("strong", {}, p.name), " ", el("span", { class: "models" },
+      `${p.type}${p.endpoints > 1 ? ` × ${p.endpoints} endpoints` : ""} · ${p.models.join(", ")}`)),
     el("td", {}, el("span", { class: "state " + p.state }, p.state.replace("_", " ")),
       p.order !== "serve" ? el("span", { class: "models" }, ` operator: ${p.order}`) : ""),
     el("td", { class: "n" }, fmt(p.requests_per_s)),
