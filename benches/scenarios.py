@@ -958,6 +958,50 @@ def operator(b):
     return out
 
 
+def endpoints(b):
+    """A provider with three replicas, one ten times slower: least_outstanding and round_robin
+    against the single fast replica alone (closed loop, throughput, p99, where requests went)."""
+    fast = [b.mock("--latency-ms", 20, "--concurrency", 4) for _ in range(2)]
+    slow = b.mock("--latency-ms", 200, "--concurrency", 4)
+    url = lambda port: f"\"http://127.0.0.1:{port}/v1\""
+    three = ", ".join(url(p) for _, p in [slow, *fast])
+
+    def provider(endpoints, balance):
+        return (f"  - name: replicas\n    type: openai\n    endpoints: [{endpoints}]\n"
+                f"    balance: {balance}\n    models: [m]\n    max_concurrency: 64\n")
+    routers = {
+        "one fast endpoint": b.router(provider(url(fast[0][1]), "least_outstanding")),
+        "3 endpoints (1 slow), least_outstanding": b.router(provider(three, "least_outstanding")),
+        "3 endpoints (1 slow), round_robin": b.router(provider(three, "round_robin")),
+    }
+    reps, secs = (1, 0.5) if b.smoke else (3, 5)
+    common = ["-c", 24, "--connections", 4, "--warmup", 50, "-d", DATA, "--duration", secs]
+    ports = [p for _, p in [slow, *fast]]
+    res = {name: [] for name in routers}
+    sent = {name: [0, 0] for name in routers}
+    for _ in range(reps):
+        for name, (_, rport) in routers.items():
+            before = [mock_stats(p)["requests"] for p in ports]
+            res[name].append(b.load("--addr", f"127.0.0.1:{rport}", *common))
+            after = [mock_stats(p)["requests"] for p in ports]
+            d = [a - x for a, x in zip(after, before)]
+            sent[name][0] += d[0]
+            sent[name][1] += d[1] + d[2]
+    b.stop_all()
+    base = med([r["throughput_rps"] for r in res["one fast endpoint"]])
+    rows = []
+    for name, runs in res.items():
+        tput = med([r["throughput_rps"] for r in runs])
+        s_, f_ = sent[name]
+        share = f"{f_ / (s_ + f_):.0%}" if name != "one fast endpoint" else "–"
+        rows.append([name, f"{tput:.0f}", f"{tput / base:.2f}", med([pct(r, "p50") for r in runs]),
+                     med([pct(r, "p99") for r in runs]), share,
+                     sum(sum(r["errors"].values()) for r in runs)])
+    return table("Endpoints: 24 callers, each replica 4 requests at a time, fast 20 ms, slow 200 ms "
+                 f"({reps} × {secs} s alternating, medians)",
+                 ["router", "req/s", "× one endpoint", "p50 µs", "p99 µs", "to the fast replicas", "errors"], rows)
+
+
 def table(title, header, rows):
     out = [f"#### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -968,7 +1012,7 @@ SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memo
              "batching": batching, "window": window, "adaptive": adaptive, "agent_loop": agent_loop, "agent_cli": agent_cli,
              "http_front": http_front, "overload": overload, "soak": soak, "real": real,
              "payloads": payloads, "redis_stall": redis_stall, "memory_rounds": memory_rounds,
-             "operator": operator}
+             "operator": operator, "endpoints": endpoints}
 
 
 def machine():
