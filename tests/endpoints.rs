@@ -141,3 +141,50 @@ fn endpoints_beside_a_url_are_refused_by_name() {
         )
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefix_affinity_keeps_each_group_on_one_replica_within_the_bound() {
+    let mocks = [
+        MockServer::start(latency(2)).await.unwrap(),
+        MockServer::start(latency(2)).await.unwrap(),
+        MockServer::start(latency(2)).await.unwrap(),
+        MockServer::start(latency(2)).await.unwrap(),
+    ];
+    let all: Vec<&MockServer> = mocks.iter().collect();
+    let router = start(&provider("prefix_affinity", &all)).await;
+    // 8 groups of 25 prompts, each group sharing a 1 KiB prefix, 8 callers at once.
+    let prefix = |g: usize| format!("[group {g}] ").repeat(110)[..1024].to_string();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        if set.len() == 8 {
+            set.join_next().await.unwrap().unwrap();
+        }
+        let mut client = router.client.clone();
+        let text = format!("{} question {i}", prefix(i % 8));
+        set.spawn(async move {
+            client.complete(prompt(&text)).await.unwrap();
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        done.unwrap();
+    }
+    // Where each group's prompts went, from what each replica received.
+    let mut seen = [[0usize; 4]; 8];
+    for (m, mock) in mocks.iter().enumerate() {
+        for body in mock.bodies() {
+            let p = body["prompt"].as_str().unwrap().to_string();
+            let g = (0..8).find(|&g| p.starts_with(&prefix(g))).unwrap();
+            seen[g][m] += 1;
+        }
+    }
+    for (g, on) in seen.iter().enumerate() {
+        let most = on.iter().max().unwrap();
+        assert!(most * 10 >= 25 * 9, "group {g} spread over {on:?}");
+    }
+    let per_replica: Vec<usize> = (0..4).map(|m| seen.iter().map(|g| g[m]).sum()).collect();
+    assert_eq!(per_replica.iter().sum::<usize>(), 200);
+    assert!(
+        per_replica.iter().all(|&n| n * 4 <= 200 * 5 / 4),
+        "no replica over 1.25x the mean (50): {per_replica:?}"
+    );
+}

@@ -131,6 +131,9 @@ pub enum Balance {
     LeastOutstanding,
     /// Each endpoint in turn.
     RoundRobin,
+    /// Requests sharing their first 1 KiB go to the same endpoint (its prefix cache), under a
+    /// bound on each endpoint's share (see `upstream::balance`).
+    PrefixAffinity,
 }
 
 impl ProviderConfig {

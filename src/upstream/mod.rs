@@ -10,7 +10,7 @@
 //! - [`batch`]: the batch queues (adaptive and fixed workers), which only group items and
 //!   hand each batch to the link;
 //! - [`replica`]: one endpoint of the provider (a replica of its server) with its own link,
-//!   batch queues and health checks; the provider spreads requests over them;
+//!   batch queues and health checks; [`balance`]: how requests spread over them;
 //! - [`breaker`]: the circuit breaker and the `Retry-After` cool-down;
 //! - [`health`]: active health checks, which take a dead provider out before callers pay;
 //! - [`limit`]: how many requests the provider is sent at once, fixed or learned;
@@ -18,6 +18,7 @@
 //! - [`warnings`]: upstream failures said in the log at a bounded rate.
 
 mod attempt;
+mod balance;
 mod batch;
 mod breaker;
 mod health;
@@ -29,10 +30,7 @@ mod simulator;
 mod stats;
 mod warnings;
 
-use std::{
-    sync::{Arc, atomic::AtomicUsize},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
@@ -42,13 +40,14 @@ pub use health::{Checked, Probe};
 pub(crate) use link::Opened;
 pub use stats::{Counts, Latencies, Noted};
 
+use balance::Balancer;
 use link::{Link, refused};
 use replica::Replica;
 
 use crate::{
     capability::{ModelInfo, Needs},
     completion::{Completion, CompletionRequest, FailureKind},
-    config::{Balance, BreakerConfig, ProviderConfig, ProviderKind},
+    config::{BreakerConfig, ProviderConfig, ProviderKind},
     control::{Order, OrderCell},
     metrics::Metrics,
     provider::{self, ProviderError},
@@ -59,9 +58,7 @@ use crate::{
 pub struct Upstream {
     name: Arc<str>,
     replicas: Vec<Replica>,
-    balance: Balance,
-    /// The next endpoint's turn, for `round_robin`.
-    turn: AtomicUsize,
+    balancer: Balancer,
     /// The operator's order for it (see [`crate::control`]).
     order: OrderCell,
     kind: ProviderKind,
@@ -180,9 +177,8 @@ impl Upstream {
     fn of(config: &ProviderConfig, replicas: Vec<Replica>) -> Upstream {
         Upstream {
             name: config.name.as_str().into(),
+            balancer: Balancer::new(config.balance, replicas.len()),
             replicas,
-            balance: config.balance,
-            turn: AtomicUsize::new(0),
             order: OrderCell::default(),
             kind: config.kind,
             priority: config.priority,
@@ -305,11 +301,11 @@ impl Upstream {
         window: Window,
     ) -> Result<Delivered, Miss> {
         self.admits()?;
-        let first = self.pick(None)?;
+        let first = self.pick(request, None)?;
         let tried = self.replicas[first].attempt(model, request, window).await;
         match tried {
             Err(Miss::Failed(ref e) | Miss::Skipped(ref e)) if elsewhere(e) => {
-                match self.pick(Some(first)) {
+                match self.pick(request, Some(first)) {
                     Ok(other) => self.replicas[other].attempt(model, request, window).await,
                     Err(_) => tried,
                 }
@@ -328,11 +324,11 @@ impl Upstream {
         window: Window,
     ) -> Result<Opened, Miss> {
         self.admits()?;
-        let first = self.pick(None)?;
+        let first = self.pick(request, None)?;
         let tried = self.replicas[first].stream(model, request, window).await;
         match tried {
             Err(Miss::Failed(ref e) | Miss::Skipped(ref e)) if elsewhere(e) => {
-                match self.pick(Some(first)) {
+                match self.pick(request, Some(first)) {
                     Ok(other) => self.replicas[other].stream(model, request, window).await,
                     Err(_) => tried,
                 }
@@ -341,34 +337,16 @@ impl Upstream {
         }
     }
 
-    /// The endpoint for the next try (not `not`): of those open to a request now, by the
-    /// provider's `balance`; a skip saying why when none is.
-    fn pick(&self, not: Option<usize>) -> Result<usize, Miss> {
+    /// The endpoint for the next try at `request` (not `not`): of those open to a request
+    /// now, by the provider's `balance`; a skip saying why when none is.
+    fn pick(&self, request: &CompletionRequest, not: Option<usize>) -> Result<usize, Miss> {
         let open: Vec<usize> = (0..self.replicas.len())
             .filter(|&i| Some(i) != not && self.replicas[i].open())
             .collect();
-        let lighter = |a: usize, b: usize| {
-            if self.replicas[b].load() < self.replicas[a].load() {
-                b
-            } else {
-                a
-            }
-        };
-        match (open.len(), self.balance) {
-            (0, _) => Err(self.none_open(not)),
-            (1, _) => Ok(open[0]),
-            (_, Balance::RoundRobin) => {
-                let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Ok(open[turn % open.len()])
-            }
-            (2, Balance::LeastOutstanding) => Ok(lighter(open[0], open[1])),
-            (n, Balance::LeastOutstanding) => {
-                // Power of two choices: two distinct endpoints at random, the lighter one.
-                let a = fastrand::usize(..n);
-                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-                Ok(lighter(open[a], open[b]))
-            }
+        if open.is_empty() {
+            return Err(self.none_open(not));
         }
+        Ok(self.balancer.pick(&self.replicas, &open, request))
     }
 
     /// Why no endpoint (but `not`) may take a request now.
