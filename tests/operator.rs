@@ -211,33 +211,20 @@ async fn bad_actions_and_unknown_providers_are_named() {
             .contains("valid: enable, disable, drain, reset_circuit")
     );
     // The same over gRPC.
-    let e = router
-        .client
-        .control_provider(v1::ControlProviderRequest {
-            provider: "nope".into(),
-            action: "disable".into(),
-        })
-        .await
-        .unwrap_err();
+    let client = router.client.clone();
+    let grpc = |provider: &str, action: &str| {
+        let asked = v1::ControlProviderRequest {
+            provider: provider.into(),
+            action: action.into(),
+        };
+        let mut client = client.clone();
+        async move { client.control_provider(asked).await }
+    };
+    let e = grpc("nope", "disable").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
-    let e = router
-        .client
-        .control_provider(v1::ControlProviderRequest {
-            provider: "a".into(),
-            action: "pause".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = grpc("a", "pause").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    let s = router
-        .client
-        .control_provider(v1::ControlProviderRequest {
-            provider: "a".into(),
-            action: "disable".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = grpc("a", "disable").await.unwrap().into_inner();
     assert_eq!(s.order, "disable");
     assert_eq!(answered_by(&mut router, "z").await.provider, "b");
     assert_eq!(a.stats().requests, 0);

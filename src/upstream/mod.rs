@@ -30,7 +30,7 @@ mod simulator;
 mod stats;
 mod warnings;
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
@@ -300,18 +300,8 @@ impl Upstream {
         request: &Arc<CompletionRequest>,
         window: Window,
     ) -> Result<Delivered, Miss> {
-        self.admits()?;
-        let first = self.pick(request, None)?;
-        let tried = self.replicas[first].attempt(model, request, window).await;
-        match tried {
-            Err(Miss::Failed(ref e) | Miss::Skipped(ref e)) if elsewhere(e) => {
-                match self.pick(request, Some(first)) {
-                    Ok(other) => self.replicas[other].attempt(model, request, window).await,
-                    Err(_) => tried,
-                }
-            }
-            other => other,
-        }
+        self.on_endpoints(request, |r| r.attempt(model, request, window))
+            .await
     }
 
     /// One try at streaming `model`'s answer to `request`: `Ok` once its first event
@@ -323,13 +313,28 @@ impl Upstream {
         request: &CompletionRequest,
         window: Window,
     ) -> Result<Opened, Miss> {
+        self.on_endpoints(request, |r| r.stream(model, request, window))
+            .await
+    }
+
+    /// `try_one` on an endpoint picked for `request`, and once more on another when it failed
+    /// there for the endpoint's own reasons.
+    async fn on_endpoints<'a, T, F, Fut>(
+        &'a self,
+        request: &CompletionRequest,
+        try_one: F,
+    ) -> Result<T, Miss>
+    where
+        F: Fn(&'a Replica) -> Fut,
+        Fut: Future<Output = Result<T, Miss>>,
+    {
         self.admits()?;
         let first = self.pick(request, None)?;
-        let tried = self.replicas[first].stream(model, request, window).await;
+        let tried = try_one(&self.replicas[first]).await;
         match tried {
             Err(Miss::Failed(ref e) | Miss::Skipped(ref e)) if elsewhere(e) => {
                 match self.pick(request, Some(first)) {
-                    Ok(other) => self.replicas[other].stream(model, request, window).await,
+                    Ok(other) => try_one(&self.replicas[other]).await,
                     Err(_) => tried,
                 }
             }
