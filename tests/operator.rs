@@ -29,6 +29,12 @@ async fn two(extra: &str, a: &MockServer, b: &MockServer) -> (RunningRouter, Str
     (router, format!("http://{base}"))
 }
 
+fn env(vars: &[(&str, &str)]) -> HashMap<String, String> {
+    vars.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 async fn control(base: &str, provider: &str, action: &str, key: Option<&str>) -> (u16, Value) {
     let mut r = reqwest::Client::new()
         .post(format!("{base}/api/providers/{provider}/control"))
@@ -241,20 +247,16 @@ async fn with_auth_the_api_needs_a_key_and_control_an_admin_key() {
          providers:\n{}",
         openai("a", 1, &a.url())
     );
-    let env: HashMap<String, String> = [
-        ("OPS_KEY", "ops-key-0123456789"),
-        ("AGENT_KEY", "agent-key-0123456789"),
-    ]
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .into();
-    let _router = start_with_env(&yaml, env).await;
-    let base = format!("http://127.0.0.1:{port}");
-    within(async {
-        while reqwest::get(format!("{base}/status")).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
+    let _router = start_with_env(
+        &yaml,
+        env(&[
+            ("OPS_KEY", "ops-key-0123456789"),
+            ("AGENT_KEY", "agent-key-0123456789"),
+        ]),
+    )
     .await;
+    let base = format!("http://127.0.0.1:{port}");
+    http_listening(&format!("127.0.0.1:{port}")).await;
     let get = |key: Option<&'static str>| {
         let base = base.clone();
         async move {
@@ -436,17 +438,13 @@ async fn the_config_api_shows_every_setting_and_no_secret() {
         a.url()
     );
     let (ops, provider_key) = ("ops-secret-key-31337", "sk-provider-secret-4242");
-    let env: HashMap<String, String> = [("OPS_KEY", ops), ("PROVIDER_KEY", provider_key)]
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .into();
-    let _router = start_with_env(&yaml, env).await;
-    let base = format!("http://127.0.0.1:{port}");
-    within(async {
-        while reqwest::get(format!("{base}/status")).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
+    let _router = start_with_env(
+        &yaml,
+        env(&[("OPS_KEY", ops), ("PROVIDER_KEY", provider_key)]),
+    )
     .await;
+    let base = format!("http://127.0.0.1:{port}");
+    http_listening(&format!("127.0.0.1:{port}")).await;
     let text = reqwest::Client::new()
         .get(format!("{base}/api/config"))
         .bearer_auth(ops)
