@@ -35,9 +35,10 @@
 //!   needs; capabilities, context window, the fields each provider's API carries — walking
 //!   `fallback_chains.<capability>` when the route lacks one), then the ordered fallback loop
 //!   with retries and backoff inside the deadline.
-//! - `upstream`: one provider's health and load — an attempt's rules (`attempt`), its
-//!   breaker, concurrency limit (fixed or learned), counters and batch queues — and the one
-//!   way a request is sent to it.
+//! - `upstream`: one provider's health and load — its endpoints (`replica`) and how requests
+//!   spread over them (`balance`), an attempt's rules (`attempt`), each endpoint's breaker,
+//!   health checks, concurrency limit (fixed or learned), counters and batch queues — and the
+//!   one way a request is sent to it.
 //! - `rate`: provider quotas (requests and tokens per minute) and per-client quotas.
 //! - `provider`: one module per upstream API behind one trait, each with a pooled client.
 //! - [`config`]: the cascade file: raw serde structs → validation by concern → runtime values.
