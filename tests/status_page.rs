@@ -273,8 +273,24 @@ async fn the_status_page_shows_each_provider_live_in_a_real_browser() {
     }
 
     if let Ok(path) = std::env::var("CASCADE_SCREENSHOT") {
-        // Two of the board's 2 s samples of that traffic for the charts, then the picture.
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // For the picture: ten seconds of traffic (alpha failing a fifth of its requests, so
+        // the fallback to beta, the error rate and the failures show), then the page.
+        alpha.set_script(Script {
+            base_latency: Duration::from_millis(15),
+            fault: Some(cascade_devtools::mock::Fault::Status(503)),
+            fault_rate: 0.2,
+            ..Script::default()
+        });
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut i = 0;
+        while Instant::now() < until {
+            let _ = router
+                .client
+                .complete(prompt(&format!("traffic {i}")))
+                .await;
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let png = driver.get("/screenshot").await;
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(png.as_str().unwrap())

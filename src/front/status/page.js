@@ -64,11 +64,11 @@ function row(p) {
     el("td", {}, el("span", { class: "state " + p.state }, p.state.replace("_", " ")),
       p.order !== "serve" ? el("span", { class: "models" }, ` operator: ${p.order}`) : ""),
     el("td", { class: "n" }, fmt(p.requests_per_s)),
-    el("td", { class: "n", title: kinds }, pct(p.error_rate) + (kinds ? ` · ${kinds}` : "")),
+    el("td", { class: "n wrap", title: kinds }, pct(p.error_rate) + (kinds ? ` · ${kinds}` : "")),
     el("td", { class: "n" }, `${fmt(p.p50_ms)} / ${fmt(p.p99_ms)}`),
     el("td", { class: "n" }, `${p.in_flight} / ${p.concurrency_limit}${p.adaptive ? " (learned)" : ""}`),
     el("td", { class: "n" }, fmt(p.mean_batch_size)),
-    el("td", {}, health),
+    el("td", { class: "wrap" }, health),
     el("td", {}, chart(p.history)),
     buttons);
 }
