@@ -14,6 +14,7 @@ mod cache;
 mod capabilities;
 mod cascade;
 mod chains;
+mod endpoints;
 mod env;
 mod health;
 mod providers;
@@ -30,9 +31,10 @@ pub use auth::{AuthConfig, ClientKey, KeyHash, open_to_network};
 pub use cache::{CacheConfig, CacheScope, RedisConfig};
 pub use capabilities::{Capabilities, Capability, ModelInfo};
 pub use cascade::{BreakerConfig, CascadePolicy, RetryBudget};
+pub use endpoints::Balance;
 pub use health::HealthCheckConfig;
 pub use providers::{
-    Api, ApiKey, Balance, BatchMode, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind,
+    Api, ApiKey, BatchMode, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind,
 };
 pub use rate::RateLimitConfig;
 pub use server::{Limits, QuotaConfig, ServerConfig, TlsFiles};
