@@ -345,6 +345,14 @@ impl Upstream {
     /// The endpoint for the next try at `request` (not `not`): of those open to a request
     /// now, by the provider's `balance`; a skip saying why when none is.
     fn pick(&self, request: &CompletionRequest, not: Option<usize>) -> Result<usize, Miss> {
+        if self.replicas.len() == 1 {
+            // One endpoint (the common case): no list, no breaker look here — its own path
+            // asks the breaker, as it always did.
+            return match not.is_none() && self.replicas[0].healthy() {
+                true => Ok(0),
+                false => Err(self.none_open(not)),
+            };
+        }
         let open: Vec<usize> = (0..self.replicas.len())
             .filter(|&i| Some(i) != not && self.replicas[i].open())
             .collect();
