@@ -16,13 +16,13 @@ use axum::{
     Router as App,
     body::Bytes,
     extract::{Path, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, header},
     response::{IntoResponse, Redirect, Response},
     routing::{get, post},
 };
 use serde_json::{Value, json};
 
-use super::edge::Edge;
+use super::{edge::Edge, openai::Failure};
 use crate::{
     auth::Authenticate, control::Action, error::RouterError, listener::Connection, status::Board,
 };
@@ -82,24 +82,6 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     r
 }
 
-/// An API error as JSON: `{"error": {"message", "code"}}` with the error's HTTP status.
-struct Refused(RouterError);
-
-impl IntoResponse for Refused {
-    fn into_response(self) -> Response {
-        let told = self.0.told();
-        let status = StatusCode::from_u16(told.http).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = json!({"error": {"message": self.0.client_message(), "type": told.kind, "code": told.code}});
-        (status, json_response(&body)).into_response()
-    }
-}
-
-impl From<RouterError> for Refused {
-    fn from(e: RouterError) -> Refused {
-        Refused(e)
-    }
-}
-
 fn json_response(v: &Value) -> impl IntoResponse + use<> {
     (
         [
@@ -147,7 +129,7 @@ async fn status(
     State(c): State<Arc<Console>>,
     headers: HeaderMap,
     on: Option<axum::Extension<Connection>>,
-) -> Result<Response, Refused> {
+) -> Result<Response, Failure> {
     c.allow(&headers, on, false)?;
     let edge = &c.edge;
     let view = c.board.view(
@@ -163,7 +145,7 @@ async fn config(
     State(c): State<Arc<Console>>,
     headers: HeaderMap,
     on: Option<axum::Extension<Connection>>,
-) -> Result<Response, Refused> {
+) -> Result<Response, Failure> {
     c.allow(&headers, on, false)?;
     Ok(json_response(&c.edge.router.config_view()).into_response())
 }
@@ -174,7 +156,7 @@ async fn control(
     headers: HeaderMap,
     on: Option<axum::Extension<Connection>>,
     body: Bytes,
-) -> Result<Response, Refused> {
+) -> Result<Response, Failure> {
     c.allow(&headers, on, true)?;
     let asked: Value = serde_json::from_slice(&body).map_err(|e| {
         RouterError::InvalidArgument(format!(
@@ -199,7 +181,7 @@ async fn health_check(
     State(c): State<Arc<Console>>,
     headers: HeaderMap,
     on: Option<axum::Extension<Connection>>,
-) -> Result<Response, Refused> {
+) -> Result<Response, Failure> {
     c.allow(&headers, on, true)?;
     let probes = c.edge.router.check_health().await;
     let providers: Vec<Value> = probes

@@ -65,7 +65,7 @@ impl Replica {
 
     /// Requests in flight and queued here over its concurrency limit: how loaded it is.
     pub(super) fn load(&self) -> f64 {
-        let busy = self.link.limit.in_flight() as f64 + self.link.stats.counts().queued as f64;
+        let busy = self.link.limit.in_flight() as f64 + self.link.stats.in_queue() as f64;
         busy / self.link.limit.current().max(1) as f64
     }
 

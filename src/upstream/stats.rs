@@ -232,6 +232,11 @@ impl Stats {
         self.queued.fetch_add(n as u64, Relaxed);
     }
 
+    /// Items waiting in this provider's batch queues now.
+    pub(super) fn in_queue(&self) -> u64 {
+        self.queued.load(Relaxed)
+    }
+
     pub(super) fn dequeued(&self, n: usize) {
         self.queued.fetch_sub(n as u64, Relaxed);
     }

@@ -141,8 +141,8 @@ pub(crate) async fn serve(
 }
 
 /// An error as OpenAI answers one: its status, its JSON body, and `Retry-After` when the
-/// caller should wait.
-struct Failure(RouterError);
+/// caller should wait. The operator API (`front::status`) answers its errors the same way.
+pub(crate) struct Failure(RouterError);
 
 impl From<RouterError> for Failure {
     fn from(e: RouterError) -> Failure {
