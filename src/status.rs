@@ -336,8 +336,8 @@ fn state(s: &Snapshot, error_rate: Option<f64>) -> &'static str {
 }
 
 /// One point per pair of neighbouring samples, for the provider `name`.
-fn history(samples: &VecDeque<Sample>, name: &str) -> Vec<Point> {
-    let reading = |s: &Sample| s.providers.iter().find(|r| &*r.name == name).cloned();
+fn history<'a>(samples: &'a VecDeque<Sample>, name: &str) -> Vec<Point> {
+    let reading = |s: &'a Sample| s.providers.iter().find(|r| &*r.name == name);
     samples
         .iter()
         .zip(samples.iter().skip(1))
