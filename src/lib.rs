@@ -75,6 +75,7 @@ mod completion;
 mod control;
 mod error;
 mod failure;
+mod fleet;
 mod front;
 mod inflight;
 mod listener;
@@ -83,6 +84,7 @@ mod provider;
 mod rate;
 mod router;
 mod status;
+mod store;
 mod upstream;
 
 pub use completion::CompletionRequest;

@@ -61,18 +61,67 @@ pub struct CacheMetrics {
     coalesced: Counter,
     evictions: Counter,
     bytes: Gauge,
-    redis_errors: Counter,
-    /// Redis operations not tried: Redis was being skipped, or too many writes were pending.
-    redis_skipped: Counter,
+    redis: RedisMetrics,
+}
+
+/// One user's series of the shared store ([`crate::store`]): the cache's, or the fleet's.
+#[derive(Clone, Default)]
+pub struct RedisMetrics {
+    errors: Counter,
+    /// Operations not tried: Redis was being skipped, or too many writes were pending.
+    skipped: Counter,
     /// Times Redis started being skipped.
-    redis_trips: Counter,
+    trips: Counter,
     /// 1 while Redis is used, 0 while it is skipped.
-    redis_up: Gauge,
+    up: Gauge,
+}
+
+impl RedisMetrics {
+    pub fn failed(&self) {
+        self.errors.inc();
+    }
+
+    pub fn skipped(&self) {
+        self.skipped.inc();
+    }
+
+    /// Redis started being skipped (`false`) or is used again (`true`).
+    pub fn up(&self, up: bool) {
+        self.up.set(i64::from(up));
+        if !up {
+            self.trips.inc();
+        }
+    }
+
+    /// Registers the series as `{prefix}_redis_*`.
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "redis_errors",
+            "Redis operations that failed or timed out",
+            self.errors.clone(),
+        );
+        r.register(
+            "redis_skipped",
+            "Redis operations not tried: Redis was being skipped, or too many writes were pending",
+            self.skipped.clone(),
+        );
+        r.register(
+            "redis_trips",
+            "Times Redis failed often enough to be skipped until a probe finds it back",
+            self.trips.clone(),
+        );
+        r.register(
+            "redis_up",
+            "1 while Redis is used, 0 while it is skipped",
+            self.up.clone(),
+        );
+    }
 }
 
 pub struct Metrics {
     registry: Registry,
     cache: CacheMetrics,
+    fleet: FleetMetrics,
     /// Upstream HTTP requests and the prompts they carried, per provider.
     upstream_requests: Family<ProviderLabel, Counter>,
     upstream_items: Family<ProviderLabel, Counter>,
@@ -106,6 +155,46 @@ pub struct Metrics {
     overhead_seconds: Histogram,
 }
 
+/// What the routers of a fleet share through Redis ([`crate::fleet`]).
+#[derive(Clone, Default)]
+pub struct FleetMetrics {
+    redis: RedisMetrics,
+    /// Limit decisions taken on the local share because Redis was away.
+    local: Counter,
+    /// Circuits opened here because another router saw the endpoint fail.
+    circuits_reported: Counter,
+}
+
+impl FleetMetrics {
+    pub fn redis(&self) -> &RedisMetrics {
+        &self.redis
+    }
+
+    /// A limit decided on the local share (Redis away).
+    pub fn decided_locally(&self) {
+        self.local.inc();
+    }
+
+    /// A circuit opened on another router's report.
+    pub fn circuit_reported(&self) {
+        self.circuits_reported.inc();
+    }
+
+    fn register(&self, r: &mut Registry) {
+        self.redis.register(r);
+        r.register(
+            "local_decisions",
+            "Shared limits decided on this router's local share because Redis was away",
+            self.local.clone(),
+        );
+        r.register(
+            "circuits_reported",
+            "Circuits opened here because another router of the fleet saw the endpoint fail",
+            self.circuits_reported.clone(),
+        );
+    }
+}
+
 impl CacheMetrics {
     pub fn hit(&self) {
         self.hits.inc();
@@ -130,20 +219,8 @@ impl CacheMetrics {
         self.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
-    pub fn redis_failed(&self) {
-        self.redis_errors.inc();
-    }
-
-    pub fn redis_skipped(&self) {
-        self.redis_skipped.inc();
-    }
-
-    /// Redis started being skipped (`false`) or is used again (`true`).
-    pub fn redis_up(&self, up: bool) {
-        self.redis_up.set(i64::from(up));
-        if !up {
-            self.redis_trips.inc();
-        }
+    pub fn redis(&self) -> &RedisMetrics {
+        &self.redis
     }
 
     /// (hits, misses) so far.
@@ -256,26 +333,9 @@ impl Metrics {
             "Bytes held by the in-memory cache",
             cache.bytes.clone(),
         );
-        c.register(
-            "redis_errors",
-            "Redis operations that failed or timed out",
-            cache.redis_errors.clone(),
-        );
-        c.register(
-            "redis_skipped",
-            "Redis operations not tried: Redis was being skipped, or too many writes were pending",
-            cache.redis_skipped.clone(),
-        );
-        c.register(
-            "redis_trips",
-            "Times Redis failed often enough to be skipped until a probe finds it back",
-            cache.redis_trips.clone(),
-        );
-        c.register(
-            "redis_up",
-            "1 while Redis is used, 0 while it is skipped",
-            cache.redis_up.clone(),
-        );
+        cache.redis.register(c);
+        let fleet = FleetMetrics::default();
+        fleet.register(registry.sub_registry_with_prefix("fleet"));
         let upstream_requests = Family::default();
         let upstream_items = Family::default();
         let batch_size: HistogramFamily = Family::new_with_constructor(batch_buckets);
@@ -377,6 +437,7 @@ impl Metrics {
         Metrics {
             registry,
             cache,
+            fleet,
             upstream_requests,
             upstream_items,
             batch_size,
@@ -416,6 +477,11 @@ impl Metrics {
     /// The completion cache's counters.
     pub fn cache(&self) -> &CacheMetrics {
         &self.cache
+    }
+
+    /// The fleet's counters.
+    pub fn fleet(&self) -> &FleetMetrics {
+        &self.fleet
     }
 
     /// A call at the edge ended with `code` after `took`.

@@ -179,7 +179,7 @@ pub struct Cache {
     memory: moka::sync::Cache<CacheKey, Timed>,
     ttl: Duration,
     scope: CacheScope,
-    redis: Option<Arc<Redis>>,
+    redis: Option<Redis>,
     metrics: CacheMetrics,
 }
 
@@ -199,7 +199,7 @@ impl Cache {
         let redis = config
             .redis
             .as_ref()
-            .map(|c| Redis::new(c, metrics.clone()).map(Arc::new))
+            .map(|c| Redis::new(c, config.max_redis_value_bytes, metrics.redis().clone()))
             .transpose()?;
         Ok(Cache {
             memory,
@@ -360,6 +360,7 @@ mod tests {
             max_bytes: 1 << 20,
             scope: CacheScope::Tenant,
             redis: None,
+            max_redis_value_bytes: 1 << 20,
         };
         let metrics = CacheMetrics::default();
         let cache = Cache::new(&config, metrics.clone()).unwrap();

@@ -15,6 +15,8 @@ pub struct CacheConfig {
     pub scope: CacheScope,
     /// Redis behind the in-memory cache, shared by every replica.
     pub redis: Option<RedisConfig>,
+    /// Completions larger than this are not written to Redis.
+    pub max_redis_value_bytes: usize,
 }
 
 /// Who may reuse a cached completion.
@@ -32,7 +34,6 @@ pub enum CacheScope {
 pub struct RedisConfig {
     pub url: String,
     pub timeout: Duration,
-    pub max_value_bytes: usize,
 }
 
 // The URL may carry a password: Debug shows it without.
@@ -41,7 +42,6 @@ impl std::fmt::Debug for RedisConfig {
         f.debug_struct("RedisConfig")
             .field("url", &self.url_without_password())
             .field("timeout", &self.timeout)
-            .field("max_value_bytes", &self.max_value_bytes)
             .finish()
     }
 }
@@ -78,24 +78,10 @@ impl Check<'_> {
         let redis = match c.backend {
             RawBackend::Memory => None,
             RawBackend::Redis => {
-                let url = c.redis_url;
-                // The same parse `serve` does, so `check` refuses what `serve` would.
-                if !(url.starts_with("redis://") || url.starts_with("rediss://"))
-                    || redis::Client::open(url.as_str()).is_err()
-                {
-                    return Err(self.err(
-                        "cache.redis_url",
-                        format!("{url:?} is not a redis:// URL"),
-                        "use redis://HOST:PORT[/DB]",
-                    ));
-                }
+                let url = self.redis_url("cache.redis_url", c.redis_url)?;
                 let timeout =
                     self.seconds("cache.redis_timeout_ms", c.redis_timeout_ms / 1000.0, false)?;
-                Some(RedisConfig {
-                    url,
-                    timeout,
-                    max_value_bytes: c.max_value_bytes,
-                })
+                Some(RedisConfig { url, timeout })
             }
         };
         Ok(Some(CacheConfig {
@@ -103,6 +89,7 @@ impl Check<'_> {
             max_bytes: c.max_bytes,
             scope: c.scope,
             redis,
+            max_redis_value_bytes: c.max_value_bytes,
         }))
     }
 }

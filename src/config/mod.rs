@@ -16,6 +16,7 @@ mod cascade;
 mod chains;
 mod endpoints;
 mod env;
+mod fleet;
 mod health;
 mod providers;
 mod rate;
@@ -32,6 +33,7 @@ pub use cache::{CacheConfig, CacheScope, RedisConfig};
 pub use capabilities::{Capabilities, Capability, ModelInfo};
 pub use cascade::{BreakerConfig, CascadePolicy, RetryBudget};
 pub use endpoints::Balance;
+pub use fleet::FleetConfig;
 pub use health::HealthCheckConfig;
 pub use providers::{
     Api, ApiKey, BatchMode, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind,
@@ -56,6 +58,8 @@ pub struct Config {
     pub models: BTreeSet<String>,
     /// `None` when caching is off.
     pub cache: Option<CacheConfig>,
+    /// `None` when no Redis is named: limits are this router's alone.
+    pub fleet: Option<FleetConfig>,
     /// Things worth telling the operator once at start.
     pub warnings: Vec<String>,
 }
@@ -315,6 +319,7 @@ impl Check<'_> {
             .iter()
             .flat_map(|p| p.models.iter().map(|m| m.name().to_string()))
             .collect();
+        let fleet = self.fleet(raw.fleet, cache.as_ref().and_then(|c| c.redis.as_ref()))?;
         let providers = self.providers(raw.providers, &cascade)?;
         self.chains(&raw.fallback_chains, &all_models)?;
         self.assignments(
@@ -331,6 +336,7 @@ impl Check<'_> {
             assignments: raw.agent_model_assignments,
             models: all_models,
             cache,
+            fleet,
             warnings: self.warnings,
         })
     }

@@ -30,6 +30,29 @@ pub struct RawFile {
     pub limits: RawLimits,
     /// Absent: no cache.
     pub cache: Option<RawCache>,
+    /// Absent: limits shared only when `cache` names a Redis, as one router's.
+    pub fleet: Option<RawFleet>,
+}
+
+/// Routers that share limits, quotas and circuits through Redis (this router's own section).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawFleet {
+    /// How many routers share the limits: each takes 1/N of a limit while Redis is away.
+    pub routers: u32,
+    /// Absent: the cache's Redis.
+    pub redis_url: Option<String>,
+    pub redis_timeout_ms: f64,
+}
+
+impl Default for RawFleet {
+    fn default() -> Self {
+        RawFleet {
+            routers: 1,
+            redis_url: None,
+            redis_timeout_ms: 50.0,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,8 +7,8 @@ use serde_json::{Value, json};
 
 use super::{
     Api, AuthConfig, BatchingConfig, BreakerConfig, CacheConfig, CascadePolicy, ClientKey, Config,
-    HealthCheckConfig, HttpConfig, Limits, ModelInfo, ProviderConfig, QuotaConfig, RateLimitConfig,
-    RedisConfig, RetryBudget, ServerConfig,
+    FleetConfig, HealthCheckConfig, HttpConfig, Limits, ModelInfo, ProviderConfig, QuotaConfig,
+    RateLimitConfig, RedisConfig, RetryBudget, ServerConfig,
 };
 
 const REDACTED: &str = "<redacted>";
@@ -28,6 +28,7 @@ impl Config {
             assignments,
             models,
             cache,
+            fleet,
             warnings,
         } = self;
         json!({
@@ -38,6 +39,10 @@ impl Config {
             "agent_model_assignments": assignments,
             "models": models,
             "cache": cache.as_ref().map(cache_view),
+            "fleet": fleet.as_ref().map(|FleetConfig { routers, redis }| json!({
+                "routers": routers,
+                "redis": redis_view(redis),
+            })),
             "warnings": warnings,
         })
     }
@@ -287,18 +292,24 @@ fn cache_view(c: &CacheConfig) -> Value {
         max_bytes,
         scope,
         redis,
+        max_redis_value_bytes,
     } = c;
     json!({
         "ttl_seconds": secs(*ttl),
         "max_bytes": max_bytes,
         "scope": format!("{scope:?}").to_lowercase(),
         "redis": redis.as_ref().map(|r| {
-            let RedisConfig { url: _, timeout, max_value_bytes } = r;
-            json!({
-                "url": r.url_without_password(),
-                "timeout_seconds": secs(*timeout),
-                "max_value_bytes": max_value_bytes,
-            })
+            let mut v = redis_view(r);
+            v["max_value_bytes"] = json!(max_redis_value_bytes);
+            v
         }),
+    })
+}
+
+fn redis_view(r: &RedisConfig) -> Value {
+    let RedisConfig { url: _, timeout } = r;
+    json!({
+        "url": r.url_without_password(),
+        "timeout_seconds": secs(*timeout),
     })
 }

@@ -19,9 +19,10 @@ use crate::{
     cascade::{Cascade, Plan},
     coalescer::Coalescer,
     completion::{Answer, CacheMode, CompletionRequest, Streamed},
-    config::{BreakerConfig, CacheConfig, Config, ProviderConfig},
+    config::{BreakerConfig, CacheConfig, Config, FleetConfig, ProviderConfig},
     control::{Action, Order, Overrides},
     error::{RouterError, Sent},
+    fleet::Fleet,
     metrics::Metrics,
     provider,
     upstream::{Circuit, Probe, Snapshot, Upstream},
@@ -37,7 +38,7 @@ const REFLIGHTS: usize = 4;
 pub enum BuildError {
     #[error("building an HTTP client: {0}")]
     Http(#[from] reqwest::Error),
-    #[error("cache.redis_url: {0}")]
+    #[error("redis_url: {0}")]
     Redis(#[from] redis::RedisError),
 }
 
@@ -243,6 +244,8 @@ enum Looked<'a> {
 struct State {
     routes: Routes,
     cache: Option<(CacheConfig, Arc<Cache>)>,
+    /// The routers this one shares limits and circuits with, when a Redis is named.
+    fleet: Option<(FleetConfig, Arc<Fleet>)>,
     coalescer: Coalescer,
     cascade: Arc<Cascade>,
     breaker: BreakerConfig,
@@ -262,10 +265,19 @@ impl State {
         overrides: &Overrides,
     ) -> Result<(State, Reloaded), BuildError> {
         let mut reloaded = Reloaded::default();
+        let kept_fleet = old
+            .and_then(|o| o.fleet.as_ref())
+            .filter(|(c, _)| Some(c) == config.fleet.as_ref());
+        let fleet = match (&config.fleet, kept_fleet) {
+            (None, _) => None,
+            (Some(_), Some(kept)) => Some(kept.clone()),
+            (Some(c), None) => Some((c.clone(), Fleet::new(c, metrics.fleet().clone())?)),
+        };
         let mut upstreams = Vec::with_capacity(config.providers.len());
         for p in &config.providers {
             let same = old
                 .filter(|o| o.breaker == config.cascade.breaker)
+                .filter(|o| o.fleet.as_ref().map(|(c, _)| c) == config.fleet.as_ref())
                 .and_then(|o| o.upstreams.iter().find(|(q, _)| q == p));
             let up = match same {
                 Some((_, up)) => {
@@ -274,7 +286,8 @@ impl State {
                 }
                 None => {
                     reloaded.built.push(p.name.clone());
-                    Arc::new(Upstream::new(p, config.cascade.breaker, metrics)?)
+                    let fleet = fleet.as_ref().map(|(_, f)| &**f);
+                    Arc::new(Upstream::new(p, config.cascade.breaker, metrics, fleet)?)
                 }
             };
             up.set_order(overrides.get(&p.name));
@@ -294,6 +307,7 @@ impl State {
         let state = State {
             routes: Routes::new(config, &targets),
             cache,
+            fleet,
             coalescer: Coalescer::default(),
             cascade: Arc::new(Cascade::new(config.cascade.clone())),
             breaker: config.cascade.breaker,

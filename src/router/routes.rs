@@ -165,6 +165,6 @@ fn build_upstreams(
     config
         .providers
         .iter()
-        .map(|p| Upstream::new(p, config.cascade.breaker, metrics).map(Arc::new))
+        .map(|p| Upstream::new(p, config.cascade.breaker, metrics, None).map(Arc::new))
         .collect()
 }

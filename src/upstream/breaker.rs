@@ -36,9 +36,17 @@ impl Circuit {
 
 #[derive(Debug)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant },
-    HalfOpen { probes_in_flight: u32 },
+    Closed {
+        failures: u32,
+    },
+    /// `reported`: opened on another router's report ([`crate::fleet`]), not by failures here.
+    Open {
+        until: Instant,
+        reported: bool,
+    },
+    HalfOpen {
+        probes_in_flight: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -96,7 +104,7 @@ impl Breaker {
         }
         let probe = match &mut inner.state {
             State::Closed { .. } => false,
-            State::Open { until } if now < *until || self.probed => {
+            State::Open { until, .. } if now < *until || self.probed => {
                 return Err(Refusal::CircuitOpen);
             }
             State::Open { .. } => {
@@ -131,7 +139,7 @@ impl Breaker {
             return Err(Refusal::CoolingDown(until - now));
         }
         match inner.state {
-            State::Open { until } if now < until || self.probed => Err(Refusal::CircuitOpen),
+            State::Open { until, .. } if now < until || self.probed => Err(Refusal::CircuitOpen),
             State::HalfOpen { probes_in_flight }
                 if probes_in_flight >= self.config.half_open_max_calls =>
             {
@@ -165,7 +173,7 @@ impl Breaker {
     /// provider still runs: its quota is not its health.)
     pub fn probe_passed(&self) {
         let mut inner = self.lock();
-        if matches!(inner.state, State::Open { until } if Instant::now() >= until) {
+        if matches!(inner.state, State::Open { until, .. } if Instant::now() >= until) {
             inner.state = State::Closed { failures: 0 };
         }
     }
@@ -181,7 +189,7 @@ impl Breaker {
     pub fn circuit(&self) -> Circuit {
         match self.lock().state {
             State::Closed { .. } => Circuit::Closed,
-            State::Open { until } if Instant::now() < until || self.probed => Circuit::Open,
+            State::Open { until, .. } if Instant::now() < until || self.probed => Circuit::Open,
             State::Open { .. } | State::HalfOpen { .. } => Circuit::HalfOpen,
         }
     }
@@ -204,6 +212,7 @@ impl Breaker {
         let mut inner = self.lock();
         let open = State::Open {
             until: Instant::now() + self.config.recovery_timeout,
+            reported: false,
         };
         inner.state = match (&inner.state, outcome) {
             // A probe that never finished: free its slot, judge nothing.
@@ -225,8 +234,44 @@ impl Breaker {
             }
             (State::HalfOpen { .. }, Some(false)) => open,
             // A request admitted before the circuit opened: it is open already.
-            (State::Open { until }, Some(false)) => State::Open { until: *until },
+            (State::Open { until, reported }, Some(false)) => State::Open {
+                until: *until,
+                reported: *reported,
+            },
         };
+    }
+}
+
+/// How the fleet ([`crate::fleet`]) shares a circuit.
+impl Breaker {
+    /// Time left open when this router opened it itself (not on another's report); while
+    /// open here, at least a share interval twice over: a circuit kept open past its
+    /// recovery time (health-checked, see [`Breaker::probe_passed`]) stays open elsewhere.
+    pub fn open_here(&self) -> Option<Duration> {
+        match self.lock().state {
+            State::Open {
+                until,
+                reported: false,
+            } => {
+                let left = until.saturating_duration_since(Instant::now());
+                (!left.is_zero() || self.probed).then(|| left.max(Duration::from_secs(1)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Another router opened it for `left`: opens it here too if it is closed; says whether
+    /// it did.
+    pub fn opened_elsewhere(&self, left: Duration) -> bool {
+        let mut inner = self.lock();
+        if !matches!(inner.state, State::Closed { .. }) {
+            return false;
+        }
+        inner.state = State::Open {
+            until: Instant::now() + left,
+            reported: true,
+        };
+        true
     }
 }
 

@@ -42,8 +42,8 @@ pub(super) struct Link {
     waiting: AtomicUsize,
     max_waiting: usize,
     pub(super) stats: Stats,
-    /// The provider's quota, when it has one.
-    rate: Option<ProviderLimit>,
+    /// The provider's quota, when it has one: shared by its endpoints (and a fleet's routers).
+    rate: Option<Arc<ProviderLimit>>,
     /// Set when the provider refused a prompt array that it served singly: until then its
     /// batches go as single requests. A std mutex: a few instructions, never held across await.
     arrays_off_until: Mutex<Option<Instant>>,
@@ -52,6 +52,16 @@ pub(super) struct Link {
     /// This provider's Prometheus series.
     series: ProviderMetrics,
     warnings: Warnings,
+}
+
+impl crate::fleet::Shareable for Link {
+    fn open_here(&self) -> Option<Duration> {
+        self.breaker.open_here()
+    }
+
+    fn opened_elsewhere(&self, left: Duration) -> bool {
+        self.breaker.opened_elsewhere(left)
+    }
 }
 
 /// How long a provider that refused a prompt array is sent single requests before arrays are
@@ -64,6 +74,7 @@ impl Link {
         breaker: BreakerConfig,
         metrics: &Arc<Metrics>,
         provider: Arc<dyn Provider>,
+        rate: Option<Arc<ProviderLimit>>,
     ) -> Link {
         let series = metrics.provider(&config.name);
         Link {
@@ -78,7 +89,7 @@ impl Link {
             waiting: AtomicUsize::new(0),
             max_waiting: config.max_waiting,
             stats: Stats::new(series.clone()),
-            rate: config.rate_limit.as_ref().map(ProviderLimit::new),
+            rate,
             arrays_off_until: Mutex::new(None),
             timeout: config.timeout,
             first_token_timeout: config.first_token_timeout,
@@ -237,17 +248,24 @@ impl Link {
         request: &CompletionRequest,
         window: Window,
     ) -> Result<(Completion, Duration), ProviderError> {
-        let latest = self.latest_send(window);
         if let Some(rate) = &self.rate {
-            self.rate_take(rate, &[request], latest).await?;
+            self.rate_take(rate, &[request], self.rate_by(window))
+                .await?;
         }
-        let slot = self.slot_by(latest).await?;
+        let slot = self.slot_by(self.latest_send(window)).await?;
         self.send_one(slot, model, request, window).await
     }
 
     /// The latest a request can be sent and still be answered within `window`.
     fn latest_send(&self, window: Window) -> Instant {
         window.latest_send(self.stats.fastest())
+    }
+
+    /// The latest a request may wait for the provider's quota: with a reserve before its
+    /// latest send ([`Window::close_by`]), since a fleet's bucket books a cell for the time
+    /// the request is told to go, and one sent at the last moment is answered too late.
+    pub(super) fn rate_by(&self, window: Window) -> Instant {
+        window.close_by(Instant::now(), self.stats.fastest())
     }
 
     /// One unbatched request on a slot already held: its quota, then [`Link::send`].
@@ -259,7 +277,7 @@ impl Link {
         window: Window,
     ) -> Result<(Completion, Duration), ProviderError> {
         if let Some(rate) = &self.rate {
-            self.rate_take(rate, &[request], self.latest_send(window))
+            self.rate_take(rate, &[request], self.rate_by(window))
                 .await?;
         }
         self.send_one(slot, model, request, window).await
@@ -286,18 +304,23 @@ impl Link {
     }
 
     /// Many prompts in one upstream request ([`Provider::complete_batch`]): one result per
-    /// request, in order.
+    /// request, in order. The provider's quota is waited for first, no later than `rate_by`
+    /// (the earliest caller's [`Window::close_by`]) — past that the whole batch moves on —
+    /// and the request's budget runs from the send: the router's own wait is never the
+    /// provider's time.
     pub(super) async fn complete_batch(
         &self,
         slot: Slot,
         model: &str,
         requests: &[Arc<CompletionRequest>],
-        budget: Budget,
+        window: Window,
+        rate_by: Instant,
     ) -> Result<(Vec<Result<Completion, ProviderError>>, Duration), ProviderError> {
         if let Some(rate) = &self.rate {
             let each: Vec<&CompletionRequest> = requests.iter().map(|r| r.as_ref()).collect();
-            self.rate_take(rate, &each, budget.end).await?;
+            self.rate_take(rate, &each, rate_by).await?;
         }
+        let budget = self.budget(Instant::now(), window);
         self.send(
             slot,
             requests.len(),
@@ -321,11 +344,11 @@ impl Link {
         request: &CompletionRequest,
         window: Window,
     ) -> Result<Opened, ProviderError> {
-        let latest = self.latest_send(window);
         if let Some(rate) = &self.rate {
-            self.rate_take(rate, &[request], latest).await?;
+            self.rate_take(rate, &[request], self.rate_by(window))
+                .await?;
         }
-        let mut slot = self.slot_by(latest).await?;
+        let mut slot = self.slot_by(self.latest_send(window)).await?;
         slot.carry(1);
         let pass = self.breaker.admit().map_err(refused)?;
         let sent = Instant::now();
@@ -396,7 +419,9 @@ impl Link {
         until: Instant,
     ) -> Result<(), ProviderError> {
         let start = Instant::now();
-        let taken = rate.take(requests, until).await;
+        // Boxed: a fleet's decision (a Redis call) is a large state that every request's
+        // future would otherwise carry, limited or not.
+        let taken = Box::pin(rate.take(requests, until)).await;
         self.series.rate_waited(start.elapsed(), taken.is_err());
         taken
     }

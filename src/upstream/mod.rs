@@ -49,8 +49,10 @@ use crate::{
     completion::{Completion, CompletionRequest, FailureKind},
     config::{BreakerConfig, ProviderConfig, ProviderKind},
     control::{Order, OrderCell},
+    fleet::Fleet,
     metrics::Metrics,
     provider::{self, ProviderError},
+    rate::ProviderLimit,
 };
 
 /// A provider: its endpoints (each with its breaker, slots, counters and batch queues), how
@@ -140,21 +142,27 @@ impl Upstream {
         config: &ProviderConfig,
         breaker: BreakerConfig,
         metrics: &Arc<Metrics>,
+        fleet: Option<&Fleet>,
     ) -> Result<Upstream, reqwest::Error> {
+        let rate = config
+            .rate_limit
+            .as_ref()
+            .map(|r| Arc::new(ProviderLimit::new(r, &config.name, fleet)));
+        let replica = |one: &ProviderConfig| -> Result<Replica, reqwest::Error> {
+            let built = provider::build(one)?;
+            let replica = Replica::new(one, breaker, metrics, built, rate.clone());
+            if let Some(fleet) = fleet {
+                let url = one.endpoints.first().map_or("", url::Url::as_str);
+                fleet.share_circuit(&config.name, url, Arc::downgrade(&replica.link) as _);
+            }
+            Ok(replica)
+        };
         let replicas = match config.endpoints.len() {
-            0 | 1 => vec![Replica::new(
-                config,
-                breaker,
-                metrics,
-                provider::build(config)?,
-            )],
+            0 | 1 => vec![replica(config)?],
             _ => config
                 .endpoints
                 .iter()
-                .map(|base| {
-                    let one = config.at_endpoint(base);
-                    Ok(Replica::new(&one, breaker, metrics, provider::build(&one)?))
-                })
+                .map(|base| replica(&config.at_endpoint(base)))
                 .collect::<Result<_, reqwest::Error>>()?,
         };
         Ok(Upstream::of(config, replicas))
@@ -170,7 +178,7 @@ impl Upstream {
     ) -> Upstream {
         Upstream::of(
             config,
-            vec![Replica::new(config, breaker, metrics, provider)],
+            vec![Replica::new(config, breaker, metrics, provider, None)],
         )
     }
 

@@ -18,6 +18,7 @@ use crate::{
     config::{BreakerConfig, ProviderConfig},
     metrics::Metrics,
     provider::{Provider, ProviderError},
+    rate::ProviderLimit,
 };
 
 pub(super) struct Replica {
@@ -34,8 +35,9 @@ impl Replica {
         breaker: BreakerConfig,
         metrics: &Arc<Metrics>,
         provider: Arc<dyn Provider>,
+        rate: Option<Arc<ProviderLimit>>,
     ) -> Replica {
-        let link = Arc::new(Link::new(config, breaker, metrics, provider));
+        let link = Arc::new(Link::new(config, breaker, metrics, provider, rate));
         let health = config
             .health_check
             .clone()

@@ -2,6 +2,8 @@
 //! client, in front of real mock HTTP servers.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod redis_server;
+
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use cascade_router::{

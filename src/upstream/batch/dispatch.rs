@@ -40,7 +40,11 @@ pub(super) async fn send_native(
             .max()
             .unwrap_or(sent),
     };
-    let budget = link.budget(sent, window);
+    let rate_by = batch
+        .iter()
+        .map(|i| link.rate_by(i.window))
+        .min()
+        .unwrap_or(sent);
     let all_gone = async {
         for item in &mut batch {
             if let Some(tx) = item.tx.as_mut() {
@@ -49,7 +53,7 @@ pub(super) async fn send_native(
         }
     };
     let outcome = tokio::select! {
-        r = link.complete_batch(slot, &model, &requests, budget) => r,
+        r = link.complete_batch(slot, &model, &requests, window, rate_by) => r,
         // Every caller went away: drop the upstream request, judge nothing.
         () = all_gone => return,
     };

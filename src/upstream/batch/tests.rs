@@ -14,7 +14,7 @@ fn batcher_with(batching: &str, extra: &str) -> (Arc<Link>, Batcher) {
     let p = &c.providers[0];
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let provider = crate::provider::build(p).unwrap();
-    let link = Arc::new(Link::new(p, c.cascade.breaker, &metrics, provider));
+    let link = Arc::new(Link::new(p, c.cascade.breaker, &metrics, provider, None));
     let b = Batcher::new(p, &link).unwrap();
     (link, b)
 }

@@ -193,6 +193,7 @@ async fn simulate(model: Model, policy: Policy, load: Load, seed: u64) -> Report
         c.cascade.breaker,
         &Arc::new(Metrics::new()),
         provider.clone(),
+        None,
     ));
     let router = Arc::new(Sender {
         batcher: Batcher::new(p, &link),

@@ -1,12 +1,16 @@
-//! Rate limits, as GCRA buckets (governor): a provider's quota of requests and tokens per
-//! minute, which a request waits for when its time allows and otherwise goes elsewhere, and
-//! per-client quotas at the edge.
-//!
-//! The buckets run on tokio's clock, so a paused test clock drives them exactly.
+//! Rate limits, as GCRA buckets: a provider's quota of requests and tokens per minute, which
+//! a request waits for when its time allows and otherwise goes elsewhere, and per-client
+//! quotas at the edge. A router's own buckets are governor's, on tokio's clock (so a paused
+//! test clock drives them exactly); a fleet's live in Redis ([`shared`]).
+
+mod shared;
 
 use std::{
     num::NonZeroU32,
-    sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
@@ -18,9 +22,13 @@ use governor::{
 };
 use tokio::time::Instant;
 
+pub use shared::Shared;
+use shared::Verdict;
+
 use crate::{
     completion::{CompletionRequest, FailureKind, Input},
     config::{QuotaConfig, RateLimitConfig},
+    fleet::Fleet,
     provider::ProviderError,
 };
 
@@ -42,12 +50,13 @@ type Bucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Du
 /// after that.
 const TIGHTEN_FOR: Duration = Duration::from_secs(60);
 
-/// A provider's request and token buckets.
+/// A provider's request and token buckets, shared by its endpoints (and, in a fleet, by
+/// every router).
 pub struct ProviderLimit {
     clock: TokioClock,
-    requests: Option<Bucket>,
+    requests: Option<Cells>,
     burst: u32,
-    tokens: Option<(Bucket, u32)>,
+    tokens: Option<(Cells, u32)>,
     /// Cells each request costs: 1, doubled by each 429 (up to the burst), halved again
     /// after each `TIGHTEN_FOR` without one — so a 429 lowers the rate without resetting the
     /// bucket.
@@ -56,20 +65,50 @@ pub struct ProviderLimit {
     relax_at_us: AtomicU64,
 }
 
-impl ProviderLimit {
-    pub fn new(c: &RateLimitConfig) -> ProviderLimit {
-        let clock = TokioClock(Instant::now());
-        let requests = c.requests_per_minute.map(|rpm| {
-            let quota = Quota::per_minute(rpm).allow_burst(c.burst);
+/// One budget: this router's alone, or the fleet's in Redis with this router's share of it
+/// for when Redis is away.
+enum Cells {
+    Local(Bucket),
+    Fleet { shared: Arc<Shared>, share: Bucket },
+}
+
+impl Cells {
+    /// `per_minute` with `burst`: the fleet's when there is one, under `key`.
+    fn new(
+        clock: &TokioClock,
+        fleet: Option<(&Fleet, String)>,
+        per_minute: NonZeroU32,
+        burst: NonZeroU32,
+    ) -> Cells {
+        let bucket = |per_minute: NonZeroU32, burst: NonZeroU32| {
+            let quota = Quota::per_minute(per_minute).allow_burst(burst);
             RateLimiter::direct_with_clock(quota, clock.clone())
-        });
-        let tokens = c.tokens_per_minute.map(|tpm| {
-            let quota = Quota::per_minute(tpm);
-            (
-                RateLimiter::direct_with_clock(quota, clock.clone()),
-                tpm.get(),
-            )
-        });
+        };
+        match fleet {
+            None => Cells::Local(bucket(per_minute, burst)),
+            Some((fleet, key)) => {
+                let n = fleet.routers();
+                let part = |v: NonZeroU32| NonZeroU32::new(v.get() / n).unwrap_or(NonZeroU32::MIN);
+                Cells::Fleet {
+                    shared: Arc::new(fleet.limit(key, per_minute.get(), burst.get())),
+                    share: bucket(part(per_minute), part(burst)),
+                }
+            }
+        }
+    }
+}
+
+impl ProviderLimit {
+    /// The limit of provider `name`: the fleet's when there is one.
+    pub fn new(c: &RateLimitConfig, name: &str, fleet: Option<&Fleet>) -> ProviderLimit {
+        let clock = TokioClock(Instant::now());
+        let key = |what: &str| fleet.map(|f| (f, format!("cascade:rate:{name}:{what}")));
+        let requests = c
+            .requests_per_minute
+            .map(|rpm| Cells::new(&clock, key("requests"), rpm, c.burst));
+        let tokens = c
+            .tokens_per_minute
+            .map(|tpm| (Cells::new(&clock, key("tokens"), tpm, tpm), tpm.get()));
         ProviderLimit {
             clock,
             requests,
@@ -90,15 +129,16 @@ impl ProviderLimit {
     ) -> Result<(), ProviderError> {
         self.relax();
         let cost = self.cost.load(Relaxed).max(1);
-        if let Some(bucket) = &self.requests {
-            self.wait(bucket, cost, until, "requests_per_minute")
+        if let Some(cells) = &self.requests {
+            self.wait(cells, cost, self.burst, until, "requests_per_minute")
                 .await?;
         }
-        if let Some((bucket, per_minute)) = &self.tokens {
+        if let Some((cells, per_minute)) = &self.tokens {
             let estimate: u32 = requests.iter().map(|r| estimate_tokens(r)).sum();
             self.wait(
-                bucket,
+                cells,
                 estimate.clamp(1, *per_minute),
+                *per_minute,
                 until,
                 "tokens_per_minute",
             )
@@ -109,11 +149,18 @@ impl ProviderLimit {
 
     /// Charges what the answer used beyond the estimate, when the bucket has it.
     pub fn used(&self, estimated: u32, actual: u32) {
-        if let (Some((bucket, per_minute)), Some(extra)) = (
+        let (Some((cells, per_minute)), Some(extra)) = (
             &self.tokens,
             NonZeroU32::new(actual.saturating_sub(estimated)),
-        ) {
-            let _ = bucket.check_n(extra.min(NonZeroU32::new(*per_minute).unwrap_or(extra)));
+        ) else {
+            return;
+        };
+        let extra = extra.min(NonZeroU32::new(*per_minute).unwrap_or(extra));
+        match cells {
+            Cells::Local(bucket) => {
+                let _ = bucket.check_n(extra);
+            }
+            Cells::Fleet { shared, .. } => shared.charge(extra.get()),
         }
     }
 
@@ -141,37 +188,56 @@ impl ProviderLimit {
         }
     }
 
+    /// Takes `cells` of at most `holds`, waiting for room while `until` allows.
     async fn wait(
         &self,
-        bucket: &Bucket,
-        cells: u32,
+        cells: &Cells,
+        n: u32,
+        holds: u32,
         until: Instant,
         what: &str,
     ) -> Result<(), ProviderError> {
-        let n = NonZeroU32::new(cells).unwrap_or(NonZeroU32::MIN);
+        if n > holds {
+            return Err(ProviderError::new(
+                FailureKind::RateLimited,
+                format!("asks {n} of {what}, more than the bucket holds"),
+            ));
+        }
+        let bucket = match cells {
+            Cells::Local(bucket) => bucket,
+            Cells::Fleet { shared, share } => match shared.take(n, until).await {
+                Some(Verdict::Go(wait)) => {
+                    tokio::time::sleep(wait).await;
+                    return Ok(());
+                }
+                Some(Verdict::Full(wait)) => return Err(full(what, wait)),
+                None => share,
+            },
+        };
+        let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
         loop {
             let wait = match bucket.check_n(n) {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(not_until)) => not_until.wait_time_from(self.clock.now()),
-                Err(_) => {
-                    return Err(ProviderError::new(
-                        FailureKind::RateLimited,
-                        format!("asks {cells} of {what}, more than the bucket holds"),
-                    ));
-                }
+                // This router's share of a fleet's bucket holds fewer cells than the bucket.
+                Err(_) => return Err(full(what, Duration::ZERO)),
             };
             if Instant::now() + wait >= until {
-                return Err(ProviderError::new(
-                    FailureKind::RateLimited,
-                    format!(
-                        "{what} reached; room again in {} ms",
-                        wait.as_millis().max(1)
-                    ),
-                ));
+                return Err(full(what, wait));
             }
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+fn full(what: &str, wait: Duration) -> ProviderError {
+    ProviderError::new(
+        FailureKind::RateLimited,
+        format!(
+            "{what} reached; room again in {} ms",
+            wait.as_millis().max(1)
+        ),
+    )
 }
 
 fn micros(d: Duration) -> u64 {
@@ -248,11 +314,15 @@ mod tests {
     }
 
     fn limit(rpm: u32, burst: u32, tpm: Option<u32>) -> ProviderLimit {
-        ProviderLimit::new(&RateLimitConfig {
-            requests_per_minute: NonZeroU32::new(rpm),
-            tokens_per_minute: tpm.and_then(NonZeroU32::new),
-            burst: NonZeroU32::new(burst).unwrap(),
-        })
+        ProviderLimit::new(
+            &RateLimitConfig {
+                requests_per_minute: NonZeroU32::new(rpm),
+                tokens_per_minute: tpm.and_then(NonZeroU32::new),
+                burst: NonZeroU32::new(burst).unwrap(),
+            },
+            "p",
+            None,
+        )
     }
 
     #[tokio::test(start_paused = true)]

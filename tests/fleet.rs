@@ -1,0 +1,279 @@
+//! A fleet: three real `serve` processes sharing one real redis-server. A provider's rate
+//! limit holds for the three together, not for each; with Redis killed and restarted
+//! mid-run no call goes unanswered and the limit is shared again after; a circuit one router
+//! opens is open on the others.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use cascade_devtools::mock::{Fault, MockServer, Script};
+use cascade_router::proto::v1;
+use common::{redis_server::RedisServer, *};
+use tokio::time::Instant;
+
+/// The limited provider's rate: 20 requests a second, 10 back to back.
+const PER_SECOND: u64 = 20;
+const BURST: u64 = 10;
+const ROUTERS: usize = 3;
+const CALLERS: usize = 64;
+
+struct Fleet {
+    routers: Vec<Served>,
+    metrics_ports: Vec<u16>,
+}
+
+impl Fleet {
+    /// Three routers sharing `redis`, each in front of `limited` (20 requests/s) then `spare`.
+    async fn start(redis: &RedisServer, limited: &MockServer, spare: &MockServer) -> Fleet {
+        let mut routers = Vec::new();
+        let mut metrics_ports = Vec::new();
+        for _ in 0..ROUTERS {
+            let port = free_port().await;
+            let yaml = format!(
+                "server: {{metrics_listen: \"127.0.0.1:{port}\"}}\n\
+                 fleet: {{routers: {ROUTERS}, redis_url: \"{}\", redis_timeout_ms: 100}}\n\
+                 {}providers:\n\
+                 \x20 - {{name: limited, type: openai, priority: 1, base_url: \"{}/v1\", models: [m], rate_limit: {{requests_per_minute: {}, burst: {BURST}}}}}\n\
+                 \x20 - {{name: spare, type: openai, priority: 2, base_url: \"{}/v1\", models: [m]}}\n",
+                redis.url(),
+                cascade(0, 3, 60.0),
+                limited.url(),
+                PER_SECOND * 60,
+                spare.url(),
+            );
+            routers.push(Served::start(&[], &temp_file("fleet", &yaml), "info"));
+            metrics_ports.push(port);
+        }
+        Fleet {
+            routers,
+            metrics_ports,
+        }
+    }
+
+    /// One sample of every router's metrics.
+    async fn metric(&self, name: &str) -> Vec<f64> {
+        let mut values = Vec::new();
+        for port in &self.metrics_ports {
+            let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            values.push(
+                body.lines()
+                    .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+                    .map_or(0.0, |v| v.trim().parse().unwrap()),
+            );
+        }
+        values
+    }
+
+    /// Waits until every router shows `name` at `value`.
+    async fn wait_metric(&self, name: &str, value: f64) {
+        within(async {
+            while self.metric(name).await.iter().any(|v| *v != value) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+}
+
+/// What the callers saw.
+#[derive(Default)]
+struct Tally {
+    answered: AtomicU64,
+    exhausted: AtomicU64,
+}
+
+/// `CALLERS` callers on each router, each calling until `stop` is set (every call within a
+/// 2 s deadline, so a call the limit holds back goes on to the spare). Every call must end
+/// in a completion or RESOURCE_EXHAUSTED.
+async fn load(fleet: &Fleet, stop: Arc<AtomicBool>) -> (Arc<Tally>, tokio::task::JoinSet<()>) {
+    let tally = Arc::new(Tally::default());
+    let mut callers = tokio::task::JoinSet::new();
+    for (r, router) in fleet.routers.iter().enumerate() {
+        let client = router.client().await;
+        for c in 0..CALLERS {
+            let (mut client, stop, tally) = (client.clone(), stop.clone(), tally.clone());
+            callers.spawn(async move {
+                let mut i = 0;
+                while !stop.load(Relaxed) {
+                    i += 1;
+                    let call = with_timeout(
+                        prompt(&format!("router {r} caller {c} call {i}")),
+                        Duration::from_secs(2),
+                    );
+                    match client.complete(call).await {
+                        Ok(_) => tally.answered.fetch_add(1, Relaxed),
+                        Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                            tally.exhausted.fetch_add(1, Relaxed)
+                        }
+                        Err(s) => panic!("router {r} caller {c} call {i}: {s:?}"),
+                    };
+                }
+            });
+        }
+    }
+    (tally, callers)
+}
+
+async fn finish(stop: &AtomicBool, mut callers: tokio::task::JoinSet<()>) {
+    stop.store(true, Relaxed);
+    while let Some(done) = callers.join_next().await {
+        done.unwrap();
+    }
+}
+
+/// The most the limited provider may receive in `secs`: the bucket's burst and its rate,
+/// with the issue's 10% allowance.
+fn allowed(secs: f64) -> u64 {
+    ((BURST as f64 + PER_SECOND as f64 * secs) * 1.1) as u64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_routers_let_a_providers_limit_through_once() {
+    let Some(redis) = RedisServer::start(free_port().await).await else {
+        return;
+    };
+    let limited = MockServer::start(Script::default()).await.unwrap();
+    let spare = MockServer::start(Script::default()).await.unwrap();
+    let fleet = Fleet::start(&redis, &limited, &spare).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let (tally, callers) = load(&fleet, stop.clone()).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    finish(&stop, callers).await;
+    let secs = start.elapsed().as_secs_f64();
+    let (got, spared) = (limited.stats().requests, spare.stats().requests);
+    let prompts = limited.stats().items + spare.stats().items;
+    let answered = tally.answered.load(Relaxed);
+    assert!(
+        got <= allowed(secs),
+        "three routers sent the limited provider {got} requests in {secs:.1} s (at most {})",
+        allowed(secs)
+    );
+    // It was kept busy, not starved: at least half of what the limit allows.
+    assert!(
+        got as f64 >= PER_SECOND as f64 * secs * 0.5,
+        "the limited provider got only {got} requests in {secs:.1} s"
+    );
+    assert!(spared > got, "the spare took the rest: {spared} vs {got}");
+    assert_eq!(
+        answered, prompts,
+        "every prompt the providers answered reached its caller, once"
+    );
+    assert_eq!(
+        fleet.metric("cascade_fleet_local_decisions_total").await,
+        vec![0.0; ROUTERS],
+        "every decision was taken in Redis"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_killed_and_restarted_mid_run_leaves_no_call_unanswered() {
+    let port = free_port().await;
+    let Some(mut redis) = RedisServer::start(port).await else {
+        return;
+    };
+    let limited = MockServer::start(Script::default()).await.unwrap();
+    let spare = MockServer::start(Script::default()).await.unwrap();
+    let fleet = Fleet::start(&redis, &limited, &spare).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, callers) = load(&fleet, stop.clone()).await;
+    limited.wait_for(|s| s.requests >= 2 * BURST).await;
+    redis.stop();
+    // Each router finds Redis gone and decides on its share (20/3 a second) meanwhile.
+    fleet.wait_metric("cascade_fleet_redis_up", 0.0).await;
+    let before = limited.stats().requests;
+    let outage = Instant::now();
+    let away = spare.stats().requests;
+    spare.wait_for(|s| s.requests >= away + 200).await;
+    let during = limited.stats().requests - before;
+    let secs = outage.elapsed().as_secs_f64();
+    let local = fleet.metric("cascade_fleet_local_decisions_total").await;
+    assert!(
+        local.iter().all(|n| *n > 0.0),
+        "each router decided locally: {local:?}"
+    );
+    // Three shares of 20/3 a second, each with a burst of 10/3, after what Redis booked
+    // before it went: calls told to go up to their 1 s window ahead (20 more).
+    let booked = PER_SECOND as f64;
+    let shares = ((PER_SECOND as f64 * secs + 3.0 * (BURST / 3) as f64 + booked) * 1.1) as u64;
+    assert!(
+        during <= shares,
+        "{during} requests in {secs:.1} s on the local shares (at most {shares})"
+    );
+    let _redis = RedisServer::start(port).await.expect("started before");
+    fleet.wait_metric("cascade_fleet_redis_up", 1.0).await;
+    let local = fleet.metric("cascade_fleet_local_decisions_total").await;
+    // Shared again: the limit's key is back in Redis, and decisions are taken there.
+    _redis.wait_keys(1).await;
+    let resumed = limited.stats().requests;
+    limited.wait_for(|s| s.requests >= resumed + BURST).await;
+    assert_eq!(
+        fleet.metric("cascade_fleet_local_decisions_total").await,
+        local,
+        "decisions went back to Redis"
+    );
+    finish(&stop, callers).await;
+    assert!(tally.answered.load(Relaxed) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_circuit_one_router_opens_is_open_on_the_others() {
+    let Some(redis) = RedisServer::start(free_port().await).await else {
+        return;
+    };
+    let limited = MockServer::start(Script::failing(Fault::Status(500)))
+        .await
+        .unwrap();
+    let spare = MockServer::start(Script::default()).await.unwrap();
+    let fleet = Fleet::start(&redis, &limited, &spare).await;
+    // Three failures on the first router open its circuit (threshold 3).
+    let mut first = fleet.routers[0].client().await;
+    for i in 0..3 {
+        first.complete(prompt(&format!("fail {i}"))).await.unwrap();
+    }
+    assert_eq!(
+        circuit_of(&providers(&mut first).await, "limited"),
+        v1::CircuitState::Open
+    );
+    // The others open theirs on its report, without a request of their own.
+    for router in &fleet.routers[1..] {
+        let mut client = router.client().await;
+        within(async {
+            while circuit_of(&providers(&mut client).await, "limited") != v1::CircuitState::Open {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+    let sent = limited.stats().requests;
+    for router in &fleet.routers[1..] {
+        router
+            .client()
+            .await
+            .complete(prompt("after the report"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        limited.stats().requests,
+        sent,
+        "the other routers skipped the provider"
+    );
+    assert_eq!(
+        fleet.metric("cascade_fleet_circuits_reported_total").await,
+        vec![0.0, 1.0, 1.0]
+    );
+}
