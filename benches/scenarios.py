@@ -1002,6 +1002,122 @@ def endpoints(b):
                  ["router", "req/s", "× one endpoint", "p50 µs", "p99 µs", "to the fast replicas", "errors"], rows)
 
 
+def start_redis():
+    """A real redis-server on a free loopback port: (process, port)."""
+    port = free_port()
+    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, redis)
+    return redis, port
+
+
+def fleet(b):
+    """A fleet's shared limits: the latency a limit decided in Redis adds over a local one (open
+    loop, 1k req/s), throughput from one to three router processes sharing a limit, and the
+    balancing policies over eight replicas of unequal speed (throughput, p99, prefix-cache hits)."""
+    redis, rport = start_redis()
+    try:
+        return fleet_limits(b, rport) + "\n" + fleet_routers(b, rport) + "\n" + fleet_balance(b)
+    finally:
+        b.stop_all()
+        redis.terminate()
+        redis.wait()
+
+
+def fleet_limits(b, rport):
+    mock, mport = b.mock()
+    shared = f"fleet: {{routers: 1, redis_url: \"redis://127.0.0.1:{rport}\"}}\n"
+    # Limits far above the offered rate, so only their cost shows.
+    limit = "    rate_limit: {requests_per_minute: 60000000}\n"
+    quotas = "server: {quotas: {requests_per_minute: 60000000}}\n"
+    base = "cascade:\n  max_retries_per_provider: 0\n"
+    provider = lambda extra: openai_provider("mock", f"http://127.0.0.1:{mport}/v1", extra)
+    routers = {
+        "no limit": b.router(provider(""), base),
+        "provider rate_limit, local": b.router(provider(limit), base),
+        "provider rate_limit, fleet (leased)": b.router(provider(limit), shared + base),
+        "client quota, fleet (Redis every call)": b.router(provider(""), shared + quotas + base),
+    }
+    reps, secs, rate = (1, 0.5, 200) if b.smoke else (3, 5, 1000)
+    res = {name: [] for name in routers}
+    for _ in range(reps):
+        for name, (_, port) in routers.items():
+            res[name].append(b.load("--addr", f"127.0.0.1:{port}", "-c", 64, "--rate", rate,
+                                    "--duration", secs, "--warmup", 100, "-d", DATA))
+    for _, (p, _) in routers.items():
+        b.stop(p)
+    b.stop(mock)
+    p50 = {n: med([pct(r, "p50") for r in runs]) for n, runs in res.items()}
+    p99 = {n: med([pct(r, "p99") for r in runs]) for n, runs in res.items()}
+    rows = [[n, f"{p50[n]:.0f}", f"{p99[n]:.0f}", f"{p50[n] - p50['no limit']:+.0f}",
+             f"{p99[n] - p99['no limit']:+.0f}", sum(sum(r["errors"].values()) for r in runs)]
+            for n, runs in res.items()]
+    return table(f"Fleet limits: latency through one router at {rate} req/s against an instant mock "
+                 f"({reps} × {secs} s alternating, medians; µs)",
+                 ["limit", "p50", "p99", "added p50", "added p99", "errors"], rows)
+
+
+def fleet_routers(b, rport):
+    """Closed-loop throughput of 1, 2 and 3 router processes sharing one Redis and one provider
+    (20 ms, unlimited slots), 96 callers split over the routers, each its own load process."""
+    mock, mport = b.mock("--latency-ms", 20)
+    shared = f"fleet: {{routers: 3, redis_url: \"redis://127.0.0.1:{rport}\"}}\ncascade:\n  max_retries_per_provider: 0\n"
+    limit = "    rate_limit: {requests_per_minute: 60000000}\n"
+    routers = [b.router(openai_provider("mock", f"http://127.0.0.1:{mport}/v1", limit), shared)
+               for _ in range(3)]
+    reps, secs, callers = (1, 0.5, 12) if b.smoke else (3, 5, 96)
+    res = {n: [] for n in (1, 2, 3)}
+    for _ in range(reps):
+        for n in res:
+            cmd = lambda port: [b.tools, "load", "--json", "--addr", f"127.0.0.1:{port}", "-c", str(callers // n),
+                                "--duration", str(secs), "--warmup", "50", "-d", DATA]
+            procs = [subprocess.Popen(cmd(port), stdout=subprocess.PIPE, text=True) for _, port in routers[:n]]
+            reports = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
+            res[n].append((sum(r["throughput_rps"] for r in reports), max(pct(r, "p99") for r in reports),
+                           sum(sum(r["errors"].values()) for r in reports)))
+    for p, _ in routers:
+        b.stop(p)
+    b.stop(mock)
+    one = med([t for t, _, _ in res[1]])
+    rows = [[n, f"{med([t for t, _, _ in runs]):.0f}", f"{med([t for t, _, _ in runs]) / one:.2f}",
+             f"{med([p for _, p, _ in runs]):.0f}", sum(e for _, _, e in runs)] for n, runs in res.items()]
+    return table(f"Fleet throughput: {callers} callers over 1–3 router processes sharing a provider limit in "
+                 f"Redis, mock 20 ms ({reps} × {secs} s alternating, medians; all on this machine's 2 cores)",
+                 ["routers", "req/s", "× one router", "p99 µs", "errors"], rows)
+
+
+def fleet_balance(b):
+    """Eight replicas of unequal speed (10 to 160 ms, 4 requests at a time each), 32 callers whose
+    prompts share one of 8 prefixes of 1 KiB: each balancing policy's throughput, p99 and the share
+    of prompts that found their prefix already on the replica (a prefix / KV cache hit)."""
+    speeds = [10, 10, 20, 20, 40, 40, 80, 160]
+    mocks = [b.mock("--latency-ms", ms, "--concurrency", 4) for ms in speeds]
+    urls = ", ".join(f"\"http://127.0.0.1:{p}/v1\"" for _, p in mocks)
+    provider = lambda balance: (f"  - name: replicas\n    type: openai\n    endpoints: [{urls}]\n"
+                                f"    balance: {balance}\n    models: [m]\n    max_concurrency: 64\n"
+                                f"    batching: {{mode: fixed, max_batch_size: 1}}\n")
+    policies = ["least_outstanding", "round_robin", "prefix_affinity"]
+    routers = {p: b.router(provider(p)) for p in policies}
+    reps, secs = (1, 0.5) if b.smoke else (3, 5)
+    data = json.dumps({"model": "m", "prompt": "task {{n}}", "prefix_groups": 8})
+    res = {p: [] for p in policies}
+    for _ in range(reps):
+        for p, (_, port) in routers.items():
+            before = [mock_stats(m) for _, m in mocks]
+            r = b.load("--addr", f"127.0.0.1:{port}", "-c", 32, "--duration", secs, "--warmup", 0, "-d", data)
+            after = [mock_stats(m) for _, m in mocks]
+            items = sum(a["items"] - x["items"] for a, x in zip(after, before))
+            hits = sum(a["prefix_hits"] - x["prefix_hits"] for a, x in zip(after, before))
+            res[p].append((r, hits / max(items, 1)))
+    b.stop_all()
+    rows = [[p, f"{med([r['throughput_rps'] for r, _ in runs]):.0f}", f"{med([pct(r, 'p50') for r, _ in runs]):.0f}",
+             f"{med([pct(r, 'p99') for r, _ in runs]):.0f}", f"{med([h for _, h in runs]):.0%}",
+             sum(sum(r["errors"].values()) for r, _ in runs)] for p, runs in res.items()]
+    return table(f"Balancing: 8 replicas (10, 10, 20, 20, 40, 40, 80, 160 ms; 4 at a time each), 32 callers, "
+                 f"8 prompt prefixes of 1 KiB ({reps} × {secs} s alternating, medians)",
+                 ["balance", "req/s", "p50 µs", "p99 µs", "prefix hits", "errors"], rows)
+
+
 def table(title, header, rows):
     out = [f"#### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -1012,7 +1128,7 @@ SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memo
              "batching": batching, "window": window, "adaptive": adaptive, "agent_loop": agent_loop, "agent_cli": agent_cli,
              "http_front": http_front, "overload": overload, "soak": soak, "real": real,
              "payloads": payloads, "redis_stall": redis_stall, "memory_rounds": memory_rounds,
-             "operator": operator, "endpoints": endpoints}
+             "operator": operator, "endpoints": endpoints, "fleet": fleet}
 
 
 def machine():

@@ -222,16 +222,18 @@ impl Cascade {
                 .filter(|a| a.kind != FailureKind::Unsupported)
                 .peekable()
         };
-        let all = |kind| {
+        let all = |kinds: &[FailureKind]| {
             let mut t = tried();
-            t.peek().is_some() && t.all(|a| a.kind == kind)
+            t.peek().is_some() && t.all(|a| kinds.contains(&a.kind))
         };
-        if all(FailureKind::Overloaded) {
+        // Full queues and rate limits (the router's or the provider's 429): room comes back
+        // by itself, so the caller is told to retry later, not that the providers are down.
+        if all(&[FailureKind::Overloaded, FailureKind::RateLimited]) {
             return Err(RouterError::Overloaded { attempts });
         }
         // Too little of the caller's time for any provider to answer: the caller's deadline,
         // not the providers, is what failed.
-        if all(FailureKind::NoTimeLeft) {
+        if all(&[FailureKind::NoTimeLeft]) {
             return Err(RouterError::DeadlineExceeded { attempts });
         }
         Err(RouterError::Unavailable {

@@ -35,8 +35,8 @@ pub enum RouterError {
     /// The client's deadline passed before any provider answered.
     #[error("{}", with_attempts("deadline exceeded", .attempts))]
     DeadlineExceeded { attempts: Vec<Attempt> },
-    /// Every provider's queue was full; retry later, with backoff.
-    #[error("{}", with_attempts("every provider's queue is full", .attempts))]
+    /// Every provider's queue was full or its rate limit reached; retry later, with backoff.
+    #[error("{}", with_attempts("every provider is full or at its rate limit", .attempts))]
     Overloaded { attempts: Vec<Attempt> },
     /// The client has used its quota (`server.quotas`); it may call again after `retry_after`.
     #[error("quota of {per_minute} calls a minute used; retry in {} ms", .retry_after.as_millis().max(1))]

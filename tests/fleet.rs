@@ -277,3 +277,95 @@ async fn a_circuit_one_router_opens_is_open_on_the_others() {
         vec![0.0, 1.0, 1.0]
     );
 }
+
+/// Two routers sharing `redis` in front of `mock`, with `extra` cascade-file text.
+async fn pair(redis: &RedisServer, mock: &MockServer, extra: &str) -> [RunningRouter; 2] {
+    let yaml = format!(
+        "fleet: {{routers: 2, redis_url: \"{}\"}}\n{extra}{}providers:\n  - {{name: a, type: openai, base_url: \"{}/v1\", models: [m], rate_limit: {{requests_per_minute: 6, burst: 3}}}}\n",
+        redis.url(),
+        cascade(0, 3, 60.0),
+        mock.url(),
+    );
+    [start(&yaml).await, start(&yaml).await]
+}
+
+/// Calls alternating between the two routers, each with a 1 s deadline (too short to wait
+/// for a cell at 6 a minute): how many were answered, and each refusal's code.
+async fn alternate(routers: &mut [RunningRouter; 2], calls: usize) -> (usize, Vec<tonic::Code>) {
+    let (mut answered, mut refused) = (0, Vec::new());
+    for i in 0..calls {
+        let mut call = with_timeout(prompt(&format!("call {i}")), Duration::from_secs(1));
+        call.get_mut().agent = "triage".into();
+        match routers[i % 2].client.complete(call).await {
+            Ok(_) => answered += 1,
+            Err(s) => refused.push(s.code()),
+        }
+    }
+    (answered, refused)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_routers_let_a_providers_burst_through_once() {
+    let Some(redis) = RedisServer::start(free_port().await).await else {
+        return;
+    };
+    let mock = MockServer::start(Script::default()).await.unwrap();
+    let mut routers = pair(&redis, &mock, "").await;
+    let (answered, refused) = alternate(&mut routers, 8).await;
+    assert_eq!(answered, 3, "a burst of 3 for both routers together");
+    assert_eq!(mock.stats().requests, 3);
+    assert!(
+        refused.iter().all(|c| *c == tonic::Code::ResourceExhausted),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_routers_hold_a_client_to_one_quota() {
+    let Some(redis) = RedisServer::start(free_port().await).await else {
+        return;
+    };
+    let mock = MockServer::start(Script::default()).await.unwrap();
+    let quotas = "server: {quotas: {requests_per_minute: 60, burst: 2}}\n";
+    let mut routers = pair(&redis, &mock, quotas).await;
+    let (answered, refused) = alternate(&mut routers, 6).await;
+    assert_eq!(answered, 2, "a client's burst of 2 across both routers");
+    assert_eq!(refused, vec![tonic::Code::ResourceExhausted; 4]);
+}
+
+#[test]
+fn scripts_fleet_starts_routers_that_answer() {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_cascade-router"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    if !bin.join("cascade-bench").exists()
+        || std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        skip_unless_ci(
+            "scripts/fleet needs cascade-bench beside cascade-router and redis-server",
+            "cargo build --workspace, and apt-get install redis-server",
+        );
+        return;
+    }
+    let out = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fleet"))
+        .args(["--routers", "2", "--replicas", "2", "--smoke"])
+        .env("CASCADE_BIN_DIR", &bin)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.matches("router        http://127.0.0.1:").count(),
+        2,
+        "{stdout}"
+    );
+    assert!(stdout.contains("each of 2 routers answered"), "{stdout}");
+}

@@ -59,11 +59,30 @@ pub struct Template {
     /// An image of this many bytes sent with each request (as PNG); gRPC only.
     #[serde(default)]
     pub image_bytes: usize,
+    /// Each prompt opens with one of this many shared prefixes (call `n` with prefix
+    /// `n % prefix_groups`), as an agent's prompts share a system prompt; 0: none.
+    #[serde(default)]
+    pub prefix_groups: u64,
+    /// The shared prefixes' length in bytes (default 1024).
+    #[serde(default)]
+    pub prefix_bytes: usize,
 }
 
 impl Template {
     fn prompt_for(&self, n: u64) -> String {
-        self.prompt.replace("{{n}}", &n.to_string())
+        let prompt = self.prompt.replace("{{n}}", &n.to_string());
+        if self.prefix_groups == 0 {
+            return prompt;
+        }
+        let len = if self.prefix_bytes == 0 {
+            1024
+        } else {
+            self.prefix_bytes
+        };
+        let head = format!("You are agent {} of the fleet. ", n % self.prefix_groups);
+        let mut text: String = head.chars().cycle().take(len.max(head.len())).collect();
+        text.push_str(&prompt);
+        text
     }
 
     /// The request for call `n` over gRPC.

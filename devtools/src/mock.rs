@@ -186,7 +186,15 @@ pub struct Snapshot {
     pub cancelled: u64,
     /// Health probes (GET of a model list), not counted in `requests`.
     pub probes: u64,
+    /// Prompts whose first [`PREFIX_BYTES`] this server had seen before: what a replica's
+    /// prefix (KV) cache would reuse.
+    pub prefix_hits: u64,
 }
+
+/// How much of a prompt counts as its prefix for [`Snapshot::prefix_hits`].
+pub const PREFIX_BYTES: usize = 1024;
+/// Prefixes remembered at most (a KV cache's room); past that the set starts over.
+const PREFIXES_KEPT: usize = 4096;
 
 #[derive(Default)]
 struct Counters {
@@ -196,6 +204,7 @@ struct Counters {
     items: AtomicU64,
     completed: AtomicU64,
     cancelled: AtomicU64,
+    prefix_hits: AtomicU64,
 }
 
 /// Request bodies kept for [`MockServer::bodies`], the newest last.
@@ -207,10 +216,28 @@ struct Shared {
     bodies: Mutex<std::collections::VecDeque<Value>>,
     gate: Arc<Semaphore>,
     counters: Counters,
+    /// Hashes of the prompt prefixes seen (see [`Snapshot::prefix_hits`]).
+    prefixes: Mutex<std::collections::HashSet<u64>>,
     changed: Notify,
 }
 
 impl Shared {
+    /// Counts the prompts whose prefix was seen before, and remembers the new ones.
+    fn seen_prefixes(&self, prompts: &[String]) {
+        use std::hash::{Hash, Hasher};
+        let mut seen = self.prefixes.lock().unwrap_or_else(PoisonError::into_inner);
+        for p in prompts {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            p.as_bytes()[..p.len().min(PREFIX_BYTES)].hash(&mut h);
+            if seen.len() >= PREFIXES_KEPT {
+                seen.clear();
+            }
+            if !seen.insert(h.finish()) {
+                self.counters.prefix_hits.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
     fn bump(&self, counter: &AtomicU64, by: u64) {
         counter.fetch_add(by, Relaxed);
         self.changed.notify_waiters();
@@ -246,6 +273,7 @@ impl MockServer {
             script: Mutex::new(script),
             bodies: Mutex::new(std::collections::VecDeque::new()),
             counters: Counters::default(),
+            prefixes: Mutex::new(std::collections::HashSet::new()),
             changed: Notify::new(),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone(), tls));
@@ -303,6 +331,7 @@ impl MockServer {
             connections: c.connections.load(Relaxed),
             requests: c.requests.load(Relaxed),
             items: c.items.load(Relaxed),
+            prefix_hits: c.prefix_hits.load(Relaxed),
             completed: c.completed.load(Relaxed),
             cancelled: c.cancelled.load(Relaxed),
             probes: c.probes.load(Relaxed),
@@ -491,6 +520,7 @@ async fn respond(
                 "connections": c.connections.load(Relaxed),
                 "requests": c.requests.load(Relaxed),
                 "items": c.items.load(Relaxed),
+                "prefix_hits": c.prefix_hits.load(Relaxed),
                 "completed": c.completed.load(Relaxed),
                 "cancelled": c.cancelled.load(Relaxed),
             });
@@ -529,6 +559,7 @@ async fn respond(
         .counters
         .items
         .fetch_add(prompts.len() as u64, Relaxed);
+    shared.seen_prefixes(&prompts);
     shared.bump(&shared.counters.requests, 1);
     if prompts.is_empty() {
         return error(StatusCode::BAD_REQUEST, "no prompt");

@@ -82,3 +82,50 @@ impl Check<'_> {
         Ok(url)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Config, ConfigError, parse};
+
+    const PROVIDER: &str = "providers:\n  - {name: s, type: simulated, models: [m]}\n";
+
+    fn load(yaml: &str) -> Result<Config, ConfigError> {
+        parse(&format!("{yaml}\n{PROVIDER}"), "f.yaml", &|_| None)
+    }
+
+    #[test]
+    fn a_fleet_names_its_redis_or_takes_the_caches() {
+        let own = load("fleet: {routers: 3, redis_url: \"redis://127.0.0.1:7000\"}").unwrap();
+        let f = own.fleet.unwrap();
+        assert_eq!(
+            (f.routers.get(), f.redis.url.as_str()),
+            (3, "redis://127.0.0.1:7000")
+        );
+        let cached =
+            load("cache: {backend: redis, redis_url: \"redis://127.0.0.1:7001\"}").unwrap();
+        assert_eq!(cached.fleet.unwrap().redis.url, "redis://127.0.0.1:7001");
+        assert!(
+            cached.warnings.iter().any(|w| w.contains("fleet.routers")),
+            "{:?}",
+            cached.warnings
+        );
+        assert!(
+            load("").unwrap().fleet.is_none(),
+            "no Redis: limits are local"
+        );
+    }
+
+    #[test]
+    fn a_fleet_without_a_redis_or_routers_is_refused_by_key() {
+        let e = |yaml: &str| load(yaml).unwrap_err().to_string();
+        assert!(e("fleet: {routers: 2}").starts_with("f.yaml: fleet: names no Redis"));
+        assert!(
+            e("fleet: {routers: 0, redis_url: \"redis://h:1\"}")
+                .starts_with("f.yaml: fleet.routers: must be at least 1")
+        );
+        assert!(
+            e("fleet: {redis_url: \"http://h:1\"}")
+                .starts_with("f.yaml: fleet.redis_url: \"http://h:1\" is not a redis:// URL")
+        );
+    }
+}

@@ -3,8 +3,9 @@
 //! a provider's limit once, not three times, and a provider one router sees dead is skipped
 //! by the others within a second.
 //!
-//! - limits: [`crate::rate`] decides them in Redis ([`Fleet::limit`]), each router falling
-//!   back to 1/`routers` of a limit while Redis is away;
+//! - limits: [`limit`], a GCRA bucket in Redis ([`Fleet::limit`], [`Fleet::quota`]) that
+//!   [`crate::rate`] asks, each router falling back to 1/`routers` of a limit while Redis is
+//!   away;
 //! - circuits: [`circuits`] publishes the circuits this router opened, and opens here those
 //!   another router published.
 //!
@@ -12,12 +13,14 @@
 //! `cascade_fleet_redis_up` and the log, and shares again when it is back.
 
 mod circuits;
+mod limit;
 
 use std::sync::{Arc, Weak};
 
 pub use circuits::Shareable;
+pub use limit::{Shared, Verdict};
 
-use crate::{config::FleetConfig, metrics::FleetMetrics, rate::Shared, store::Store};
+use crate::{config::FleetConfig, metrics::FleetMetrics, store::Store};
 
 pub struct Fleet {
     store: Arc<Store>,
@@ -64,6 +67,19 @@ impl Fleet {
             per_minute,
             burst,
             self.routers,
+            self.metrics.clone(),
+        )
+    }
+
+    /// A client's quota of `per_minute` with `burst`, shared under `key`: decided in Redis
+    /// on every call (no lease: a client's calls spread over routers).
+    pub fn quota(&self, key: String, per_minute: u32, burst: u32) -> Shared {
+        Shared::new(
+            self.store.clone(),
+            key,
+            per_minute,
+            burst,
+            0,
             self.metrics.clone(),
         )
     }

@@ -31,7 +31,10 @@ pub(crate) struct Edge {
 impl Edge {
     pub(crate) fn new(router: Arc<Router>, config: ServerConfig, inflight: Arc<InFlight>) -> Edge {
         Edge {
-            quotas: config.quotas.as_ref().map(TenantQuotas::new),
+            quotas: config
+                .quotas
+                .as_ref()
+                .map(|q| TenantQuotas::new(q, router.fleet())),
             router,
             config,
             inflight,
@@ -90,7 +93,7 @@ impl Edge {
     /// A validated request with an id (the caller's `request_id`, or one made here so that
     /// every request's log lines can be found together), its tenant (the client key's name
     /// when authentication is on), allowed for that client's models, within its quota.
-    pub(crate) fn admit(
+    pub(crate) async fn admit(
         &self,
         mut request: CompletionRequest,
         client: Option<&Client>,
@@ -111,21 +114,25 @@ impl Edge {
                 }
             }
         }
-        self.charge(&request.tenant)?;
+        self.charge(&request.tenant).await?;
         Ok(Arc::new(request))
     }
 
     /// Takes one call from `tenant`'s quota, if quotas are on. The tenant is the client key's
     /// name when `server.auth` is on, else the request's `agent`.
-    fn charge(&self, tenant: &str) -> Result<(), RouterError> {
+    async fn charge(&self, tenant: &str) -> Result<(), RouterError> {
         match &self.quotas {
             None => Ok(()),
-            Some(q) => q
-                .check(tenant)
-                .map_err(|retry_after| RouterError::QuotaExceeded {
-                    per_minute: q.per_minute(),
-                    retry_after,
-                }),
+            // Boxed: a fleet's decision (a Redis call) is a large state that every call's
+            // future would otherwise carry, with quotas on or not.
+            Some(q) => {
+                Box::pin(q.check(tenant))
+                    .await
+                    .map_err(|retry_after| RouterError::QuotaExceeded {
+                        per_minute: q.per_minute(),
+                        retry_after,
+                    })
+            }
         }
     }
 
@@ -151,7 +158,7 @@ impl Edge {
         let record = Record::new(self.router.metrics().clone(), method);
         let opened = async {
             let ticket = self.inflight.enter_owned().inspect_err(|e| self.shed(e))?;
-            let request = self.admit(request, client)?;
+            let request = self.admit(request, client).await?;
             let streamed = tokio::select! {
                 biased;
                 s = open_stream(&self.router, &request, deadline, self.config.log_prompts) => s?,

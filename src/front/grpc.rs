@@ -44,12 +44,14 @@ impl RouterService {
     }
 
     /// A wire request validated and admitted.
-    fn admit(
+    async fn admit(
         &self,
         msg: v1::CompleteRequest,
         client: Option<&Client>,
     ) -> Result<Arc<CompletionRequest>, RouterError> {
-        self.edge.admit(CompletionRequest::try_from(msg)?, client)
+        self.edge
+            .admit(CompletionRequest::try_from(msg)?, client)
+            .await
     }
 
     /// The caller's deadline from `grpc-timeout`, or the configured default.
@@ -147,7 +149,7 @@ impl v1::router_server::Router for RouterService {
             .call("Complete", async {
                 let deadline = self.deadline(&req);
                 let client = req.extensions().get::<Client>().cloned();
-                let request = self.admit(req.into_inner(), client.as_ref())?;
+                let request = self.admit(req.into_inner(), client.as_ref()).await?;
                 let answer = self.edge.complete(&request, deadline).await?;
                 Ok(Response::new(v1::CompleteResponse::from_answer(
                     answer,
@@ -297,7 +299,7 @@ impl RouterService {
         let mut tasks = JoinSet::new();
         for (i, item) in items.into_iter().enumerate() {
             let edge = self.edge.clone();
-            let admitted = self.admit(item, client.as_ref());
+            let admitted = self.admit(item, client.as_ref()).await;
             tasks.spawn(async move {
                 let result = match admitted {
                     Err(e) => v1::batch_result::Result::Error(e.into()),

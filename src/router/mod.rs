@@ -113,6 +113,11 @@ impl Router {
             .map(|(name, _)| name.to_string())
     }
 
+    /// The fleet this router shares limits with, when the cascade file names a Redis.
+    pub(crate) fn fleet(&self) -> Option<Arc<Fleet>> {
+        self.state.load().fleet.as_ref().map(|(_, f)| f.clone())
+    }
+
     /// Every model and chain name a request may ask for, sorted.
     pub fn route_names(&self) -> Vec<String> {
         self.state.load().routes.names()

@@ -319,7 +319,7 @@ async fn chat(
     let edge = &front.edge;
     let answers = edge
         .call(Kind::Chat.method(false), async {
-            let r = edge.admit(request, client.as_ref())?;
+            let r = edge.admit(request, client.as_ref()).await?;
             Ok(vec![edge.complete(&r, deadline).await?])
         })
         .await?;
@@ -346,10 +346,10 @@ async fn text(
     let edge = &front.edge;
     let answers = edge
         .call(Kind::Text.method(false), async {
-            let admitted = requests
-                .into_iter()
-                .map(|r| edge.admit(r, client.as_ref()))
-                .collect::<Result<Vec<_>, _>>()?;
+            let mut admitted = Vec::with_capacity(requests.len());
+            for r in requests {
+                admitted.push(edge.admit(r, client.as_ref()).await?);
+            }
             // Together, so the prompts of one request ride in the same upstream batches.
             let answered =
                 futures_util::future::join_all(admitted.iter().map(|r| edge.complete(r, deadline)))

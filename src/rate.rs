@@ -1,9 +1,7 @@
 //! Rate limits, as GCRA buckets: a provider's quota of requests and tokens per minute, which
 //! a request waits for when its time allows and otherwise goes elsewhere, and per-client
 //! quotas at the edge. A router's own buckets are governor's, on tokio's clock (so a paused
-//! test clock drives them exactly); a fleet's live in Redis ([`shared`]).
-
-mod shared;
+//! test clock drives them exactly); a fleet's live in Redis ([`crate::fleet`]).
 
 use std::{
     num::NonZeroU32,
@@ -22,13 +20,10 @@ use governor::{
 };
 use tokio::time::Instant;
 
-pub use shared::Shared;
-use shared::Verdict;
-
 use crate::{
     completion::{CompletionRequest, FailureKind, Input},
     config::{QuotaConfig, RateLimitConfig},
-    fleet::Fleet,
+    fleet::{Fleet, Shared, Verdict},
     provider::ProviderError,
 };
 
@@ -260,21 +255,29 @@ type Keyed = RateLimiter<String, DashMapStateStore<String>, TokioClock, NoOpMidd
 /// Keyed buckets beyond this many are pruned of those that are full again.
 const MAX_TRACKED_TENANTS: usize = 10_000;
 
-/// Per-client quotas: each tenant's calls per minute, with a burst.
+/// Per-client quotas: each tenant's calls per minute, with a burst — the fleet's, decided in
+/// Redis, when there is one (this router's share of each while Redis is away).
 pub struct TenantQuotas {
     clock: TokioClock,
+    /// This router's buckets: the whole quota alone, its share in a fleet.
     buckets: Keyed,
     per_minute: u32,
+    burst: u32,
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl TenantQuotas {
-    pub fn new(c: &QuotaConfig) -> TenantQuotas {
+    pub fn new(c: &QuotaConfig, fleet: Option<Arc<Fleet>>) -> TenantQuotas {
         let clock = TokioClock(Instant::now());
-        let quota = Quota::per_minute(c.requests_per_minute).allow_burst(c.burst);
+        let n = fleet.as_ref().map_or(1, |f| f.routers());
+        let part = |v: NonZeroU32| NonZeroU32::new(v.get() / n).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::per_minute(part(c.requests_per_minute)).allow_burst(part(c.burst));
         TenantQuotas {
             buckets: RateLimiter::dashmap_with_clock(quota, clock.clone()),
             clock,
             per_minute: c.requests_per_minute.get(),
+            burst: c.burst.get(),
+            fleet,
         }
     }
 
@@ -283,7 +286,19 @@ impl TenantQuotas {
     }
 
     /// `Err(wait)` when `tenant` has used its quota: it may call again after `wait`.
-    pub fn check(&self, tenant: &str) -> Result<(), Duration> {
+    pub async fn check(&self, tenant: &str) -> Result<(), Duration> {
+        if let Some(fleet) = &self.fleet {
+            let key = format!("cascade:quota:{tenant}");
+            match fleet
+                .quota(key, self.per_minute, self.burst)
+                .take(1, Instant::now())
+                .await
+            {
+                Some(Verdict::Go(_)) => return Ok(()),
+                Some(Verdict::Full(wait)) => return Err(wait),
+                None => {}
+            }
+        }
         if self.buckets.len() > MAX_TRACKED_TENANTS {
             self.buckets.retain_recent();
         }
@@ -393,14 +408,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn tenant_quotas_are_per_tenant() {
-        let q = TenantQuotas::new(&QuotaConfig {
-            requests_per_minute: NonZeroU32::new(60).unwrap(),
-            burst: NonZeroU32::new(2).unwrap(),
-        });
-        assert!(q.check("a").is_ok() && q.check("a").is_ok());
-        assert_eq!(q.check("a"), Err(Duration::from_secs(1)));
-        assert!(q.check("b").is_ok(), "another tenant has its own bucket");
+        let q = TenantQuotas::new(
+            &QuotaConfig {
+                requests_per_minute: NonZeroU32::new(60).unwrap(),
+                burst: NonZeroU32::new(2).unwrap(),
+            },
+            None,
+        );
+        assert!(q.check("a").await.is_ok() && q.check("a").await.is_ok());
+        assert_eq!(q.check("a").await, Err(Duration::from_secs(1)));
+        assert!(
+            q.check("b").await.is_ok(),
+            "another tenant has its own bucket"
+        );
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(q.check("a").is_ok());
+        assert!(q.check("a").await.is_ok());
     }
 }
