@@ -1059,13 +1059,14 @@ def fleet_limits(b, rport):
 
 def fleet_routers(b, rport):
     """Closed-loop throughput of 1, 2 and 3 router processes sharing one Redis and one provider
-    (20 ms, unlimited slots), 96 callers split over the routers, each its own load process."""
-    mock, mport = b.mock("--latency-ms", 20)
+    (1 ms, unlimited slots), 192 callers split over the routers, each its own load process: the
+    routers, not the provider, are the bottleneck."""
+    mock, mport = b.mock("--latency-ms", 1)
     shared = f"fleet: {{routers: 3, redis_url: \"redis://127.0.0.1:{rport}\"}}\ncascade:\n  max_retries_per_provider: 0\n"
     limit = "    rate_limit: {requests_per_minute: 60000000}\n"
     routers = [b.router(openai_provider("mock", f"http://127.0.0.1:{mport}/v1", limit), shared)
                for _ in range(3)]
-    reps, secs, callers = (1, 0.5, 12) if b.smoke else (3, 5, 96)
+    reps, secs, callers = (1, 0.5, 12) if b.smoke else (3, 5, 192)
     res = {n: [] for n in (1, 2, 3)}
     for _ in range(reps):
         for n in res:
@@ -1082,16 +1083,17 @@ def fleet_routers(b, rport):
     rows = [[n, f"{med([t for t, _, _ in runs]):.0f}", f"{med([t for t, _, _ in runs]) / one:.2f}",
              f"{med([p for _, p, _ in runs]):.0f}", sum(e for _, _, e in runs)] for n, runs in res.items()]
     return table(f"Fleet throughput: {callers} callers over 1–3 router processes sharing a provider limit in "
-                 f"Redis, mock 20 ms ({reps} × {secs} s alternating, medians; all on this machine's 2 cores)",
+                 f"Redis, mock 1 ms ({reps} × {secs} s alternating, medians; all on this machine's 2 cores)",
                  ["routers", "req/s", "× one router", "p99 µs", "errors"], rows)
 
 
 def fleet_balance(b):
     """Eight replicas of unequal speed (10 to 160 ms, 4 requests at a time each), 32 callers whose
     prompts share one of 8 prefixes of 1 KiB: each balancing policy's throughput, p99 and the share
-    of prompts that found their prefix already on the replica (a prefix / KV cache hit)."""
+    of prompts that found their prefix in the replica's prefix / KV cache (room for 2 prefixes)."""
     speeds = [10, 10, 20, 20, 40, 40, 80, 160]
-    mocks = [b.mock("--latency-ms", ms, "--concurrency", 4) for ms in speeds]
+    # Each replica's prefix cache holds two of the eight prefixes.
+    mocks = [b.mock("--latency-ms", ms, "--concurrency", 4, "--prefix-cache", 2) for ms in speeds]
     urls = ", ".join(f"\"http://127.0.0.1:{p}/v1\"" for _, p in mocks)
     provider = lambda balance: (f"  - name: replicas\n    type: openai\n    endpoints: [{urls}]\n"
                                 f"    balance: {balance}\n    models: [m]\n    max_concurrency: 64\n"
@@ -1114,7 +1116,7 @@ def fleet_balance(b):
              f"{med([pct(r, 'p99') for r, _ in runs]):.0f}", f"{med([h for _, h in runs]):.0%}",
              sum(sum(r["errors"].values()) for r, _ in runs)] for p, runs in res.items()]
     return table(f"Balancing: 8 replicas (10, 10, 20, 20, 40, 40, 80, 160 ms; 4 at a time each), 32 callers, "
-                 f"8 prompt prefixes of 1 KiB ({reps} × {secs} s alternating, medians)",
+                 f"8 prompt prefixes of 1 KiB, each replica's prefix cache holding 2 ({reps} × {secs} s alternating, medians)",
                  ["balance", "req/s", "p50 µs", "p99 µs", "prefix hits", "errors"], rows)
 
 

@@ -45,6 +45,10 @@ enum Command {
         /// Serve TLS with a self-signed certificate made now, written (PEM) to this file.
         #[arg(long)]
         tls_cert_out: Option<PathBuf>,
+        /// Prompt prefixes (first 1 KiB) the server's prefix cache holds, for `/stats`'
+        /// `prefix_hits`.
+        #[arg(long, default_value_t = 1024)]
+        prefix_cache: usize,
     },
     /// Load-test the router over gRPC (or an OpenAI-shaped HTTP server directly).
     Load(LoadArgs),
@@ -153,6 +157,7 @@ fn main() -> ExitCode {
             fault,
             fault_rate,
             tls_cert_out,
+            prefix_cache,
         } => {
             let script = Script {
                 base_latency: Duration::from_secs_f64(latency_ms.max(0.0) / 1e3),
@@ -165,6 +170,7 @@ fn main() -> ExitCode {
                 omit_marker: None,
                 refuse_arrays: false,
                 chunk_interval: Duration::from_secs_f64(chunk_interval_ms.max(0.0) / 1e3),
+                prefix_cache,
             };
             runtime.block_on(async {
                 let started = match tls_cert_out {

@@ -68,6 +68,9 @@ pub struct Script {
     pub refuse_arrays: bool,
     /// Pause between the chunks of a streamed answer (after the first).
     pub chunk_interval: Duration,
+    /// Prompt prefixes this server's prefix (KV) cache holds, the least recently used going
+    /// first (see [`Snapshot::prefix_hits`]).
+    pub prefix_cache: usize,
 }
 
 impl Default for Script {
@@ -83,6 +86,7 @@ impl Default for Script {
             omit_marker: None,
             refuse_arrays: false,
             chunk_interval: Duration::ZERO,
+            prefix_cache: 1024,
         }
     }
 }
@@ -193,8 +197,6 @@ pub struct Snapshot {
 
 /// How much of a prompt counts as its prefix for [`Snapshot::prefix_hits`].
 pub const PREFIX_BYTES: usize = 1024;
-/// Prefixes remembered at most (a KV cache's room); past that the set starts over.
-const PREFIXES_KEPT: usize = 4096;
 
 #[derive(Default)]
 struct Counters {
@@ -216,24 +218,28 @@ struct Shared {
     bodies: Mutex<std::collections::VecDeque<Value>>,
     gate: Arc<Semaphore>,
     counters: Counters,
-    /// Hashes of the prompt prefixes seen (see [`Snapshot::prefix_hits`]).
-    prefixes: Mutex<std::collections::HashSet<u64>>,
+    /// Hashes of the prompt prefixes held, the most recently used last (see
+    /// [`Snapshot::prefix_hits`]).
+    prefixes: Mutex<std::collections::VecDeque<u64>>,
     changed: Notify,
 }
 
 impl Shared {
-    /// Counts the prompts whose prefix was seen before, and remembers the new ones.
-    fn seen_prefixes(&self, prompts: &[String]) {
+    /// Counts the prompts whose prefix the cache holds, and puts each prefix at its front.
+    fn seen_prefixes(&self, prompts: &[String], room: usize) {
         use std::hash::{Hash, Hasher};
-        let mut seen = self.prefixes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut held = self.prefixes.lock().unwrap_or_else(PoisonError::into_inner);
         for p in prompts {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             p.as_bytes()[..p.len().min(PREFIX_BYTES)].hash(&mut h);
-            if seen.len() >= PREFIXES_KEPT {
-                seen.clear();
-            }
-            if !seen.insert(h.finish()) {
+            let key = h.finish();
+            if let Some(at) = held.iter().position(|k| *k == key) {
+                held.remove(at);
                 self.counters.prefix_hits.fetch_add(1, Relaxed);
+            }
+            held.push_back(key);
+            while held.len() > room {
+                held.pop_front();
             }
         }
     }
@@ -273,7 +279,7 @@ impl MockServer {
             script: Mutex::new(script),
             bodies: Mutex::new(std::collections::VecDeque::new()),
             counters: Counters::default(),
-            prefixes: Mutex::new(std::collections::HashSet::new()),
+            prefixes: Mutex::new(std::collections::VecDeque::new()),
             changed: Notify::new(),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone(), tls));
@@ -559,7 +565,12 @@ async fn respond(
         .counters
         .items
         .fetch_add(prompts.len() as u64, Relaxed);
-    shared.seen_prefixes(&prompts);
+    let room = shared
+        .script
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .prefix_cache;
+    shared.seen_prefixes(&prompts, room);
     shared.bump(&shared.counters.requests, 1);
     if prompts.is_empty() {
         return error(StatusCode::BAD_REQUEST, "no prompt");

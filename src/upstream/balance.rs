@@ -5,12 +5,16 @@
 //! - `round_robin`: each endpoint in turn.
 //! - `prefix_affinity`: requests whose first [`PREFIX`] bytes match go to the same endpoint,
 //!   so its prefix (KV) cache is reused. A new prefix is placed by a consistent hash (a ring
-//!   of [`VNODES`] points per endpoint), but bounded: an endpoint already holding more than
-//!   (1 + [`EPSILON`]) × the mean number of prefixes passes the new one on along the ring, so
-//!   no endpoint gets the lion's share of the groups. A placed prefix stays where it is while
-//!   that endpoint is open and has room under its concurrency limit; otherwise the request
-//!   goes to the least loaded endpoint. At most [`PREFIXES`] placements are kept (the least
-//!   recently used goes first).
+//!   of [`VNODES`] points per endpoint), bounded twice by (1 + [`EPSILON`]) × the mean:
+//!   - in prefixes: an endpoint already holding more than that passes a new one on along the
+//!     ring, so no endpoint gets the lion's share of the groups;
+//!   - in load (Mirrokni et al.'s consistent hashing with bounded loads, on work in flight
+//!     and queued): while a prefix's endpoint has more than that, its requests go to the next
+//!     endpoint along the ring from the prefix that is under it — a slow or crowded replica
+//!     sheds work to the same neighbour each time, whose cache then holds the prefix too.
+//!
+//!   A placed prefix stays where it is while that endpoint is open. At most [`PREFIXES`]
+//!   placements are kept (the least recently used goes first).
 //!
 //! Hand-written: the balancing crates (tower's p2c) balance services, not an endpoint list
 //! with our own load figure, and none bounds a consistent hash's load.
@@ -108,13 +112,17 @@ impl Balancer {
                 lighter(open[a], open[b])
             }
             (_, Balance::PrefixAffinity) => {
-                let placed = self.place(prefix_hash(request), open);
-                if replicas[placed].load() < 1.0 {
-                    placed
-                } else {
-                    // At its concurrency limit: the work passes on.
-                    least()
+                let key = prefix_hash(request);
+                let home = self.place(key, open);
+                let total: usize = open.iter().map(|&e| replicas[e].busy()).sum();
+                let bound = ((1.0 + EPSILON) * (total + 1) as f64 / open.len() as f64).ceil();
+                let under = |e: usize| (replicas[e].busy() + 1) as f64 <= bound;
+                if under(home) {
+                    return home;
                 }
+                self.along_ring(key)
+                    .find(|&e| open.contains(&e) && under(e))
+                    .unwrap_or_else(least)
             }
         }
     }
@@ -143,9 +151,8 @@ impl Balancer {
         }
         let total: usize = open.iter().map(|&e| p.held[e]).sum();
         let bound = ((1.0 + EPSILON) * (total + 1) as f64 / open.len() as f64).max(1.0) as usize;
-        let start = self.ring.partition_point(|&(point, _)| point < key);
-        let on_ring = (0..self.ring.len())
-            .map(|i| self.ring[(start + i) % self.ring.len()].1)
+        let on_ring = self
+            .along_ring(key)
             .find(|e| open.contains(e) && p.held[*e] < bound);
         let e = on_ring
             .or_else(|| open.iter().copied().min_by_key(|&e| p.held[e]))
@@ -153,6 +160,14 @@ impl Balancer {
         p.held[e] += 1;
         p.by_prefix.insert(key, (e, now));
         e
+    }
+}
+
+impl Balancer {
+    /// The endpoints along the ring from `key`'s point on, each ring point in turn.
+    fn along_ring(&self, key: u64) -> impl Iterator<Item = usize> + '_ {
+        let start = self.ring.partition_point(|&(point, _)| point < key);
+        (0..self.ring.len()).map(move |i| self.ring[(start + i) % self.ring.len()].1)
     }
 }
 

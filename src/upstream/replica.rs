@@ -65,10 +65,15 @@ impl Replica {
         self.link.breaker.circuit() == Circuit::Open
     }
 
+    /// Requests in flight and queued here.
+    pub(super) fn busy(&self) -> usize {
+        self.link.limit.in_flight()
+            + usize::try_from(self.link.stats.in_queue()).unwrap_or(usize::MAX)
+    }
+
     /// Requests in flight and queued here over its concurrency limit: how loaded it is.
     pub(super) fn load(&self) -> f64 {
-        let busy = self.link.limit.in_flight() as f64 + self.link.stats.in_queue() as f64;
-        busy / self.link.limit.current().max(1) as f64
+        self.busy() as f64 / self.link.limit.current().max(1) as f64
     }
 
     /// One try at `model` for `request`, ending by `window.until`.
