@@ -268,6 +268,9 @@ pub struct TenantQuotas {
     per_minute: u32,
     burst: u32,
     fleet: Option<Arc<Fleet>>,
+    /// The fleet's bucket of each tenant seen lately (each with its lease), at most
+    /// [`MAX_TRACKED_TENANTS`]: past that the map starts over (leases lapse in 250 ms anyway).
+    shared: dashmap::DashMap<String, Arc<Shared>>,
 }
 
 impl TenantQuotas {
@@ -282,6 +285,7 @@ impl TenantQuotas {
             per_minute: c.requests_per_minute.get(),
             burst: c.burst.get(),
             fleet,
+            shared: dashmap::DashMap::new(),
         }
     }
 
@@ -292,12 +296,18 @@ impl TenantQuotas {
     /// `Err(wait)` when `tenant` has used its quota: it may call again after `wait`.
     pub async fn check(&self, tenant: &str) -> Result<(), Duration> {
         if let Some(fleet) = &self.fleet {
-            let key = format!("cascade:quota:{tenant}");
-            match fleet
-                .quota(key, self.per_minute, self.burst)
-                .take(1, Instant::now())
-                .await
-            {
+            if self.shared.len() > MAX_TRACKED_TENANTS {
+                self.shared.clear();
+            }
+            let bucket = match self.shared.get(tenant) {
+                Some(b) => b.clone(),
+                None => {
+                    let key = format!("cascade:quota:{tenant}");
+                    let b = Arc::new(fleet.limit(key, self.per_minute, self.burst));
+                    self.shared.entry(tenant.to_string()).or_insert(b).clone()
+                }
+            };
+            match bucket.take(1, Instant::now()).await {
                 Some(Verdict::Go(_)) => return Ok(()),
                 Some(Verdict::Full(wait)) => return Err(wait),
                 None => {}

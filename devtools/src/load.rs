@@ -59,8 +59,9 @@ pub struct Template {
     /// An image of this many bytes sent with each request (as PNG); gRPC only.
     #[serde(default)]
     pub image_bytes: usize,
-    /// Each prompt opens with one of this many shared prefixes (call `n` with prefix
-    /// `n % prefix_groups`), as an agent's prompts share a system prompt; 0: none.
+    /// Each prompt opens with one of this many shared prefixes (call `n` with a prefix drawn
+    /// from a hash of `n`, so no balancer's turn lines up with it), as an agent's prompts
+    /// share a system prompt; 0: none.
     #[serde(default)]
     pub prefix_groups: u64,
     /// The shared prefixes' length in bytes (default 1024).
@@ -79,7 +80,12 @@ impl Template {
         } else {
             self.prefix_bytes
         };
-        let head = format!("You are agent {} of the fleet. ", n % self.prefix_groups);
+        // splitmix64's finaliser: consecutive calls get unrelated groups.
+        let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        let group = (z ^ (z >> 31)) % self.prefix_groups;
+        let head = format!("You are agent {group} of the fleet. ");
         let mut text: String = head.chars().cycle().take(len.max(head.len())).collect();
         text.push_str(&prompt);
         text

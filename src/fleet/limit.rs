@@ -80,8 +80,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// `per_minute` cells a minute with `burst` back to back, shared by `routers` routers
-    /// (0: no lease, every decision in Redis).
+    /// `per_minute` cells a minute with `burst` back to back, shared by `routers` routers.
     pub fn new(
         store: Arc<Store>,
         key: String,
@@ -92,7 +91,7 @@ impl Shared {
     ) -> Shared {
         let per_minute = per_minute.max(1);
         let in_lease = u64::from(per_minute) * LEASE_OF.as_millis() as u64 / 60_000;
-        let share = burst.checked_div(routers).unwrap_or(0) / 2;
+        let share = burst / routers.max(1) / 2;
         Shared {
             store,
             key,

@@ -71,19 +71,6 @@ impl Fleet {
         )
     }
 
-    /// A client's quota of `per_minute` with `burst`, shared under `key`: decided in Redis
-    /// on every call (no lease: a client's calls spread over routers).
-    pub fn quota(&self, key: String, per_minute: u32, burst: u32) -> Shared {
-        Shared::new(
-            self.store.clone(),
-            key,
-            per_minute,
-            burst,
-            0,
-            self.metrics.clone(),
-        )
-    }
-
     /// Shares the circuit of `provider`'s endpoint at `url` while `circuit` lives.
     pub fn share_circuit(&self, provider: &str, url: &str, circuit: Weak<dyn Shareable>) {
         let id = blake3::hash(url.as_bytes()).to_hex();
