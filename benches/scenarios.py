@@ -1030,8 +1030,9 @@ def fleet_limits(b, rport):
     # Limits far above the offered rate, so only their cost shows.
     limit = "    rate_limit: {requests_per_minute: 60000000}\n"
     quotas = "server: {quotas: {requests_per_minute: 60000000}}\n"
-    # A burst of 3 leaves a lease of one cell: every call decides in Redis.
-    quotas_unleased = "server: {quotas: {requests_per_minute: 60000000, burst: 3}}\n"
+    # A lease is at most half a router's share of the burst: with a million routers in the
+    # fleet, one cell, so every call decides in Redis.
+    one_cell = f"fleet: {{routers: 1000000, redis_url: \"redis://127.0.0.1:{rport}\"}}\n"
     base = "cascade:\n  max_retries_per_provider: 0\n"
     provider = lambda extra: openai_provider("mock", f"http://127.0.0.1:{mport}/v1", extra)
     routers = {
@@ -1039,7 +1040,7 @@ def fleet_limits(b, rport):
         "provider rate_limit, local": b.router(provider(limit), base),
         "provider rate_limit, fleet (leased)": b.router(provider(limit), shared + base),
         "client quota, fleet (leased)": b.router(provider(""), shared + quotas + base),
-        "client quota, fleet, burst 3 (Redis every call)": b.router(provider(""), shared + quotas_unleased + base),
+        "client quota, fleet, lease of 1 (Redis every call)": b.router(provider(""), one_cell + quotas + base),
     }
     reps, secs, rate = (1, 0.5, 200) if b.smoke else (3, 5, 1000)
     res = {name: [] for name in routers}
