@@ -174,12 +174,7 @@ async fn metrics_are_served_over_http() {
     let mut router = start(&yaml).await;
     router.client.complete(det("m", "a")).await.unwrap();
     router.client.complete(det("m", "a")).await.unwrap();
-    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = scrape(port).await;
     assert!(body.contains("cascade_cache_hits_total 1"), "{body}");
     assert!(
         body.contains("cascade_upstream_requests_total{provider=\"up\"} 1"),

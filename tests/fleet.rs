@@ -62,17 +62,7 @@ impl Fleet {
     async fn metric(&self, name: &str) -> Vec<f64> {
         let mut values = Vec::new();
         for port in &self.metrics_ports {
-            let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            values.push(
-                body.lines()
-                    .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-                    .map_or(0.0, |v| v.trim().parse().unwrap()),
-            );
+            values.push(sample(&scrape(*port).await, name));
         }
         values
     }

@@ -229,12 +229,25 @@ pub async fn wait_queued(client: &mut RouterClient<Channel>, provider: &str, n: 
 
 /// The value of one Prometheus sample (`name` with its labels, as rendered), 0 if absent.
 pub fn metric(router: &RunningRouter, name: &str) -> f64 {
-    router
-        .router
-        .render_metrics()
+    sample(&router.router.render_metrics(), name)
+}
+
+/// The value of sample `name` in a Prometheus text exposition, 0 if absent.
+pub fn sample(exposition: &str, name: &str) -> f64 {
+    exposition
         .lines()
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// The metrics a router serves on `server.metrics_listen` at loopback `port`.
+pub async fn scrape(port: u16) -> String {
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// The real `cascade-router serve` binary, its stderr lines arriving on a channel, so tests
