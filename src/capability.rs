@@ -120,14 +120,14 @@ mod tests {
         assert_eq!(n.tokens, 2 + TOKENS_PER_IMAGE + 10);
         let text_only = ModelInfo {
             capabilities: Some([Capability::Text, Capability::Json].into_iter().collect()),
-            context_window: None,
+            ..ModelInfo::default()
         };
         let why = n.unmet(&text_only).unwrap();
         assert!(why.contains("streaming, vision"), "{why}");
         assert_eq!(n.unmet(&ModelInfo::default()), None);
         let small = ModelInfo {
-            capabilities: None,
             context_window: Some(100),
+            ..ModelInfo::default()
         };
         assert!(n.unmet(&small).unwrap().contains("context_window is 100"));
     }
@@ -140,6 +140,7 @@ mod tests {
         let listed = ModelInfo {
             capabilities: Some(Capabilities::default().with(Capability::Text)),
             context_window: Some(8),
+            ..ModelInfo::default()
         };
         assert_eq!(n.unmet(&listed), None);
     }

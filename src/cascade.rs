@@ -12,6 +12,7 @@ use crate::{
     capability::{Capability, Needs},
     completion::{Answer, Attempt, CompletionRequest, FailureKind},
     config::CascadePolicy,
+    cost::Cost,
     error::RouterError,
     provider::ProviderError,
     upstream::{Miss, Opened, Upstream, Window},
@@ -161,7 +162,9 @@ impl Cascade {
                 t.upstream.attempt(&t.model, request, window)
             })
             .await?;
+        let price = target.upstream.model_info(&target.model).price;
         Ok(Answer {
+            cost: Cost::of(price, request, &d.completion),
             completion: d.completion,
             provider: target.upstream.name().clone(),
             model: target.model.clone(),

@@ -73,6 +73,7 @@ mod cascade;
 mod coalescer;
 mod completion;
 mod control;
+mod cost;
 mod error;
 mod failure;
 mod fleet;

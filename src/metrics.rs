@@ -153,6 +153,15 @@ pub struct Metrics {
     /// The router's own share of an answered, uncached call: its duration less the time
     /// in a batch queue and at the provider.
     overhead_seconds: Histogram,
+    /// Dollars spent on upstream answers, by provider and model (`models[].price`).
+    spend_usd: Family<ModelLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+}
+
+/// A provider's model.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub provider: String,
+    pub model: String,
 }
 
 /// What the routers of a fleet share through Redis ([`crate::fleet`]).
@@ -377,6 +386,12 @@ impl Metrics {
         let rate_wait_seconds: HistogramFamily = Family::new_with_constructor(wait_buckets);
         let rate_limited = Family::default();
         let overhead_seconds = wait_buckets();
+        let spend_usd = Family::default();
+        registry.register(
+            "spend_usd",
+            "Dollars spent on upstream answers at their models' prices, by provider and model",
+            spend_usd.clone(),
+        );
         registry.register(
             "unauthenticated",
             "Calls refused for a missing or unknown client key",
@@ -455,6 +470,7 @@ impl Metrics {
             rate_wait_seconds,
             rate_limited,
             overhead_seconds,
+            spend_usd,
         }
     }
 
@@ -500,6 +516,18 @@ impl Metrics {
     /// A call refused at once by `limits.max_in_flight`.
     pub fn shed(&self) {
         self.shed.inc();
+    }
+
+    /// An upstream answer of `provider`'s `model` cost `cost` (counted when not free).
+    pub fn spent(&self, provider: &str, model: &str, cost: crate::cost::Cost) {
+        if cost.nanos > 0 {
+            self.spend_usd
+                .get_or_create(&ModelLabel {
+                    provider: provider.to_string(),
+                    model: model.to_string(),
+                })
+                .inc_by(cost.usd());
+        }
     }
 
     /// The router's own share of an answered, uncached call.

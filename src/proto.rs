@@ -245,6 +245,8 @@ impl v1::CompleteResponse {
             request_id,
             batch_size: a.batch_size,
             cached: a.cached,
+            cost_usd: a.cost.usd(),
+            cost_estimated: a.cost.estimated,
             tool_calls: a
                 .completion
                 .tool_calls

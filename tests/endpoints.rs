@@ -144,11 +144,14 @@ fn endpoints_beside_a_url_are_refused_by_name() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prefix_affinity_keeps_each_group_on_one_replica_within_the_bound() {
+    // 20 ms a request: long beside a loaded machine's scheduling noise, so the work in flight
+    // on each replica is its two groups' callers, not an accident of who ran first (at 2 ms,
+    // a replica briefly holding twice the mean shed a few of a group's requests).
     let mocks = [
-        MockServer::start(latency(2)).await.unwrap(),
-        MockServer::start(latency(2)).await.unwrap(),
-        MockServer::start(latency(2)).await.unwrap(),
-        MockServer::start(latency(2)).await.unwrap(),
+        MockServer::start(latency(20)).await.unwrap(),
+        MockServer::start(latency(20)).await.unwrap(),
+        MockServer::start(latency(20)).await.unwrap(),
+        MockServer::start(latency(20)).await.unwrap(),
     ];
     let all: Vec<&MockServer> = mocks.iter().collect();
     let router = start(&provider("prefix_affinity", &all)).await;

@@ -291,6 +291,7 @@ fn answer(e: &Entry) -> Answer {
         upstream: Duration::ZERO,
         batch_size: 0,
         cached: true,
+        cost: crate::cost::Cost::default(),
     }
 }
 
@@ -350,6 +351,7 @@ mod tests {
             upstream: Duration::ZERO,
             batch_size: 1,
             cached: false,
+            cost: crate::cost::Cost::default(),
         }
     }
 

@@ -235,4 +235,6 @@ pub struct Answer {
     pub batch_size: u32,
     /// Answered from the completion cache.
     pub cached: bool,
+    /// What the upstream answer cost (nothing from the cache, or from a free model).
+    pub cost: crate::cost::Cost,
 }

@@ -82,4 +82,6 @@ pub struct ModelInfo {
     /// `None`: no list given, so nothing is assumed missing.
     pub capabilities: Option<Capabilities>,
     pub context_window: Option<u32>,
+    /// `None`: free (a local or simulated model unless priced).
+    pub price: Option<super::Price>,
 }

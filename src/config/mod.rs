@@ -18,6 +18,7 @@ mod endpoints;
 mod env;
 mod fleet;
 mod health;
+mod price;
 mod providers;
 mod rate;
 mod raw;
@@ -35,6 +36,7 @@ pub use cascade::{BreakerConfig, CascadePolicy, RetryBudget};
 pub use endpoints::Balance;
 pub use fleet::FleetConfig;
 pub use health::HealthCheckConfig;
+pub use price::Price;
 pub use providers::{
     Api, ApiKey, BatchMode, BatchingConfig, HttpConfig, ProviderConfig, ProviderKind,
 };

@@ -460,7 +460,7 @@ impl Check<'_> {
         }))
     }
 
-    /// Each model's `capabilities` and `context_window`, for those that give either.
+    /// Each model's `capabilities`, `context_window` and `price`, for those that give any.
     fn model_info(
         &mut self,
         at: &str,
@@ -494,12 +494,14 @@ impl Check<'_> {
                     )
                 })?),
             };
-            if capabilities.is_some() || context_window.is_some() {
+            let price = self.price(&format!("{at}.models[{j}]"), e)?;
+            if capabilities.is_some() || context_window.is_some() || price.is_some() {
                 out.insert(
                     e.name.clone(),
                     ModelInfo {
                         capabilities,
                         context_window,
+                        price,
                     },
                 );
             }

@@ -255,11 +255,22 @@ pub struct RawModelEntry {
     pub context_window: Option<u64>,
     /// `text`, `tools`, `json`, `streaming`, `vision`; absent: all of them.
     pub capabilities: Option<Vec<String>>,
+    /// USD per million tokens; absent: free.
+    pub price: Option<RawPrice>,
+    /// The Python router's price keys, USD per thousand tokens.
+    pub cost_per_1k_input_tokens: Option<f64>,
+    pub cost_per_1k_output_tokens: Option<f64>,
     // The Python router's keys that this router does not use.
     pub description: Ignored,
     pub max_output_tokens: Ignored,
-    pub cost_per_1k_input_tokens: Ignored,
-    pub cost_per_1k_output_tokens: Ignored,
+}
+
+/// `models[].price`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub input_per_million: f64,
+    pub output_per_million: f64,
 }
 
 /// Hand-written rather than `#[serde(untagged)]`: untagged enums swallow the inner error, and

@@ -214,13 +214,18 @@ fn provider_view(p: &ProviderConfig) -> Value {
                 ModelInfo {
                     capabilities,
                     context_window,
+                    price,
                 },
             )| {
                 let caps: Option<Vec<&str>> =
                     capabilities.map(|c| c.iter().map(super::Capability::as_str).collect());
+                let price = price.map(|p| {
+                    let (input, output) = p.per_million();
+                    json!({"input_per_million": input, "output_per_million": output})
+                });
                 (
                     m.clone(),
-                    json!({"capabilities": caps, "context_window": context_window}),
+                    json!({"capabilities": caps, "context_window": context_window, "price": price}),
                 )
             },
         )

@@ -417,18 +417,24 @@ impl State {
             Looked::Miss { plan, cached } => (plan, cached),
         };
         let Some((cache, key)) = cached else {
-            return self.cascade.run(&plan, request, deadline).await;
+            let answer = self.cascade.run(&plan, request, deadline).await?;
+            self.metrics
+                .spent(&answer.provider, &answer.model, answer.cost);
+            return Ok(answer);
         };
         let plan = Arc::new(plan);
         let work = || {
-            let (cascade, plan, request, cache) = (
+            let (cascade, plan, request, cache, metrics) = (
                 self.cascade.clone(),
                 plan.clone(),
                 request.clone(),
                 cache.clone(),
+                self.metrics.clone(),
             );
             async move {
                 let answer = cascade.run(&plan, &request, deadline).await?;
+                // Once per upstream answer, however many callers share it.
+                metrics.spent(&answer.provider, &answer.model, answer.cost);
                 cache.put(key, &answer).await;
                 Ok(answer)
             }

@@ -37,6 +37,7 @@ use self::{
 use crate::{
     auth::{Authenticate, Client},
     completion::{Answer, Attempt, CacheMode, CompletionRequest, StreamEvent, Usage},
+    cost::Cost,
     error::RouterError,
     front::edge::{Edge, StreamCall},
 };
@@ -388,6 +389,11 @@ fn whole(kind: Kind, answers: &[Answer], request_id: &str) -> Response {
         "usage": usage.map(WireUsage::from),
     });
     let mut r = json_body(&body).into_response();
+    // The whole response's cost: every prompt's answer, estimated if any was.
+    let cost = answers.iter().fold(Cost::default(), |sum, a| Cost {
+        nanos: sum.nanos.saturating_add(a.cost.nanos),
+        estimated: sum.estimated || a.cost.estimated,
+    });
     let each = |f: &dyn Fn(&Answer) -> String| answers.iter().map(f).collect::<Vec<_>>().join(", ");
     let attempts: Vec<Attempt> = answers
         .iter()
@@ -402,6 +408,8 @@ fn whole(kind: Kind, answers: &[Answer], request_id: &str) -> Response {
             ("x-cascade-attempted", attempted(&attempts)),
             ("x-cascade-cached", each(&|a| a.cached.to_string())),
             ("x-cascade-batch-size", each(&|a| a.batch_size.to_string())),
+            ("x-cascade-cost-usd", format!("{:.9}", cost.usd())),
+            ("x-cascade-cost-estimated", cost.estimated.to_string()),
             ("x-request-id", request_id.to_string()),
         ],
     );
