@@ -12,7 +12,7 @@ use crate::{
     capability::{Capability, Needs},
     completion::{Answer, Attempt, CompletionRequest, FailureKind},
     config::CascadePolicy,
-    cost::Cost,
+    cost,
     error::RouterError,
     provider::ProviderError,
     upstream::{Miss, Opened, Upstream, Window},
@@ -164,7 +164,7 @@ impl Cascade {
             .await?;
         let price = target.upstream.model_info(&target.model).price;
         Ok(Answer {
-            cost: Cost::of(price, request, &d.completion),
+            cost: cost::of(price, request, &d.completion),
             completion: d.completion,
             provider: target.upstream.name().clone(),
             model: target.model.clone(),

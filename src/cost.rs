@@ -3,44 +3,29 @@
 //! (about 4 bytes a token, in and out) marked as such. A model without a price is free.
 
 use crate::{
-    completion::{Completion, CompletionRequest},
+    completion::{Completion, CompletionRequest, Cost},
     config::Price,
 };
 
-/// An answer's cost in billionths of a dollar.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Cost {
-    pub nanos: u64,
-    /// The provider reported no usage: the tokens were estimated.
-    pub estimated: bool,
-}
-
-impl Cost {
-    /// The cost of `completion`, answered for `request` by a model priced `price`.
-    pub fn of(price: Option<Price>, request: &CompletionRequest, completion: &Completion) -> Cost {
-        let Some(price) = price else {
-            return Cost::default();
-        };
-        match completion.usage {
-            Some(u) => Cost {
-                nanos: price.nanos(u64::from(u.prompt_tokens), u64::from(u.completion_tokens)),
-                estimated: false,
-            },
-            None => {
-                let tokens = |bytes: usize| u64::try_from(bytes.div_ceil(4)).unwrap_or(u64::MAX);
-                Cost {
-                    nanos: price.nanos(
-                        tokens(request.input.text_len()),
-                        tokens(completion.text.len()),
-                    ),
-                    estimated: true,
-                }
+/// The cost of `completion`, answered for `request` by a model priced `price`.
+pub fn of(price: Option<Price>, request: &CompletionRequest, completion: &Completion) -> Cost {
+    let Some(price) = price else {
+        return Cost::default();
+    };
+    match completion.usage {
+        Some(u) => Cost {
+            nanos: price.nanos(u64::from(u.prompt_tokens), u64::from(u.completion_tokens)),
+            estimated: false,
+        },
+        None => {
+            let tokens = |bytes: usize| u64::try_from(bytes.div_ceil(4)).unwrap_or(u64::MAX);
+            Cost {
+                nanos: price.nanos(
+                    tokens(request.input.text_len()),
+                    tokens(completion.text.len()),
+                ),
+                estimated: true,
             }
         }
-    }
-
-    /// In dollars, for the wire.
-    pub fn usd(&self) -> f64 {
-        self.nanos as f64 / 1e9
     }
 }

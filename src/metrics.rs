@@ -519,7 +519,7 @@ impl Metrics {
     }
 
     /// An upstream answer of `provider`'s `model` cost `cost` (counted when not free).
-    pub fn spent(&self, provider: &str, model: &str, cost: crate::cost::Cost) {
+    pub fn spent(&self, provider: &str, model: &str, cost: crate::completion::Cost) {
         if cost.nanos > 0 {
             self.spend_usd
                 .get_or_create(&ModelLabel {

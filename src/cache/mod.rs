@@ -291,7 +291,7 @@ fn answer(e: &Entry) -> Answer {
         upstream: Duration::ZERO,
         batch_size: 0,
         cached: true,
-        cost: crate::cost::Cost::default(),
+        cost: crate::completion::Cost::default(),
     }
 }
 
@@ -351,7 +351,7 @@ mod tests {
             upstream: Duration::ZERO,
             batch_size: 1,
             cached: false,
-            cost: crate::cost::Cost::default(),
+            cost: crate::completion::Cost::default(),
         }
     }
 

@@ -236,5 +236,20 @@ pub struct Answer {
     /// Answered from the completion cache.
     pub cached: bool,
     /// What the upstream answer cost (nothing from the cache, or from a free model).
-    pub cost: crate::cost::Cost,
+    pub cost: Cost,
+}
+
+/// An answer's cost in billionths of a dollar (worked out by [`crate::cost`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cost {
+    pub nanos: u64,
+    /// The provider reported no usage: the tokens were estimated.
+    pub estimated: bool,
+}
+
+impl Cost {
+    /// In dollars, for the wire.
+    pub fn usd(&self) -> f64 {
+        self.nanos as f64 / 1e9
+    }
 }

@@ -87,7 +87,7 @@ impl Relay {
                         upstream: self.began.elapsed(),
                         batch_size: 1,
                         cached: false,
-                        cost: crate::cost::Cost::default(),
+                        cost: crate::completion::Cost::default(),
                     };
                     cache.put(key, &answer).await;
                 }

@@ -36,8 +36,7 @@ use self::{
 };
 use crate::{
     auth::{Authenticate, Client},
-    completion::{Answer, Attempt, CacheMode, CompletionRequest, StreamEvent, Usage},
-    cost::Cost,
+    completion::{Answer, Attempt, CacheMode, CompletionRequest, Cost, StreamEvent, Usage},
     error::RouterError,
     front::edge::{Edge, StreamCall},
 };
