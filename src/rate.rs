@@ -81,14 +81,10 @@ impl Cells {
         };
         match fleet {
             None => Cells::Local(bucket(per_minute, burst)),
-            Some((fleet, key)) => {
-                let n = fleet.routers();
-                let part = |v: NonZeroU32| NonZeroU32::new(v.get() / n).unwrap_or(NonZeroU32::MIN);
-                Cells::Fleet {
-                    shared: Arc::new(fleet.limit(key, per_minute.get(), burst.get())),
-                    share: bucket(part(per_minute), part(burst)),
-                }
-            }
+            Some((fleet, key)) => Cells::Fleet {
+                shared: Arc::new(fleet.limit(key, per_minute.get(), burst.get())),
+                share: bucket(fleet.share(per_minute), fleet.share(burst)),
+            },
         }
     }
 }
@@ -276,8 +272,7 @@ pub struct TenantQuotas {
 impl TenantQuotas {
     pub fn new(c: &QuotaConfig, fleet: Option<Arc<Fleet>>) -> TenantQuotas {
         let clock = TokioClock(Instant::now());
-        let n = fleet.as_ref().map_or(1, |f| f.routers());
-        let part = |v: NonZeroU32| NonZeroU32::new(v.get() / n).unwrap_or(NonZeroU32::MIN);
+        let part = |v: NonZeroU32| fleet.as_ref().map_or(v, |f| f.share(v));
         let quota = Quota::per_minute(part(c.requests_per_minute)).allow_burst(part(c.burst));
         TenantQuotas {
             buckets: RateLimiter::dashmap_with_clock(quota, clock.clone()),

@@ -118,7 +118,10 @@ impl Shared {
             }
         }
         let max_wait = micros(until.saturating_duration_since(now));
-        let (granted, wait) = self.run(cells, self.lease.max(cells), max_wait).await?;
+        let Some((granted, wait)) = self.run(cells, self.lease.max(cells), max_wait).await else {
+            self.metrics.decided_locally();
+            return None;
+        };
         let wait = Duration::from_micros(wait);
         if granted == 0 {
             return Some(Verdict::Full(wait));
@@ -140,8 +143,7 @@ impl Shared {
     async fn run(&self, need: u32, want: u32, max_wait: i64) -> Option<(u32, u64)> {
         let key = self.key.as_str();
         let (interval, burst) = (self.interval_us, self.burst);
-        let got = self
-            .store
+        self.store
             .run("rate limit", |mut c| async move {
                 SCRIPT
                     .key(key)
@@ -153,11 +155,7 @@ impl Shared {
                     .invoke_async(&mut c)
                     .await
             })
-            .await;
-        if got.is_none() {
-            self.metrics.decided_locally();
-        }
-        got
+            .await
     }
 }
 

@@ -15,7 +15,10 @@
 mod circuits;
 mod limit;
 
-use std::sync::{Arc, Weak};
+use std::{
+    num::NonZeroU32,
+    sync::{Arc, Weak},
+};
 
 pub use circuits::Shareable;
 pub use limit::{Shared, Verdict};
@@ -57,6 +60,12 @@ impl Fleet {
     /// Routers in the fleet, as the cascade file says.
     pub fn routers(&self) -> u32 {
         self.routers
+    }
+
+    /// This router's share of a limit's `v` (rate or burst) while Redis is away: 1/`routers`
+    /// of it, at least 1.
+    pub fn share(&self, v: NonZeroU32) -> NonZeroU32 {
+        NonZeroU32::new(v.get() / self.routers).unwrap_or(NonZeroU32::MIN)
     }
 
     /// A limit of `per_minute` with `burst`, shared under `key`.

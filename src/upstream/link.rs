@@ -264,7 +264,7 @@ impl Link {
     /// The latest a request may wait for the provider's quota: with a reserve before its
     /// latest send ([`Window::close_by`]), since a fleet's bucket books a cell for the time
     /// the request is told to go, and one sent at the last moment is answered too late.
-    pub(super) fn rate_by(&self, window: Window) -> Instant {
+    fn rate_by(&self, window: Window) -> Instant {
         window.close_by(Instant::now(), self.stats.fastest())
     }
 
@@ -304,21 +304,22 @@ impl Link {
     }
 
     /// Many prompts in one upstream request ([`Provider::complete_batch`]): one result per
-    /// request, in order. The provider's quota is waited for first, no later than `rate_by`
-    /// (the earliest caller's [`Window::close_by`]) — past that the whole batch moves on —
-    /// and the request's budget runs from the send: the router's own wait is never the
-    /// provider's time.
+    /// request, in order. The provider's quota is waited for first, no later than the
+    /// earliest caller's window allows ([`Link::rate_by`] of `first`; `close_by` grows with
+    /// the window's end, so the earliest window gives the earliest bound) — past that the whole
+    /// batch moves on — and the request's budget runs from the send: the router's own wait is
+    /// never the provider's time.
     pub(super) async fn complete_batch(
         &self,
         slot: Slot,
         model: &str,
         requests: &[Arc<CompletionRequest>],
         window: Window,
-        rate_by: Instant,
+        first: Window,
     ) -> Result<(Vec<Result<Completion, ProviderError>>, Duration), ProviderError> {
         if let Some(rate) = &self.rate {
             let each: Vec<&CompletionRequest> = requests.iter().map(|r| r.as_ref()).collect();
-            self.rate_take(rate, &each, rate_by).await?;
+            self.rate_take(rate, &each, self.rate_by(first)).await?;
         }
         let budget = self.budget(Instant::now(), window);
         self.send(

@@ -40,11 +40,8 @@ pub(super) async fn send_native(
             .max()
             .unwrap_or(sent),
     };
-    let rate_by = batch
-        .iter()
-        .map(|i| link.rate_by(i.window))
-        .min()
-        .unwrap_or(sent);
+    // The earliest caller's window bounds the wait for the provider's quota.
+    let first = batch.iter().map(|i| i.window).min_by_key(|w| w.until);
     let all_gone = async {
         for item in &mut batch {
             if let Some(tx) = item.tx.as_mut() {
@@ -53,7 +50,7 @@ pub(super) async fn send_native(
         }
     };
     let outcome = tokio::select! {
-        r = link.complete_batch(slot, &model, &requests, window, rate_by) => r,
+        r = link.complete_batch(slot, &model, &requests, window, first.unwrap_or(window)) => r,
         // Every caller went away: drop the upstream request, judge nothing.
         () = all_gone => return,
     };
