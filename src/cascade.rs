@@ -15,6 +15,7 @@ use crate::{
     cost,
     error::RouterError,
     provider::ProviderError,
+    spend::{Hold, Payer, Refusal, Spend},
     upstream::{Miss, Opened, Upstream, Window},
 };
 
@@ -44,7 +45,13 @@ pub struct Cascade {
     /// `min_per_second`, as Envoy and Linkerd bound them, so an outage does not multiply the
     /// load. Moving on to the next provider never draws on it.
     retries: TpsBudget,
+    /// Budgets: a paid target's worst case is reserved before its turn.
+    spend: Arc<Spend>,
 }
+
+/// What walking the targets gave: the answer, who gave it, the attempts before, and the
+/// reservation to settle (for a priced model).
+type Walked<'t, T> = (T, &'t Target, Vec<Attempt>, Option<Hold>);
 
 /// Which transient faults are tried again on the same provider.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,12 +149,27 @@ fn describe(needs: &Needs) -> String {
 }
 
 impl Cascade {
-    pub fn new(policy: CascadePolicy) -> Cascade {
+    pub fn new(policy: CascadePolicy, spend: Arc<Spend>) -> Cascade {
         let b = policy.retry_budget;
         Cascade {
             retries: TpsBudget::new(b.ttl, b.min_per_second, b.ratio),
             policy,
+            spend,
         }
+    }
+
+    /// The reservation for a try of `target`: none for a free model; for a priced one, its
+    /// worst case against every budget that applies, or why not.
+    async fn hold(
+        &self,
+        target: &Target,
+        request: &CompletionRequest,
+    ) -> Result<Option<Hold>, Refusal> {
+        let Some(price) = target.upstream.model_info(&target.model).price else {
+            return Ok(None);
+        };
+        let payer = payer(target, request);
+        self.spend.reserve(payer, price, request).await.map(Some)
     }
 
     /// Walks `targets` in order until one answers or the deadline passes.
@@ -157,14 +179,22 @@ impl Cascade {
         request: &Arc<CompletionRequest>,
         deadline: Instant,
     ) -> Result<Answer, RouterError> {
-        let (d, target, attempts) = self
-            .walk(plan, deadline, Retry::Timeouts, |t: &Target, window| {
-                t.upstream.attempt(&t.model, request, window)
-            })
+        let (d, target, attempts, hold) = self
+            .walk(
+                plan,
+                request,
+                deadline,
+                Retry::Timeouts,
+                |t: &Target, window| t.upstream.attempt(&t.model, request, window),
+            )
             .await?;
         let price = target.upstream.model_info(&target.model).price;
+        let cost = cost::of(price, request, &d.completion);
+        if let Some(hold) = hold {
+            hold.settle(payer(target, request), cost);
+        }
         Ok(Answer {
-            cost: cost::of(price, request, &d.completion),
+            cost,
             completion: d.completion,
             provider: target.upstream.name().clone(),
             model: target.model.clone(),
@@ -177,18 +207,23 @@ impl Cascade {
     }
 
     /// Walks `targets` in order until one starts streaming — its first event arrived — or
-    /// the deadline passes. After that first event there is no falling back.
+    /// the deadline passes. After that first event there is no falling back; the stream's
+    /// end settles the reservation.
     pub async fn stream<'t>(
         &self,
         plan: &'t Plan,
         request: &CompletionRequest,
         deadline: Instant,
-    ) -> Result<(Opened, &'t Target, Vec<Attempt>), RouterError> {
+    ) -> Result<Walked<'t, Opened>, RouterError> {
         // A first token that does not come in time moves on: the next provider is the better
         // bet than waiting the same first-token timeout again.
-        self.walk(plan, deadline, Retry::NotTimeouts, |t: &Target, window| {
-            t.upstream.stream(&t.model, request, window)
-        })
+        self.walk(
+            plan,
+            request,
+            deadline,
+            Retry::NotTimeouts,
+            |t: &Target, window| t.upstream.stream(&t.model, request, window),
+        )
         .await
     }
 
@@ -198,20 +233,38 @@ impl Cascade {
     async fn walk<'t, T, Fut>(
         &self,
         plan: &'t Plan,
+        request: &CompletionRequest,
         deadline: Instant,
         retry: Retry,
         try_once: impl Fn(&'t Target, Window) -> Fut,
-    ) -> Result<(T, &'t Target, Vec<Attempt>), RouterError>
+    ) -> Result<Walked<'t, T>, RouterError>
     where
         Fut: Future<Output = Result<T, Miss>>,
     {
         self.retries.deposit();
         let targets = &plan.targets;
         let mut attempts = plan.skipped.clone();
+        let mut resets_in = None;
         for (i, target) in targets.iter().enumerate() {
             let last = i + 1 == targets.len();
+            let hold = match self.hold(target, request).await {
+                Ok(hold) => hold,
+                Err(refusal) => {
+                    resets_in = resets_in.max(refusal.resets_in());
+                    attempts.push(Attempt {
+                        provider: target.upstream.name().clone(),
+                        model: target.model.clone(),
+                        kind: FailureKind::Budget,
+                        http_status: None,
+                        error: refusal.to_string(),
+                        tries: 0,
+                        elapsed: Duration::ZERO,
+                    });
+                    continue;
+                }
+            };
             match self.turn(target, last, deadline, retry, &try_once).await {
-                Turn::Answered(t) => return Ok((t, target, attempts)),
+                Turn::Answered(t) => return Ok((t, target, attempts, hold)),
                 Turn::Failed(attempt) => attempts.push(attempt),
                 Turn::OutOfTime(attempt) => {
                     attempts.extend(attempt);
@@ -229,6 +282,13 @@ impl Cascade {
             let mut t = tried();
             t.peek().is_some() && t.all(|a| kinds.contains(&a.kind))
         };
+        // Budgets reset at midnight UTC: the caller is told when.
+        if all(&[FailureKind::Budget]) {
+            return Err(RouterError::OverBudget {
+                attempts,
+                resets_in,
+            });
+        }
         // Full queues and rate limits (the router's or the provider's 429): room comes back
         // by itself, so the caller is told to retry later, not that the providers are down.
         if all(&[FailureKind::Overloaded, FailureKind::RateLimited]) {
@@ -300,6 +360,14 @@ impl Cascade {
             }
             return Turn::Failed(attempt(err, tries));
         }
+    }
+}
+
+fn payer<'a>(target: &'a Target, request: &'a CompletionRequest) -> Payer<'a> {
+    Payer {
+        tenant: &request.tenant,
+        provider: target.upstream.name(),
+        model: &target.model,
     }
 }
 

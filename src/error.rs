@@ -38,6 +38,13 @@ pub enum RouterError {
     /// Every provider's queue was full or its rate limit reached; retry later, with backoff.
     #[error("{}", with_attempts("every provider is full or at its rate limit", .attempts))]
     Overloaded { attempts: Vec<Attempt> },
+    /// Every provider that could answer is a paid one whose daily budget cannot cover the
+    /// call (free ones, if any, failed); the budgets reset at 00:00 UTC, in `resets_in`.
+    #[error("{}", with_attempts("over budget: no paid provider's budget covers this call", .attempts))]
+    OverBudget {
+        attempts: Vec<Attempt>,
+        resets_in: Option<std::time::Duration>,
+    },
     /// The client has used its quota (`server.quotas`); it may call again after `retry_after`.
     #[error("quota of {per_minute} calls a minute used; retry in {} ms", .retry_after.as_millis().max(1))]
     QuotaExceeded {
@@ -226,6 +233,9 @@ impl RouterError {
             E::Overloaded { .. } | E::AtCapacity { .. } => {
                 told(Code::ResourceExhausted, 429, RATE, None)
             }
+            E::OverBudget { .. } => {
+                told(Code::ResourceExhausted, 429, RATE, Some("budget_exceeded"))
+            }
             E::Unavailable { .. } => told(
                 Code::Unavailable,
                 503,
@@ -261,6 +271,7 @@ impl RouterError {
                 Some(secs.max(1))
             }
             RouterError::Overloaded { .. } | RouterError::AtCapacity { .. } => Some(1),
+            RouterError::OverBudget { resets_in, .. } => resets_in.map(|d| d.as_secs().max(1)),
             RouterError::InvalidArgument(_)
             | RouterError::TooLarge(_)
             | RouterError::UnknownModel { .. }
@@ -287,7 +298,8 @@ impl RouterError {
             RouterError::Unavailable { attempts, .. }
             | RouterError::Unsupported { attempts, .. }
             | RouterError::DeadlineExceeded { attempts }
-            | RouterError::Overloaded { attempts } => attempts,
+            | RouterError::Overloaded { attempts }
+            | RouterError::OverBudget { attempts, .. } => attempts,
             RouterError::InvalidArgument(_)
             | RouterError::TooLarge(_)
             | RouterError::UnknownModel { .. }

@@ -25,10 +25,12 @@ pub enum FailureKind {
     Disabled,
     /// Skipped: its active health checks failed.
     Unhealthy,
+    /// Skipped: a daily budget cannot cover what the call may cost.
+    Budget,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 15] = [
+    pub const ALL: [FailureKind; 16] = [
         FailureKind::Connect,
         FailureKind::Timeout,
         FailureKind::Io,
@@ -44,6 +46,7 @@ impl FailureKind {
         FailureKind::Unsupported,
         FailureKind::Disabled,
         FailureKind::Unhealthy,
+        FailureKind::Budget,
     ];
 
     /// Its place in [`FailureKind::ALL`].
@@ -69,6 +72,7 @@ impl FailureKind {
             FailureKind::Unsupported => "unsupported",
             FailureKind::Disabled => "disabled",
             FailureKind::Unhealthy => "unhealthy",
+            FailureKind::Budget => "budget",
         }
     }
 
@@ -101,6 +105,7 @@ impl FailureKind {
             FailureKind::Unsupported => "unsupported",
             FailureKind::Disabled => "disabled",
             FailureKind::Unhealthy => "unhealthy",
+            FailureKind::Budget => "over budget",
         }
     }
 }

@@ -84,6 +84,7 @@ mod metrics;
 mod provider;
 mod rate;
 mod router;
+mod spend;
 mod status;
 mod store;
 mod upstream;

@@ -74,6 +74,22 @@ enum Command {
         json: bool,
         prompt: String,
     },
+    /// Print a day's spend by tenant, provider and model, and the budgets: the fleet's, from
+    /// the Redis the cascade file names, or else a running router's (`GET /api/spend` on
+    /// `server.http_listen`).
+    Spend {
+        #[arg(long)]
+        config: PathBuf,
+        /// The UTC day, YYYY-MM-DD; default today.
+        #[arg(long)]
+        day: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The client key, when the router has `server.auth`.
+        #[arg(long, env = "CASCADE_ROUTER_KEY", hide_env_values = true)]
+        key: Option<String>,
+    },
     /// Send a JSONL file of prompts through a running router; one JSONL answer per line, in
     /// input order, with errors in place.
     Batch {
@@ -198,6 +214,32 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Spend {
+            config,
+            day,
+            json,
+            key,
+        } => {
+            let loaded = match load(Some(config)) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let asked = client::spend::report(&loaded, day.as_deref(), key.as_deref());
+            match runtime.block_on(asked) {
+                Ok(report) if json => {
+                    say(&report.to_string());
+                    ExitCode::SUCCESS
+                }
+                Ok(report) => {
+                    say(client::spend::table(&report).trim_end());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
         Command::Serve { config, listen } => {
             let loaded = match load(config.clone()) {
                 Ok(c) => c,

@@ -318,6 +318,7 @@ impl From<FailureKind> for v1::FailureKind {
             FailureKind::Unsupported => v1::FailureKind::Unsupported,
             FailureKind::Disabled => v1::FailureKind::Disabled,
             FailureKind::Unhealthy => v1::FailureKind::Unhealthy,
+            FailureKind::Budget => v1::FailureKind::Budget,
         }
     }
 }

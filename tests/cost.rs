@@ -59,7 +59,7 @@ async fn an_answer_costs_its_usage_at_its_models_price() {
     // Spend is counted by provider and model.
     let spent = metric(
         &router,
-        r#"cascade_spend_usd_total{provider="paid",model="big"}"#,
+        r#"cascade_spend_usd_total{tenant="",provider="paid",model="big"}"#,
     );
     assert_eq!((spent * 1e9).round() as u64, want);
     // The HTTP front says the same in a header.

@@ -57,7 +57,12 @@ fn cascade(cascade: &str, fakes: &[Arc<Fake>]) -> (Cascade, Plan) {
         targets: targets.into(),
         skipped: Vec::new(),
     };
-    (Cascade::new(c.cascade), plan)
+    let spend = crate::spend::Spend::new(
+        &c.spend,
+        metrics.spend().clone(),
+        crate::spend::Clock::system(),
+    );
+    (Cascade::new(c.cascade, spend), plan)
 }
 
 fn req() -> Arc<CompletionRequest> {

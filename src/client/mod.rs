@@ -1,5 +1,5 @@
 //! The agent side: `cascade-router complete` and `cascade-router batch`, gRPC clients of a
-//! running router, for scripts and shell loops.
+//! running router, for scripts and shell loops; and `cascade-router spend`, the ledger.
 //!
 //! Exit codes, so a script can act on the outcome without parsing text ([`exit_code`]):
 //! 0 answered; 2 usage or an invalid request; 3 unavailable (the router cannot be reached,
@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod openai_json;
+pub mod spend;
 
 use std::{fmt, path::PathBuf, time::Duration};
 

@@ -23,6 +23,7 @@ mod providers;
 mod rate;
 mod raw;
 mod server;
+mod spend;
 mod view;
 
 use std::{collections::BTreeMap, collections::BTreeSet, path::Path, time::Duration};
@@ -42,6 +43,7 @@ pub use providers::{
 };
 pub use rate::RateLimitConfig;
 pub use server::{Limits, QuotaConfig, ServerConfig, TlsFiles};
+pub use spend::{OnStoreError, SpendConfig};
 
 use raw::RawFile;
 
@@ -62,6 +64,8 @@ pub struct Config {
     pub cache: Option<CacheConfig>,
     /// `None` when no Redis is named: limits are this router's alone.
     pub fleet: Option<FleetConfig>,
+    /// Budgets (`cost_tracking`, `budget:` on providers and client keys).
+    pub spend: SpendConfig,
     /// Things worth telling the operator once at start.
     pub warnings: Vec<String>,
 }
@@ -89,7 +93,6 @@ providers:
 const KNOWN_IGNORED: &[&str] = &[
     "custom_models",
     "multimodal",
-    "cost_tracking",
     "metrics",
     "logging",
     "routing",
@@ -310,6 +313,7 @@ impl Check<'_> {
     }
 
     fn validate(mut self, raw: RawFile) -> Result<Config, ConfigError> {
+        let spend = self.spend(&raw)?;
         let cascade = self.cascade(raw.cascade)?;
         let server = self.server(raw.server, raw.limits)?;
         let cache = match raw.cache {
@@ -339,6 +343,7 @@ impl Check<'_> {
             models: all_models,
             cache,
             fleet,
+            spend,
             warnings: self.warnings,
         })
     }

@@ -32,6 +32,41 @@ pub struct RawFile {
     pub cache: Option<RawCache>,
     /// Absent: limits shared only when `cache` names a Redis, as one router's.
     pub fleet: Option<RawFleet>,
+    /// The Python router's section, read as written; absent: no router-wide budget.
+    pub cost_tracking: Option<RawCostTracking>,
+}
+
+/// `cost_tracking` — the seed's section (`enabled`, `budget_daily_usd`,
+/// `alert_threshold_percent`) and this router's two additions.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawCostTracking {
+    pub enabled: bool,
+    /// The whole router's spend a UTC day; absent: none.
+    pub budget_daily_usd: Option<f64>,
+    pub alert_threshold_percent: f64,
+    pub on_store_error: super::OnStoreError,
+    /// Output tokens a paid attempt reserves when the request sets no `max_tokens`.
+    pub reserve_output_tokens: u32,
+}
+
+impl Default for RawCostTracking {
+    fn default() -> Self {
+        RawCostTracking {
+            enabled: true,
+            budget_daily_usd: None,
+            alert_threshold_percent: 80.0,
+            on_store_error: super::OnStoreError::default(),
+            reserve_output_tokens: 4096,
+        }
+    }
+}
+
+/// `budget:` on a provider or a client key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub daily_usd: f64,
 }
 
 /// Routers that share limits, quotas and circuits through Redis (this router's own section).
@@ -189,6 +224,8 @@ pub struct RawProvider {
     pub pass_through: Vec<String>,
     /// Active probes of the provider; absent means none.
     pub health_check: Option<RawHealthCheck>,
+    /// What it may spend a UTC day; absent: no limit of its own.
+    pub budget: Option<RawBudget>,
     /// Replicas of one server, each a URL as `url` takes it (instead of `url`).
     pub endpoints: Vec<String>,
     pub balance: super::Balance,
@@ -219,6 +256,7 @@ impl Default for RawProvider {
             rate_limit: None,
             pass_through: Vec::new(),
             health_check: None,
+            budget: None,
             endpoints: Vec::new(),
             balance: super::Balance::default(),
             description: None,
@@ -454,6 +492,8 @@ pub struct RawClientKey {
     /// May use the operator's control actions (disable, drain, ...).
     #[serde(default)]
     pub admin: bool,
+    /// What this client may spend a UTC day; absent: no limit of its own.
+    pub budget: Option<RawBudget>,
 }
 
 impl Default for RawServer {

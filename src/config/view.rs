@@ -7,8 +7,8 @@ use serde_json::{Value, json};
 
 use super::{
     Api, AuthConfig, BatchingConfig, BreakerConfig, CacheConfig, CascadePolicy, ClientKey, Config,
-    FleetConfig, HealthCheckConfig, HttpConfig, Limits, ModelInfo, ProviderConfig, QuotaConfig,
-    RateLimitConfig, RedisConfig, RetryBudget, ServerConfig,
+    FleetConfig, HealthCheckConfig, HttpConfig, Limits, ModelInfo, OnStoreError, ProviderConfig,
+    QuotaConfig, RateLimitConfig, RedisConfig, RetryBudget, ServerConfig, SpendConfig,
 };
 
 const REDACTED: &str = "<redacted>";
@@ -29,6 +29,7 @@ impl Config {
             models,
             cache,
             fleet,
+            spend,
             warnings,
         } = self;
         json!({
@@ -43,9 +44,34 @@ impl Config {
                 "routers": routers,
                 "redis": redis_view(redis),
             })),
+            "cost_tracking": spend_view(spend),
             "warnings": warnings,
         })
     }
+}
+
+fn spend_view(s: &SpendConfig) -> Value {
+    let SpendConfig {
+        router_daily,
+        provider_daily,
+        client_daily,
+        clients: _, // the client keys' names, shown under server.auth
+        alert_percent,
+        on_store_error,
+        reserve_output_tokens,
+    } = s;
+    let usd = |n: &u64| *n as f64 / 1e9;
+    json!({
+        "budget_daily_usd": router_daily.as_ref().map(usd),
+        "provider_budgets_daily_usd": provider_daily.iter().map(|(k, v)| (k.clone(), json!(usd(v)))).collect::<serde_json::Map<_, _>>(),
+        "client_budgets_daily_usd": client_daily.iter().map(|(k, v)| (k.clone(), json!(usd(v)))).collect::<serde_json::Map<_, _>>(),
+        "alert_threshold_percent": alert_percent,
+        "on_store_error": match on_store_error {
+            OnStoreError::EnforceLocal => "enforce_local",
+            OnStoreError::Refuse => "refuse",
+        },
+        "reserve_output_tokens": reserve_output_tokens,
+    })
 }
 
 fn server_view(s: &ServerConfig) -> Value {

@@ -57,6 +57,11 @@ impl Fleet {
         }))
     }
 
+    /// The fleet's Redis (budgets and the spend ledger are kept there too).
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
     /// Routers in the fleet, as the cascade file says.
     pub fn routers(&self) -> u32 {
         self.routers

@@ -1,6 +1,6 @@
 //! The operator's view and hands on the HTTP front's listener: the status page (`/status`,
 //! `/` leads there; its HTML, script and style are in the binary, nothing from elsewhere) and
-//! the JSON API behind it — `GET /api/status`, `GET /api/config`,
+//! the JSON API behind it — `GET /api/status`, `GET /api/config`, `GET /api/spend`,
 //! `POST /api/providers/{name}/control` (`{"action": "enable" | "disable" | "drain" |
 //! "reset_circuit"}`), `POST /api/health-check`.
 //!
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use axum::{
     Router as App,
     body::Bytes,
-    extract::{Path, State},
+    extract::{Path, RawQuery, State},
     http::{HeaderMap, HeaderValue, header},
     response::{IntoResponse, Redirect, Response},
     routing::{get, post},
@@ -55,6 +55,7 @@ pub(crate) fn routes(edge: Arc<Edge>, auth: Authenticate, board: Arc<Board>) -> 
         )
         .route("/api/status", get(status))
         .route("/api/config", get(config))
+        .route("/api/spend", get(spend))
         .route("/api/providers/{name}/control", post(control))
         .route("/api/health-check", post(health_check))
         .with_state(Arc::new(Console { edge, auth, board }))
@@ -148,6 +149,25 @@ async fn config(
 ) -> Result<Response, Failure> {
     c.allow(&headers, on, false)?;
     Ok(json_response(&c.edge.router.config_view()).into_response())
+}
+
+/// `GET /api/spend[?day=YYYY-MM-DD]`: the day's ledger and today's budgets.
+async fn spend(
+    State(c): State<Arc<Console>>,
+    headers: HeaderMap,
+    on: Option<axum::Extension<Connection>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, Failure> {
+    c.allow(&headers, on, false)?;
+    let day = match query.as_deref().and_then(|q| q.strip_prefix("day=")) {
+        None => None,
+        Some(d) => Some(crate::spend::parse_date(d).ok_or_else(|| {
+            RouterError::InvalidArgument(format!("day: {d:?} is not a date; give YYYY-MM-DD"))
+        })?),
+    };
+    let report = c.edge.router.spend().report(day).await;
+    let body = serde_json::to_value(&report).map_err(|e| RouterError::Internal(e.to_string()))?;
+    Ok(json_response(&body).into_response())
 }
 
 async fn control(

@@ -25,9 +25,10 @@ use crate::{
     fleet::Fleet,
     metrics::Metrics,
     provider,
+    spend::{Clock, Spend},
     upstream::{Circuit, Probe, Snapshot, Upstream},
 };
-use relay::Relay;
+use relay::{Charge, Relay};
 
 /// How many times a caller starts a shared flight again after another caller's deadline
 /// ended one (see [`Router::complete`]).
@@ -50,6 +51,8 @@ pub struct Router {
     metrics: Arc<Metrics>,
     /// Operators' orders by provider name, put in force again on every reload.
     overrides: Overrides,
+    /// The ledger and budgets, kept across reloads.
+    spend: Arc<Spend>,
 }
 
 /// The completion cache's figures, for the status page.
@@ -73,14 +76,26 @@ pub struct Reloaded {
 
 impl Router {
     pub fn new(config: &Config) -> Result<Router, BuildError> {
+        Router::with_clock(config, Clock::system())
+    }
+
+    /// A router whose budgets count days by `clock` (tests roll the day over on it).
+    pub fn with_clock(config: &Config, clock: Clock) -> Result<Router, BuildError> {
         let metrics = Arc::new(Metrics::new());
         let overrides = Overrides::default();
-        let (state, _) = State::build(config, &metrics, None, &overrides)?;
+        let spend = Spend::new(&config.spend, metrics.spend().clone(), clock);
+        let (state, _) = State::build(config, &metrics, None, &overrides, &spend)?;
         Ok(Router {
             state: ArcSwap::from_pointee(state),
             metrics,
             overrides,
+            spend,
         })
+    }
+
+    /// The ledger and budgets.
+    pub fn spend(&self) -> &Arc<Spend> {
+        &self.spend
     }
 
     /// Answers one request before `deadline`, or says why not.
@@ -128,7 +143,13 @@ impl Router {
     /// counters, and the cache is kept when its settings did not change.
     pub fn reload(&self, config: &Config) -> Result<Reloaded, BuildError> {
         let old = self.state.load_full();
-        let (state, reloaded) = State::build(config, &self.metrics, Some(&old), &self.overrides)?;
+        let (state, reloaded) = State::build(
+            config,
+            &self.metrics,
+            Some(&old),
+            &self.overrides,
+            &self.spend,
+        )?;
         self.state.store(Arc::new(state));
         Ok(reloaded)
     }
@@ -268,6 +289,7 @@ impl State {
         metrics: &Arc<Metrics>,
         old: Option<&State>,
         overrides: &Overrides,
+        spend: &Arc<Spend>,
     ) -> Result<(State, Reloaded), BuildError> {
         let mut reloaded = Reloaded::default();
         let kept_fleet = old
@@ -278,6 +300,7 @@ impl State {
             (Some(_), Some(kept)) => Some(kept.clone()),
             (Some(c), None) => Some((c.clone(), Fleet::new(c, metrics.fleet().clone())?)),
         };
+        spend.configure(&config.spend, fleet.as_ref().map(|(_, f)| f.store()));
         let mut upstreams = Vec::with_capacity(config.providers.len());
         for p in &config.providers {
             let same = old
@@ -314,7 +337,7 @@ impl State {
             cache,
             fleet,
             coalescer: Coalescer::default(),
-            cascade: Arc::new(Cascade::new(config.cascade.clone())),
+            cascade: Arc::new(Cascade::new(config.cascade.clone(), spend.clone())),
             breaker: config.cascade.breaker,
             upstreams,
             metrics: metrics.clone(),
@@ -381,7 +404,9 @@ impl State {
             }
             Looked::Miss { plan, cached } => (plan, cached),
         };
-        let (opened, target, attempts) = self.cascade.stream(&plan, request, deadline).await?;
+        let (opened, target, attempts, hold) =
+            self.cascade.stream(&plan, request, deadline).await?;
+        let price = target.upstream.model_info(&target.model).price;
         let relay = Relay {
             first: Some(opened.first),
             rest: opened.rest,
@@ -391,6 +416,11 @@ impl State {
             began: Instant::now(),
             sent: Sent::default(),
             cache: cached.map(|(c, k)| (c.clone(), k, String::new())),
+            charge: hold.zip(price).map(|(hold, price)| Charge {
+                hold,
+                price,
+                request: request.clone(),
+            }),
         };
         Ok(Streamed {
             provider: relay.provider.clone(),
@@ -417,24 +447,20 @@ impl State {
             Looked::Miss { plan, cached } => (plan, cached),
         };
         let Some((cache, key)) = cached else {
-            let answer = self.cascade.run(&plan, request, deadline).await?;
-            self.metrics
-                .spent(&answer.provider, &answer.model, answer.cost);
-            return Ok(answer);
+            return self.cascade.run(&plan, request, deadline).await;
         };
         let plan = Arc::new(plan);
         let work = || {
-            let (cascade, plan, request, cache, metrics) = (
+            let (cascade, plan, request, cache) = (
                 self.cascade.clone(),
                 plan.clone(),
                 request.clone(),
                 cache.clone(),
-                self.metrics.clone(),
             );
             async move {
+                // Charged once per upstream answer (in the cascade), however many callers
+                // share it.
                 let answer = cascade.run(&plan, &request, deadline).await?;
-                // Once per upstream answer, however many callers share it.
-                metrics.spent(&answer.provider, &answer.model, answer.cost);
                 cache.put(key, &answer).await;
                 Ok(answer)
             }

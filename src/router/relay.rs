@@ -9,10 +9,22 @@ use tokio::time::{Instant, timeout_at};
 
 use crate::{
     cache::{Cache, CacheKey},
-    completion::{Answer, Attempt, Completion, FailureKind, StreamEvent},
+    completion::{Answer, Attempt, Completion, CompletionRequest, FailureKind, StreamEvent, Usage},
+    config::Price,
+    cost,
     error::{RouterError, Sent},
     provider::ProviderError,
+    spend::{Hold, Payer},
 };
+
+/// What a stream of a priced model is charged to: settled at its end from the usage it
+/// reported, or — ended early, broken or dropped by the caller — estimated from what was
+/// sent.
+pub(crate) struct Charge {
+    pub(crate) hold: Hold,
+    pub(crate) price: Price,
+    pub(crate) request: Arc<CompletionRequest>,
+}
 
 /// Passes a provider's stream on to the caller, counting what was sent, ending it at the
 /// caller's deadline, and caching it when it completes (for a deterministic request).
@@ -26,6 +38,29 @@ pub(crate) struct Relay {
     pub(crate) sent: Sent,
     /// Where the answer goes, and its text so far.
     pub(crate) cache: Option<(Arc<Cache>, CacheKey, String)>,
+    pub(crate) charge: Option<Charge>,
+}
+
+impl Relay {
+    /// Settles the stream's reservation (once): at `usage` when the provider reported it.
+    fn settle(&mut self, usage: Option<Usage>) {
+        if let Some(c) = self.charge.take() {
+            let cost = cost::priced(c.price, &c.request, usage, self.sent.bytes);
+            let payer = Payer {
+                tenant: &c.request.tenant,
+                provider: &self.provider,
+                model: &self.model,
+            };
+            c.hold.settle(payer, cost);
+        }
+    }
+}
+
+impl Drop for Relay {
+    /// A stream the caller left, or that ended early, is charged for what was sent.
+    fn drop(&mut self) {
+        self.settle(None);
+    }
 }
 
 /// Longest streamed answer kept for the cache; a longer one is not cached.
@@ -77,6 +112,7 @@ impl Relay {
                 finish_reason,
                 usage,
             })) => {
+                self.settle(usage);
                 if let Some((cache, key, text)) = self.cache.take() {
                     let answer = Answer {
                         completion: Completion::text(text, finish_reason.clone(), usage),

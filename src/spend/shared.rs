@@ -1,0 +1,216 @@
+//! Budgets and the ledger in Redis, shared by every replica: a day's budget is one counter
+//! of nanodollars spent and reserved, `cascade:budget:{date}:{scope}`, living two days.
+//!
+//! A reservation is one script over every budget that applies, so it is all or none across
+//! them and across replicas. Settlements and ledger lines go behind the answer as one
+//! pipeline; one that fails (Redis away) is kept and [`flush`]ed when Redis is back, as are
+//! reservations decided locally meanwhile. An operation that timed out after Redis did it is
+//! counted twice — an overcount, never an overshoot.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, LazyLock, Weak},
+    time::Duration,
+};
+
+use super::{Scope, Spend, clock::date, ledger};
+use crate::store::Store;
+
+/// How often changes Redis did not take are offered again.
+const FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// A budget counter's life: its day and the next (a late settlement still finds it).
+const BUDGET_TTL_MS: u64 = 2 * 86_400_000;
+/// Ledger lines kept for Redis to take, at most; past that the oldest are dropped (counted in
+/// the router's own ledger and metrics still).
+pub(super) const MAX_UNSENT: usize = 10_000;
+
+/// KEYS: the budgets' counters. ARGV: the amount, the counters' TTL (ms), then each budget's
+/// limit. Returns `{0, total…}` when reserved in every one, or `{i, used}` for the first
+/// budget without room.
+static RESERVE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local amount = tonumber(ARGV[1])
+for i, k in ipairs(KEYS) do
+  local used = tonumber(redis.call('GET', k) or '0')
+  if used + amount > tonumber(ARGV[i + 2]) then return {i, used} end
+end
+local out = {0}
+for i, k in ipairs(KEYS) do
+  out[i + 1] = redis.call('INCRBY', k, amount)
+  redis.call('PEXPIRE', k, ARGV[2])
+end
+return out
+",
+    )
+});
+
+fn key(day: u32, scope: &Scope) -> String {
+    format!("cascade:budget:{}:{}", date(day), scope.key())
+}
+
+/// What Redis said of a reservation: `None` when it did not answer; else the totals after
+/// it, or the budget without room (scope, limit, used).
+pub(super) async fn reserve(
+    store: &Arc<Store>,
+    day: u32,
+    limits: &[(Scope, u64)],
+    amount: u64,
+) -> Option<Result<Vec<(Scope, i64)>, (Scope, u64, u64)>> {
+    let mut invocation = RESERVE.prepare_invoke();
+    for (scope, _) in limits {
+        invocation.key(key(day, scope));
+    }
+    invocation.arg(amount).arg(BUDGET_TTL_MS);
+    for (_, limit) in limits {
+        invocation.arg(*limit);
+    }
+    let reply: Vec<i64> = store
+        .run("budget", |mut c| async move {
+            invocation.invoke_async(&mut c).await
+        })
+        .await?;
+    let (head, rest) = reply.split_first()?;
+    match usize::try_from(*head) {
+        Ok(0) => Some(Ok(limits
+            .iter()
+            .zip(rest)
+            .map(|((s, _), t)| (s.clone(), *t))
+            .collect())),
+        Ok(i) => {
+            let (scope, limit) = limits.get(i - 1)?;
+            let used = u64::try_from(rest.first().copied().unwrap_or(0)).unwrap_or(0);
+            Some(Err((scope.clone(), *limit, used)))
+        }
+        Err(_) => None,
+    }
+}
+
+/// One pipeline: each budget moved by `delta`, then the ledger lines.
+fn pipeline(day: u32, scopes: &[(Scope, i64)], rows: &[ledger::Key]) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for (scope, delta) in scopes {
+        let k = key(day, scope);
+        pipe.cmd("INCRBY").arg(&k).arg(*delta);
+        pipe.cmd("PEXPIRE").arg(&k).arg(BUDGET_TTL_MS).ignore();
+    }
+    for row in rows {
+        let (hash, calls, field) = row.redis();
+        let keep = ledger::KEEP_DAYS * 86_400;
+        pipe.cmd("HINCRBY")
+            .arg(&hash)
+            .arg(&field)
+            .arg(row.nanos)
+            .ignore();
+        pipe.cmd("HINCRBY").arg(&calls).arg(&field).arg(1).ignore();
+        pipe.cmd("EXPIRE").arg(&hash).arg(keep).ignore();
+        pipe.cmd("EXPIRE").arg(&calls).arg(keep).ignore();
+    }
+    pipe
+}
+
+/// Writes a settlement behind the answer: `scopes` moved by `delta`, and the ledger line.
+pub(super) fn settle(
+    spend: Arc<Spend>,
+    store: Arc<Store>,
+    day: u32,
+    scopes: Vec<Scope>,
+    delta: i64,
+    row: Option<ledger::Key>,
+) {
+    let moved: Vec<(Scope, i64)> = scopes.iter().map(|s| (s.clone(), delta)).collect();
+    let rows: Vec<ledger::Key> = row.into_iter().collect();
+    let pipe = pipeline(day, &moved, &rows);
+    tokio::spawn(async move {
+        let totals = store
+            .run("spend", |mut c| async move {
+                pipe.query_async::<Vec<i64>>(&mut c).await
+            })
+            .await;
+        match totals {
+            Some(totals) => {
+                let seen: Vec<(Scope, i64)> = scopes.into_iter().zip(totals).collect();
+                spend.lock().seen(day, &seen, &[]);
+            }
+            None => {
+                spend.lock().pend(day, &scopes, delta);
+                spend.unsent(rows);
+            }
+        }
+    });
+}
+
+/// Offers Redis what it did not take, every [`FLUSH_EVERY`] while `spend` lives.
+pub(super) async fn flush(spend: Weak<Spend>) {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(spend) = spend.upgrade() else { return };
+        let Some(store) = spend.store.load_full() else {
+            continue;
+        };
+        let (day, pending) = spend.lock().pending();
+        let rows = spend.take_unsent();
+        if pending.is_empty() && rows.is_empty() {
+            continue;
+        }
+        let pipe = pipeline(day, &pending, &rows);
+        let totals = store
+            .run("spend", |mut c| async move {
+                pipe.query_async::<Vec<i64>>(&mut c).await
+            })
+            .await;
+        match totals {
+            Some(totals) => {
+                let flushed: Vec<i64> = pending.iter().map(|(_, d)| *d).collect();
+                let seen: Vec<(Scope, i64)> =
+                    pending.into_iter().map(|(s, _)| s).zip(totals).collect();
+                spend.lock().seen(day, &seen, &flushed);
+                spend.metrics.reconciled();
+            }
+            None => spend.unsent(rows),
+        }
+    }
+}
+
+/// A day's two ledger hashes and its budgets' counters.
+type Read = (Vec<(String, u64)>, BTreeMap<String, u64>, Vec<Option<i64>>);
+
+/// A day's ledger and the use of `budgets` that day, as Redis has them; `None` when Redis
+/// did not answer.
+pub(super) async fn read(
+    store: &Arc<Store>,
+    day: u32,
+    budgets: &[Scope],
+) -> Option<(Vec<ledger::Row>, Vec<u64>)> {
+    let hash = format!("cascade:spend:{}", date(day));
+    let mut pipe = redis::pipe();
+    pipe.cmd("HGETALL").arg(&hash);
+    pipe.cmd("HGETALL").arg(format!("{hash}:calls"));
+    for scope in budgets {
+        pipe.cmd("GET").arg(key(day, scope));
+    }
+    let (nanos, calls, used): Read = store
+        .run("spend", |mut c| async move {
+            let mut all: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+            let used = all.split_off(2.min(all.len()));
+            let mut it = all.into_iter();
+            let field = |v: Option<redis::Value>| -> redis::RedisResult<redis::Value> {
+                Ok(v.unwrap_or(redis::Value::Nil))
+            };
+            let nanos = redis::from_redis_value(field(it.next())?)?;
+            let calls = redis::from_redis_value(field(it.next())?)?;
+            let used = used
+                .into_iter()
+                .map(|v| redis::from_redis_value(v).map_err(redis::RedisError::from))
+                .collect::<redis::RedisResult<_>>()?;
+            Ok((nanos, calls, used))
+        })
+        .await?;
+    let used = used
+        .into_iter()
+        .map(|u| u64::try_from(u.unwrap_or(0)).unwrap_or(0))
+        .collect();
+    Some((ledger::rows_of(nanos, &calls), used))
+}
