@@ -31,6 +31,41 @@ fn env(ollama: &str, vllm: &str) -> HashMap<String, String> {
 }
 
 #[test]
+fn a_bad_price_or_budget_fails_at_load_naming_its_key() {
+    let provider = "providers:\n  - {name: p, type: simulated, models: [{name: m, price: {input_per_million: 1, output_per_million: 1}}]";
+    for (yaml, key) in [
+        (
+            format!("cost_tracking: {{budget_daily_usd: -1}}\n{provider}}}\n"),
+            "cost_tracking.budget_daily_usd",
+        ),
+        (
+            format!("cost_tracking: {{budget_daily_usd: .nan}}\n{provider}}}\n"),
+            "cost_tracking.budget_daily_usd",
+        ),
+        (
+            format!("{provider}, budget: {{daily_usd: 5000000}}}}\n"),
+            "providers[0].budget.daily_usd",
+        ),
+        (
+            format!("cost_tracking: {{alert_threshold_percent: 120}}\n{provider}}}\n"),
+            "cost_tracking.alert_threshold_percent",
+        ),
+        (
+            "providers:\n  - {name: p, type: simulated, models: [{name: m, price: {input_per_million: 1e9, output_per_million: 1}}]}\n".to_string(),
+            "providers[0].models[0].price.input_per_million",
+        ),
+    ] {
+        let e = config::parse(&yaml, "c.yaml", &|_| None).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("c.yaml: {key}: ")), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
+    let text = config::parse("cost_tracking: {budget_daily_usd: \"ten\"}\nproviders: [{name: p, type: simulated, models: [m]}]\n", "c.yaml", &|_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("budget_daily_usd"), "{text}");
+}
+
+#[test]
 fn python_providers_yaml_loads_with_warnings_and_no_secrets() {
     let vars = env("http://127.0.0.1:1", "http://127.0.0.1:2");
     let c = config::parse(FIXTURE, "providers.yaml", &|k| vars.get(k).cloned()).unwrap();
@@ -42,7 +77,8 @@ fn python_providers_yaml_loads_with_warnings_and_no_secrets() {
         "${OPENAI_API_KEY} is unset",
         "${XAI_API_KEY} is unset",
         "\"airllm\"",
-        "sections not used by this router: cost_tracking, custom_models, metrics, multimodal",
+        "sections not used by this router: custom_models, metrics, multimodal",
+        "cost_tracking.monthly_budget_usd is not enforced",
     ] {
         assert!(
             warnings.contains(needle),
@@ -309,7 +345,7 @@ fn the_binary_offers_only_product_commands() {
     // Operators' and agents' commands; the team's tools live in cascade-bench.
     assert_eq!(
         commands,
-        ["serve", "check", "complete", "batch", "help"],
+        ["serve", "check", "complete", "spend", "batch", "help"],
         "{help}"
     );
 }

@@ -48,6 +48,8 @@ pub struct RawCostTracking {
     pub on_store_error: super::OnStoreError,
     /// Output tokens a paid attempt reserves when the request sets no `max_tokens`.
     pub reserve_output_tokens: u32,
+    /// The Python router's monthly figure: read, and said not to be enforced.
+    pub monthly_budget_usd: Option<f64>,
 }
 
 impl Default for RawCostTracking {
@@ -58,6 +60,7 @@ impl Default for RawCostTracking {
             alert_threshold_percent: 80.0,
             on_store_error: super::OnStoreError::default(),
             reserve_output_tokens: 4096,
+            monthly_budget_usd: None,
         }
     }
 }

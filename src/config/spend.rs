@@ -75,6 +75,12 @@ impl Check<'_> {
                 "give the output tokens a paid call without max_tokens may use (4096 by default)",
             ));
         }
+        if t.monthly_budget_usd.is_some() {
+            self.warn(
+                "cost_tracking.monthly_budget_usd is not enforced: budgets here are daily \
+                 (cost_tracking.budget_daily_usd)",
+            );
+        }
         let router_daily = match t.budget_daily_usd {
             Some(v) if t.enabled => Some(self.daily("cost_tracking.budget_daily_usd", v)?),
             Some(_) => {
