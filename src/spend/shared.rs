@@ -109,6 +109,15 @@ fn pipeline(day: u32, scopes: &[(Scope, i64)], rows: &[ledger::Key]) -> redis::P
     pipe
 }
 
+/// Runs a [`pipeline`]: the budgets' totals after it, `None` when Redis did not take it.
+async fn write(store: &Arc<Store>, pipe: redis::Pipeline) -> Option<Vec<i64>> {
+    store
+        .run("spend", |mut c| async move {
+            pipe.query_async::<Vec<i64>>(&mut c).await
+        })
+        .await
+}
+
 /// Writes a settlement behind the answer: `scopes` moved by `delta`, and the ledger line.
 pub(super) fn settle(
     spend: Arc<Spend>,
@@ -122,11 +131,7 @@ pub(super) fn settle(
     let rows: Vec<ledger::Key> = row.into_iter().collect();
     let pipe = pipeline(day, &moved, &rows);
     tokio::spawn(async move {
-        let totals = store
-            .run("spend", |mut c| async move {
-                pipe.query_async::<Vec<i64>>(&mut c).await
-            })
-            .await;
+        let totals = write(&store, pipe).await;
         match totals {
             Some(totals) => {
                 let seen: Vec<(Scope, i64)> = scopes.into_iter().zip(totals).collect();
@@ -156,11 +161,7 @@ pub(super) async fn flush(spend: Weak<Spend>) {
             continue;
         }
         let pipe = pipeline(day, &pending, &rows);
-        let totals = store
-            .run("spend", |mut c| async move {
-                pipe.query_async::<Vec<i64>>(&mut c).await
-            })
-            .await;
+        let totals = write(&store, pipe).await;
         match totals {
             Some(totals) => {
                 let flushed: Vec<i64> = pending.iter().map(|(_, d)| *d).collect();
