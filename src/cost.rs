@@ -24,9 +24,10 @@ pub fn priced(
     out_bytes: usize,
 ) -> Cost {
     match usage {
+        // A batch's share of its usage is an estimate for the one answer (the shares add up).
         Some(u) => Cost {
             nanos: price.nanos(u64::from(u.prompt_tokens), u64::from(u.completion_tokens)),
-            estimated: false,
+            estimated: u.apportioned,
         },
         None => {
             let tokens = |bytes: usize| u64::try_from(bytes.div_ceil(4)).unwrap_or(u64::MAX);

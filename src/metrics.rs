@@ -154,6 +154,7 @@ pub struct Metrics {
     rate_wait_seconds: HistogramFamily,
     /// Requests the provider's `rate_limit` held back past their time (they moved on).
     rate_limited: Family<ProviderLabel, Counter>,
+    usage_clamped: Family<ProviderLabel, Counter>,
     /// The router's own share of an answered, uncached call: its duration less the time
     /// in a batch queue and at the provider.
     overhead_seconds: Histogram,
@@ -244,6 +245,7 @@ pub struct ProviderMetrics {
     upstream_seconds: Histogram,
     rate_wait_seconds: Histogram,
     rate_limited: Counter,
+    usage_clamped: Counter,
     batch_size: Histogram,
     queue_wait_seconds: Histogram,
     failures: Family<FailureLabel, Counter>,
@@ -283,6 +285,11 @@ impl ProviderMetrics {
         if held_back {
             self.rate_limited.inc();
         }
+    }
+
+    /// The provider reported usage out of range; it was clamped.
+    pub fn usage_clamped(&self) {
+        self.usage_clamped.inc();
     }
 
     /// A batch of `size` prompts went out, each having waited in the queue.
@@ -382,6 +389,7 @@ impl Metrics {
         let upstream_seconds: HistogramFamily = Family::new_with_constructor(wait_buckets);
         let rate_wait_seconds: HistogramFamily = Family::new_with_constructor(wait_buckets);
         let rate_limited = Family::default();
+        let usage_clamped = Family::default();
         let overhead_seconds = wait_buckets();
         let spend = SpendMetrics::default();
         spend.register(&mut registry);
@@ -442,6 +450,11 @@ impl Metrics {
             "Requests the provider's rate_limit held back past their time",
             rate_limited.clone(),
         );
+        u.register(
+            "usage_clamped",
+            "Answers whose reported token usage was out of range and was clamped",
+            usage_clamped.clone(),
+        );
         Metrics {
             registry,
             cache,
@@ -462,6 +475,7 @@ impl Metrics {
             upstream_seconds,
             rate_wait_seconds,
             rate_limited,
+            usage_clamped,
             overhead_seconds,
             spend,
         }
@@ -476,6 +490,7 @@ impl Metrics {
             upstream_seconds: self.upstream_seconds.get_or_create(&label).clone(),
             rate_wait_seconds: self.rate_wait_seconds.get_or_create(&label).clone(),
             rate_limited: self.rate_limited.get_or_create(&label).clone(),
+            usage_clamped: self.usage_clamped.get_or_create(&label).clone(),
             batch_size: self.batch_size.get_or_create(&label).clone(),
             queue_wait_seconds: self.queue_wait_seconds.get_or_create(&label).clone(),
             failures: self.upstream_failures.clone(),

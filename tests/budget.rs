@@ -392,3 +392,79 @@ async fn redis_stopped_and_restarted_mid_run_leaves_no_call_unanswered_and_the_l
         "Redis holds {in_redis}: spent {since} since the stop, {total} in all"
     );
 }
+
+#[tokio::test]
+async fn a_batchs_usage_is_shared_over_its_answers_and_adds_up_exactly() {
+    let mock = MockServer::start(Script::default()).await.unwrap();
+    let yaml = format!(
+        "{}providers:\n\
+         \x20 - {{name: paid, type: openai, base_url: \"{}/v1\", models: [{{name: m, price: {{input_per_million: 0.15, output_per_million: 0.6}}}}], batching: {{mode: fixed, max_batch_size: 4, max_wait_ms: 1000}}}}\n",
+        cascade(0, 3, 60.0),
+        mock.url(),
+    );
+    let mut router = start(&yaml).await;
+    let prompts: Vec<String> = [
+        "one",
+        "two words",
+        "three whole words",
+        "and now four words",
+    ]
+    .map(String::from)
+    .to_vec();
+    let answers = complete_batch(&mut router.client, &prompts).await;
+    assert_eq!(
+        mock.stats().requests,
+        1,
+        "one upstream request for the four"
+    );
+    let (mut cost, mut prompt_tokens, mut completion_tokens) = (0, 0, 0);
+    for a in &answers {
+        let Some(v1::batch_result::Result::Response(a)) = &a.result else {
+            panic!("{a:?}");
+        };
+        assert!(
+            a.cost_estimated,
+            "one answer's share of a batch is an estimate"
+        );
+        let u = a.usage.unwrap();
+        prompt_tokens += u64::from(u.prompt_tokens);
+        completion_tokens += u64::from(u.completion_tokens);
+        cost += nanos(a.cost_usd);
+    }
+    // The mock counts a word a token; the batch's usage, and so its cost, exactly.
+    let words = |s: &str| s.split_whitespace().count() as u64;
+    assert_eq!(prompt_tokens, prompts.iter().map(|p| words(p)).sum::<u64>());
+    assert_eq!(cost, prompt_tokens * 150 + completion_tokens * 600);
+    let report = router.router.spend().report(None).await;
+    assert_eq!(report.rows[0].nanos, cost);
+    assert_eq!(report.rows[0].calls, 4);
+}
+
+#[tokio::test]
+async fn usage_out_of_range_is_clamped_and_counted() {
+    let mock = MockServer::start(Script {
+        usage: Some((-40, 1_000_000_000_000)),
+        ..Script::default()
+    })
+    .await
+    .unwrap();
+    let yaml = format!(
+        "{}providers:\n\
+         \x20 - {{name: paid, type: openai, base_url: \"{}/v1\", models: [{{name: m, price: {{input_per_million: 1, output_per_million: 1}}}}]}}\n",
+        cascade(0, 3, 60.0),
+        mock.url(),
+    );
+    let mut router = start(&yaml).await;
+    let a = router.client.ask(prompt(PROMPT)).await;
+    let u = a.usage.unwrap();
+    // Negative read as none; absurd held to ten million (a dollar a million: $10).
+    assert_eq!((u.prompt_tokens, u.completion_tokens), (0, 10_000_000));
+    assert_eq!(nanos(a.cost_usd), 10_000_000_000);
+    assert_eq!(
+        metric(
+            &router,
+            r#"cascade_upstream_usage_clamped_total{provider="paid"}"#
+        ),
+        1.0
+    );
+}

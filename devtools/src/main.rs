@@ -171,6 +171,7 @@ fn main() -> ExitCode {
                 refuse_arrays: false,
                 chunk_interval: Duration::from_secs_f64(chunk_interval_ms.max(0.0) / 1e3),
                 prefix_cache,
+                usage: None,
             };
             runtime.block_on(async {
                 let started = match tls_cert_out {

@@ -71,6 +71,9 @@ pub struct Script {
     /// Prompt prefixes this server's prefix (KV) cache holds, the least recently used going
     /// first (see [`Snapshot::prefix_hits`]).
     pub prefix_cache: usize,
+    /// Report this usage (prompt, completion tokens) on unary answers instead of what was
+    /// counted, as a provider that misreports would (negative, absurd).
+    pub usage: Option<(i64, i64)>,
 }
 
 impl Default for Script {
@@ -87,6 +90,7 @@ impl Default for Script {
             refuse_arrays: false,
             chunk_interval: Duration::ZERO,
             prefix_cache: 1024,
+            usage: None,
         }
     }
 }
@@ -660,7 +664,13 @@ async fn respond(
             }
             answer
         }
-        None => answer(endpoint, &model, &prompts, script.omit_marker.as_deref()),
+        None => {
+            let mut a = answer(endpoint, &model, &prompts, script.omit_marker.as_deref());
+            if let (Some((p, c)), Some(usage)) = (script.usage, a.get_mut("usage")) {
+                *usage = json!({"prompt_tokens": p, "completion_tokens": c});
+            }
+            a
+        }
     };
     full(StatusCode::OK, body.to_string())
 }

@@ -184,6 +184,18 @@ impl Completion {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// A share of a batch's usage, split by the bytes of each prompt and answer: its cost is
+    /// an estimate (the batch's answers add up to the batch's usage exactly).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub apportioned: bool,
+    /// The provider's figures were out of range (negative, fractional or absurd) and were
+    /// clamped, not believed.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub clamped: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A completion being streamed, with where it comes from.

@@ -18,6 +18,7 @@ use serde_json::Value;
 use super::{
     EventStream, Provider, ProviderError, http,
     stream::{self, Decode, Framing, Read},
+    usage::{self, Tokens},
 };
 use crate::{
     completion::{
@@ -152,9 +153,9 @@ struct BlockIn {
 #[derive(Deserialize)]
 struct WireUsage {
     #[serde(default)]
-    input_tokens: u32,
+    input_tokens: Tokens,
     #[serde(default)]
-    output_tokens: u32,
+    output_tokens: Tokens,
 }
 
 /// Why the Messages API cannot carry `r`, naming the field.
@@ -461,10 +462,7 @@ impl Decode for Events {
         match event.kind.as_str() {
             "message_start" => {
                 if let Some(u) = event.message.and_then(|m| m.usage) {
-                    self.usage = Some(Usage {
-                        prompt_tokens: u.input_tokens,
-                        completion_tokens: u.output_tokens,
-                    });
+                    self.usage = Some(usage::reported(u.input_tokens, u.output_tokens));
                 }
                 Ok(Read::default())
             }
@@ -563,10 +561,8 @@ impl Response {
             return Ok(Completion::text(
                 input.to_string(),
                 stop,
-                self.usage.map(|u| Usage {
-                    prompt_tokens: u.input_tokens,
-                    completion_tokens: u.output_tokens,
-                }),
+                self.usage
+                    .map(|u| usage::reported(u.input_tokens, u.output_tokens)),
             ));
         }
         let text: String = self
@@ -591,10 +587,9 @@ impl Response {
         Ok(Completion {
             text,
             finish_reason: self.stop_reason.unwrap_or_default(),
-            usage: self.usage.map(|u| Usage {
-                prompt_tokens: u.input_tokens,
-                completion_tokens: u.output_tokens,
-            }),
+            usage: self
+                .usage
+                .map(|u| usage::reported(u.input_tokens, u.output_tokens)),
             tool_calls,
             logprobs: None,
         })

@@ -11,6 +11,7 @@ pub mod ollama;
 pub mod openai;
 pub mod simulated;
 pub mod stream;
+pub mod usage;
 pub mod wire;
 
 use std::{sync::Arc, time::Duration};

@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::{
     EventStream, Provider, ProviderError, http,
     stream::{self, Decode, Framing, Read},
+    usage::{self, Tokens},
     wire::{self, CallIn, ToolOut},
 };
 use crate::{
@@ -266,18 +267,18 @@ struct ChatReply {
 #[derive(Deserialize)]
 struct Tail {
     done_reason: Option<String>,
-    prompt_eval_count: Option<u32>,
-    eval_count: Option<u32>,
+    prompt_eval_count: Option<Tokens>,
+    eval_count: Option<Tokens>,
 }
 
 impl Tail {
     fn finish(self, text: String) -> Completion {
         let usage = match (self.prompt_eval_count, self.eval_count) {
             (None, None) => None,
-            (p, c) => Some(Usage {
-                prompt_tokens: p.unwrap_or_default(),
-                completion_tokens: c.unwrap_or_default(),
-            }),
+            (p, c) => Some(usage::reported(
+                p.unwrap_or_default(),
+                c.unwrap_or_default(),
+            )),
         };
         Completion::text(text, self.done_reason.unwrap_or_default(), usage)
     }

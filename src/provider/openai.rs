@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     EventStream, Provider, ProviderError, http,
     stream::{self, Decode, Framing, Read},
+    usage::{self, Tokens},
     wire::{self, CallIn, ToolFields},
 };
 use crate::{
@@ -215,17 +216,14 @@ struct ChatReply {
 #[derive(Deserialize)]
 struct WireUsage {
     #[serde(default)]
-    prompt_tokens: u32,
+    prompt_tokens: Tokens,
     #[serde(default)]
-    completion_tokens: u32,
+    completion_tokens: Tokens,
 }
 
 impl From<WireUsage> for Usage {
     fn from(u: WireUsage) -> Usage {
-        Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-        }
+        usage::reported(u.prompt_tokens, u.completion_tokens)
     }
 }
 
@@ -447,7 +445,13 @@ impl Provider for OpenAi {
         };
         let resp: CompletionsResponse =
             http::post_json(&self.client, &self.completions, &body).await?;
-        Ok(match_choices(requests.len(), resp.choices))
+        let mut answers = match_choices(requests.len(), resp.choices);
+        // One usage for the whole array: shared over its answers, so their costs add up.
+        if let Some(total) = resp.usage {
+            let bytes: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+            usage::apportion(total.into(), &bytes, &mut answers);
+        }
+        Ok(answers)
     }
 
     async fn stream(

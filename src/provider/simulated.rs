@@ -152,6 +152,7 @@ fn answer(model: &str, request: &CompletionRequest) -> Completion {
         usage: Some(Usage {
             prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
             completion_tokens: u32::try_from(text.split_whitespace().count()).unwrap_or(u32::MAX),
+            ..Usage::default()
         }),
         text,
         finish_reason: "stop".into(),

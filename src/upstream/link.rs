@@ -294,6 +294,7 @@ impl Link {
         let answered = self
             .send(slot, 1, budget, self.provider.complete(model, request))
             .await?;
+        self.believe(&answered.0);
         if let (Some(rate), Some(usage)) = (&self.rate, &answered.0.usage) {
             rate.used(
                 estimate_tokens(request),
@@ -322,13 +323,25 @@ impl Link {
             self.rate_take(rate, &each, self.rate_by(first)).await?;
         }
         let budget = self.budget(Instant::now(), window);
-        self.send(
-            slot,
-            requests.len(),
-            budget,
-            self.provider.complete_batch(model, requests),
-        )
-        .await
+        let answered = self
+            .send(
+                slot,
+                requests.len(),
+                budget,
+                self.provider.complete_batch(model, requests),
+            )
+            .await?;
+        if let Some(Ok(first)) = answered.0.first() {
+            self.believe(first);
+        }
+        Ok(answered)
+    }
+
+    /// Counts an answer whose usage the provider reported out of range (it was clamped).
+    fn believe(&self, answer: &Completion) {
+        if answer.usage.is_some_and(|u| u.clamped) {
+            self.series.usage_clamped();
+        }
     }
 
     /// One streamed request (never batched): its quota, a slot, the breaker, then the

@@ -374,6 +374,8 @@ fn whole(kind: Kind, answers: &[Answer], request_id: &str) -> Response {
         .reduce(|x, y| Usage {
             prompt_tokens: x.prompt_tokens.saturating_add(y.prompt_tokens),
             completion_tokens: x.completion_tokens.saturating_add(y.completion_tokens),
+            apportioned: x.apportioned || y.apportioned,
+            clamped: x.clamped || y.clamped,
         });
     let model = answers
         .first()
