@@ -360,6 +360,9 @@ impl From<Snapshot> for v1::ProviderStatus {
             in_flight: u32::try_from(s.in_flight).unwrap_or(u32::MAX),
             health_checked: s.health.is_some(),
             healthy: s.health.as_ref().is_none_or(|h| h.healthy),
+            // Filled by the front from the ledger.
+            spent_usd_today: 0.0,
+            budget_left_usd: None,
         }
     }
 }

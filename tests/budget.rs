@@ -184,6 +184,10 @@ async fn the_third_call_goes_to_the_free_provider_and_without_one_is_refused() {
     assert_eq!(report.rows.len(), 1);
     assert_eq!((report.rows[0].nanos, report.rows[0].calls), (8_000_000, 2));
     assert_eq!(report.budgets[0].used_usd, 0.008);
+    let listed = providers(&mut router.client).await;
+    let paid = listed.iter().find(|p| p.name == "paid").unwrap();
+    assert_eq!(nanos(paid.spent_usd_today), 8_000_000);
+    assert_eq!(paid.budget_left_usd, None, "no budget of its own");
 
     // The same with no free provider: RESOURCE_EXHAUSTED, naming the budget and its reset.
     let mut alone = paid_router(&mock, 4_000_000, 10_000_000, false).await;

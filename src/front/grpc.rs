@@ -205,12 +205,18 @@ impl v1::router_server::Router for RouterService {
         &self,
         _req: Request<v1::ListProvidersRequest>,
     ) -> Result<Response<v1::ListProvidersResponse>, Status> {
-        let providers = self
-            .edge
-            .router
+        let router = &self.edge.router;
+        let providers = router
             .providers()
             .into_iter()
-            .map(v1::ProviderStatus::from)
+            .map(|s| {
+                let (spent, left) = router.spend().provider_today(&s.name);
+                v1::ProviderStatus {
+                    spent_usd_today: spent as f64 / 1e9,
+                    budget_left_usd: left.map(|l| l as f64 / 1e9),
+                    ..v1::ProviderStatus::from(s)
+                }
+            })
             .collect();
         Ok(Response::new(v1::ListProvidersResponse { providers }))
     }

@@ -204,7 +204,9 @@ impl Spend {
         let worst = crate::cost::worst(price, request, config.reserve_output_tokens);
         let day = self.clock.day();
         let limits = budgets(&config, payer);
-        let hold = Hold {
+        // Made once the reservation is: dropped, a hold gives back what it reserved. (A call
+        // dropped while Redis decides may leave its reservation there: an overcount.)
+        let hold = || Hold {
             spend: self.clone(),
             day,
             scopes: limits.iter().map(|(s, _)| s.clone()).collect(),
@@ -212,7 +214,7 @@ impl Spend {
             settled: false,
         };
         if limits.is_empty() {
-            return Ok(hold);
+            return Ok(hold());
         }
         let decided = match self.store.load_full() {
             Some(store) => match shared::reserve(&store, day, &limits, worst).await {
@@ -235,12 +237,9 @@ impl Spend {
             None => self.lock().reserve(day, &limits, worst, false),
         };
         match decided {
-            Ok(()) => Ok(hold),
+            Ok(()) => Ok(hold()),
             Err((scope, limit, used)) => {
                 self.metrics.refused(&scope.key());
-                // Not settled: nothing was reserved.
-                let mut hold = hold;
-                hold.settled = true;
                 Err(Refusal::Exhausted {
                     scope,
                     limit,
@@ -290,6 +289,24 @@ impl Spend {
                 })
                 .collect(),
         }
+    }
+
+    /// What `provider`'s answers cost today as this router counted them, and what its own
+    /// budget has left (when it has one), in nanodollars.
+    pub fn provider_today(&self, provider: &str) -> (u64, Option<u64>) {
+        let day = self.clock.day();
+        let spent = self
+            .ledger(Some(day))
+            .iter()
+            .filter(|r| r.provider == provider)
+            .map(|r| r.nanos)
+            .sum();
+        let config = self.config.load();
+        let left = config.provider_daily.get(provider).map(|limit| {
+            let used = self.lock().used(day, &Scope::Provider(provider.into()));
+            limit.saturating_sub(used)
+        });
+        (spent, left)
     }
 
     /// Today's ledger (or `day`'s, as days since 1970), as this router has it.

@@ -173,3 +173,39 @@ async fn without_a_budget_nothing_is_reserved_and_the_ledger_still_counts() {
     assert!(s.budgets().is_empty());
     assert_eq!(s.ledger(None)[0].nanos, 42);
 }
+
+/// A store no Redis answers at: a port that refuses (bound, then released).
+fn away() -> Arc<Store> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let config = crate::config::RedisConfig {
+        url: format!("redis://127.0.0.1:{port}"),
+        timeout: Duration::from_millis(200),
+    };
+    Store::new(&config, crate::metrics::RedisMetrics::default(), "test").unwrap()
+}
+
+#[tokio::test]
+async fn with_the_store_away_refuse_skips_paid_models_and_enforce_local_decides_here() {
+    let metrics = SpendMetrics::default();
+    let mut c = config(Some(2 * WORST), None);
+    c.on_store_error = OnStoreError::Refuse;
+    let s = spend(&c, &metrics);
+    s.configure(&c, Some(away()));
+    let n = Names::new();
+    let refused = s.reserve(n.payer(), PRICE, &request()).await.err();
+    assert_eq!(refused, Some(Refusal::StoreAway));
+
+    c.on_store_error = OnStoreError::EnforceLocal;
+    s.configure(&c, Some(away()));
+    let first = s.reserve(n.payer(), PRICE, &request()).await.unwrap();
+    let second = s.reserve(n.payer(), PRICE, &request()).await.unwrap();
+    // The local figures still hold the budget.
+    assert!(matches!(
+        s.reserve(n.payer(), PRICE, &request()).await,
+        Err(Refusal::Exhausted { .. })
+    ));
+    drop((first, second));
+}

@@ -394,6 +394,7 @@ impl Link {
                             slot,
                             sent,
                             idle: self.first_token_timeout,
+                            estimated: estimate_tokens(request),
                         }
                         .run(),
                     ),
@@ -507,6 +508,8 @@ struct Streaming {
     sent: Instant,
     /// Longest silence between events.
     idle: Duration,
+    /// The tokens its quota was charged at the start (the usage at the end settles it).
+    estimated: u32,
 }
 
 impl Streaming {
@@ -533,7 +536,16 @@ impl Streaming {
                 Ok(StreamEvent::Text(_) | StreamEvent::ToolCall(_)) => {
                     return Some((next, Some(st)));
                 }
-                Ok(StreamEvent::End { .. }) => {
+                Ok(StreamEvent::End { usage, .. }) => {
+                    if let (Some(rate), Some(u)) = (&link.rate, usage) {
+                        rate.used(
+                            st.estimated,
+                            u.prompt_tokens.saturating_add(u.completion_tokens),
+                        );
+                    }
+                    if usage.is_some_and(|u| u.clamped) {
+                        link.series.usage_clamped();
+                    }
                     let (verdict, _) = judge(&Outcome::Answered { took, items: 1 });
                     link.limit.observe(&st.slot, verdict);
                     link.stats.success(took);
