@@ -1130,11 +1130,61 @@ def table(title, header, rows):
     return "\n".join(out) + "\n"
 
 
+def budget(b):
+    """What spend tracking costs on the hot path (#31): latency and router CPU per call at 1k
+    req/s (open loop) against an instant mock, for a free model, a priced one (ledger only),
+    a priced one under budgets kept in memory, and under budgets kept in Redis (a reservation
+    decided there every call, settled behind the answer)."""
+    redis, rport = start_redis()
+    try:
+        mock, mport = b.mock()
+        base = f"http://127.0.0.1:{mport}/v1"
+        model = lambda price: ("{name: m, price: {input_per_million: 0.15, output_per_million: 0.6}}"
+                               if price else "m")
+        provider = lambda price, extra="": (f"  - name: mock\n    type: openai\n    base_url: \"{base}\"\n"
+                                            f"    models: [{model(price)}]\n    max_concurrency: 20000\n{extra}")
+        cascade = "cascade:\n  max_retries_per_provider: 0\n"
+        # Budgets far above what the run spends, so only their cost shows.
+        budgets = "cost_tracking: {budget_daily_usd: 100000}\n"
+        own = "    budget: {daily_usd: 100000}\n"
+        shared = f"fleet: {{routers: 1, redis_url: \"redis://127.0.0.1:{rport}\"}}\n"
+        routers = {
+            "free model": b.router(provider(False), cascade),
+            "priced, ledger only": b.router(provider(True), cascade),
+            "priced, 2 budgets in memory": b.router(provider(True, own), budgets + cascade),
+            "priced, 2 budgets in Redis": b.router(provider(True, own), shared + budgets + cascade),
+        }
+        reps, secs, rate = (1, 0.5, 200) if b.smoke else (3, 5, 1000)
+        res = {name: [] for name in routers}
+        cpu = {name: [] for name in routers}
+        for _ in range(reps):
+            for name, (proc, port) in routers.items():
+                c0 = cpu_seconds(proc.pid)
+                r = b.load("--addr", f"127.0.0.1:{port}", "-c", 64, "--rate", rate,
+                           "--duration", secs, "--warmup", 100, "-d", DATA)
+                cpu[name].append((cpu_seconds(proc.pid) - c0) / (r["requests"] + 100) * 1e6)
+                res[name].append(r)
+        b.stop_all()
+        p50 = {n: med([pct(r, "p50") for r in runs]) for n, runs in res.items()}
+        p99 = {n: med([pct(r, "p99") for r in runs]) for n, runs in res.items()}
+        rows = [[n, f"{p50[n]:.0f}", f"{p99[n]:.0f}", f"{p50[n] - p50['free model']:+.0f}",
+                 f"{p99[n] - p99['free model']:+.0f}", f"{med(cpu[n]):.1f}",
+                 sum(sum(r["errors"].values()) for r in runs)] for n, runs in res.items()]
+        return table(f"Budgets: latency and router CPU per call at {rate} req/s against an instant mock "
+                     f"({reps} × {secs} s alternating, medians; µs)",
+                     ["spend tracking", "p50", "p99", "added p50", "added p99", "CPU µs/call", "errors"], rows)
+    finally:
+        b.stop_all()
+        redis.terminate()
+        redis.wait()
+
+
 SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory,
              "batching": batching, "window": window, "adaptive": adaptive, "agent_loop": agent_loop, "agent_cli": agent_cli,
              "http_front": http_front, "overload": overload, "soak": soak, "real": real,
              "payloads": payloads, "redis_stall": redis_stall, "memory_rounds": memory_rounds,
-             "operator": operator, "endpoints": endpoints, "fleet": fleet}
+             "operator": operator, "endpoints": endpoints, "fleet": fleet,
+             "budget": budget}
 
 
 def machine():
