@@ -46,7 +46,8 @@ impl Key {
     pub(super) fn of(day: u32, payer: Payer<'_>, cost: Cost) -> Key {
         Key {
             day,
-            tenant: payer.tenant.to_string(),
+            // A tab would split the Redis field's parts wrongly; a caller names its own tenant.
+            tenant: payer.tenant.replace('\t', " "),
             provider: payer.provider.to_string(),
             model: payer.model.to_string(),
             nanos: cost.nanos,
