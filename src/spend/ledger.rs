@@ -40,6 +40,7 @@ pub(super) struct Key {
     pub provider: String,
     pub model: String,
     pub nanos: u64,
+    pub calls: u64,
 }
 
 impl Key {
@@ -51,7 +52,18 @@ impl Key {
             provider: payer.provider.to_string(),
             model: payer.model.to_string(),
             nanos: cost.nanos,
+            calls: 1,
         }
+    }
+
+    /// Where it goes: day and who.
+    pub(super) fn who(&self) -> Who {
+        (
+            self.day,
+            self.tenant.clone(),
+            self.provider.clone(),
+            self.model.clone(),
+        )
     }
 
     /// Its two Redis hashes and its field in them.
@@ -83,7 +95,7 @@ pub(super) fn rows_of(nanos: Vec<(String, u64)>, calls: &BTreeMap<String, u64>) 
         .collect()
 }
 
-type Who = (u32, String, String, String);
+pub(super) type Who = (u32, String, String, String);
 
 #[derive(Default)]
 pub(super) struct Ledger {

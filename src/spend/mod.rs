@@ -10,19 +10,25 @@
 //!   model ([`ledger`]).
 //! - **Shared** when the fleet has a Redis ([`shared`]): reservations are decided there, one
 //!   script over every budget's key, so every replica spends from one total, and a restarted
-//!   router keeps the day's figures. Settling and the ledger are written behind the answer, in
-//!   a task of their own (a replica lags by one round trip). While Redis is away
+//!   router keeps the day's figures. Settlements and ledger lines are summed and written every
+//!   100 ms (a replica's figures in Redis lag by that; meanwhile the others see its
+//!   reservations, never less than what it spent). While Redis is away
 //!   `cost_tracking.on_store_error` says what to do: `enforce_local` decides on the fleet's
 //!   last total plus what this router spent since (added to Redis when it is back), `refuse`
 //!   skips paid models.
 
 mod clock;
+mod lease;
 mod ledger;
 mod shared;
 mod tally;
 
 use std::{
-    sync::{Arc, Mutex, PoisonError},
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -37,6 +43,7 @@ use crate::{
     metrics::{RedisMetrics, SpendMetrics},
     store::Store,
 };
+use lease::Take;
 use tally::Tallies;
 
 /// A day's spend and today's budgets (`GET /api/spend`, `cascade-router spend`).
@@ -165,7 +172,10 @@ pub struct Spend {
     ledger: ledger::Ledger,
     store: ArcSwapOption<Store>,
     /// Ledger lines Redis did not take yet (at most [`shared::MAX_UNSENT`]).
-    unsent: Mutex<Vec<ledger::Key>>,
+    unsent: Mutex<HashMap<ledger::Who, (u64, u64)>>,
+    leases: Mutex<lease::Leases>,
+    /// Changes Redis has not taken yet, kept while it was away (set until a flush lands).
+    behind: AtomicBool,
     metrics: SpendMetrics,
 }
 
@@ -178,6 +188,8 @@ impl Spend {
             ledger: ledger::Ledger::default(),
             store: ArcSwapOption::empty(),
             unsent: Mutex::default(),
+            leases: Mutex::default(),
+            behind: AtomicBool::new(false),
             metrics,
         });
         tokio::spawn(shared::flush(Arc::downgrade(&spend)));
@@ -206,20 +218,42 @@ impl Spend {
         let limits = budgets(&config, payer);
         // Made once the reservation is: dropped, a hold gives back what it reserved. (A call
         // dropped while Redis decides may leave its reservation there: an overcount.)
+        let scopes: Vec<Scope> = limits.iter().map(|(s, _)| s.clone()).collect();
+        // A lease too small to serve a call like this one would only hold budget back.
+        let lease = lease::size(limits.iter().map(|(_, l)| *l)).min(u64::MAX / 2);
+        let lease = if lease >= worst { lease } else { 0 };
         let hold = || Hold {
             spend: self.clone(),
             day,
-            scopes: limits.iter().map(|(s, _)| s.clone()).collect(),
+            scopes: scopes.clone(),
             reserved: worst,
+            lease,
             settled: false,
         };
         if limits.is_empty() {
             return Ok(hold());
         }
-        let decided = match self.store.load_full() {
-            Some(store) => match shared::reserve(&store, day, &limits, worst).await {
-                Some(Ok(totals)) => {
+        let store = self.store.load_full();
+        let asking = match (&store, lease) {
+            (None, _) | (_, 0) => false,
+            (Some(_), _) => match self.leased().take(&scopes, day, worst) {
+                Take::Taken => return Ok(hold()),
+                Take::Lease => true,
+                Take::Need => false,
+            },
+        };
+        let want = if asking { worst + lease } else { worst };
+        // However this call ends (dropped while Redis decides, too), another may ask next.
+        let _asking = Asking {
+            spend: self,
+            scopes: &scopes,
+            on: asking,
+        };
+        let decided = match store {
+            Some(store) => match shared::reserve(&store, day, &limits, worst, want).await {
+                Some(Ok((granted, totals))) => {
                     self.lock().seen(day, &totals, &[]);
+                    self.keep(day, &scopes, granted.saturating_sub(worst), lease);
                     Ok(())
                 }
                 Some(Err((scope, limit, used))) => Err((scope, limit, used)),
@@ -230,6 +264,7 @@ impl Spend {
                     }
                     OnStoreError::EnforceLocal => {
                         self.metrics.decided_locally();
+                        self.behind.store(true, Ordering::Relaxed);
                         self.lock().reserve(day, &limits, worst, true)
                     }
                 },
@@ -337,17 +372,64 @@ impl Spend {
         self.tallies.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn leased(&self) -> std::sync::MutexGuard<'_, lease::Leases> {
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps `amount` of `day`'s budgets on `scopes` in their lease (of at most `cap`); what
+    /// does not fit goes back to Redis with the next flush.
+    fn keep(&self, day: u32, scopes: &[Scope], amount: u64, cap: u64) {
+        if amount == 0 {
+            return;
+        }
+        let back = self.leased().give(scopes, day, amount, cap);
+        if back > 0 {
+            self.lock()
+                .pend(day, scopes, -i64::try_from(back).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Gives leases idle past their lapse back to Redis (with the next flush).
+    fn return_lapsed_leases(&self) {
+        let lapsed = self.leased().lapsed(self.clock.day());
+        let mut tallies = self.lock();
+        for (day, scopes, left) in lapsed {
+            tallies.pend(day, &scopes, -i64::try_from(left).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Moves the budgets of `scopes` by `delta` (a settlement's difference from what was
     /// reserved) and counts `cost` in the ledger.
+    /// Keeps ledger lines for the next flush, summed by day and who.
     fn unsent(&self, rows: Vec<ledger::Key>) {
         let mut unsent = self.unsent.lock().unwrap_or_else(PoisonError::into_inner);
-        unsent.extend(rows);
-        let over = unsent.len().saturating_sub(shared::MAX_UNSENT);
-        unsent.drain(..over);
+        for row in rows {
+            let who = row.who();
+            if unsent.len() >= shared::MAX_UNSENT && !unsent.contains_key(&who) {
+                continue;
+            }
+            let line = unsent.entry(who).or_default();
+            line.0 = line.0.saturating_add(row.nanos);
+            line.1 = line.1.saturating_add(row.calls);
+        }
     }
 
     fn take_unsent(&self) -> Vec<ledger::Key> {
-        std::mem::take(&mut *self.unsent.lock().unwrap_or_else(PoisonError::into_inner))
+        let taken =
+            std::mem::take(&mut *self.unsent.lock().unwrap_or_else(PoisonError::into_inner));
+        taken
+            .into_iter()
+            .map(
+                |((day, tenant, provider, model), (nanos, calls))| ledger::Key {
+                    day,
+                    tenant,
+                    provider,
+                    model,
+                    nanos,
+                    calls,
+                },
+            )
+            .collect()
     }
 
     fn settle(self: &Arc<Self>, hold: &Hold, cost: Option<(Payer<'_>, Cost)>) {
@@ -363,9 +445,12 @@ impl Spend {
         let config = self.config.load();
         let store = self.store.load_full();
         let mut tallies = self.lock();
-        // With a store, the settlement is written there (and seen back) behind the answer.
+        // With a store, what the call did not use goes to the lease, and what it used beyond
+        // its reservation waits for the next flush to be written there.
         if store.is_none() {
             tallies.apply(hold.day, &hold.scopes, delta);
+        } else if delta > 0 {
+            tallies.pend(hold.day, &hold.scopes, delta);
         }
         for scope in &hold.scopes {
             let Some(limit) = limit_of(&config, scope) else {
@@ -388,16 +473,11 @@ impl Spend {
             }
         }
         drop(tallies);
-        if let Some(store) = store {
-            let row = cost.map(|(payer, cost)| ledger::Key::of(hold.day, payer, cost));
-            shared::settle(
-                self.clone(),
-                store,
-                hold.day,
-                hold.scopes.clone(),
-                delta,
-                row,
-            );
+        if store.is_some() && delta < 0 {
+            self.keep(hold.day, &hold.scopes, delta.unsigned_abs(), hold.lease);
+        }
+        if let (Some(_), Some((payer, cost))) = (store, cost) {
+            self.unsent(vec![ledger::Key::of(hold.day, payer, cost)]);
         }
     }
 
@@ -455,6 +535,21 @@ fn limit_of(config: &SpendConfig, scope: &Scope) -> Option<u64> {
     }
 }
 
+/// The call asking Redis for a lease: when it ends, however, another call may ask.
+struct Asking<'a> {
+    spend: &'a Spend,
+    scopes: &'a [Scope],
+    on: bool,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        if self.on {
+            self.spend.leased().answered(self.scopes);
+        }
+    }
+}
+
 /// A reservation for one paid attempt. Settle it with the answer's cost; dropped unsettled
 /// (no answer), it gives the reservation back.
 pub struct Hold {
@@ -462,6 +557,8 @@ pub struct Hold {
     day: u32,
     scopes: Vec<Scope>,
     reserved: u64,
+    /// The most the lease on these budgets may hold.
+    lease: u64,
     settled: bool,
 }
 

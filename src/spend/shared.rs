@@ -2,43 +2,49 @@
 //! of nanodollars spent and reserved, `cascade:budget:{date}:{scope}`, living two days.
 //!
 //! A reservation is one script over every budget that applies, so it is all or none across
-//! them and across replicas. Settlements and ledger lines go behind the answer as one
-//! pipeline; one that fails (Redis away) is kept and [`flush`]ed when Redis is back, as are
-//! reservations decided locally meanwhile. An operation that timed out after Redis did it is
-//! counted twice — an overcount, never an overshoot.
+//! them and across replicas; it is the one round trip on a call's path. Settlements and ledger
+//! lines are kept, summed, and [`flush`]ed as one pipeline every [`FLUSH_EVERY`] (until then
+//! other replicas see the reservation, never less than the cost); what Redis does not take
+//! (away) is kept for the next flush, as are reservations decided locally meanwhile. An
+//! operation that timed out after Redis did it is counted twice — an overcount, never an
+//! overshoot.
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, LazyLock, Weak},
+    sync::{Arc, LazyLock, Weak, atomic::Ordering},
     time::Duration,
 };
 
 use super::{Scope, Spend, clock::date, ledger};
 use crate::store::Store;
 
-/// How often changes Redis did not take are offered again.
-const FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// How often settlements and ledger lines are written (together, one pipeline), and those
+/// Redis did not take offered again: how far a replica's figures in Redis may lag.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// A budget counter's life: its day and the next (a late settlement still finds it).
 const BUDGET_TTL_MS: u64 = 2 * 86_400_000;
-/// Ledger lines kept for Redis to take, at most; past that the oldest are dropped (counted in
-/// the router's own ledger and metrics still).
+/// Ledger lines (day, tenant, provider, model) kept for Redis to take, at most; past that new
+/// ones are dropped (counted in the router's own ledger and metrics still).
 pub(super) const MAX_UNSENT: usize = 10_000;
 
-/// KEYS: the budgets' counters. ARGV: the amount, the counters' TTL (ms), then each budget's
-/// limit. Returns `{0, total…}` when reserved in every one, or `{i, used}` for the first
-/// budget without room.
+/// KEYS: the budgets' counters. ARGV: what the call needs, what it would take (a lease
+/// besides), the counters' TTL (ms), then each budget's limit. Reserves `want` where every
+/// budget has room for it, else `need`; returns `{granted, total…}`, or `{-i, used}` for the
+/// first budget without room for `need`.
 static RESERVE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-local amount = tonumber(ARGV[1])
+local need, grant = tonumber(ARGV[1]), tonumber(ARGV[2])
 for i, k in ipairs(KEYS) do
   local used = tonumber(redis.call('GET', k) or '0')
-  if used + amount > tonumber(ARGV[i + 2]) then return {i, used} end
+  local limit = tonumber(ARGV[i + 3])
+  if used + need > limit then return {-i, used} end
+  if used + grant > limit then grant = need end
 end
-local out = {0}
+local out = {grant}
 for i, k in ipairs(KEYS) do
-  out[i + 1] = redis.call('INCRBY', k, amount)
-  redis.call('PEXPIRE', k, ARGV[2])
+  out[i + 1] = redis.call('INCRBY', k, grant)
+  redis.call('PEXPIRE', k, ARGV[3])
 end
 return out
 ",
@@ -49,19 +55,24 @@ fn key(day: u32, scope: &Scope) -> String {
     format!("cascade:budget:{}:{}", date(day), scope.key())
 }
 
-/// What Redis said of a reservation: `None` when it did not answer; else the totals after
-/// it, or the budget without room (scope, limit, used).
+/// A reservation Redis made: what it granted (`need`, or `want` with a lease), and each
+/// budget's total after it.
+pub(super) type Granted = (u64, Vec<(Scope, i64)>);
+
+/// What Redis said of a reservation of `need` (or `want`): `None` when it did not answer;
+/// else what it granted, or the budget without room (scope, limit, used).
 pub(super) async fn reserve(
     store: &Arc<Store>,
     day: u32,
     limits: &[(Scope, u64)],
-    amount: u64,
-) -> Option<Result<Vec<(Scope, i64)>, (Scope, u64, u64)>> {
+    need: u64,
+    want: u64,
+) -> Option<Result<Granted, (Scope, u64, u64)>> {
     let mut invocation = RESERVE.prepare_invoke();
     for (scope, _) in limits {
         invocation.key(key(day, scope));
     }
-    invocation.arg(amount).arg(BUDGET_TTL_MS);
+    invocation.arg(need).arg(want).arg(BUDGET_TTL_MS);
     for (_, limit) in limits {
         invocation.arg(*limit);
     }
@@ -71,19 +82,17 @@ pub(super) async fn reserve(
         })
         .await?;
     let (head, rest) = reply.split_first()?;
-    match usize::try_from(*head) {
-        Ok(0) => Some(Ok(limits
-            .iter()
-            .zip(rest)
-            .map(|((s, _), t)| (s.clone(), *t))
-            .collect())),
-        Ok(i) => {
-            let (scope, limit) = limits.get(i - 1)?;
-            let used = u64::try_from(rest.first().copied().unwrap_or(0)).unwrap_or(0);
-            Some(Err((scope.clone(), *limit, used)))
-        }
-        Err(_) => None,
+    if *head < 0 {
+        let (scope, limit) = limits.get(usize::try_from(-*head).ok()? - 1)?;
+        let used = u64::try_from(rest.first().copied().unwrap_or(0)).unwrap_or(0);
+        return Some(Err((scope.clone(), *limit, used)));
     }
+    let totals = limits
+        .iter()
+        .zip(rest)
+        .map(|((s, _), t)| (s.clone(), *t))
+        .collect();
+    Some(Ok((u64::try_from(*head).unwrap_or(0), totals)))
 }
 
 /// One pipeline: each budget moved by `delta`, then the ledger lines.
@@ -102,7 +111,11 @@ fn pipeline(day: u32, scopes: &[(Scope, i64)], rows: &[ledger::Key]) -> redis::P
             .arg(&field)
             .arg(row.nanos)
             .ignore();
-        pipe.cmd("HINCRBY").arg(&calls).arg(&field).arg(1).ignore();
+        pipe.cmd("HINCRBY")
+            .arg(&calls)
+            .arg(&field)
+            .arg(row.calls)
+            .ignore();
         pipe.cmd("EXPIRE").arg(&hash).arg(keep).ignore();
         pipe.cmd("EXPIRE").arg(&calls).arg(keep).ignore();
     }
@@ -118,34 +131,8 @@ async fn write(store: &Arc<Store>, pipe: redis::Pipeline) -> Option<Vec<i64>> {
         .await
 }
 
-/// Writes a settlement behind the answer: `scopes` moved by `delta`, and the ledger line.
-pub(super) fn settle(
-    spend: Arc<Spend>,
-    store: Arc<Store>,
-    day: u32,
-    scopes: Vec<Scope>,
-    delta: i64,
-    row: Option<ledger::Key>,
-) {
-    let moved: Vec<(Scope, i64)> = scopes.iter().map(|s| (s.clone(), delta)).collect();
-    let rows: Vec<ledger::Key> = row.into_iter().collect();
-    let pipe = pipeline(day, &moved, &rows);
-    tokio::spawn(async move {
-        let totals = write(&store, pipe).await;
-        match totals {
-            Some(totals) => {
-                let seen: Vec<(Scope, i64)> = scopes.into_iter().zip(totals).collect();
-                spend.lock().seen(day, &seen, &[]);
-            }
-            None => {
-                spend.lock().pend(day, &scopes, delta);
-                spend.unsent(rows);
-            }
-        }
-    });
-}
-
-/// Offers Redis what it did not take, every [`FLUSH_EVERY`] while `spend` lives.
+/// Writes what this router settled and counted since the last time (and what Redis did not
+/// take before), every [`FLUSH_EVERY`] while `spend` lives.
 pub(super) async fn flush(spend: Weak<Spend>) {
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -155,6 +142,7 @@ pub(super) async fn flush(spend: Weak<Spend>) {
         let Some(store) = spend.store.load_full() else {
             continue;
         };
+        spend.return_lapsed_leases();
         let (day, pending) = spend.lock().pending();
         let rows = spend.take_unsent();
         if pending.is_empty() && rows.is_empty() {
@@ -168,9 +156,14 @@ pub(super) async fn flush(spend: Weak<Spend>) {
                 let seen: Vec<(Scope, i64)> =
                     pending.into_iter().map(|(s, _)| s).zip(totals).collect();
                 spend.lock().seen(day, &seen, &flushed);
-                spend.metrics.reconciled();
+                if spend.behind.swap(false, Ordering::Relaxed) {
+                    spend.metrics.reconciled();
+                }
             }
-            None => spend.unsent(rows),
+            None => {
+                spend.behind.store(true, Ordering::Relaxed);
+                spend.unsent(rows);
+            }
         }
     }
 }
