@@ -16,6 +16,7 @@ use crate::{
     completion::FailureKind,
     control::Order,
     router::{CacheFigures, Router},
+    spend::BudgetFigure,
     upstream::{Circuit, Latencies, Snapshot},
 };
 
@@ -116,7 +117,9 @@ impl Board {
                     http_status: f.http_status,
                     error: f.error.clone(),
                 }));
-                provider_view(s, then, secs, history)
+                let mut view = provider_view(s, then, secs, history);
+                view.spent_usd_today = router.spend().provider_today(&s.name).0 as f64 / 1e9;
+                view
             })
             .collect();
         failures.sort_by_key(|f| std::cmp::Reverse(f.at_ms));
@@ -144,6 +147,7 @@ impl Board {
             cache,
             providers,
             recent_failures: failures,
+            budgets: router.spend().budget_figures(),
         }
     }
 }
@@ -161,6 +165,8 @@ pub struct View {
     pub providers: Vec<ProviderView>,
     /// The latest failures of every provider, newest first.
     pub recent_failures: Vec<ListedFailure>,
+    /// Each daily budget today: its limit, used and left.
+    pub budgets: Vec<BudgetFigure>,
 }
 
 #[derive(Debug, Serialize)]
@@ -207,6 +213,8 @@ pub struct ProviderView {
     pub failures: u64,
     /// Five minutes, a point per sample: requests/s, failures/s and p50 in each.
     pub history: Vec<Point>,
+    /// What its answers cost today (UTC), as this router counted them.
+    pub spent_usd_today: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -298,6 +306,7 @@ fn provider_view(
         adaptive: s.adaptive,
         mean_batch_size: (s.counts.requests > 0)
             .then(|| s.counts.items as f64 / s.counts.requests as f64),
+        spent_usd_today: 0.0,
         queued: s.counts.queued,
         requests: s.counts.requests,
         failures: s.counts.failures,

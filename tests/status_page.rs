@@ -193,8 +193,8 @@ async fn the_status_page_shows_each_provider_live_in_a_real_browser() {
     let port = free_port().await;
     let check = "health_check: {interval_seconds: 0.2, timeout_ms: 150, unhealthy_after: 2}";
     let yaml = format!(
-        "server: {{http_listen: \"127.0.0.1:{port}\"}}\ncache: {{enabled: true}}\nproviders:\n\
-         - {{name: alpha, type: openai, priority: 1, base_url: \"{}/v1\", models: [m], {check}, batching: {{mode: adaptive}}}}\n\
+        "server: {{http_listen: \"127.0.0.1:{port}\"}}\ncache: {{enabled: true}}\ncost_tracking: {{budget_daily_usd: 10}}\nproviders:\n\
+         - {{name: alpha, type: openai, priority: 1, base_url: \"{}/v1\", models: [{{name: m, price: {{input_per_million: 1, output_per_million: 1}}}}], {check}, batching: {{mode: adaptive}}}}\n\
          - {{name: beta, type: openai, priority: 2, base_url: \"{}/v1\", models: [m, beta-model], {check}}}\n\
          - {{name: gamma, type: ollama, priority: 3, url: \"{}\", models: [m, llama3], {check}}}\n",
         mocks[0].url(),
@@ -219,6 +219,23 @@ async fn the_status_page_shows_each_provider_live_in_a_real_browser() {
         driver.shows(p, "healthy").await;
     }
     driver.script("window.__loaded = true; return true").await;
+    // The day's spend: the router's budget, and alpha's (priced) answers.
+    let budget = driver
+        .script("const b = document.querySelector('#budgets li[data-budget=router]'); return b ? b.textContent : ''")
+        .await;
+    assert!(
+        budget
+            .as_str()
+            .is_some_and(|t| t.contains(" of $10.00 used") && !t.contains("$0.0000 of")),
+        "{budget}"
+    );
+    let alpha = driver
+        .script("return document.querySelector('tr[data-provider=alpha] td').textContent")
+        .await;
+    assert!(
+        alpha.as_str().is_some_and(|t| t.contains(" today")),
+        "{alpha}"
+    );
 
     // Disabled through the API: shown within 2 s, without a reload.
     let asked = Instant::now();

@@ -326,6 +326,20 @@ impl Spend {
         }
     }
 
+    /// Each budget today, as this router knows it.
+    pub fn budget_figures(&self) -> Vec<BudgetFigure> {
+        let usd = |n: u64| n as f64 / 1e9;
+        self.budgets()
+            .into_iter()
+            .map(|(scope, limit, used)| BudgetFigure {
+                budget: scope.key(),
+                daily_usd: usd(limit),
+                used_usd: usd(used),
+                remaining_usd: usd(limit.saturating_sub(used)),
+            })
+            .collect()
+    }
+
     /// What `provider`'s answers cost today as this router counted them, and what its own
     /// budget has left (when it has one), in nanodollars.
     pub fn provider_today(&self, provider: &str) -> (u64, Option<u64>) {

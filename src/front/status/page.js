@@ -60,7 +60,8 @@ function row(p) {
     (h.last_error ? ` (${h.last_error})` : h.last_took_ms !== null ? ` (${fmt(h.last_took_ms)} ms)` : "");
   return el("tr", { "data-provider": p.name, "data-state": p.state },
     el("td", {}, el("strong", {}, p.name), " ", el("span", { class: "models" },
-      `${p.type}${p.endpoints > 1 ? ` × ${p.endpoints} endpoints` : ""} · ${p.models.join(", ")}`)),
+      `${p.type}${p.endpoints > 1 ? ` × ${p.endpoints} endpoints` : ""} · ${p.models.join(", ")}` +
+      (p.spent_usd_today > 0 ? ` · $${p.spent_usd_today.toFixed(4)} today` : ""))),
     el("td", {}, el("span", { class: "state " + p.state }, p.state.replace("_", " ")),
       p.order !== "serve" ? el("span", { class: "models" }, ` operator: ${p.order}`) : ""),
     el("td", { class: "n" }, fmt(p.requests_per_s)),
@@ -83,6 +84,10 @@ function draw(s) {
     new Date(f.at_ms).toLocaleTimeString(), " ", el("span", { class: "k" }, f.provider + " " + f.kind),
     f.http_status ? ` HTTP ${f.http_status}` : "", f.error ? ` — ${f.error}` : ""));
   $("failures").replaceChildren(...(failures.length ? failures : [el("li", { class: "none" }, "none")]));
+  const budgets = s.budgets.map((b) => el("li", { "data-budget": b.budget },
+    el("span", { class: "k" }, b.budget), ` $${b.used_usd.toFixed(4)} of $${b.daily_usd.toFixed(2)} used, ` +
+    `$${b.remaining_usd.toFixed(4)} left`));
+  $("budgets").replaceChildren(...(budgets.length ? budgets : [el("li", { class: "none" }, "no budgets")]));
 }
 
 function show(message) {
