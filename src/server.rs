@@ -86,6 +86,7 @@ pub async fn serve(
     let auth = Authenticate::new(config.auth.as_ref(), router.metrics().unauthenticated());
     let grace = config.shutdown_grace;
     let refused = router.metrics().connections_refused();
+    let spend = router.spend().clone();
     let edge = Arc::new(Edge::new(router, config.clone(), inflight.clone()));
     let service = RouterService::new(edge.clone());
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -197,8 +198,22 @@ pub async fn serve(
         .await;
     inflight.drain();
     let _ = stop.send(true);
+    let drained = drain(&mut serving, &inflight, grace).await;
+    // What this router spent since its last write to the fleet's Redis, and its leases.
+    spend.write_back().await;
+    tracing::info!("drained");
+    drained
+}
+
+/// Waits for the calls in flight (at most `grace`, then answers the rest UNAVAILABLE) and
+/// for the connections to deliver their answers.
+async fn drain(
+    serving: &mut (impl Future<Output = Result<(), tonic::transport::Error>> + Unpin),
+    inflight: &InFlight,
+    grace: Duration,
+) -> Result<(), ServeError> {
     tokio::select! {
-        served = &mut serving => return Ok(served?),
+        served = &mut *serving => return Ok(served?),
         () = inflight.idle() => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!(
@@ -210,8 +225,7 @@ pub async fn serve(
         }
     }
     // Every call is answered: let the connections deliver the answers and close.
-    let _ = tokio::time::timeout(FLUSH, &mut serving).await;
-    tracing::info!("drained");
+    let _ = tokio::time::timeout(FLUSH, &mut *serving).await;
     Ok(())
 }
 

@@ -148,7 +148,7 @@ async fn with_room_for_leases_two_routers_still_never_spend_past_the_budget() {
     let per_call = 1_000_000;
     let budget = 300 * per_call;
     let file = temp_file("budget", &shared_yaml(&redis, &mock, k, per_call, budget));
-    let (a, b) = (
+    let (mut a, mut b) = (
         Served::start(&[], &file, "info"),
         Served::start(&[], &file, "info"),
     );
@@ -156,6 +156,25 @@ async fn with_room_for_leases_two_routers_still_never_spend_past_the_budget() {
     assert!(spent <= budget, "spent {spent} of {budget}");
     // At the end each router may hold up to a lease and less than a call in it.
     assert!(answered >= 300 - 2 * 4, "{answered} answered");
+    // Stopped, each router writes back what it spent and gives back its lease: Redis's
+    // budget holds what was spent, exactly.
+    for r in [&mut a, &mut b] {
+        r.signal("TERM");
+        assert!(r.wait_exit(std::time::Duration::from_secs(30)).is_some());
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cascade-router"))
+        .args(["spend", "--json", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let used = report["budgets"][0]["used_usd"].as_f64().unwrap();
+    assert_eq!(nanos(used), spent, "{report}");
+    assert_eq!(
+        nanos(report["total_usd"].as_f64().unwrap()),
+        spent,
+        "{report}"
+    );
 }
 
 /// A router with a paid model `paid` (its output priced so that an answer to `PROMPT` with

@@ -119,12 +119,13 @@ impl Leases {
         back + (amount - kept)
     }
 
-    /// Takes out the leases idle past their lapse, or of a past day: (day, scopes, left).
-    pub(super) fn lapsed(&mut self, today: u32) -> Vec<(u32, Vec<Scope>, u64)> {
+    /// Takes out the leases idle past their lapse, or of a past day (`all`: every lease):
+    /// (day, scopes, left).
+    pub(super) fn lapsed(&mut self, today: u32, all: bool) -> Vec<(u32, Vec<Scope>, u64)> {
         let now = Instant::now();
         let mut out = Vec::new();
         self.by.retain(|scopes, l| {
-            let keep = l.asking || (l.day == today && l.until > now);
+            let keep = !all && (l.asking || (l.day == today && l.until > now));
             if !keep && l.left > 0 {
                 out.push((l.day, scopes.clone(), l.left));
             }

@@ -403,9 +403,16 @@ impl Spend {
         }
     }
 
-    /// Gives leases idle past their lapse back to Redis (with the next flush).
-    fn return_lapsed_leases(&self) {
-        let lapsed = self.leased().lapsed(self.clock.day());
+    /// Writes to the fleet's Redis at once what this router spent since its last write, and
+    /// gives back its leases: a router that stops loses nothing of the day's figures.
+    pub async fn write_back(&self) {
+        shared::flush_once(self, true).await;
+    }
+
+    /// Gives leases idle past their lapse (`all`: every lease) back to Redis (with the flush
+    /// that follows).
+    fn return_leases(&self, all: bool) {
+        let lapsed = self.leased().lapsed(self.clock.day(), all);
         let mut tallies = self.lock();
         for (day, scopes, left) in lapsed {
             tallies.pend(day, &scopes, -i64::try_from(left).unwrap_or(i64::MAX));

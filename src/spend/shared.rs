@@ -139,31 +139,35 @@ pub(super) async fn flush(spend: Weak<Spend>) {
     loop {
         tick.tick().await;
         let Some(spend) = spend.upgrade() else { return };
-        let Some(store) = spend.store.load_full() else {
-            continue;
-        };
-        spend.return_lapsed_leases();
-        let (day, pending) = spend.lock().pending();
-        let rows = spend.take_unsent();
-        if pending.is_empty() && rows.is_empty() {
-            continue;
+        flush_once(&spend, false).await;
+    }
+}
+
+/// One flush: settlements, ledger lines and lapsed leases (every lease, with `all`) in one
+/// pipeline; what Redis does not take is kept for the next.
+pub(super) async fn flush_once(spend: &Spend, all: bool) {
+    let Some(store) = spend.store.load_full() else {
+        return;
+    };
+    spend.return_leases(all);
+    let (day, pending) = spend.lock().pending();
+    let rows = spend.take_unsent();
+    if pending.is_empty() && rows.is_empty() {
+        return;
+    }
+    let pipe = pipeline(day, &pending, &rows);
+    match write(&store, pipe).await {
+        Some(totals) => {
+            let flushed: Vec<i64> = pending.iter().map(|(_, d)| *d).collect();
+            let seen: Vec<(Scope, i64)> = pending.into_iter().map(|(s, _)| s).zip(totals).collect();
+            spend.lock().seen(day, &seen, &flushed);
+            if spend.behind.swap(false, Ordering::Relaxed) {
+                spend.metrics.reconciled();
+            }
         }
-        let pipe = pipeline(day, &pending, &rows);
-        let totals = write(&store, pipe).await;
-        match totals {
-            Some(totals) => {
-                let flushed: Vec<i64> = pending.iter().map(|(_, d)| *d).collect();
-                let seen: Vec<(Scope, i64)> =
-                    pending.into_iter().map(|(s, _)| s).zip(totals).collect();
-                spend.lock().seen(day, &seen, &flushed);
-                if spend.behind.swap(false, Ordering::Relaxed) {
-                    spend.metrics.reconciled();
-                }
-            }
-            None => {
-                spend.behind.store(true, Ordering::Relaxed);
-                spend.unsent(rows);
-            }
+        None => {
+            spend.behind.store(true, Ordering::Relaxed);
+            spend.unsent(rows);
         }
     }
 }
