@@ -192,7 +192,10 @@ impl Spend {
             behind: AtomicBool::new(false),
             metrics,
         });
-        tokio::spawn(shared::flush(Arc::downgrade(&spend)));
+        // Outside a runtime (a config check), there is nothing to flush.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(shared::flush(Arc::downgrade(&spend)));
+        }
         spend
     }
 
