@@ -46,6 +46,21 @@ fn shared_yaml(
     )
 }
 
+/// `cascade-router spend --json --config FILE`: the fleet's ledger, read from Redis.
+fn cli_report(file: &std::path::Path) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cascade-router"))
+        .args(["spend", "--json", "--config"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Calls from `callers` callers on each of `routers` until each has been refused once; the
 /// nanodollars the answers cost.
 async fn spend_until_refused(routers: &[&Served], callers: usize, k: u32) -> (u64, u64) {
@@ -102,17 +117,7 @@ async fn two_routers_sharing_redis_hold_one_budget_and_a_restarted_one_keeps_the
     // router's help.
     let report = within(async {
         loop {
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_cascade-router"))
-                .args(["spend", "--json", "--config"])
-                .arg(&file)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let report = cli_report(&file);
             if report["total_usd"]
                 .as_f64()
                 .is_some_and(|t| nanos(t) == spent)
@@ -162,12 +167,7 @@ async fn with_room_for_leases_two_routers_still_never_spend_past_the_budget() {
         r.signal("TERM");
         assert!(r.wait_exit(std::time::Duration::from_secs(30)).is_some());
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cascade-router"))
-        .args(["spend", "--json", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = cli_report(&file);
     let used = report["budgets"][0]["used_usd"].as_f64().unwrap();
     assert_eq!(nanos(used), spent, "{report}");
     assert_eq!(
@@ -428,12 +428,7 @@ async fn redis_stopped_and_restarted_mid_run_leaves_no_call_unanswered_and_the_l
     );
     let report = within(async {
         loop {
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_cascade-router"))
-                .args(["spend", "--json", "--config"])
-                .arg(&file)
-                .output()
-                .unwrap();
-            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let report = cli_report(&file);
             if report["total_usd"]
                 .as_f64()
                 .is_some_and(|t| nanos(t) >= since)
