@@ -45,6 +45,10 @@ pub(super) struct Model {
     pub slots: usize,
     /// Each service time is scaled by a factor drawn uniformly from `1 ± jitter`.
     pub jitter: f64,
+    /// Slots hold prompts, not requests, as llama-server's do (`-np`): a request's prompts
+    /// queue one by one for the slots, each holding one for `per_prompt`, and the request is
+    /// answered when its last prompt is (after `base` of its own, once).
+    pub prompt_slots: bool,
 }
 
 /// The provider a [`Model`] describes, counting what reaches it.
@@ -60,20 +64,34 @@ impl Simulated {
     async fn serve(&self, n: usize) {
         self.requests.fetch_add(1, Relaxed);
         self.prompts.fetch_add(n, Relaxed);
-        let _slot = self.slots.acquire().await;
         let m = &self.model;
+        if m.prompt_slots {
+            sleep(m.base).await;
+            // Each prompt takes a slot in arrival order (tokio's semaphore is fair).
+            let prompts = (0..n).map(|_| async {
+                let _slot = self.slots.acquire().await;
+                sleep(m.per_prompt.mul_f64(self.factor())).await;
+            });
+            futures_util::future::join_all(prompts).await;
+            return;
+        }
+        let _slot = self.slots.acquire().await;
         let cost = m.base + m.per_prompt * u32::try_from(n).unwrap_or(u32::MAX);
-        let factor = if m.jitter > 0.0 {
-            let u = self
-                .rng
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .f64();
-            1.0 + m.jitter * (2.0 * u - 1.0)
-        } else {
-            1.0
-        };
-        sleep(cost.mul_f64(factor)).await;
+        sleep(cost.mul_f64(self.factor())).await;
+    }
+
+    /// A service time's factor: drawn uniformly from `1 ± jitter`.
+    fn factor(&self) -> f64 {
+        let jitter = self.model.jitter;
+        if jitter == 0.0 {
+            return 1.0;
+        }
+        let u = self
+            .rng
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .f64();
+        1.0 + jitter * (2.0 * u - 1.0)
     }
 }
 
@@ -166,15 +184,32 @@ pub(super) const MEASURE: Duration = Duration::from_millis(3000);
 /// One run on a fresh paused-clock runtime: `policy` against `model` under `load`. Every
 /// source of chance is seeded with `seed`, so a run gives the same report every time.
 pub(super) fn run(model: Model, policy: Policy, load: Load, seed: u64) -> Report {
+    run_for(model, policy, load, seed, MEASURE)
+}
+
+/// [`run`], measuring for `measure` (a slow model answers few calls in [`MEASURE`]).
+pub(super) fn run_for(
+    model: Model,
+    policy: Policy,
+    load: Load,
+    seed: u64,
+    measure: Duration,
+) -> Report {
     tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .expect("a runtime")
-        .block_on(simulate(model, policy, load, seed))
+        .block_on(simulate(model, policy, load, seed, measure))
 }
 
-async fn simulate(model: Model, policy: Policy, load: Load, seed: u64) -> Report {
+async fn simulate(
+    model: Model,
+    policy: Policy,
+    load: Load,
+    seed: u64,
+    measure: Duration,
+) -> Report {
     let yaml = format!(
         "providers:\n  - {{name: sim, type: simulated, models: [m], {}}}\n",
         policy.batching()
@@ -201,7 +236,7 @@ async fn simulate(model: Model, policy: Policy, load: Load, seed: u64) -> Report
         model: "m".into(),
     });
     let start = Instant::now();
-    let (measure_from, end) = (start + WARM_UP, start + WARM_UP + MEASURE);
+    let (measure_from, end) = (start + WARM_UP, start + WARM_UP + measure);
     let answered: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     let record = move |sent: Instant, answered: &Mutex<Vec<Duration>>| {
@@ -269,7 +304,7 @@ async fn simulate(model: Model, policy: Policy, load: Load, seed: u64) -> Report
             .unwrap_or_default()
     };
     Report {
-        throughput: latencies.len() as f64 / MEASURE.as_secs_f64(),
+        throughput: latencies.len() as f64 / measure.as_secs_f64(),
         p50: at(0.5),
         p99: at(0.99),
         requests_per_prompt: requests as f64 / prompts.max(1) as f64,

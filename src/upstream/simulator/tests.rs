@@ -15,6 +15,7 @@ const MOCK_8: Model = Model {
     per_prompt: ms(1),
     slots: 8,
     jitter: 0.0,
+    prompt_slots: false,
 };
 const MOCK_4: Model = Model {
     name: "50 ms + 0.5 ms/prompt, 4 slots",
@@ -22,6 +23,7 @@ const MOCK_4: Model = Model {
     per_prompt: us(500),
     slots: 4,
     jitter: 0.0,
+    prompt_slots: false,
 };
 const MOCK_16: Model = Model {
     name: "5 ms + 2 ms/prompt, 16 slots",
@@ -29,6 +31,7 @@ const MOCK_16: Model = Model {
     per_prompt: ms(2),
     slots: 16,
     jitter: 0.0,
+    prompt_slots: false,
 };
 /// A GPU serving one request at a time, a batch costing little more than one prompt.
 const GPU: Model = Model {
@@ -37,6 +40,7 @@ const GPU: Model = Model {
     per_prompt: us(50),
     slots: 1,
     jitter: 0.0,
+    prompt_slots: false,
 };
 const JITTERY: Model = Model {
     name: "jittered ±50%: 20 ms + 1 ms/prompt, 8 slots",
@@ -50,6 +54,7 @@ const FEW_SLOTS: Model = Model {
     per_prompt: us(200),
     slots: 2,
     jitter: 0.0,
+    prompt_slots: false,
 };
 
 const CALLERS: [usize; 4] = [1, 8, 64, 256];
@@ -193,4 +198,72 @@ fn open_loop_callers_below_capacity_are_all_answered_about_as_fast_as_alone() {
     );
     assert!((r.throughput - 400.0).abs() < 10.0, "{r:?}");
     assert!(r.p99 < ms(60), "{r:?}");
+}
+
+/// llama-server's shape (`-np 4`, on a CPU): slots hold prompts, not requests; a short prompt
+/// with 8 new tokens holds one for about 200 ms (± 30%); a request's own handling is 2 ms.
+const LLAMA: Model = Model {
+    name: "llama-server-like: 4 prompt slots, 200 ms ± 30% a prompt",
+    base: ms(2),
+    per_prompt: ms(200),
+    slots: 4,
+    jitter: 0.3,
+    prompt_slots: true,
+};
+
+/// The wall-clock protocol's `real` row (32 callers against llama-server) on the simulator,
+/// over two minutes (a batch takes seconds here): adaptive against the fixed sweep on
+/// throughput and p99. It reproduces the wall clock's finding — adaptive's p99 above the best
+/// fixed setting's (wall clock: 1,955 vs 1,815 ms, and 1,711 vs 1,479 the run before) — and
+/// shows why it is worse here: the learned limit is 1 (a second request's prompts queue behind
+/// the first's at the server, which Vegas reads, rightly, as queueing), so a caller back just
+/// after a batch left waits for that whole batch, then its own (p99 ~2.5 s against ~1.75 s for
+/// fixed 16 / 10 ms, throughput 0.96×). Held here so it cannot get worse unnoticed; what to try
+/// is in issue #28's note (a server that queues prompts, not requests, gains nothing from a
+/// limit of 1: its queue is fair at the prompt).
+#[test]
+fn on_a_server_that_queues_prompts_adaptive_keeps_throughput_and_its_p99_is_held() {
+    println!("\n{}", LLAMA.name);
+    println!("seed | policy | prompts/s | p50 ms | p99 ms | prompts/request");
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    for seed in SEEDS {
+        let sweep: Vec<(Policy, Report)> = [
+            Policy::Adaptive,
+            Policy::Fixed(8, 5),
+            Policy::Fixed(16, 10),
+            Policy::Fixed(32, 10),
+        ]
+        .into_iter()
+        .map(|p| {
+            (
+                p,
+                run_for(LLAMA, p, Load::Closed(32), seed, Duration::from_secs(120)),
+            )
+        })
+        .collect();
+        for (p, r) in &sweep {
+            println!(
+                "{seed} | {p} | {:.1} | {:.0} | {:.0} | {:.1}",
+                r.throughput,
+                ms(r.p50),
+                ms(r.p99),
+                1.0 / r.requests_per_prompt
+            );
+        }
+        let adaptive = sweep[0].1;
+        let best = sweep[1..]
+            .iter()
+            .map(|(_, r)| *r)
+            .max_by(|a, b| a.throughput.total_cmp(&b.throughput))
+            .expect("a sweep");
+        assert!(
+            adaptive.throughput >= 0.9 * best.throughput,
+            "seed {seed}: {adaptive:?} against {best:?}"
+        );
+        let p99 = adaptive.p99.as_secs_f64() / best.p99.as_secs_f64();
+        assert!(
+            p99 <= 1.6,
+            "seed {seed}: adaptive's p99 {p99:.2}× the best fixed's"
+        );
+    }
 }
