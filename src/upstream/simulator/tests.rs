@@ -215,12 +215,13 @@ const LLAMA: Model = Model {
 /// over two minutes (a batch takes seconds here): adaptive against the fixed sweep on
 /// throughput and p99. It reproduces the wall clock's finding — adaptive's p99 above the best
 /// fixed setting's (wall clock: 1,955 vs 1,815 ms, and 1,711 vs 1,479 the run before) — and
-/// shows why it is worse here: the learned limit is 1 (a second request's prompts queue behind
-/// the first's at the server, which Vegas reads, rightly, as queueing), so a caller back just
-/// after a batch left waits for that whole batch, then its own (p99 ~2.5 s against ~1.75 s for
-/// fixed 16 / 10 ms, throughput 0.96×). Held here so it cannot get worse unnoticed; what to try
-/// is in issue #28's note (a server that queues prompts, not requests, gains nothing from a
-/// limit of 1: its queue is fair at the prompt).
+/// shows why: the learned limit is 1 (a second request's prompts queue behind the first's at
+/// the server, which Vegas reads, rightly, as queueing), and all 32 callers ride one batch of
+/// 32 (~1.7 s). Each probe to 2 splits them into two cohorts of 16 that finish 0.8 s apart;
+/// when the probe is taken back, the cohort answered first waits in the router for the other
+/// to finish before the merged batch of 32 goes: 0.8 + 1.7 s, the p99 (~2.5 s against ~1.75 s
+/// for fixed 16 / 10 ms; throughput 0.96×). Held here so it cannot get worse unnoticed; what
+/// to try is in issue #28's note.
 #[test]
 fn on_a_server_that_queues_prompts_adaptive_keeps_throughput_and_its_p99_is_held() {
     println!("\n{}", LLAMA.name);
