@@ -104,6 +104,7 @@ impl Board {
         let samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
         let base = samples.iter().rev().nth(WINDOW - 1).or(samples.front());
         let mut failures: Vec<ListedFailure> = Vec::new();
+        let today = router.spend().providers_today();
         let providers = snapshots
             .iter()
             .map(|s| {
@@ -118,7 +119,8 @@ impl Board {
                     error: f.error.clone(),
                 }));
                 let mut view = provider_view(s, then, secs, history);
-                view.spent_usd_today = router.spend().provider_today(&s.name).0 as f64 / 1e9;
+                view.spent_usd_today =
+                    today.get(&*s.name).map_or(0, |(spent, _)| *spent) as f64 / 1e9;
                 view
             })
             .collect();

@@ -206,11 +206,12 @@ impl v1::router_server::Router for RouterService {
         _req: Request<v1::ListProvidersRequest>,
     ) -> Result<Response<v1::ListProvidersResponse>, Status> {
         let router = &self.edge.router;
+        let today = router.spend().providers_today();
         let providers = router
             .providers()
             .into_iter()
             .map(|s| {
-                let (spent, left) = router.spend().provider_today(&s.name);
+                let (spent, left) = today.get(&*s.name).copied().unwrap_or_default();
                 v1::ProviderStatus {
                     spent_usd_today: spent as f64 / 1e9,
                     budget_left_usd: left.map(|l| l as f64 / 1e9),

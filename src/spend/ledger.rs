@@ -4,7 +4,7 @@
 //! `tenant\tprovider\tmodel`, kept [`KEEP_DAYS`] days.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{Mutex, PoisonError},
 };
 
@@ -122,6 +122,19 @@ impl Ledger {
         let row = rows.entry(who).or_default();
         row.0 = row.0.saturating_add(cost.nanos);
         row.1 += 1;
+    }
+
+    /// `day`'s nanodollars by provider.
+    pub(super) fn by_provider(&self, day: u32) -> HashMap<String, u64> {
+        let rows = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: HashMap<String, u64> = HashMap::new();
+        for (k, v) in rows
+            .range((day, String::new(), String::new(), String::new())..)
+            .take_while(|(k, _)| k.0 == day)
+        {
+            *out.entry(k.2.clone()).or_default() += v.0;
+        }
+        out
     }
 
     pub(super) fn rows(&self, day: u32) -> Vec<Row> {

@@ -343,22 +343,23 @@ impl Spend {
             .collect()
     }
 
-    /// What `provider`'s answers cost today as this router counted them, and what its own
-    /// budget has left (when it has one), in nanodollars.
-    pub fn provider_today(&self, provider: &str) -> (u64, Option<u64>) {
+    /// What each provider's answers cost today as this router counted them, and what its own
+    /// budget has left (when it has one), in nanodollars — one pass over the ledger for all.
+    pub fn providers_today(&self) -> HashMap<String, (u64, Option<u64>)> {
         let day = self.clock.day();
-        let spent = self
-            .ledger(Some(day))
-            .iter()
-            .filter(|r| r.provider == provider)
-            .map(|r| r.nanos)
-            .sum();
+        let mut out: HashMap<String, (u64, Option<u64>)> = self
+            .ledger
+            .by_provider(day)
+            .into_iter()
+            .map(|(p, spent)| (p, (spent, None)))
+            .collect();
         let config = self.config.load();
-        let left = config.provider_daily.get(provider).map(|limit| {
-            let used = self.lock().used(day, &Scope::Provider(provider.into()));
-            limit.saturating_sub(used)
-        });
-        (spent, left)
+        let tallies = self.lock();
+        for (provider, limit) in &config.provider_daily {
+            let used = tallies.used(day, &Scope::Provider(provider.as_str().into()));
+            out.entry(provider.clone()).or_default().1 = Some(limit.saturating_sub(used));
+        }
+        out
     }
 
     /// Today's ledger (or `day`'s, as days since 1970), as this router has it.
