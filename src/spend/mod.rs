@@ -219,12 +219,12 @@ impl Spend {
         let worst = crate::cost::worst(price, request, config.reserve_output_tokens);
         let day = self.clock.day();
         let limits = budgets(&config, payer);
-        // Made once the reservation is: dropped, a hold gives back what it reserved. (A call
-        // dropped while Redis decides may leave its reservation there: an overcount.)
         let scopes: Vec<Scope> = limits.iter().map(|(s, _)| s.clone()).collect();
         // A lease too small to serve a call like this one would only hold budget back.
-        let lease = lease::size(limits.iter().map(|(_, l)| *l)).min(u64::MAX / 2);
+        let lease = lease::size(limits.iter().map(|(_, l)| *l));
         let lease = if lease >= worst { lease } else { 0 };
+        // Made once the reservation is: dropped, a hold gives back what it reserved. (A call
+        // dropped while Redis decides may leave its reservation there: an overcount.)
         let hold = || Hold {
             spend: self.clone(),
             day,
@@ -245,7 +245,11 @@ impl Spend {
                 Take::Need => false,
             },
         };
-        let want = if asking { worst + lease } else { worst };
+        let want = if asking {
+            worst.saturating_add(lease)
+        } else {
+            worst
+        };
         // However this call ends (dropped while Redis decides, too), another may ask next.
         let _asking = Asking {
             spend: self,
