@@ -188,8 +188,8 @@ impl Cascade {
                 |t: &Target, window| t.upstream.attempt(&t.model, request, window),
             )
             .await?;
-        let price = target.upstream.model_info(&target.model).price;
-        let cost = cost::of(price, request, &d.completion);
+        // A priced model's answer is charged at the price its reservation was made at.
+        let cost = cost::of(hold.as_ref().map(Hold::price), request, &d.completion);
         if let Some(hold) = hold {
             hold.settle(payer(target, request), cost);
         }

@@ -406,7 +406,6 @@ impl State {
         };
         let (opened, target, attempts, hold) =
             self.cascade.stream(&plan, request, deadline).await?;
-        let price = target.upstream.model_info(&target.model).price;
         let relay = Relay {
             first: Some(opened.first),
             rest: opened.rest,
@@ -416,9 +415,8 @@ impl State {
             began: Instant::now(),
             sent: Sent::default(),
             cache: cached.map(|(c, k)| (c.clone(), k, String::new())),
-            charge: hold.zip(price).map(|(hold, price)| Charge {
+            charge: hold.map(|hold| Charge {
                 hold,
-                price,
                 request: request.clone(),
             }),
         };

@@ -10,7 +10,6 @@ use tokio::time::{Instant, timeout_at};
 use crate::{
     cache::{Cache, CacheKey},
     completion::{Answer, Attempt, Completion, CompletionRequest, FailureKind, StreamEvent, Usage},
-    config::Price,
     cost,
     error::{RouterError, Sent},
     provider::ProviderError,
@@ -22,7 +21,6 @@ use crate::{
 /// sent.
 pub(crate) struct Charge {
     pub(crate) hold: Hold,
-    pub(crate) price: Price,
     pub(crate) request: Arc<CompletionRequest>,
 }
 
@@ -45,7 +43,7 @@ impl Relay {
     /// Settles the stream's reservation (once): at `usage` when the provider reported it.
     fn settle(&mut self, usage: Option<Usage>) {
         if let Some(c) = self.charge.take() {
-            let cost = cost::priced(c.price, &c.request, usage, self.sent.bytes);
+            let cost = cost::priced(c.hold.price(), &c.request, usage, self.sent.bytes);
             let payer = Payer {
                 tenant: &c.request.tenant,
                 provider: &self.provider,

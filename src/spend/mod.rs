@@ -66,6 +66,19 @@ pub struct BudgetFigure {
     pub remaining_usd: f64,
 }
 
+impl BudgetFigure {
+    /// `scope`'s budget of `limit` nanodollars with `used` of it spent or reserved.
+    fn of(scope: &Scope, limit: u64, used: u64) -> BudgetFigure {
+        let usd = |n: u64| n as f64 / 1e9;
+        BudgetFigure {
+            budget: scope.key(),
+            daily_usd: usd(limit),
+            used_usd: usd(used),
+            remaining_usd: usd(limit.saturating_sub(used)),
+        }
+    }
+}
+
 /// Whose spend a budget limits.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Scope {
@@ -229,6 +242,7 @@ impl Spend {
             spend: self.clone(),
             day,
             scopes: scopes.clone(),
+            price,
             reserved: worst,
             lease,
             settled: false,
@@ -314,36 +328,24 @@ impl Spend {
             }
         };
         rows.sort_by(|a, b| b.nanos.cmp(&a.nanos).then_with(|| a.tenant.cmp(&b.tenant)));
-        let usd = |n: u64| n as f64 / 1e9;
         Report {
             date: date(day),
             source,
-            total_usd: usd(rows.iter().map(|r| r.nanos).sum()),
+            total_usd: rows.iter().map(|r| r.nanos).sum::<u64>() as f64 / 1e9,
             rows,
             budgets: budgets
-                .into_iter()
+                .iter()
                 .zip(used)
-                .map(|((scope, limit), used)| BudgetFigure {
-                    budget: scope.key(),
-                    daily_usd: usd(limit),
-                    used_usd: usd(used),
-                    remaining_usd: usd(limit.saturating_sub(used)),
-                })
+                .map(|((scope, limit), used)| BudgetFigure::of(scope, *limit, used))
                 .collect(),
         }
     }
 
     /// Each budget today, as this router knows it.
     pub fn budget_figures(&self) -> Vec<BudgetFigure> {
-        let usd = |n: u64| n as f64 / 1e9;
         self.budgets()
-            .into_iter()
-            .map(|(scope, limit, used)| BudgetFigure {
-                budget: scope.key(),
-                daily_usd: usd(limit),
-                used_usd: usd(used),
-                remaining_usd: usd(limit.saturating_sub(used)),
-            })
+            .iter()
+            .map(|(scope, limit, used)| BudgetFigure::of(scope, *limit, *used))
             .collect()
     }
 
@@ -427,8 +429,6 @@ impl Spend {
         }
     }
 
-    /// Moves the budgets of `scopes` by `delta` (a settlement's difference from what was
-    /// reserved) and counts `cost` in the ledger.
     /// Keeps ledger lines for the next flush, summed by day and who.
     fn unsent(&self, rows: Vec<ledger::Key>) {
         let mut unsent = self.unsent.lock().unwrap_or_else(PoisonError::into_inner);
@@ -461,6 +461,8 @@ impl Spend {
             .collect()
     }
 
+    /// Moves `hold`'s budgets to what its call cost (`None`: no answer, nothing), counts the
+    /// cost in the ledger, and gives the alert when a budget reaches its threshold.
     fn settle(self: &Arc<Self>, hold: &Hold, cost: Option<(Payer<'_>, Cost)>) {
         let actual = cost.map_or(0, |(_, c)| c.nanos);
         let delta = i64::try_from(actual).unwrap_or(i64::MAX)
@@ -583,6 +585,8 @@ impl Drop for Asking<'_> {
 /// (no answer), it gives the reservation back.
 pub struct Hold {
     spend: Arc<Spend>,
+    /// The price of the model reserved for: its answer is charged at it.
+    price: Price,
     day: u32,
     scopes: Vec<Scope>,
     reserved: u64,
@@ -592,6 +596,11 @@ pub struct Hold {
 }
 
 impl Hold {
+    /// The model's price the reservation was made at.
+    pub fn price(&self) -> Price {
+        self.price
+    }
+
     /// The answer came, costing `cost`: the budgets move to it, and the ledger counts it.
     pub fn settle(mut self, payer: Payer<'_>, cost: Cost) {
         self.settled = true;
