@@ -50,11 +50,21 @@ use tally::Tallies;
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
     pub date: String,
-    /// `redis` (the fleet's) or `this router`.
-    pub source: &'static str,
+    pub source: Source,
     pub total_usd: f64,
     pub rows: Vec<Row>,
     pub budgets: Vec<BudgetFigure>,
+}
+
+/// Whose figures a report gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Source {
+    /// The fleet's, read from Redis.
+    #[serde(rename = "redis")]
+    Redis,
+    /// This router's own (no Redis, or it did not answer).
+    #[serde(rename = "this router")]
+    ThisRouter,
 }
 
 /// One budget today.
@@ -166,14 +176,10 @@ pub async fn report_from_redis(config: &Config, day: Option<u32>) -> Option<Repo
     )
     .ok()?;
     let spend = Spend::new(&config.spend, SpendMetrics::default(), Clock::system());
-    spend.configure(&config.spend, Some(store.clone()));
-    let day = day.unwrap_or_else(|| spend.clock.day());
-    let scopes: Vec<Scope> = all_budgets(&config.spend)
-        .into_iter()
-        .map(|(s, _)| s)
-        .collect();
-    shared::read(&store, day, &scopes).await?;
-    Some(spend.report(Some(day)).await)
+    spend.configure(&config.spend, Some(store));
+    // One read: a report not from Redis would be this process's empty ledger.
+    let report = spend.report(day).await;
+    (report.source == Source::Redis).then_some(report)
 }
 
 /// The ledger and budgets of one router, kept across reloads (a reload changes the limits,
@@ -319,12 +325,12 @@ impl Spend {
             None => None,
         };
         let (source, mut rows, used) = match shared {
-            Some((rows, used)) => ("redis", rows, used),
+            Some((rows, used)) => (Source::Redis, rows, used),
             None => {
                 let tallies = self.lock();
                 let used = scopes.iter().map(|s| tallies.used(day, s)).collect();
                 drop(tallies);
-                ("this router", self.ledger(Some(day)), used)
+                (Source::ThisRouter, self.ledger(Some(day)), used)
             }
         };
         rows.sort_by(|a, b| b.nanos.cmp(&a.nanos).then_with(|| a.tenant.cmp(&b.tenant)));
