@@ -213,17 +213,16 @@ const LLAMA: Model = Model {
 
 /// The wall-clock protocol's `real` row (32 callers against llama-server) on the simulator,
 /// over two minutes (a batch takes seconds here): adaptive against the fixed sweep on
-/// throughput and p99. It reproduces the wall clock's finding — adaptive's p99 above the best
-/// fixed setting's (wall clock: 1,955 vs 1,815 ms, and 1,711 vs 1,479 the run before) — and
-/// shows why: the learned limit is 1 (a second request's prompts queue behind the first's at
-/// the server, which Vegas reads, rightly, as queueing), and all 32 callers ride one batch of
-/// 32 (~1.7 s). Each probe to 2 splits them into two cohorts of 16 that finish 0.8 s apart;
-/// when the probe is taken back, the cohort answered first waits in the router for the other
-/// to finish before the merged batch of 32 goes: 0.8 + 1.7 s, the p99 (~2.5 s against ~1.75 s
-/// for fixed 16 / 10 ms; throughput 0.96×). Held here so it cannot get worse unnoticed; what
-/// to try is in issue #28's note.
+/// throughput and p99. Before the limit's `HARMLESS` rule this reproduced the wall clock's
+/// finding — adaptive's p99 above the best fixed setting's (wall clock: 1,955 vs 1,815 ms;
+/// here 2,483–2,535 vs 1,738–1,767 ms, throughput 0.96×): a second request's prompts queue
+/// behind the first's at the server, which Vegas read as a queue and took back, each time
+/// leaving the cohort answered first waiting in the router for the other's request to end
+/// (0.8 + 1.7 s). Requests here cost next to nothing of their own, so the queue is harmless:
+/// the limit stays at two, both cohorts keep the server fed, and adaptive matches the best
+/// fixed setting (p99 within 3%, throughput within 2%).
 #[test]
-fn on_a_server_that_queues_prompts_adaptive_keeps_throughput_and_its_p99_is_held() {
+fn on_a_server_that_queues_prompts_adaptive_matches_the_best_fixed_throughput_and_p99() {
     println!("\n{}", LLAMA.name);
     println!("seed | policy | prompts/s | p50 ms | p99 ms | prompts/request");
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -258,12 +257,12 @@ fn on_a_server_that_queues_prompts_adaptive_keeps_throughput_and_its_p99_is_held
             .max_by(|a, b| a.throughput.total_cmp(&b.throughput))
             .expect("a sweep");
         assert!(
-            adaptive.throughput >= 0.9 * best.throughput,
+            adaptive.throughput >= 0.95 * best.throughput,
             "seed {seed}: {adaptive:?} against {best:?}"
         );
         let p99 = adaptive.p99.as_secs_f64() / best.p99.as_secs_f64();
         assert!(
-            p99 <= 1.6,
+            p99 <= 1.05,
             "seed {seed}: adaptive's p99 {p99:.2}× the best fixed's"
         );
     }

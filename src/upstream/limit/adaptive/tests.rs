@@ -1,4 +1,5 @@
 use super::*;
+use std::collections::VecDeque;
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -139,6 +140,65 @@ async fn a_probe_that_crowds_is_taken_back_and_the_next_comes_later() {
         "probes back off: {probes} in {limits:?}"
     );
     assert_eq!(limits.last(), Some(&4));
+}
+
+/// A server that takes each request's prompts in arrival order, `fixed` ms a request and
+/// `per_prompt` ms a prompt, kept busy by 32 prompts spread over every slot the limit gives.
+/// Returns the limit after each of `answers` answers.
+async fn fifo(limit: &Arc<Limit>, fixed: u32, per_prompt: u32, answers: usize) -> Vec<usize> {
+    let mut in_flight: VecDeque<(Slot, Instant, usize)> = VecDeque::new();
+    let mut free_at = Instant::now();
+    let mut limits = Vec::new();
+    while limits.len() < answers {
+        while let Some(mut slot) = limit.try_acquire() {
+            let items = 32usize.div_ceil(limit.current());
+            slot.carry(items);
+            free_at = free_at.max(Instant::now()) + (fixed + per_prompt * items as u32) * MS;
+            in_flight.push_back((slot, free_at, items));
+        }
+        let (slot, done, items) = in_flight.pop_front().expect("a request in flight");
+        tokio::time::advance(done - Instant::now()).await;
+        limit.observe(&slot, Verdict::Took(done - slot.sent, items));
+        drop(slot);
+        limits.push(limit.current());
+    }
+    limits
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_the_provider_serves_at_no_extra_cost_is_kept() {
+    // llama-server's shape: a request costs its prompts' time and next to nothing of its own,
+    // so a second request waiting behind the first costs the provider nothing merging them
+    // would save. The probe to two is kept (no cohort of callers left waiting for the other's
+    // request when it is taken back), and the limit climbs no further.
+    let limit = Limit::adaptive(64);
+    limit.settle(1);
+    let limits = fifo(&limit, 1, 50, 120).await;
+    assert!(limits.contains(&2), "probed: {limits:?}");
+    assert!(limits[60..].iter().all(|&l| l == 2), "{limits:?}");
+    // The same server with a costly request (50 ms of its own against 2 ms a prompt): the
+    // waiting request's prompts would have ridden in the next, so each probe is taken back.
+    let limit = Limit::adaptive(64);
+    limit.settle(1);
+    let limits = fifo(&limit, 50, 2, 120).await;
+    let taken_back = limits.windows(2).filter(|w| w == &[2, 1]).count();
+    assert!(taken_back >= 2, "{limits:?}");
+    assert!(limits.iter().all(|&l| l <= 2), "{limits:?}");
+}
+
+#[test]
+fn a_requests_fixed_cost_is_where_the_line_through_large_sizes_meets_zero() {
+    let mut b = Baseline::default();
+    b.learn(8, 28 * MS, true);
+    assert_eq!(b.fixed_cost(), None, "one size");
+    b.learn(32, 52 * MS, true);
+    assert!((b.fixed_cost().unwrap() - 0.020).abs() < 1e-9);
+    // Four prompts side by side take as long as one: small sizes do not show the fixed cost.
+    let mut b = Baseline::default();
+    for (n, ms) in [(1, 202), (4, 202), (16, 802), (32, 1602)] {
+        b.learn(n, ms * MS, true);
+    }
+    assert!((b.fixed_cost().unwrap() - 0.002).abs() < 1e-9);
 }
 
 #[tokio::test(start_paused = true)]
