@@ -302,6 +302,11 @@ fn check_refuses_what_serve_would() {
         "holds no PEM certificate",
     );
     let _ = std::fs::remove_file(not_pem);
+    rejects(
+        "providers:\n  - {name: o, type: ollama, url: \"http://127.0.0.1:1\", models: [m], stream_unary: true}\n",
+        "providers[0].stream_unary",
+        "only OpenAI-compatible providers take it",
+    );
 }
 
 #[test]

@@ -387,10 +387,10 @@ async fn llama_server_follows_a_json_schema_and_takes_tools_through_the_router()
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_deadline_that_passes_on_a_real_server_is_deadline_exceeded() {
+async fn a_unary_caller_who_gives_up_frees_the_real_servers_slot() {
     let Some(installed) = installed() else { return };
     let _one = ONE_AT_A_TIME.lock().await;
-    let llama = llama_server(&installed, 1, &[]).await;
+    let llama = llama_server(&installed, 1, &["--metrics"]).await;
     let router = start(&format!(
         "{}providers:\n{}",
         cascade(0, 100, 60.0),
@@ -408,10 +408,22 @@ async fn a_deadline_that_passes_on_a_real_server_is_deadline_exceeded() {
         matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{err:?}"
     );
-    // The router closes the upstream request at the deadline, but llama-server does not
-    // watch a unary request's connection: it finishes the 2000 tokens for nobody (its slot
-    // stays busy meanwhile). A stream is stopped at its next token instead — see
-    // `real_servers_stream_the_same_answer_token_by_token`.
+    // llama-server does not watch a unary request's connection, so the router sends a unary
+    // call as a stream (`stream_unary`) and closes it when the caller goes: the server stops
+    // at its next token. Its slot goes idle (waited on, not timed), having decoded far fewer
+    // than the 2000 tokens asked for — a unary request would have decoded all of them.
+    slots_idle(&llama.url).await;
+    let metrics = reqwest::get(format!("{}/metrics", llama.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let decoded = sample(&metrics, "llamacpp:n_decode_total");
+    assert!(
+        decoded > 0.0 && decoded < 2000.0,
+        "decoded {decoded} tokens for a caller who left"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -137,6 +137,56 @@ async fn chunks_arrive_before_the_upstream_finishes_and_a_caller_leaving_closes_
 }
 
 #[tokio::test]
+async fn a_unary_caller_who_gives_up_closes_the_upstream_stream() {
+    // Unary calls go to OpenAI-compatible providers as streams (`stream_unary`), so a caller
+    // who gives up ends the generation: llama-server does not watch a unary request's
+    // connection, but stops a stream that is closed.
+    let m = streaming_mock(Duration::from_secs(3600), None).await;
+    let yaml = format!("providers:\n{}", openai("slow", 1, &m.url()));
+    let mut router = start(&yaml).await;
+    let status = router
+        .client
+        .complete(with_timeout(
+            prompt("words that never end"),
+            Duration::from_millis(300),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let after = within(m.wait_for(|s| s.cancelled == 1)).await;
+    assert_eq!((after.requests, after.completed), (1, 0));
+    assert_eq!(m.last_body().unwrap()["stream"], true);
+}
+
+#[tokio::test]
+async fn a_unary_call_is_read_whole_from_the_stream_or_sent_unary_when_told() {
+    let m = streaming_mock(Duration::from_millis(1), None).await;
+    let url = m.url();
+    let yaml = format!(
+        "providers:\n\
+         - {{name: streamed, type: openai, base_url: \"{url}/v1\", models: [s]}}\n\
+         - {{name: plain, type: openai, base_url: \"{url}/v1\", models: [p], stream_unary: false}}\n"
+    );
+    let mut router = start(&yaml).await;
+    let mut answers = Vec::new();
+    for model in ["s", "p"] {
+        let mut ask = prompt("five words in one answer");
+        ask.model = model.into();
+        let r = router.client.complete(ask).await.unwrap().into_inner();
+        let body = m.last_body().unwrap();
+        assert_eq!(
+            body["stream"].as_bool(),
+            (model == "s").then_some(true),
+            "{model}"
+        );
+        answers.push((r.text, r.finish_reason, r.usage));
+    }
+    assert_eq!(answers[0], answers[1], "the same answer either way");
+    assert!(answers[0].2.is_some(), "usage from the stream's last chunk");
+    assert_eq!(m.stats().completed, 2);
+}
+
+#[tokio::test]
 async fn a_provider_failing_before_its_first_chunk_falls_back() {
     let failing = streaming_mock(Duration::ZERO, Some(Fault::Status(500))).await;
     let hanging = streaming_mock(Duration::ZERO, Some(Fault::Hang)).await;

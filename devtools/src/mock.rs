@@ -71,8 +71,9 @@ pub struct Script {
     /// Prompt prefixes this server's prefix (KV) cache holds, the least recently used going
     /// first (see [`Snapshot::prefix_hits`]).
     pub prefix_cache: usize,
-    /// Report this usage (prompt, completion tokens) on unary answers instead of what was
-    /// counted, as a provider that misreports would (negative, absurd).
+    /// Report this usage (prompt, completion tokens) instead of what was counted, as a
+    /// provider that misreports would (negative, absurd): on unary answers and at a stream's
+    /// end.
     pub usage: Option<(i64, i64)>,
 }
 
@@ -637,8 +638,10 @@ async fn respond(
                 endpoint,
                 conversation::call_chunks(*api, &model, id, name, arguments),
             ),
-            Some((_, Turn::Text(text))) => stream_chunks(endpoint, &model, first, text),
-            None => stream_chunks(endpoint, &model, first, &reply(first)),
+            Some((_, Turn::Text(text))) => {
+                stream_chunks(endpoint, &model, first, text, script.usage)
+            }
+            None => stream_chunks(endpoint, &model, first, &reply(first), script.usage),
         };
         return streaming(
             endpoint,
@@ -736,9 +739,16 @@ fn answer(endpoint: Endpoint, model: &str, prompts: &[String], omit: Option<&str
 
 /// The payloads of a streamed answer `text` to `prompt`, one word each, in the endpoint's
 /// shape, ending with its end marker.
-fn stream_chunks(endpoint: Endpoint, model: &str, prompt: &str, text: &str) -> Vec<String> {
+fn stream_chunks(
+    endpoint: Endpoint,
+    model: &str,
+    prompt: &str,
+    text: &str,
+    usage: Option<(i64, i64)>,
+) -> Vec<String> {
     let words: Vec<&str> = text.split_inclusive(' ').collect();
-    let (prompt_tokens, completion_tokens) = (prompt.split_whitespace().count(), words.len());
+    let counted = (prompt.split_whitespace().count() as i64, words.len() as i64);
+    let (prompt_tokens, completion_tokens) = usage.unwrap_or(counted);
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens});
     let mut out: Vec<Value> = Vec::new();
     match endpoint {

@@ -23,7 +23,10 @@ impl ProviderConfig {
     pub fn at_endpoint(&self, base: &url::Url) -> ProviderConfig {
         let mut one = self.clone();
         one.api = match &self.api {
-            Api::OpenAi { .. } => Api::OpenAi { base: base.clone() },
+            Api::OpenAi { stream_unary, .. } => Api::OpenAi {
+                base: base.clone(),
+                stream_unary: *stream_unary,
+            },
             Api::Ollama { .. } => Api::Ollama { base: base.clone() },
             Api::Anthropic { .. } => Api::Anthropic { base: base.clone() },
             simulated @ Api::Simulated { .. } => simulated.clone(),

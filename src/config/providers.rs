@@ -57,6 +57,10 @@ pub enum Api {
     /// OpenAI's shape: `openai`, `grok`, and any OpenAI-compatible server.
     OpenAi {
         base: url::Url,
+        /// A unary call goes upstream as a stream, read to its end: a caller who gives up
+        /// then stops the generation (llama-server does not watch a unary request's
+        /// connection; it does a stream's). A batched array request stays unary.
+        stream_unary: bool,
     },
     Ollama {
         base: url::Url,
@@ -419,11 +423,21 @@ impl Check<'_> {
             ));
             return Ok(None);
         }
+        if p.stream_unary.is_some() && !matches!(kind, ProviderKind::OpenAi | ProviderKind::Grok) {
+            return Err(self.err(
+                format!("{at}.stream_unary"),
+                "only OpenAI-compatible providers take it (Ollama stops a unary generation when its caller goes)",
+                "remove it",
+            ));
+        }
         let api = match (kind, endpoint) {
             (ProviderKind::Simulated, _) => Api::Simulated {
                 latency: simulated_latency,
             },
-            (ProviderKind::OpenAi | ProviderKind::Grok, Some(base)) => Api::OpenAi { base },
+            (ProviderKind::OpenAi | ProviderKind::Grok, Some(base)) => Api::OpenAi {
+                base,
+                stream_unary: p.stream_unary.unwrap_or(true),
+            },
             (ProviderKind::Ollama, Some(base)) => Api::Ollama { base },
             (ProviderKind::Anthropic, Some(base)) => Api::Anthropic { base },
             (_, None) => {

@@ -232,6 +232,9 @@ pub struct RawProvider {
     /// Replicas of one server, each a URL as `url` takes it (instead of `url`).
     pub endpoints: Vec<String>,
     pub balance: super::Balance,
+    /// Whether a unary call goes upstream as a stream (OpenAI-compatible providers only);
+    /// absent: yes.
+    pub stream_unary: Option<bool>,
     // The Python router's keys that this router does not use.
     pub description: Ignored,
     pub tags: Ignored,
@@ -262,6 +265,7 @@ impl Default for RawProvider {
             budget: None,
             endpoints: Vec::new(),
             balance: super::Balance::default(),
+            stream_unary: None,
             description: None,
             tags: None,
             notes: None,

@@ -215,8 +215,12 @@ fn provider_view(p: &ProviderConfig) -> Value {
         endpoints,
         balance,
     } = p;
+    let stream_unary = match api {
+        Api::OpenAi { stream_unary, .. } => Some(*stream_unary),
+        _ => None,
+    };
     let (url, latency) = match api {
-        Api::OpenAi { base } | Api::Ollama { base } | Api::Anthropic { base } => {
+        Api::OpenAi { base, .. } | Api::Ollama { base } | Api::Anthropic { base } => {
             let mut shown = base.clone();
             if shown.password().is_some() {
                 let _ = shown.set_password(Some(REDACTED));
@@ -262,6 +266,7 @@ fn provider_view(p: &ProviderConfig) -> Value {
         "priority": priority,
         "url": url,
         "simulated_latency_seconds": latency,
+        "stream_unary": stream_unary,
         "api_key": api_key.as_ref().map(|_| REDACTED),
         "models": models,
         "timeout_seconds": secs(*timeout),

@@ -185,7 +185,9 @@ impl ProviderError {
 /// Builds the provider a validated config entry describes.
 pub fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>, reqwest::Error> {
     Ok(match &config.api {
-        Api::OpenAi { base } => Arc::new(openai::OpenAi::new(config, base)?),
+        Api::OpenAi { base, stream_unary } => {
+            Arc::new(openai::OpenAi::new(config, base, *stream_unary)?)
+        }
         Api::Ollama { base } => Arc::new(ollama::Ollama::new(config, base)?),
         Api::Anthropic { base } => Arc::new(anthropic::Anthropic::new(config, base)?),
         Api::Simulated { latency } => Arc::new(simulated::Simulated::new(*latency)),

@@ -26,10 +26,16 @@ pub struct OpenAi {
     completions: Url,
     chat: Url,
     probe: Url,
+    /// Unary calls go as streams (see `config::Api::OpenAi`).
+    stream_unary: bool,
 }
 
 impl OpenAi {
-    pub fn new(config: &ProviderConfig, base: &Url) -> Result<OpenAi, reqwest::Error> {
+    pub fn new(
+        config: &ProviderConfig,
+        base: &Url,
+        stream_unary: bool,
+    ) -> Result<OpenAi, reqwest::Error> {
         let mut headers = HeaderMap::new();
         if let Some(key) = &config.api_key
             && let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
@@ -42,6 +48,7 @@ impl OpenAi {
             completions: http::join(base, "/completions"),
             chat: http::join(base, "/chat/completions"),
             probe: http::probe_url(config, base, "/models"),
+            stream_unary,
         })
     }
 }
@@ -496,6 +503,11 @@ impl Provider for OpenAi {
         request: &CompletionRequest,
     ) -> Result<Completion, ProviderError> {
         let p = &request.params;
+        // Streamed, so that a caller who gives up stops the generation; log probabilities
+        // come whole only in a unary answer.
+        if self.stream_unary && !p.logprobs {
+            return stream::assemble(self.stream(model, request).await?).await;
+        }
         let sampling = Sampling::from(p);
         match &request.input {
             Input::Prompt(prompt) => {

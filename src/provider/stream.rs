@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream::BoxStream};
 
 use super::ProviderError;
-use crate::completion::{FailureKind, StreamEvent, ToolCallDelta, Usage};
+use crate::completion::{Completion, FailureKind, StreamEvent, ToolCall, ToolCallDelta, Usage};
 
 /// Longest line (one event's payload) read; a longer one is malformed.
 const MAX_LINE: usize = 1 << 20;
@@ -87,6 +87,61 @@ pub fn events<D: Decode>(
         Some((next, st))
     })
     .boxed()
+}
+
+/// A streamed answer read to its end as one completion: text joined, tool calls put together
+/// from their pieces in the order of their index. A unary call sent upstream as a stream (so
+/// that a caller who goes stops the generation) answers as the unary request would.
+pub async fn assemble(mut events: EventStream) -> Result<Completion, ProviderError> {
+    let mut text = String::new();
+    let mut calls: Vec<(u32, ToolCall)> = Vec::new();
+    while let Some(event) = events.next().await {
+        match event? {
+            StreamEvent::Text(t) => text.push_str(&t),
+            StreamEvent::ToolCall(piece) => {
+                let at = match calls.iter().position(|(i, _)| *i == piece.index) {
+                    Some(at) => at,
+                    None => {
+                        calls.push((
+                            piece.index,
+                            ToolCall {
+                                id: String::new(),
+                                name: String::new(),
+                                arguments: String::new(),
+                            },
+                        ));
+                        calls.len() - 1
+                    }
+                };
+                let call = &mut calls[at].1;
+                if let Some(id) = piece.id {
+                    call.id = id;
+                }
+                if let Some(name) = piece.name {
+                    call.name = name;
+                }
+                call.arguments.push_str(&piece.arguments);
+            }
+            StreamEvent::End {
+                finish_reason,
+                usage,
+            } => {
+                calls.sort_by_key(|(i, _)| *i);
+                return Ok(Completion {
+                    text,
+                    finish_reason,
+                    usage,
+                    tool_calls: calls.into_iter().map(|(_, c)| c).collect(),
+                    logprobs: None,
+                });
+            }
+        }
+    }
+    // `events` ends with `End` or an error; a stream of another making might not.
+    Err(ProviderError::new(
+        FailureKind::Io,
+        "the stream ended before its end marker",
+    ))
 }
 
 /// A response's body as a stream of chunks, transport errors classified.
