@@ -16,6 +16,7 @@ provider, load harness, bare server) come from `cascade-bench` beside it. Build 
 """
 
 import argparse
+import glob
 import json
 import os
 import platform
@@ -75,12 +76,12 @@ class Bench:
         self.procs = []
         self.tmp = tempfile.mkdtemp(prefix="cascade-bench-")
 
-    def spawn(self, args, port, exe=None):
+    def spawn(self, args, port, exe=None, wrap=()):
         log = open(os.path.join(self.tmp, f"{os.path.basename(str(args[0]))}-{port}.log"), "w")
         exe = exe or (self.bin if args[0] == "serve" else self.tools)
-        p = subprocess.Popen([exe, *map(str, args)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        p = subprocess.Popen([*wrap, exe, *map(str, args)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         self.procs.append(p)
-        wait_port(port, p)
+        wait_port(port, p, timeout=120.0 if wrap else 30.0)
         return p
 
     def stop(self, p):
@@ -184,6 +185,46 @@ def ceiling(b):
     return table(f"Stack ceiling: cache hits reach {ratio:.0%} of a bare tonic server's throughput "
                  f"(upstream saw {upstream} request(s) in all)",
                  ["server", "req/s", "p50 µs", "p99 µs"], rows)
+
+
+def callgrind(b):
+    """Instructions per cache hit, counted by valgrind's callgrind — a count, not a time: the
+    same on a loaded machine — for the router and for the bare tonic server answering a
+    constant, with the same client and requests. Each server runs under callgrind; after a
+    warm-up (the router's cache filled, every buffer grown) its counters are zeroed, N calls
+    are made, and the dump's total (every thread of the process) is divided by N."""
+    n = 200 if b.smoke else 2000
+    mock, mport = b.mock()
+    hit = '{"model":"m","prompt":"the same question","temperature":0}'
+    rows, per = [], {}
+    for name in ["bare tonic (constant)", "router, cache hits"]:
+        port = free_port()
+        out = os.path.join(b.tmp, f"callgrind-{port}.out")
+        wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+        if name.startswith("bare"):
+            proc, data = b.spawn(["bare-server", "--listen", f"127.0.0.1:{port}"], port, wrap=wrap), DATA
+        else:
+            path = os.path.join(b.tmp, f"router-{port}.yaml")
+            with open(path, "w") as f:
+                f.write("cache: {}\nproviders:\n" + openai_provider("mock", f"http://127.0.0.1:{mport}/v1"))
+            proc = b.spawn(["serve", "--config", path, "--listen", f"127.0.0.1:{port}"], port, wrap=wrap)
+            data = hit
+        calls = ["--addr", f"127.0.0.1:{port}", "-d", data, "-c", 8, "--connections", 2, "--timeout", 60]
+        b.load(*calls, "-n", 200)
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+        r = b.load(*calls, "-n", n)
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+        dumps = sorted(glob.glob(out + ".*"), key=os.path.getmtime)
+        with open(dumps[-1]) as f:
+            total = next(int(line.split()[1]) for line in f if line.startswith(("totals:", "summary:")))
+        per[name] = total / n
+        rows.append([name, n, r["ok"], f"{total:,}", f"{total / n:,.0f}"])
+        b.stop(proc)
+    b.stop_all()
+    ratio = per["router, cache hits"] / per["bare tonic (constant)"]
+    return table(f"Instructions per call under callgrind: a cache hit costs {ratio:.2f}x the bare tonic "
+                 f"server's constant answer (same client: 8 callers on 2 connections; every thread counted)",
+                 ["server", "calls", "answered", "instructions", "per call"], rows)
 
 
 def pooling(b):
@@ -1181,7 +1222,7 @@ def budget(b):
 
 SCENARIOS = {"overhead": overhead, "ceiling": ceiling, "pooling": pooling, "memory": memory,
              "batching": batching, "window": window, "adaptive": adaptive, "agent_loop": agent_loop, "agent_cli": agent_cli,
-             "http_front": http_front, "overload": overload, "soak": soak, "real": real,
+             "http_front": http_front, "callgrind": callgrind, "overload": overload, "soak": soak, "real": real,
              "payloads": payloads, "redis_stall": redis_stall, "memory_rounds": memory_rounds,
              "operator": operator, "endpoints": endpoints, "fleet": fleet,
              "budget": budget}

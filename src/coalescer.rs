@@ -53,7 +53,9 @@ impl Drop for Stake<'_> {
 
 #[derive(Default)]
 pub struct Coalescer {
-    flights: Arc<DashMap<CacheKey, Flight>>,
+    /// Keyed by a blake3 hash already: foldhash (seeded per process) hashes it in a few
+    /// instructions where std's SipHash took hundreds.
+    flights: Arc<DashMap<CacheKey, Flight, foldhash::fast::RandomState>>,
 }
 
 impl Coalescer {

@@ -42,7 +42,31 @@ type HistogramFamily = Family<ProviderLabel, Histogram, fn() -> Histogram>;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabel {
     pub method: &'static str,
-    pub code: String,
+    pub code: &'static str,
+}
+
+/// A gRPC code's name, as its `Debug` writes it (without formatting a string per call).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "Ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
 }
 
 /// A failed upstream request: the provider and how it failed.
@@ -513,7 +537,7 @@ impl Metrics {
         self.calls
             .get_or_create(&CallLabel {
                 method,
-                code: format!("{code:?}"),
+                code: code_name(code),
             })
             .inc();
         self.call_seconds

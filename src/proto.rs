@@ -31,6 +31,17 @@ fn invalid(msg: impl Into<String>) -> RouterError {
     RouterError::InvalidArgument(msg.into())
 }
 
+/// 16 random hex digits, written by hand: `format!` cost ~500 instructions a call, a twentieth
+/// of what a cache hit adds to a bare gRPC server.
+fn new_request_id() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = fastrand::u64(..);
+    (0..16)
+        .rev()
+        .map(|i| char::from(HEX[((n >> (i * 4)) & 0xf) as usize]))
+        .collect()
+}
+
 impl TryFrom<v1::CompleteRequest> for CompletionRequest {
     type Error = RouterError;
 
@@ -53,7 +64,7 @@ impl TryFrom<v1::CompleteRequest> for CompletionRequest {
             (false, false) => return Err(invalid("set one of prompt or messages, not both")),
         };
         let request_id = if r.request_id.is_empty() {
-            format!("{:016x}", fastrand::u64(..))
+            new_request_id()
         } else {
             r.request_id
         };

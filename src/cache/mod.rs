@@ -18,8 +18,8 @@ use tokio::time::Instant;
 
 use crate::{
     completion::{
-        Answer, ChatMessage, Completion, CompletionRequest, Content, GenParams, Image, ImageSource,
-        Input, Part, ToolCall,
+        Answer, ChatMessage, Completion, CompletionRequest, Content, Fingerprint, GenParams, Image,
+        ImageSource, Input, Part, ToolCall,
     },
     config::{CacheConfig, CacheScope},
     metrics::CacheMetrics,
@@ -43,21 +43,18 @@ impl CacheKey {
             request_id: _, // differs per call by design
             cache: _,      // how to use the cache, not what is asked
         } = request;
-        let mut h = blake3::Hasher::new();
-        let mut field = |bytes: &[u8]| {
-            h.update(&(bytes.len() as u64).to_le_bytes());
-            h.update(bytes);
-        };
-        field(b"cascade-router cache v2");
+        let mut key = Fingerprint::default();
+        let mut field = |bytes: &[u8]| key.field(bytes);
+        field(b"cascade-router cache v3");
         field(tenant.as_bytes());
         field(route.as_bytes());
         hash_input(input, &mut field);
         params.hash_into(&mut field);
-        CacheKey(*h.finalize().as_bytes())
+        CacheKey(key.finish())
     }
 
     fn redis_key(&self) -> String {
-        format!("cascade:v2:{}", blake3::Hash::from_bytes(self.0).to_hex())
+        format!("cascade:v3:{}", blake3::Hash::from_bytes(self.0).to_hex())
     }
 }
 
@@ -176,7 +173,9 @@ struct Timed {
 }
 
 pub struct Cache {
-    memory: moka::sync::Cache<CacheKey, Timed>,
+    /// Hashed by foldhash (seeded per process): the key is a blake3 hash already, and std's
+    /// SipHash over it was ~270 instructions a look-up.
+    memory: moka::sync::Cache<CacheKey, Timed, foldhash::fast::RandomState>,
     ttl: Duration,
     scope: CacheScope,
     redis: Option<Redis>,
@@ -195,7 +194,7 @@ impl Cache {
                     evictions.inc();
                 }
             })
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         let redis = config
             .redis
             .as_ref()

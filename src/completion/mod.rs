@@ -4,9 +4,11 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use crate::error::RouterError;
 
+mod fingerprint;
 mod message;
 mod params;
 
+pub use fingerprint::Fingerprint;
 pub use message::{
     Base64, ChatMessage, Content, Detail, Image, ImageSource, ImageUrl, Part, Role, ToolCall,
     check_conversation,

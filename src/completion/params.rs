@@ -469,12 +469,9 @@ mod tests {
     #[test]
     fn every_field_changes_the_hash() {
         let hash = |p: &GenParams| {
-            let mut h = blake3::Hasher::new();
-            p.hash_into(&mut |b: &[u8]| {
-                h.update(&(b.len() as u64).to_le_bytes());
-                h.update(b);
-            });
-            *h.finalize().as_bytes()
+            let mut f = crate::completion::Fingerprint::default();
+            p.hash_into(&mut |b: &[u8]| f.field(b));
+            f.finish()
         };
         let base = GenParams::default();
         let variants = [

@@ -1,6 +1,9 @@
 //! Name → targets, computed once from the cascade file: a lookup is one hash-map probe.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap as StdHashMap, sync::Arc};
+
+/// Looked up on every call: foldhash (seeded per process) rather than std's SipHash.
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 
 use super::BuildError;
 use crate::{

@@ -52,7 +52,7 @@ use super::{
     link::{Link, Slot},
 };
 use crate::{
-    completion::{CompletionRequest, FailureKind, Input},
+    completion::{CompletionRequest, FailureKind, Fingerprint, Input},
     config::{BatchMode, BatchingConfig, ProviderConfig},
     provider::ProviderError,
 };
@@ -75,15 +75,12 @@ struct BatchKey {
 
 impl BatchKey {
     fn of(model: &Arc<str>, r: &CompletionRequest) -> BatchKey {
-        let mut h = blake3::Hasher::new();
-        r.params.hash_into(&mut |b: &[u8]| {
-            h.update(&(b.len() as u64).to_le_bytes());
-            h.update(b);
-        });
+        let mut params = Fingerprint::default();
+        r.params.hash_into(&mut |b: &[u8]| params.field(b));
         BatchKey {
             model: model.clone(),
             chat: matches!(r.input, Input::Chat(_)),
-            params: *h.finalize().as_bytes(),
+            params: params.finish(),
         }
     }
 }
