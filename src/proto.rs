@@ -36,10 +36,9 @@ fn invalid(msg: impl Into<String>) -> RouterError {
 fn new_request_id() -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let n = fastrand::u64(..);
-    (0..16)
-        .rev()
-        .map(|i| char::from(HEX[((n >> (i * 4)) & 0xf) as usize]))
-        .collect()
+    let digits: [u8; 16] = std::array::from_fn(|i| HEX[((n >> (60 - 4 * i)) & 0xf) as usize]);
+    // Hex digits are ASCII: valid UTF-8, borrowed as is, then copied once.
+    String::from_utf8_lossy(&digits).into_owned()
 }
 
 impl TryFrom<v1::CompleteRequest> for CompletionRequest {

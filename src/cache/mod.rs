@@ -227,8 +227,10 @@ impl Cache {
             }
             self.memory.invalidate(key);
         }
+        // Boxed: Redis's call is a large state (~900 bytes) that every look-up's future, and
+        // every future around it, would otherwise carry and copy, a memory hit included.
         if let Some(redis) = &self.redis
-            && let Some(entry) = redis.get(key).await
+            && let Some(entry) = Box::pin(redis.get(key)).await
         {
             let entry = Arc::new(entry);
             self.insert_memory(*key, entry.clone());

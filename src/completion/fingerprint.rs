@@ -13,14 +13,16 @@ const FLUSH: usize = 1024;
 const LARGE: usize = 512;
 
 pub struct Fingerprint {
-    hasher: blake3::Hasher,
+    /// Made only once the fields pass [`FLUSH`] bytes or one is [`LARGE`]: most requests are
+    /// hashed in one call from the buffer, and a hasher is a 2 KB struct to set up and move.
+    hasher: Option<Box<blake3::Hasher>>,
     buf: Vec<u8>,
 }
 
 impl Default for Fingerprint {
     fn default() -> Fingerprint {
         Fingerprint {
-            hasher: blake3::Hasher::new(),
+            hasher: None,
             buf: Vec::with_capacity(FLUSH + LARGE + 10),
         }
     }
@@ -31,18 +33,13 @@ impl Fingerprint {
     /// then its bytes.
     pub fn field(&mut self, bytes: &[u8]) {
         let mut n = bytes.len() as u64;
-        loop {
-            let low = (n & 0x7f) as u8;
+        while n >= 0x80 {
+            self.buf.push((n & 0x7f) as u8 | 0x80);
             n >>= 7;
-            if n == 0 {
-                self.buf.push(low);
-                break;
-            }
-            self.buf.push(low | 0x80);
         }
+        self.buf.push(n as u8);
         if bytes.len() >= LARGE {
-            self.flush();
-            self.hasher.update(bytes);
+            self.flush().update(bytes);
             return;
         }
         self.buf.extend_from_slice(bytes);
@@ -51,14 +48,19 @@ impl Fingerprint {
         }
     }
 
-    fn flush(&mut self) {
-        self.hasher.update(&self.buf);
+    /// Feeds the buffer to the hasher (made now if need be), and returns it.
+    fn flush(&mut self) -> &mut blake3::Hasher {
+        let hasher = self.hasher.get_or_insert_default();
+        hasher.update(&self.buf);
         self.buf.clear();
+        hasher
     }
 
     pub fn finish(mut self) -> [u8; 32] {
-        self.flush();
-        *self.hasher.finalize().as_bytes()
+        match self.hasher.is_some() {
+            true => *self.flush().finalize().as_bytes(),
+            false => *blake3::hash(&self.buf).as_bytes(),
+        }
     }
 }
 
