@@ -136,30 +136,43 @@ DATA = '{"model":"m","prompt":"hello {{n}}"}'
 
 
 def overhead(b):
-    """Latency direct to the mock vs through the router at fixed offered rates."""
+    """Latency direct to the mock vs through the router at fixed offered rates: the router as
+    configured by default (a unary call goes to the OpenAI-shaped mock as a stream, read whole:
+    `stream_unary`), and with `stream_unary: false` (a unary request, as the direct path)."""
     mock, mport = b.mock()
-    router, rport = b.router(openai_provider("mock", f"http://127.0.0.1:{mport}/v1"))
+    base = f"http://127.0.0.1:{mport}/v1"
+    routers = {"streamed": b.router(openai_provider("mock", base)),
+               "unary": b.router(openai_provider("mock", base, "    stream_unary: false\n"))}
     rates = [200, 500] if b.smoke else [1000, 5000, 10000]
     reps, secs = (1, 0.5) if b.smoke else (3, 5)
     common = ["-c", 512, "--connections", 8, "--warmup", 200, "-d", DATA, "--duration", secs]
     rows = []
     for rate in rates:
-        direct, routed, cpu = [], [], []
+        direct = []
+        routed = {k: [] for k in routers}
+        cpu = {k: [] for k in routers}
         for _ in range(reps):
-            direct.append(b.load("--http", f"http://127.0.0.1:{mport}/v1", "--rate", rate, *common))
-            c0 = cpu_seconds(router.pid)
-            r = b.load("--addr", f"127.0.0.1:{rport}", "--rate", rate, *common)
-            cpu.append((cpu_seconds(router.pid) - c0) / (r["requests"] + 200) * 1e6)
-            routed.append(r)
+            direct.append(b.load("--http", base, "--rate", rate, *common))
+            for name, (router, rport) in routers.items():
+                c0 = cpu_seconds(router.pid)
+                r = b.load("--addr", f"127.0.0.1:{rport}", "--rate", rate, *common)
+                cpu[name].append((cpu_seconds(router.pid) - c0) / (r["requests"] + 200) * 1e6)
+                routed[name].append(r)
         d50, d99 = med([pct(r, "p50") for r in direct]), med([pct(r, "p99") for r in direct])
-        r50, r99 = med([pct(r, "p50") for r in routed]), med([pct(r, "p99") for r in routed])
-        errors = sum(sum(r["errors"].values()) for r in routed)
-        rows.append([rate, d50, d99, r50, r99, r50 - d50, r99 - d99, f"{med(cpu):.1f}",
-                     f"{med([r['throughput_rps'] for r in routed]):.0f}", errors])
+        row = [rate, d50, d99]
+        for name in routers:
+            r50, r99 = med([pct(r, "p50") for r in routed[name]]), med([pct(r, "p99") for r in routed[name]])
+            row += [r50, r99, r50 - d50, r99 - d99, f"{med(cpu[name]):.1f}"]
+        errors = sum(sum(r["errors"].values()) for runs in routed.values() for r in runs)
+        rows.append(row + [f"{med([r['throughput_rps'] for r in routed['streamed']]):.0f}", errors])
     b.stop_all()
-    return table("Overhead: direct to the mock vs through the router (open loop, latency in µs)",
-                 ["offered req/s", "direct p50", "direct p99", "router p50", "router p99",
-                  "added p50", "added p99", "router CPU µs/req", "router req/s", "errors"], rows)
+    return table("Overhead: direct to the mock vs through the router (open loop, latency in µs); "
+                 "the router streams unary calls upstream by default (`stream_unary`), and not with "
+                 "`stream_unary: false`",
+                 ["offered req/s", "direct p50", "direct p99",
+                  "router p50", "router p99", "added p50", "added p99", "router CPU µs/req",
+                  "unary upstream: router p50", "p99", "added p50", "added p99", "CPU µs/req",
+                  "router req/s", "errors"], rows)
 
 
 def ceiling(b):

@@ -427,6 +427,51 @@ async fn a_unary_caller_who_gives_up_frees_the_real_servers_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn many_streamed_unary_calls_at_once_are_all_answered_without_retries() {
+    // 32 callers against llama-server's 4 slots: its HTTP threads are busy, and it then
+    // closes a kept-alive connection after a streamed answer whose headers said keep-alive.
+    // The router sends a request that found its pooled connection closed again, on another
+    // (before that, 2–8 calls in 200 failed "connection closed before message completed"
+    // with retries off).
+    let Some(installed) = installed() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let llama = llama_server(&installed, 4, &[]).await;
+    let router = start(&format!(
+        "{}providers:\n{}",
+        cascade(0, 100, 60.0),
+        entry("llama", 1, &llama.url, "smollm2", "")
+    ))
+    .await;
+    let calls = (0..32).map(|caller| {
+        let mut c = router.client.clone();
+        async move {
+            let mut failed = Vec::new();
+            for i in 0..6 {
+                let ask = ask(
+                    "smollm2",
+                    &format!("Name one animal, number {caller}-{i}:"),
+                    8,
+                );
+                if let Err(e) = c.complete(ask).await {
+                    failed.push(e.message().to_string());
+                }
+            }
+            failed
+        }
+    });
+    let failed: Vec<String> = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 192 failed: {failed:?}",
+        failed.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_server_that_cannot_batch_is_split_and_remembered() {
     let Some(installed) = installed() else { return };
     let _one = ONE_AT_A_TIME.lock().await;

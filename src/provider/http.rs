@@ -116,21 +116,48 @@ async fn send_json<B: Serialize + ?Sized>(
             format!("the request could not be written as JSON: {e}"),
         )
     })?;
+    let post = |body: reqwest::Body| {
+        client
+            .post(url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+    };
     // reqwest keeps a reusable body until the answer (to resend it on a redirect or a
     // refused HTTP/2 stream). A large one — an image's base64 — goes as a one-shot body
     // instead, freed once written: one copy fewer held per call while the provider works.
-    let body = if bytes.len() > LARGE_BODY {
-        reqwest::Body::wrap(http_body_util::Full::new(bytes::Bytes::from(bytes)))
-    } else {
-        reqwest::Body::from(bytes)
-    };
-    client
-        .post(url.clone())
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body)
-        .send()
-        .await
-        .map_err(transport_error)
+    if bytes.len() > LARGE_BODY {
+        let body = reqwest::Body::wrap(http_body_util::Full::new(bytes::Bytes::from(bytes)));
+        return post(body).await.map_err(transport_error);
+    }
+    let bytes = bytes::Bytes::from(bytes);
+    let mut resent = 0;
+    loop {
+        match post(reqwest::Body::from(bytes.clone())).await {
+            // A pooled connection the server closed as it was taken: llama-server closes a
+            // kept-alive connection after a streamed answer when its HTTP threads are busy,
+            // though the answer's headers said keep-alive. The request went nowhere: send it
+            // again (the pool drops that connection), a few times at most.
+            Err(e) if resent < RESENDS && closed_before_answer(&e) => resent += 1,
+            sent => return sent.map_err(transport_error),
+        }
+    }
+}
+
+/// Sends after finding a pooled connection closed, at most.
+const RESENDS: u32 = 3;
+
+/// Whether `e` is a connection closed before any of the answer came (hyper's incomplete
+/// message): what a reused connection the server had closed gives.
+fn closed_before_answer(e: &reqwest::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message();
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Request bodies above this size are not kept for a resend (see [`send_json`]).

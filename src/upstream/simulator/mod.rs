@@ -195,17 +195,31 @@ pub(super) fn run_for(
     seed: u64,
     measure: Duration,
 ) -> Report {
+    run_after(model, policy, &[], load, seed, measure)
+}
+
+/// [`run_for`] on a router that first served each of `history`'s loads for its time,
+/// unmeasured: what it learned then carries into the measured run, as on a long-lived router.
+pub(super) fn run_after(
+    model: Model,
+    policy: Policy,
+    history: &[(Load, Duration)],
+    load: Load,
+    seed: u64,
+    measure: Duration,
+) -> Report {
     tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .expect("a runtime")
-        .block_on(simulate(model, policy, load, seed, measure))
+        .block_on(simulate(model, policy, history, load, seed, measure))
 }
 
 async fn simulate(
     model: Model,
     policy: Policy,
+    history: &[(Load, Duration)],
     load: Load,
     seed: u64,
     measure: Duration,
@@ -235,10 +249,60 @@ async fn simulate(
         link,
         model: "m".into(),
     });
+    let answered: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    for &(load, took) in history {
+        let end = Instant::now() + took;
+        let mut tasks = tokio::task::JoinSet::new();
+        spawn_load(&mut tasks, &router, load, seed, (end, end), &answered);
+        while tasks.join_next().await.is_some() {}
+    }
     let start = Instant::now();
     let (measure_from, end) = (start + WARM_UP, start + WARM_UP + measure);
-    let answered: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
+    spawn_load(
+        &mut tasks,
+        &router,
+        load,
+        seed,
+        (measure_from, end),
+        &answered,
+    );
+    sleep_until(measure_from).await;
+    let before = (
+        provider.requests.load(Relaxed),
+        provider.prompts.load(Relaxed),
+    );
+    sleep_until(end).await;
+    let requests = provider.requests.load(Relaxed) - before.0;
+    let prompts = provider.prompts.load(Relaxed) - before.1;
+    while tasks.join_next().await.is_some() {}
+    let mut latencies =
+        std::mem::take(&mut *answered.lock().unwrap_or_else(PoisonError::into_inner));
+    latencies.sort_unstable();
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Report {
+        throughput: latencies.len() as f64 / measure.as_secs_f64(),
+        p50: at(0.5),
+        p99: at(0.99),
+        requests_per_prompt: requests as f64 / prompts.max(1) as f64,
+    }
+}
+
+/// Callers of `load` on `router` until the window's end; each answer within the window
+/// `(from, end)` is recorded in `answered`.
+fn spawn_load(
+    tasks: &mut tokio::task::JoinSet<()>,
+    router: &Arc<Sender>,
+    load: Load,
+    seed: u64,
+    (measure_from, end): (Instant, Instant),
+    answered: &Arc<Mutex<Vec<Duration>>>,
+) {
     let record = move |sent: Instant, answered: &Mutex<Vec<Duration>>| {
         let now = Instant::now();
         if now >= measure_from && now < end {
@@ -284,30 +348,6 @@ async fn simulate(
                 while calls.join_next().await.is_some() {}
             });
         }
-    }
-    sleep_until(measure_from).await;
-    let before = (
-        provider.requests.load(Relaxed),
-        provider.prompts.load(Relaxed),
-    );
-    sleep_until(end).await;
-    let requests = provider.requests.load(Relaxed) - before.0;
-    let prompts = provider.prompts.load(Relaxed) - before.1;
-    while tasks.join_next().await.is_some() {}
-    let mut latencies =
-        std::mem::take(&mut *answered.lock().unwrap_or_else(PoisonError::into_inner));
-    latencies.sort_unstable();
-    let at = |q: f64| {
-        latencies
-            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-    };
-    Report {
-        throughput: latencies.len() as f64 / measure.as_secs_f64(),
-        p50: at(0.5),
-        p99: at(0.99),
-        requests_per_prompt: requests as f64 / prompts.max(1) as f64,
     }
 }
 

@@ -267,3 +267,45 @@ fn on_a_server_that_queues_prompts_adaptive_matches_the_best_fixed_throughput_an
         );
     }
 }
+
+/// The wall-clock protocol serves 1, 8, 64 and 256 callers in turn on one long-lived router,
+/// which carries what it learned from one load into the next. Here 256 callers on a router
+/// that served 1, 8 and 64 first (11 s each, as the protocol's runs do), against a fresh
+/// router. Known short: on the jittered model, seed 7 reaches 0.75 of a fresh router (4,544
+/// prompts/s fresh, 3,429 after), seeds 1 and 2 0.96 and 1.00 — a deterministic case of the
+/// history-dependence the wall clock shows (the 4-slot mock at 64 callers: 0.77 of the best
+/// fixed setting in session 15's quiet run, 1.03 and 1.10 in others; the previous policy's
+/// binary alike). Not yet understood; held here so it is seen and cannot get worse unnoticed.
+#[test]
+fn a_router_that_served_smaller_loads_first_is_about_as_fast_as_a_fresh_one() {
+    let s = Duration::from_secs(11);
+    let history = [
+        (Load::Closed(1), s),
+        (Load::Closed(8), s),
+        (Load::Closed(64), s),
+    ];
+    let mut short = Vec::new();
+    for model in [MOCK_4, MOCK_8, JITTERY] {
+        for seed in SEEDS {
+            let fresh = run(model, Policy::Adaptive, Load::Closed(256), seed);
+            let after = run_after(
+                model,
+                Policy::Adaptive,
+                &history,
+                Load::Closed(256),
+                seed,
+                MEASURE,
+            );
+            let ratio = after.throughput / fresh.throughput;
+            println!(
+                "{} seed {seed}: fresh {:.0}, after 1, 8, 64 callers {:.0} prompts/s ({ratio:.2})",
+                model.name, fresh.throughput, after.throughput
+            );
+            let floor = if model.name == JITTERY.name { 0.7 } else { 0.9 };
+            if ratio < floor {
+                short.push(format!("{} seed {seed}: {ratio:.2}", model.name));
+            }
+        }
+    }
+    assert!(short.is_empty(), "{short:?}");
+}
