@@ -30,8 +30,12 @@
 //! a request waiting at the provider holds prompts that could have ridden in a request being
 //! served. `noise` is the slowdown of rounds without queueing (answers vary; the fastest is
 //! the floor): set by rounds with at most one request in flight, where no queue can form;
-//! calm rounds lower it quickly and raise it a quarter as fast (the fastest of each size
-//! falls as more answers are seen, but queueing must not be learned as the usual). A round
+//! learned only from sizes seen [`ROUND`] times or more (a size new to the router has a
+//! fastest time near its usual one, and would teach a slowdown too low, against which every
+//! other size reads as queued: a router that served 64 callers before 256 fell to 0.75 of a
+//! fresh one on the jittered model); calm rounds lower it quickly and raise it a quarter as
+//! fast (the fastest of each size falls as more answers are seen, but queueing must not be
+//! learned as the usual). A round
 //! counts only answers to requests sent after those in flight when the limit last moved have
 //! ended: a request sent just after a fall still queues behind them.
 //!
@@ -122,6 +126,10 @@ struct Round {
     shared: usize,
     /// Prompts the answers carried.
     items: usize,
+    /// The slowdowns of answers whose size's fastest time is trusted (seen [`ROUND`] times),
+    /// summed, and how many: what `noise` learns from.
+    trusted: f64,
+    trusted_answers: usize,
     /// When it began (its first answer), and [`Flow::area`] then.
     since: Option<(Instant, f64)>,
 }
@@ -237,6 +245,10 @@ impl Vegas {
         round.squares += x * x;
         round.shared += usize::from(shared);
         round.items += items;
+        if self.baseline.trusted(items) {
+            round.trusted += x;
+            round.trusted_answers += 1;
+        }
         // Slow start moves per round trip, as TCP's does.
         let answers = if self.slow_start { 1 } else { ROUND };
         if round.answers < answers.max(self.limit) || now == since {
@@ -269,9 +281,17 @@ impl Vegas {
             probing = self.probing,
             "concurrency round"
         );
-        if busy <= 1.0 {
+        // The usual slowdown is learned only from sizes whose fastest time has been seen often
+        // enough to be near its floor: a size new to the router (the loads before were
+        // smaller) has a fastest time close to its usual one, and its answers would teach a
+        // slowdown too low, against which every other size then reads as queued.
+        let usual =
+            (round.trusted_answers > 0).then(|| round.trusted / round.trusted_answers as f64);
+        if busy <= 1.0
+            && let Some(usual) = usual
+        {
             // No queue is possible with one request in flight: its slowdown is all noise.
-            self.noise = raw;
+            self.noise = usual;
             if round.answers > 1 {
                 self.spread = spread;
             }
@@ -313,7 +333,9 @@ impl Vegas {
                         NOISE_GAIN
                     }
         };
-        self.noise = toward(self.noise, raw);
+        if let Some(usual) = usual {
+            self.noise = toward(self.noise, usual);
+        }
         if round.answers > 1 {
             self.spread = toward(self.spread, spread);
         }
@@ -355,12 +377,15 @@ impl Vegas {
 #[derive(Debug)]
 pub(super) struct Baseline {
     usual: [Option<(usize, f64)>; BUCKETS],
+    /// Answers seen per bucket.
+    seen: [u32; BUCKETS],
 }
 
 impl Default for Baseline {
     fn default() -> Baseline {
         Baseline {
             usual: [None; BUCKETS],
+            seen: [0; BUCKETS],
         }
     }
 }
@@ -377,6 +402,8 @@ pub(super) fn bucket(items: usize) -> usize {
 impl Baseline {
     /// Learns an answer's time: a faster one at once, a slower one a little if `drift`.
     pub(super) fn learn(&mut self, items: usize, took: Duration, drift: bool) {
+        let seen = &mut self.seen[bucket(items)];
+        *seen = seen.saturating_add(1);
         let took = took.as_secs_f64();
         match &mut self.usual[bucket(items)] {
             Some((_, t)) if took > *t => {
@@ -386,6 +413,11 @@ impl Baseline {
             }
             usual => *usual = Some((items, took)),
         }
+    }
+
+    /// Whether the fastest time of `items`' size has been seen [`ROUND`] times or more.
+    pub(super) fn trusted(&self, items: usize) -> bool {
+        self.seen[bucket(items)] as usize >= ROUND
     }
 
     /// The part of a request's time that does not grow with its prompts: where the line
