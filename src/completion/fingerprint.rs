@@ -57,9 +57,10 @@ impl Fingerprint {
     }
 
     pub fn finish(mut self) -> [u8; 32] {
-        match self.hasher.is_some() {
-            true => *self.flush().finalize().as_bytes(),
-            false => *blake3::hash(&self.buf).as_bytes(),
+        if self.hasher.is_some() {
+            *self.flush().finalize().as_bytes()
+        } else {
+            *blake3::hash(&self.buf).as_bytes()
         }
     }
 }
