@@ -182,8 +182,18 @@ async fn a_unary_call_is_read_whole_from_the_stream_or_sent_unary_when_told() {
         answers.push((r.text, r.finish_reason, r.usage));
     }
     assert_eq!(answers[0], answers[1], "the same answer either way");
+    // `best_of` goes only unary (OpenAI refuses it with a stream), stream_unary or not.
+    let mut ask = prompt("five words in one answer");
+    ask.model = "s".into();
+    ask.best_of = Some(2);
+    router.client.complete(ask).await.unwrap();
+    let body = m.last_body().unwrap();
+    assert_eq!(
+        (body["stream"].as_bool(), body["best_of"].as_u64()),
+        (None, Some(2))
+    );
     assert!(answers[0].2.is_some(), "usage from the stream's last chunk");
-    assert_eq!(m.stats().completed, 2);
+    assert_eq!(m.stats().completed, 3);
 }
 
 #[tokio::test]

@@ -504,8 +504,8 @@ impl Provider for OpenAi {
     ) -> Result<Completion, ProviderError> {
         let p = &request.params;
         // Streamed, so that a caller who gives up stops the generation; log probabilities
-        // come whole only in a unary answer.
-        if self.stream_unary && !p.logprobs {
+        // come whole only in a unary answer, and OpenAI refuses `best_of` with a stream.
+        if self.stream_unary && !p.logprobs && p.best_of.is_none() {
             return stream::assemble(self.stream(model, request).await?).await;
         }
         let sampling = Sampling::from(p);
