@@ -390,7 +390,7 @@ async fn with_health_checks_a_probe_not_a_caller_closes_an_open_circuit() {
     let port = free_port().await;
     let yaml = format!(
         "server: {{http_listen: \"127.0.0.1:{port}\"}}\n{}providers:\n\
-         - {{name: a, type: openai, priority: 1, base_url: \"{}/v1\", models: [m], health_check: {{interval_seconds: 0.1, timeout_ms: 100, unhealthy_after: 3}}}}\n\
+         - {{name: a, type: openai, priority: 1, base_url: \"{}/v1\", models: [m], health_check: {{interval_seconds: 0.1, timeout_ms: 100, unhealthy_after: 1000000}}}}\n\
          - {{name: b, type: openai, priority: 2, base_url: \"{}/v1\", models: [m]}}\n",
         cascade(0, 1, 0.3),
         a.url(),
@@ -399,21 +399,35 @@ async fn with_health_checks_a_probe_not_a_caller_closes_an_open_circuit() {
     let mut router = start(&yaml).await;
     let base = format!("http://127.0.0.1:{port}");
     http_listening(&format!("127.0.0.1:{port}")).await;
-    // One failed request opens a's circuit (threshold 1, recovery 0.3 s); its model list still
-    // answers (`fault_every: 1`: every completion fails, probes do not).
-    a.set_script(Script {
-        fault: Some(Fault::Status(500)),
-        fault_every: 1,
-        ..Script::default()
-    });
+    // One failed request opens a's circuit (threshold 1, recovery 0.3 s). Its probes fail too
+    // for now, so nothing can close it; `unhealthy_after` is out of reach, so health never
+    // takes `a` out and only the circuit keeps callers off it.
+    a.set_script(Script::failing(Fault::Status(500)));
     assert_eq!(answered_by(&mut router, "fails at a").await.provider, "b");
     let sent = a.stats().requests;
+    // Probes are at least 0.1 s apart and time out after 0.1 s, so the sixth probe from now
+    // is sent at least 0.4 s after the circuit opened: past its recovery time.
+    let probes = a.stats().probes;
+    within(async {
+        while a.stats().probes < probes + 6 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Past its recovery time the circuit stays open for callers — they go to b and none is
+    // let through to a as the half-open trial — until a probe closes it.
+    for _ in 0..3 {
+        assert_eq!(answered_by(&mut router, "meanwhile").await.provider, "b");
+    }
+    assert_eq!(status(&base).await["providers"][0]["circuit"], "open");
+    assert_eq!(
+        a.stats().requests,
+        sent,
+        "no caller was the half-open trial"
+    );
     a.set_script(Script::default());
-    // Past its recovery time the circuit stays open for callers — they go to b, a gets
-    // nothing — until a probe closes it.
     within(async {
         while status(&base).await["providers"][0]["circuit"] != "closed" {
-            assert_eq!(answered_by(&mut router, "meanwhile").await.provider, "b");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -421,7 +435,7 @@ async fn with_health_checks_a_probe_not_a_caller_closes_an_open_circuit() {
     assert_eq!(
         a.stats().requests,
         sent,
-        "no caller was the half-open probe"
+        "the probe, not a caller, closed it"
     );
     assert_eq!(answered_by(&mut router, "back").await.provider, "a");
 }
