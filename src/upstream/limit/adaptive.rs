@@ -17,7 +17,9 @@
 //!   for the other's request to end (the simulator's llama-server p99, 2.5 s against 1.75 s);
 //! - the first crowded round ends slow start, and the limit starts again from one request: the
 //!   sizes slow start sent may all have queued (every request waiting alike looks like no wait
-//!   at all), so it climbs back a slot a round, learning each size's time unqueued;
+//!   at all), so it stays at one — where nothing queues — until it has seen the usual slowdown
+//!   (one answer of a trusted size; [`ROUND`] when answers vary by more than `1/ROUND`), then
+//!   doubles a round back to half the limit that crowded it (TCP's slow-start threshold);
 //! - otherwise, with every slot taken at some moment of the round, or more prompts in flight
 //!   than slots (more slots would split them into more requests): in slow start the limit
 //!   doubles; after it, one more slot is tried (a probe), at once after a probe was kept, and
@@ -29,28 +31,27 @@
 //! The limit aims at no queue at all — Vegas with α = 0 — because batches are sized over it:
 //! a request waiting at the provider holds prompts that could have ridden in a request being
 //! served. `noise` is the slowdown of rounds without queueing (answers vary; the fastest is
-//! the floor): set by rounds with at most one request in flight, where no queue can form;
-//! learned only from sizes seen [`ROUND`] times or more (a size new to the router has a
-//! fastest time near its usual one, and would teach a slowdown too low, against which every
-//! other size reads as queued: a router that served 64 callers before 256 fell to 0.75 of a
-//! fresh one on the jittered model); calm rounds lower it quickly and raise it a quarter as
+//! the floor): set by rounds with at most one request in flight at any moment, where no queue
+//! can form; learned only from sizes seen [`ROUND`] times or more (a size new to the router
+//! has a fastest time near its usual one, and would teach a slowdown too low, against which
+//! every other size reads as queued); calm rounds lower it quickly and raise it a quarter as
 //! fast (the fastest of each size falls as more answers are seen, but queueing must not be
-//! learned as the usual). A round
-//! counts only answers to requests sent after those in flight when the limit last moved have
-//! ended: a request sent just after a fall still queues behind them.
+//! learned as the usual). An answer of a size larger than any seen has nothing to be judged
+//! by and is left out of its round. A round counts only answers to requests sent after those
+//! in flight when the limit last moved have ended (a request sent just after a fall still
+//! queues behind them), and `busy` is the mean in flight while any were: a round that spans
+//! a pause in the load is not read as a light one.
 //!
 //! Answers that vary widely (±50% at random) make a round's mean vary by chance, so `r` is
 //! taken less [`SURE`] standard errors of it, from `spread`: how much answers vary in rounds
 //! without queueing (learned as `noise` is). Known weakness (issue #28's note): with such
 //! answers one request waiting cannot be told from chance, so the limit settles one above the
-//! provider's slots (0.89–0.90 of the best fixed setting at 64 callers in the simulator). And
-//! on the wall clock, a router that served 1 and 8 callers before 64 on a 4-slot provider once
-//! held the limit one above its slots (0.89 of the best fixed setting; 1.03 in the next run; a
-//! fresh router 1.1) — not reproduced on the simulator.
+//! provider's slots (0.89–0.92 of the best fixed setting at 64 callers in the simulator).
 //!
 //! Tuning constants (eleven in all): [`ROUND`], [`BETA`], [`PROBE_AFTER_MAX`], [`BACKOFF`],
-//! [`DRIFT`], [`NOISE_GAIN`], [`SURE`], [`HARMLESS`], [`BUCKETS`]; `INITIAL` in the parent module; `ARRIVAL_GAP` in
-//! the adaptive batch worker. Judged on `upstream::simulator` before any wall-clock run.
+//! [`DRIFT`], [`NOISE_GAIN`], [`SURE`], [`HARMLESS`], [`BUCKETS`]; `INITIAL` in the parent
+//! module; `ARRIVAL_GAP` in the adaptive batch worker. Judged on `upstream::simulator` —
+//! fresh routers and the wall-clock protocol's long-lived ones — before any wall-clock run.
 
 use super::*;
 
@@ -79,11 +80,11 @@ pub(super) const SURE: f64 = 2.0;
 
 /// A queue at the provider is harmless when a request's fixed cost (the part of its time that
 /// does not grow with its prompts) is at most this share of a request's time: merging the
-/// waiting requests' prompts into fewer would save the provider at most that. A quarter, as
-/// the estimate comes from fastest times, which jitter skews (0.17 of 0.86 s estimated for
-/// the simulated llama-server's true 2 ms); the 16-slot mock's 5 of 37 ms passes too, and is
-/// a little faster for it (1.11× the best fixed setting at 256 callers, was 1.10×).
-pub(super) const HARMLESS: f64 = 0.25;
+/// waiting requests' prompts into fewer would save the provider at most that. A third, as the
+/// estimate comes from fastest times, which jitter skews: the simulated llama-server's true
+/// 2 ms of 0.86 s reads as 0.12–0.24 s while few answers are in (a quarter took a probe back
+/// there once, and the cohorts it split raised the p99 1.38×).
+pub(super) const HARMLESS: f64 = 1.0 / 3.0;
 
 pub(super) const BUCKETS: usize = 64;
 
@@ -91,7 +92,9 @@ pub(super) const BUCKETS: usize = 64;
 pub(super) struct Vegas {
     limit: usize,
     ceiling: usize,
-    slow_start: bool,
+    /// Slow start: the limit doubles each round while below this (the ceiling until a round
+    /// is first crowded, then half the limit that crowded it; 0 once it is over).
+    slow_until: usize,
     baseline: Baseline,
     /// The slowdown of rounds without queueing: the answers' own spread over the fastest.
     noise: f64,
@@ -131,24 +134,57 @@ struct Round {
     trusted: f64,
     trusted_answers: usize,
     /// When it began (its first answer), and [`Flow::area`] then.
-    since: Option<(Instant, f64)>,
+    since: Option<(Instant, Area)>,
 }
 
-/// Requests in flight over time, integrated, for their mean over a round.
+impl Round {
+    /// The answers' standard deviation over their mean.
+    fn spread(&self) -> f64 {
+        let n = self.answers as f64;
+        let mean = self.slowdown / n;
+        if self.answers > 1 {
+            ((self.squares - n * mean * mean).max(0.0) / (n - 1.0)).sqrt() / mean
+        } else {
+            0.0
+        }
+    }
+
+    /// Whether its answers show the usual slowdown: one of a trusted size when they vary by
+    /// less than `1 / ROUND`, else `ROUND` of them.
+    fn knows_the_usual(&self) -> bool {
+        let enough = if self.spread() <= 1.0 / ROUND as f64 {
+            1
+        } else {
+            ROUND
+        };
+        self.trusted_answers >= enough
+    }
+}
+
+/// Requests in flight over time, integrated, for their mean over a round's busy time.
 #[derive(Debug, Default)]
 struct Flow {
     in_flight: usize,
     /// The most in flight since the last round ended.
     peak: usize,
-    /// Requests in flight × seconds, up to `at`.
-    area: f64,
+    /// Requests in flight × seconds, and seconds with any in flight, up to `at`.
+    area: Area,
     at: Option<Instant>,
 }
 
+#[derive(Clone, Copy, Debug, Default)]
+struct Area {
+    requests: f64,
+    busy: f64,
+}
+
 impl Flow {
-    fn area(&self, now: Instant) -> f64 {
+    fn area(&self, now: Instant) -> Area {
         let since = self.at.map_or(0.0, |at| (now - at).as_secs_f64());
-        self.area + self.in_flight as f64 * since
+        Area {
+            requests: self.area.requests + self.in_flight as f64 * since,
+            busy: self.area.busy + if self.in_flight > 0 { since } else { 0.0 },
+        }
     }
 }
 
@@ -157,7 +193,7 @@ impl Vegas {
         Vegas {
             limit: start,
             ceiling,
-            slow_start: true,
+            slow_until: ceiling,
             baseline: Baseline::default(),
             noise: 1.0,
             spread: 0.0,
@@ -180,7 +216,7 @@ impl Vegas {
     /// Puts the limit at `permits`, out of slow start.
     #[cfg(test)]
     pub(super) fn settle(&mut self, permits: usize) {
-        (self.limit, self.slow_start) = (permits, false);
+        (self.limit, self.slow_until) = (permits, 0);
     }
 
     /// `in_flight` requests from now on; `ended`, the send time of one that just ended.
@@ -194,7 +230,9 @@ impl Vegas {
         {
             self.before_move -= 1;
             if self.before_move == 0 {
+                // The round judges the limit from here: the peak too.
                 self.settled_at = Some(now);
+                self.flow.peak = in_flight;
             }
         }
     }
@@ -206,7 +244,7 @@ impl Vegas {
             Verdict::Overloaded => {
                 if self.fell_at.is_none_or(|at| sent > at) {
                     self.fell_at = Some(Instant::now());
-                    self.slow_start = false;
+                    self.slow_until = 0;
                     self.set(self.limit as f64 * BACKOFF);
                 }
             }
@@ -228,10 +266,14 @@ impl Vegas {
     }
 
     fn took(&mut self, sent: Instant, took: Duration, items: usize, shared: bool) {
-        let expected = self.baseline.expected(items);
         // An answer within one queued request of the expected time moves it; a slower one
         // does not (it queued), so queueing is never learned as the usual.
-        let x = expected.map_or(1.0, |e| took.as_secs_f64() / e);
+        let Some(expected) = self.baseline.expected(items) else {
+            // The largest size yet: nothing to judge it by.
+            self.baseline.learn(items, took, false);
+            return;
+        };
+        let x = took.as_secs_f64() / expected;
         self.baseline
             .learn(items, took, x <= 1.0 + 1.0 / self.limit as f64);
         if self.moved_at.is_some() && self.settled_at.is_none_or(|at| sent < at) {
@@ -249,9 +291,20 @@ impl Vegas {
             round.trusted += x;
             round.trusted_answers += 1;
         }
-        // Slow start moves per round trip, as TCP's does.
-        let answers = if self.slow_start { 1 } else { ROUND };
-        if round.answers < answers.max(self.limit) || now == since {
+        // Slow start moves per round trip, as TCP's does; its climb back after the restart
+        // per round, so that one request at a time learns the usual slowdown.
+        let slow_start = self.limit < self.slow_until;
+        let answers = if self.slow_until == self.ceiling {
+            1
+        } else {
+            ROUND
+        };
+        // The climb back starts once one request at a time has shown the usual slowdown.
+        let learning = slow_start && self.slow_until < self.ceiling && self.limit == 1;
+        if round.answers < answers.max(self.limit)
+            || now == since
+            || (learning && !round.knows_the_usual())
+        {
             return;
         }
         let round = std::mem::take(&mut self.round);
@@ -259,16 +312,15 @@ impl Vegas {
         let n = round.answers as f64;
         let raw = round.slowdown / n;
         // The answers' own spread (their standard deviation over their mean) this round.
-        let spread = if round.answers > 1 {
-            ((round.squares - n * raw * raw).max(0.0) / (n - 1.0)).sqrt() / raw
-        } else {
-            0.0
-        };
+        let spread = round.spread();
         // The slowdown over the usual, less what chance gives a round's mean of answers that
         // vary as they usually do ([`SURE`] standard errors): a provider whose answers vary
         // widely is judged crowded only when chance cannot explain it.
         let r = (raw / self.noise - SURE * self.spread / n.sqrt()).max(1.0);
-        let busy = (self.flow.area(now) - area) / (now - since).as_secs_f64();
+        // Mean requests in flight while any were: a round that spans a pause in the load (no
+        // callers for a while) is not read as a light one.
+        let end = self.flow.area(now);
+        let busy = (end.requests - area.requests) / (end.busy - area.busy).max(f64::MIN_POSITIVE);
         let waiting = busy * (1.0 - 1.0 / r);
         tracing::debug!(
             limit = self.limit,
@@ -277,7 +329,7 @@ impl Vegas {
             slowdown = raw,
             noise = self.noise,
             waiting,
-            slow_start = self.slow_start,
+            slow_start,
             probing = self.probing,
             "concurrency round"
         );
@@ -287,7 +339,7 @@ impl Vegas {
         // slowdown too low, against which every other size then reads as queued.
         let usual =
             (round.trusted_answers > 0).then(|| round.trusted / round.trusted_answers as f64);
-        if busy <= 1.0
+        if peak <= 1
             && let Some(usual) = usual
         {
             // No queue is possible with one request in flight: its slowdown is all noise.
@@ -298,11 +350,14 @@ impl Vegas {
         }
         if waiting > BETA {
             self.calm = 0;
-            if std::mem::replace(&mut self.slow_start, false) {
-                // The end of slow start: the sizes it learned may all have queued (every
-                // request waiting the same looks like no wait at all), so the limit starts
-                // again from one request — where nothing queues — and climbs a slot a round,
-                // learning each size's time unqueued.
+            let first = self.slow_until == self.ceiling;
+            self.slow_until = if first { self.limit / 2 } else { 0 };
+            if first {
+                // The first crowded round: the sizes slow start learned may all have queued
+                // (every request waiting the same looks like no wait at all), so the limit
+                // starts again from one request — where nothing queues — and doubles back to
+                // half the limit that crowded it (TCP's slow-start threshold), learning each
+                // size's time unqueued on the way.
                 self.set(1.0);
             } else if self.harmless(round.items.div_ceil(round.answers)) {
                 // Prompts wait at the provider as they would here, at no cost to it (a server
@@ -348,8 +403,8 @@ impl Vegas {
         if peak < self.limit && round.shared * 2 < round.answers {
             return;
         }
-        if self.slow_start {
-            self.set(self.limit as f64 * 2.0);
+        if slow_start {
+            self.set((self.limit * 2).min(self.slow_until) as f64);
             return;
         }
         self.calm += 1;

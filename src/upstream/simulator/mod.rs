@@ -216,14 +216,8 @@ pub(super) fn run_after(
         .block_on(simulate(model, policy, history, load, seed, measure))
 }
 
-async fn simulate(
-    model: Model,
-    policy: Policy,
-    history: &[(Load, Duration)],
-    load: Load,
-    seed: u64,
-    measure: Duration,
-) -> Report {
+/// A router with one provider, `model`, batching by `policy`.
+fn build(model: Model, policy: Policy, seed: u64) -> (Arc<Sender>, Arc<Simulated>) {
     let yaml = format!(
         "providers:\n  - {{name: sim, type: simulated, models: [m], {}}}\n",
         policy.batching()
@@ -249,6 +243,70 @@ async fn simulate(
         link,
         model: "m".into(),
     });
+    (router, provider)
+}
+
+/// The wall-clock protocol's runs of one router (`benches/scenarios.py adaptive`), for
+/// each of `callers` in turn: an idle [`PROTOCOL_GAP`] (the other routers' runs), a warm-up
+/// of 1 s, then [`PROTOCOL_RUNS`] runs of 2 s, each after an idle gap, its callers starting
+/// afresh. Gives each run's throughput (prompts answered in it per second), per caller count.
+pub(super) fn protocol(
+    model: Model,
+    policy: Policy,
+    callers: &[usize],
+    seed: u64,
+) -> Vec<Vec<f64>> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime")
+        .block_on(async {
+            let (router, _) = build(model, policy, seed);
+            let answered: Arc<Mutex<Vec<Duration>>> = Arc::default();
+            let mut runs = 0;
+            let mut each = |load, secs: u64| {
+                runs += 1;
+                let (router, answered) = (router.clone(), answered.clone());
+                let seed = seed ^ (runs << 32);
+                async move {
+                    sleep(PROTOCOL_GAP).await;
+                    let (start, end) = (Instant::now(), Instant::now() + Duration::from_secs(secs));
+                    let mut tasks = tokio::task::JoinSet::new();
+                    spawn_load(&mut tasks, &router, load, seed, (start, end), &answered);
+                    while tasks.join_next().await.is_some() {}
+                    let answers = std::mem::take(
+                        &mut *answered.lock().unwrap_or_else(PoisonError::into_inner),
+                    );
+                    answers.len() as f64 / secs as f64
+                }
+            };
+            let mut out = Vec::new();
+            for &c in callers {
+                each(Load::Closed(c), 1).await;
+                let mut rates = Vec::new();
+                for _ in 0..PROTOCOL_RUNS {
+                    rates.push(each(Load::Closed(c), 2).await);
+                }
+                out.push(rates);
+            }
+            out
+        })
+}
+
+/// Between a router's runs in [`protocol`]: the other routers' runs.
+pub(super) const PROTOCOL_GAP: Duration = Duration::from_secs(8);
+pub(super) const PROTOCOL_RUNS: usize = 5;
+
+async fn simulate(
+    model: Model,
+    policy: Policy,
+    history: &[(Load, Duration)],
+    load: Load,
+    seed: u64,
+    measure: Duration,
+) -> Report {
+    let (router, provider) = build(model, policy, seed);
     let answered: Arc<Mutex<Vec<Duration>>> = Arc::default();
     for &(load, took) in history {
         let end = Instant::now() + took;

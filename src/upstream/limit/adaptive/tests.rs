@@ -112,8 +112,9 @@ async fn answers_slower_than_usual_by_chance_are_not_a_queue() {
         answers(&limit, &[20, 30, 20, 30, 20, 30, 20, 30]).await;
         assert!(limit.current() >= 8, "fell to {}", limit.current());
     }
-    // Three times slower than usual: no chance of that, the provider is queueing.
-    for _ in 0..3 {
+    // Three times slower than usual: no chance of that, the provider is queueing (a round
+    // ends with the first answer of the next wave, the first takes back a probe).
+    for _ in 0..5 {
         let n = limit.current();
         answers(&limit, &vec![60; n]).await;
     }
