@@ -331,6 +331,8 @@ impl Vegas {
             waiting,
             slow_start,
             probing = self.probing,
+            calm = self.calm,
+            probe_after = self.probe_after,
             "concurrency round"
         );
         // The usual slowdown is learned only from sizes whose fastest time has been seen often
@@ -372,6 +374,10 @@ impl Vegas {
                 self.probe_after = (self.probe_after * 2).min(PROBE_AFTER_MAX);
                 self.set(self.limit as f64 - 1.0);
             } else {
+                // The provider serves fewer than it did (or the load came back after a pause
+                // all at once): fall to what it serves, and probe again from the next calm
+                // round, as that is no longer a limit known to be the provider's.
+                self.probe_after = 1;
                 self.set((busy / r).min(self.limit as f64 - 1.0));
             }
             return;
