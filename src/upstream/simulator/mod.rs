@@ -208,12 +208,7 @@ pub(super) fn run_after(
     seed: u64,
     measure: Duration,
 ) -> Report {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("a runtime")
-        .block_on(simulate(model, policy, history, load, seed, measure))
+    paused().block_on(simulate(model, policy, history, load, seed, measure))
 }
 
 /// A router with one provider, `model`, batching by `policy`.
@@ -256,42 +251,46 @@ pub(super) fn protocol(
     callers: &[usize],
     seed: u64,
 ) -> Vec<Vec<f64>> {
+    paused().block_on(async {
+        let (router, _) = build(model, policy, seed);
+        let answered: Arc<Mutex<Vec<Duration>>> = Arc::default();
+        let mut runs = 0;
+        let mut each = |load, secs: u64| {
+            runs += 1;
+            let (router, answered) = (router.clone(), answered.clone());
+            let seed = seed ^ (runs << 32);
+            async move {
+                sleep(PROTOCOL_GAP).await;
+                let (start, end) = (Instant::now(), Instant::now() + Duration::from_secs(secs));
+                let mut tasks = tokio::task::JoinSet::new();
+                spawn_load(&mut tasks, &router, load, seed, (start, end), &answered);
+                while tasks.join_next().await.is_some() {}
+                let answers =
+                    std::mem::take(&mut *answered.lock().unwrap_or_else(PoisonError::into_inner));
+                answers.len() as f64 / secs as f64
+            }
+        };
+        let mut out = Vec::new();
+        for &c in callers {
+            each(Load::Closed(c), 1).await;
+            let mut rates = Vec::new();
+            for _ in 0..PROTOCOL_RUNS {
+                rates.push(each(Load::Closed(c), 2).await);
+            }
+            out.push(rates);
+        }
+        out
+    })
+}
+
+/// A fresh runtime on tokio's paused clock: simulated time passes only while every task
+/// waits, so a run takes milliseconds and gives the same figures every time.
+fn paused() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .expect("a runtime")
-        .block_on(async {
-            let (router, _) = build(model, policy, seed);
-            let answered: Arc<Mutex<Vec<Duration>>> = Arc::default();
-            let mut runs = 0;
-            let mut each = |load, secs: u64| {
-                runs += 1;
-                let (router, answered) = (router.clone(), answered.clone());
-                let seed = seed ^ (runs << 32);
-                async move {
-                    sleep(PROTOCOL_GAP).await;
-                    let (start, end) = (Instant::now(), Instant::now() + Duration::from_secs(secs));
-                    let mut tasks = tokio::task::JoinSet::new();
-                    spawn_load(&mut tasks, &router, load, seed, (start, end), &answered);
-                    while tasks.join_next().await.is_some() {}
-                    let answers = std::mem::take(
-                        &mut *answered.lock().unwrap_or_else(PoisonError::into_inner),
-                    );
-                    answers.len() as f64 / secs as f64
-                }
-            };
-            let mut out = Vec::new();
-            for &c in callers {
-                each(Load::Closed(c), 1).await;
-                let mut rates = Vec::new();
-                for _ in 0..PROTOCOL_RUNS {
-                    rates.push(each(Load::Closed(c), 2).await);
-                }
-                out.push(rates);
-            }
-            out
-        })
 }
 
 /// Between a router's runs in [`protocol`]: the other routers' runs.
