@@ -208,7 +208,51 @@ pub(super) fn run_after(
     seed: u64,
     measure: Duration,
 ) -> Report {
-    paused().block_on(simulate(model, policy, history, load, seed, measure))
+    paused().block_on(async {
+        let (router, provider) = build(model, policy, seed);
+        let answered: Arc<Mutex<Vec<Duration>>> = Arc::default();
+        for &(load, took) in history {
+            let end = Instant::now() + took;
+            let mut tasks = tokio::task::JoinSet::new();
+            spawn_load(&mut tasks, &router, load, seed, (end, end), &answered);
+            while tasks.join_next().await.is_some() {}
+        }
+        let start = Instant::now();
+        let (measure_from, end) = (start + WARM_UP, start + WARM_UP + measure);
+        let mut tasks = tokio::task::JoinSet::new();
+        spawn_load(
+            &mut tasks,
+            &router,
+            load,
+            seed,
+            (measure_from, end),
+            &answered,
+        );
+        sleep_until(measure_from).await;
+        let before = (
+            provider.requests.load(Relaxed),
+            provider.prompts.load(Relaxed),
+        );
+        sleep_until(end).await;
+        let requests = provider.requests.load(Relaxed) - before.0;
+        let prompts = provider.prompts.load(Relaxed) - before.1;
+        while tasks.join_next().await.is_some() {}
+        let mut latencies =
+            std::mem::take(&mut *answered.lock().unwrap_or_else(PoisonError::into_inner));
+        latencies.sort_unstable();
+        let at = |q: f64| {
+            latencies
+                .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default()
+        };
+        Report {
+            throughput: latencies.len() as f64 / measure.as_secs_f64(),
+            p50: at(0.5),
+            p99: at(0.99),
+            requests_per_prompt: requests as f64 / prompts.max(1) as f64,
+        }
+    })
 }
 
 /// A router with one provider, `model`, batching by `policy`.
@@ -296,59 +340,6 @@ fn paused() -> tokio::runtime::Runtime {
 /// Between a router's runs in [`protocol`]: the other routers' runs.
 pub(super) const PROTOCOL_GAP: Duration = Duration::from_secs(8);
 pub(super) const PROTOCOL_RUNS: usize = 5;
-
-async fn simulate(
-    model: Model,
-    policy: Policy,
-    history: &[(Load, Duration)],
-    load: Load,
-    seed: u64,
-    measure: Duration,
-) -> Report {
-    let (router, provider) = build(model, policy, seed);
-    let answered: Arc<Mutex<Vec<Duration>>> = Arc::default();
-    for &(load, took) in history {
-        let end = Instant::now() + took;
-        let mut tasks = tokio::task::JoinSet::new();
-        spawn_load(&mut tasks, &router, load, seed, (end, end), &answered);
-        while tasks.join_next().await.is_some() {}
-    }
-    let start = Instant::now();
-    let (measure_from, end) = (start + WARM_UP, start + WARM_UP + measure);
-    let mut tasks = tokio::task::JoinSet::new();
-    spawn_load(
-        &mut tasks,
-        &router,
-        load,
-        seed,
-        (measure_from, end),
-        &answered,
-    );
-    sleep_until(measure_from).await;
-    let before = (
-        provider.requests.load(Relaxed),
-        provider.prompts.load(Relaxed),
-    );
-    sleep_until(end).await;
-    let requests = provider.requests.load(Relaxed) - before.0;
-    let prompts = provider.prompts.load(Relaxed) - before.1;
-    while tasks.join_next().await.is_some() {}
-    let mut latencies =
-        std::mem::take(&mut *answered.lock().unwrap_or_else(PoisonError::into_inner));
-    latencies.sort_unstable();
-    let at = |q: f64| {
-        latencies
-            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-    };
-    Report {
-        throughput: latencies.len() as f64 / measure.as_secs_f64(),
-        p50: at(0.5),
-        p99: at(0.99),
-        requests_per_prompt: requests as f64 / prompts.max(1) as f64,
-    }
-}
 
 /// Callers of `load` on `router` until the window's end; each answer within the window
 /// `(from, end)` is recorded in `answered`.
