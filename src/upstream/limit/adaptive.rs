@@ -36,7 +36,8 @@
 //! has a fastest time near its usual one, and would teach a slowdown too low, against which
 //! every other size reads as queued); calm rounds lower it quickly and raise it a quarter as
 //! fast (the fastest of each size falls as more answers are seen, but queueing must not be
-//! learned as the usual). An answer of a size larger than any seen has nothing to be judged
+//! learned as the usual). A provider that became slower for good crowds every round until the
+//! limit is one request, where its new slowdown is learned. An answer of a size larger than any seen has nothing to be judged
 //! by and is left out of its round. A round counts only answers to requests sent after those
 //! in flight when the limit last moved have ended (a request sent just after a fall still
 //! queues behind them), and `busy` is the mean in flight while any were: a round that spans
@@ -48,12 +49,12 @@
 //! answers one request waiting cannot be told from chance, so the limit settles one above the
 //! provider's slots (0.89–0.92 of the best fixed setting at 64 callers in the simulator).
 //!
-//! Tuning constants (eleven in all): [`ROUND`], [`BETA`], [`PROBE_AFTER_MAX`], [`BACKOFF`],
-//! [`DRIFT`], [`NOISE_GAIN`], [`SURE`], [`HARMLESS`], [`BUCKETS`]; `INITIAL` in the parent
-//! module; `ARRIVAL_GAP` in the adaptive batch worker. Judged on `upstream::simulator` —
+//! Tuning constants (ten in all): [`ROUND`], [`BETA`], [`PROBE_AFTER_MAX`], [`BACKOFF`],
+//! [`NOISE_GAIN`], [`SURE`], [`HARMLESS`]; `BUCKETS` in the baseline, `INITIAL` in the parent
+//! module, `ARRIVAL_GAP` in the adaptive batch worker. Judged on `upstream::simulator` —
 //! fresh routers and the wall-clock protocol's long-lived ones — before any wall-clock run.
 
-use super::*;
+use super::{baseline::Baseline, *};
 
 #[cfg(test)]
 mod tests;
@@ -67,10 +68,6 @@ pub(super) const BETA: f64 = 0.5;
 pub(super) const PROBE_AFTER_MAX: u32 = 32;
 /// The limit falls to this fraction on a 429 or 503.
 pub(super) const BACKOFF: f64 = 0.5;
-/// An answer within one queued request of the fastest time of its size moves that time this
-/// fraction of the way up to it, so a provider that became a little slower for good is
-/// relearned (one much slower lowers the limit to one request, where `noise` learns it).
-pub(super) const DRIFT: f64 = 1.0 / 256.0;
 /// How far a calm round moves the usual slowdown (`noise`) down toward its own (up: a quarter
 /// of that).
 pub(super) const NOISE_GAIN: f64 = 1.0 / 8.0;
@@ -86,8 +83,6 @@ pub(super) const SURE: f64 = 2.0;
 /// there once, and the cohorts it split raised the p99 1.38×).
 pub(super) const HARMLESS: f64 = 1.0 / 3.0;
 
-pub(super) const BUCKETS: usize = 64;
-
 #[derive(Debug)]
 pub(super) struct Vegas {
     limit: usize,
@@ -96,26 +91,45 @@ pub(super) struct Vegas {
     /// is first crowded, then half the limit that crowded it; 0 once it is over).
     slow_until: usize,
     baseline: Baseline,
-    /// The slowdown of rounds without queueing: the answers' own spread over the fastest.
+    /// Rounds without queueing: their slowdown over the fastest times (`noise`), and how much
+    /// their answers vary (standard deviation over mean).
     noise: f64,
-    /// How much answers vary in rounds without queueing: their standard deviation over their
-    /// mean.
     spread: f64,
     round: Round,
     flow: Flow,
-    /// When the limit last moved, the requests sent before that still in flight, and when the
-    /// last of them ended: a round counts only answers to requests sent after that, so it judges
-    /// the limit it is about (a request sent just after a fall still queues behind those sent
-    /// before it).
-    moved_at: Option<Instant>,
-    before_move: usize,
+    moved: Moved,
+    probe: Probe,
+}
+
+/// When the limit last moved, the requests sent before that still in flight, and when the
+/// last of them ended: a round counts only answers to requests sent after that, so it judges
+/// the limit it is about (a request sent just after a fall still queues behind those sent
+/// before it).
+#[derive(Debug, Default)]
+struct Moved {
+    at: Option<Instant>,
+    before: usize,
     settled_at: Option<Instant>,
-    /// Answers to requests sent before this do not halve the limit again.
-    fell_at: Option<Instant>,
-    /// Calm rounds with every slot taken since the last probe, and how many the next needs.
+}
+
+/// Calm rounds with every slot taken since the last probe, how many the next needs, and
+/// whether the limit now is a probe.
+#[derive(Debug)]
+struct Probe {
     calm: u32,
-    probe_after: u32,
-    probing: bool,
+    after: u32,
+    on: bool,
+}
+
+impl Probe {
+    /// The probe (if one is on) crowded the provider: the next comes twice as late.
+    fn crowded(&mut self) -> bool {
+        let on = std::mem::take(&mut self.on);
+        if on {
+            self.after = (self.after * 2).min(PROBE_AFTER_MAX);
+        }
+        on
+    }
 }
 
 #[derive(Debug, Default)]
@@ -199,13 +213,12 @@ impl Vegas {
             spread: 0.0,
             round: Round::default(),
             flow: Flow::default(),
-            moved_at: None,
-            before_move: 0,
-            settled_at: None,
-            fell_at: None,
-            calm: 0,
-            probe_after: 1,
-            probing: false,
+            moved: Moved::default(),
+            probe: Probe {
+                calm: 0,
+                after: 1,
+                on: false,
+            },
         }
     }
 
@@ -225,13 +238,12 @@ impl Vegas {
         self.flow.area = self.flow.area(now);
         (self.flow.in_flight, self.flow.at) = (in_flight, Some(now));
         self.flow.peak = self.flow.peak.max(in_flight);
-        if ended.is_some_and(|sent| self.moved_at.is_some_and(|at| sent < at))
-            && self.before_move > 0
-        {
-            self.before_move -= 1;
-            if self.before_move == 0 {
+        let moved = &mut self.moved;
+        if ended.is_some_and(|sent| moved.at.is_some_and(|at| sent < at)) && moved.before > 0 {
+            moved.before -= 1;
+            if moved.before == 0 {
                 // The round judges the limit from here: the peak too.
-                self.settled_at = Some(now);
+                moved.settled_at = Some(now);
                 self.flow.peak = in_flight;
             }
         }
@@ -242,8 +254,8 @@ impl Vegas {
         match verdict {
             Verdict::Nothing => {}
             Verdict::Overloaded => {
-                if self.fell_at.is_none_or(|at| sent > at) {
-                    self.fell_at = Some(Instant::now());
+                // Not again for requests sent before the limit last moved.
+                if self.moved.at.is_none_or(|at| sent > at) {
                     self.slow_until = 0;
                     self.set(self.limit as f64 * BACKOFF);
                 }
@@ -257,26 +269,24 @@ impl Vegas {
         if limit != self.limit {
             let now = Instant::now();
             self.limit = limit;
-            self.moved_at = Some(now);
-            self.before_move = self.flow.in_flight;
-            self.settled_at = (self.before_move == 0).then_some(now);
+            let before = self.flow.in_flight;
+            self.moved = Moved {
+                at: Some(now),
+                before,
+                settled_at: (before == 0).then_some(now),
+            };
             self.round = Round::default();
             self.flow.peak = self.flow.in_flight;
         }
     }
 
     fn took(&mut self, sent: Instant, took: Duration, items: usize, shared: bool) {
-        // An answer within one queued request of the expected time moves it; a slower one
-        // does not (it queued), so queueing is never learned as the usual.
-        let Some(expected) = self.baseline.expected(items) else {
-            // The largest size yet: nothing to judge it by.
-            self.baseline.learn(items, took, false);
-            return;
-        };
+        let expected = self.baseline.expected(items);
+        self.baseline.learn(items, took);
+        // The largest size yet has nothing to be judged by.
+        let Some(expected) = expected else { return };
         let x = took.as_secs_f64() / expected;
-        self.baseline
-            .learn(items, took, x <= 1.0 + 1.0 / self.limit as f64);
-        if self.moved_at.is_some() && self.settled_at.is_none_or(|at| sent < at) {
+        if self.moved.at.is_some() && self.moved.settled_at.is_none_or(|at| sent < at) {
             return;
         }
         let now = Instant::now();
@@ -287,20 +297,15 @@ impl Vegas {
         round.squares += x * x;
         round.shared += usize::from(shared);
         round.items += items;
-        if self.baseline.trusted(items) {
+        if self.baseline.seen(items) >= ROUND {
             round.trusted += x;
             round.trusted_answers += 1;
         }
         // Slow start moves per round trip, as TCP's does; its climb back after the restart
-        // per round, so that one request at a time learns the usual slowdown.
-        let slow_start = self.limit < self.slow_until;
-        let answers = if self.slow_until == self.ceiling {
-            1
-        } else {
-            ROUND
-        };
-        // The climb back starts once one request at a time has shown the usual slowdown.
-        let learning = slow_start && self.slow_until < self.ceiling && self.limit == 1;
+        // per round, once one request at a time has shown the usual slowdown.
+        let first = self.slow_until == self.ceiling;
+        let learning = !first && self.limit == 1 && self.limit < self.slow_until;
+        let answers = if first { 1 } else { ROUND };
         if round.answers < answers.max(self.limit)
             || now == since
             || (learning && !round.knows_the_usual())
@@ -311,8 +316,6 @@ impl Vegas {
         let peak = std::mem::replace(&mut self.flow.peak, self.flow.in_flight);
         let n = round.answers as f64;
         let raw = round.slowdown / n;
-        // The answers' own spread (their standard deviation over their mean) this round.
-        let spread = round.spread();
         // The slowdown over the usual, less what chance gives a round's mean of answers that
         // vary as they usually do ([`SURE`] standard errors): a provider whose answers vary
         // widely is judged crowded only when chance cannot explain it.
@@ -322,37 +325,34 @@ impl Vegas {
         let end = self.flow.area(now);
         let busy = (end.requests - area.requests) / (end.busy - area.busy).max(f64::MIN_POSITIVE);
         let waiting = busy * (1.0 - 1.0 / r);
-        tracing::debug!(
-            limit = self.limit,
-            busy,
-            peak,
-            slowdown = raw,
-            noise = self.noise,
-            waiting,
-            slow_start,
-            probing = self.probing,
-            calm = self.calm,
-            probe_after = self.probe_after,
-            "concurrency round"
-        );
-        // The usual slowdown is learned only from sizes whose fastest time has been seen often
-        // enough to be near its floor: a size new to the router (the loads before were
-        // smaller) has a fastest time close to its usual one, and its answers would teach a
-        // slowdown too low, against which every other size then reads as queued.
+        let crowded = waiting > BETA;
+        tracing::debug!(self.limit, busy, peak, raw, self.noise, waiting, ?self.probe, "round");
+        // The usual slowdown is learned from rounds without queueing: set by those with at
+        // most one request in flight at any moment (no queue can form); else lowered quickly
+        // and raised a quarter as fast, by calm rounds (the fastest time of each size falls
+        // as answers are seen, so the usual slowdown over it rises; queueing must not be
+        // learned as the usual). Only from sizes whose fastest time has been seen often
+        // enough to be near its floor: a size new to the router has a fastest time close to
+        // its usual one, against which every other size would read as queued.
         let usual =
             (round.trusted_answers > 0).then(|| round.trusted / round.trusted_answers as f64);
-        if peak <= 1
-            && let Some(usual) = usual
-        {
-            // No queue is possible with one request in flight: its slowdown is all noise.
-            self.noise = usual;
-            if round.answers > 1 {
-                self.spread = spread;
-            }
+        let toward = |old: &mut f64, new: f64| {
+            *old += (new - *old)
+                * match () {
+                    () if peak <= 1 && usual.is_some() => 1.0,
+                    () if crowded => 0.0,
+                    () if new > *old => NOISE_GAIN / 4.0,
+                    () => NOISE_GAIN,
+                };
+        };
+        if let Some(usual) = usual {
+            toward(&mut self.noise, usual);
         }
-        if waiting > BETA {
-            self.calm = 0;
-            let first = self.slow_until == self.ceiling;
+        if round.answers > 1 {
+            toward(&mut self.spread, round.spread());
+        }
+        if crowded {
+            self.probe.calm = 0;
             self.slow_until = if first { self.limit / 2 } else { 0 };
             if first {
                 // The first crowded round: the sizes slow start learned may all have queued
@@ -365,43 +365,22 @@ impl Vegas {
                 // Prompts wait at the provider as they would here, at no cost to it (a server
                 // whose slots take prompts, not requests, e.g. llama-server's): the limit
                 // stays, and climbs no further.
-                if std::mem::take(&mut self.probing) {
-                    self.probe_after = (self.probe_after * 2).min(PROBE_AFTER_MAX);
-                }
-            } else if std::mem::take(&mut self.probing) {
+                self.probe.crowded();
+            } else if self.probe.crowded() {
                 // The probe's one more request crowded it: take that back (if more than the
                 // probe crowds it, the next round shows that).
-                self.probe_after = (self.probe_after * 2).min(PROBE_AFTER_MAX);
                 self.set(self.limit as f64 - 1.0);
             } else {
                 // The provider serves fewer than it did (or the load came back after a pause
                 // all at once): fall to what it serves, and probe again from the next calm
                 // round, as that is no longer a limit known to be the provider's.
-                self.probe_after = 1;
+                self.probe.after = 1;
                 self.set((busy / r).min(self.limit as f64 - 1.0));
             }
             return;
         }
-        // Calm rounds lower the noise quickly and raise it slowly: the fastest time of each size
-        // falls as answers are seen (the luckiest so far), so the usual slowdown over it
-        // rises, while queueing must not be learned as the usual.
-        let toward = |usual: f64, now: f64| {
-            usual
-                + (now - usual)
-                    * if now > usual {
-                        NOISE_GAIN / 4.0
-                    } else {
-                        NOISE_GAIN
-                    }
-        };
-        if let Some(usual) = usual {
-            self.noise = toward(self.noise, usual);
-        }
-        if round.answers > 1 {
-            self.spread = toward(self.spread, spread);
-        }
-        if std::mem::take(&mut self.probing) {
-            self.probe_after = 1;
+        if std::mem::take(&mut self.probe.on) {
+            self.probe.after = 1;
         }
         // More slots would have been used: every one was taken at some moment of the round,
         // or more prompts were in flight than slots (batches are sized over the limit, so
@@ -409,109 +388,20 @@ impl Vegas {
         if peak < self.limit && round.shared * 2 < round.answers {
             return;
         }
-        if slow_start {
+        if self.limit < self.slow_until {
             self.set((self.limit * 2).min(self.slow_until) as f64);
             return;
         }
-        self.calm += 1;
-        if self.calm >= self.probe_after {
-            self.calm = 0;
-            self.probing = true;
+        self.probe.calm += 1;
+        if self.probe.calm >= self.probe.after {
+            (self.probe.calm, self.probe.on) = (0, true);
             self.set(self.limit as f64 + 1.0);
         }
     }
-}
 
-impl Vegas {
     /// Whether requests of `items` prompts waiting at the provider cost it next to nothing.
     fn harmless(&self, items: usize) -> bool {
-        let (Some(fixed), Some(took)) = (self.baseline.fixed_cost(), self.baseline.expected(items))
-        else {
-            return false;
-        };
-        fixed <= HARMLESS * took
-    }
-}
-
-/// The fastest answer per size bucket (its prompts and its time): one bucket per size up to
-/// 16, then buckets an eighth apart.
-#[derive(Debug)]
-pub(super) struct Baseline {
-    usual: [Option<(usize, f64)>; BUCKETS],
-    /// Answers seen per bucket.
-    seen: [u32; BUCKETS],
-}
-
-impl Default for Baseline {
-    fn default() -> Baseline {
-        Baseline {
-            usual: [None; BUCKETS],
-            seen: [0; BUCKETS],
-        }
-    }
-}
-
-/// The bucket for a request of `items` prompts.
-pub(super) fn bucket(items: usize) -> usize {
-    if items <= 16 {
-        return items.saturating_sub(1);
-    }
-    let steps = ((items as f64 / 16.0).ln() / 1.125f64.ln()) as usize;
-    (16 + steps).min(BUCKETS - 1)
-}
-
-impl Baseline {
-    /// Learns an answer's time: a faster one at once, a slower one a little if `drift`.
-    pub(super) fn learn(&mut self, items: usize, took: Duration, drift: bool) {
-        let seen = &mut self.seen[bucket(items)];
-        *seen = seen.saturating_add(1);
-        let took = took.as_secs_f64();
-        match &mut self.usual[bucket(items)] {
-            Some((_, t)) if took > *t => {
-                if drift {
-                    *t += (took - *t) * DRIFT;
-                }
-            }
-            usual => *usual = Some((items, took)),
-        }
-    }
-
-    /// Whether the fastest time of `items`' size has been seen [`ROUND`] times or more.
-    pub(super) fn trusted(&self, items: usize) -> bool {
-        self.seen[bucket(items)] as usize >= ROUND
-    }
-
-    /// The part of a request's time that does not grow with its prompts: where the line
-    /// through the largest size seen and the largest at most half of it meets zero prompts
-    /// (large sizes: a server that serves a few prompts side by side takes as long for one
-    /// as for a few). `None` before two such sizes are seen.
-    pub(super) fn fixed_cost(&self) -> Option<f64> {
-        let known = || self.usual.iter().flatten().copied();
-        let (n, t) = known().max_by_key(|&(n, _)| n)?;
-        let (m, u) = known()
-            .filter(|&(m, _)| 2 * m <= n)
-            .max_by_key(|&(m, _)| m)?;
-        let per_prompt = (t - u) / (n - m) as f64;
-        Some((u - per_prompt * m as f64).max(0.0))
-    }
-
-    /// How long an answer for `items` prompts takes when the provider is not queueing: no
-    /// longer than any batch at least as big (a batch does not get cheaper by growing), and
-    /// linear between two sizes — so a size first seen while queueing is judged by the
-    /// others. `None` before any answer of this size or bigger, or on both sides of it.
-    pub(super) fn expected(&self, items: usize) -> Option<f64> {
-        let known = || self.usual.iter().flatten().copied();
-        let mut best = f64::INFINITY;
-        for (n, t) in known() {
-            if n >= items {
-                best = best.min(t);
-            } else {
-                for (m, u) in known().filter(|&(m, _)| m > items) {
-                    let at = (items - n) as f64 / (m - n) as f64;
-                    best = best.min(t + (u - t) * at);
-                }
-            }
-        }
-        best.is_finite().then_some(best)
+        let (fixed, took) = (self.baseline.fixed_cost(), self.baseline.expected(items));
+        fixed.zip(took).is_some_and(|(f, t)| f <= HARMLESS * t)
     }
 }

@@ -1,8 +1,9 @@
 //! How many requests a provider is sent at once.
 //!
 //! Fixed: `max_concurrency`. Adaptive (with adaptive batching): learned from the provider's
-//! answers by TCP Vegas' rule on the size-normalised slowdown (`adaptive`), with
-//! `max_concurrency` as the ceiling.
+//! answers by TCP Vegas' rule on the size-normalised slowdown (`adaptive`), judged against
+//! the provider's unqueued time per request size (`baseline`), with `max_concurrency` as the
+//! ceiling.
 //!
 //! Hand-written: the crates that adapt a limit (tower-acc, tower-resilience-adaptive) compare
 //! every answer with one baseline latency, but a batch of 32 prompts takes longer than a
@@ -14,6 +15,7 @@
 //! released.
 
 mod adaptive;
+mod baseline;
 
 use adaptive::Vegas;
 use std::{
