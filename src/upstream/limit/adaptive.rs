@@ -20,8 +20,10 @@
 //!   at all), so it stays at one — where nothing queues — until it has seen the usual slowdown
 //!   (one answer of a trusted size; [`ROUND`] when answers vary by more than `1/ROUND`), then
 //!   doubles a round back to half the limit that crowded it (TCP's slow-start threshold);
-//! - otherwise, with every slot taken at some moment of the round, or more prompts in flight
-//!   than slots (more slots would split them into more requests): in slow start the limit
+//! - otherwise, with every slot taken at some moment of the round, or the callers' prompts
+//!   more than the slots for most of its answers (more in flight than slots, or the answer's
+//!   request carried several — more slots would have split them into more, smaller
+//!   requests): in slow start the limit
 //!   doubles; after it, one more slot is tried (a probe), at once after a probe was kept, and
 //!   after twice as many calm rounds as last time after one was taken back (at most
 //!   [`PROBE_AFTER_MAX`]), so a provider at its true limit pays for few probes;
@@ -139,7 +141,7 @@ struct Round {
     /// (for the spread of the round's mean).
     slowdown: f64,
     squares: f64,
-    /// Answers that came with more prompts in flight than slots.
+    /// Answers that came when the callers' prompts were more than the slots.
     shared: usize,
     /// Prompts the answers carried.
     items: usize,
@@ -249,7 +251,7 @@ impl Vegas {
         }
     }
 
-    /// `shared`: more prompts are in flight than the limit has slots.
+    /// `shared`: the callers' prompts were more than the limit has slots.
     pub(super) fn learn(&mut self, sent: Instant, verdict: Verdict, shared: bool) {
         match verdict {
             Verdict::Nothing => {}
@@ -383,8 +385,8 @@ impl Vegas {
             self.probe.after = 1;
         }
         // More slots would have been used: every one was taken at some moment of the round,
-        // or more prompts were in flight than slots (batches are sized over the limit, so
-        // with more slots they would have gone as more, smaller requests).
+        // or the callers' prompts were more than the slots (batches are sized over the limit,
+        // so with more slots they would have gone as more, smaller requests).
         if peak < self.limit && round.shared * 2 < round.answers {
             return;
         }

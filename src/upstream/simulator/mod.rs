@@ -49,6 +49,10 @@ pub(super) struct Model {
     /// queue one by one for the slots, each holding one for `per_prompt`, and the request is
     /// answered when its last prompt is (after `base` of its own, once).
     pub prompt_slots: bool,
+    /// The machine stalls (a busy core: the load generator, the router and the provider
+    /// share two on the wall clock): after each answer, with this chance, a stall of this
+    /// long begins, and every answer due before it ends waits for its end.
+    pub stalls: Option<(f64, Duration)>,
 }
 
 /// The provider a [`Model`] describes, counting what reaches it.
@@ -56,6 +60,8 @@ struct Simulated {
     model: Model,
     slots: Semaphore,
     rng: Mutex<fastrand::Rng>,
+    /// When the machine's current stall ends.
+    stalled_until: Mutex<Option<Instant>>,
     requests: AtomicUsize,
     prompts: AtomicUsize,
 }
@@ -78,6 +84,33 @@ impl Simulated {
         let _slot = self.slots.acquire().await;
         let cost = m.base + m.per_prompt * u32::try_from(n).unwrap_or(u32::MAX);
         sleep(cost.mul_f64(self.factor())).await;
+        self.stall().await;
+    }
+
+    /// Waits out the machine's stall, if one is on; may begin one.
+    async fn stall(&self) {
+        let Some((chance, took)) = self.model.stalls else {
+            return;
+        };
+        let until = {
+            let now = Instant::now();
+            let mut until = self
+                .stalled_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let draw = self
+                .rng
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .f64();
+            if until.is_none_or(|u| u <= now) && draw < chance {
+                *until = Some(now + took);
+            }
+            *until
+        };
+        if let Some(until) = until {
+            sleep_until(until).await;
+        }
     }
 
     /// A service time's factor: drawn uniformly from `1 ± jitter`.
@@ -267,6 +300,7 @@ fn build(model: Model, policy: Policy, seed: u64) -> (Arc<Sender>, Arc<Simulated
         model,
         slots: Semaphore::new(model.slots),
         rng: Mutex::new(fastrand::Rng::with_seed(seed)),
+        stalled_until: Mutex::new(None),
         requests: AtomicUsize::new(0),
         prompts: AtomicUsize::new(0),
     });
