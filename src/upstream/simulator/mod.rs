@@ -5,9 +5,10 @@
 //!
 //! The provider ([`Model`]) serves at most `slots` requests at once, in arrival order; a
 //! request of `n` prompts takes `base + per_prompt × n`, times a factor drawn from a seeded
-//! generator when it has `jitter`. Callers are closed loop — each sends a prompt, waits for
-//! its answer and sends again after a round trip of 0.2–1 ms (the gRPC hop and the caller's
-//! own work, drawn per call) — or open loop at a fixed rate.
+//! generator when it has `jitter`; with `stalls`, the whole machine now and then stalls and
+//! every answer due meanwhile waits for it. Callers are closed loop — each sends a prompt,
+//! waits for its answer and sends again after a round trip of 0.2–1 ms (the gRPC hop and the
+//! caller's own work, drawn per call) — or open loop at a fixed rate.
 
 #[cfg(test)]
 mod tests;
