@@ -208,13 +208,8 @@ impl Limit {
         let (before, after) = {
             let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
             let before = g.permits();
-            // More prompts than slots: more slots would have split them into more requests.
-            // Either more are in flight now, or this request carried several: batches are
-            // sized over the limit, so several in one means the callers' prompts were more
-            // than the limit when it was sent — though some may not be in flight now (a
-            // batch's caller between its answer and its next prompt).
-            let shared = self.items.load(Relaxed) > before
-                || matches!(verdict, Verdict::Took(_, items) if items > 1);
+            // More prompts in flight than slots: more slots would split them into more requests.
+            let shared = self.items.load(Relaxed) > before;
             g.learn(slot.sent, verdict, shared);
             self.permits.store(g.permits(), Relaxed);
             (before, g.permits())

@@ -44,19 +44,6 @@ async fn a_limit_its_callers_do_not_fill_does_not_grow() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn requests_carrying_several_prompts_earn_more_slots_though_few_are_in_flight() {
-    // Eight callers under a limit of 7 go as pairs (8 prompts over 7 slots): three pairs in
-    // flight while the fourth gathers, so only six prompts are ever in flight and three of
-    // the seven slots stay free. The pairs still say the callers wanted more slots.
-    let limit = Limit::adaptive(64);
-    limit.settle(7);
-    for _ in 0..10 {
-        wave(&limit, 3, 9 * MS, 2).await;
-    }
-    assert!(limit.current() > 7, "{}", limit.current());
-}
-
-#[tokio::test(start_paused = true)]
 async fn falls_to_what_the_provider_showed_it_serves() {
     let limit = Limit::adaptive(64);
     limit.settle(16);
