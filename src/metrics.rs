@@ -2,6 +2,7 @@
 //! in one process — tests, embedders — keep their own), rendered in the text format on
 //! `server.metrics_listen` at `/metrics`.
 
+mod calls;
 mod spend;
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
@@ -159,6 +160,8 @@ pub struct Metrics {
     calls: Family<CallLabel, Counter>,
     /// Time from a call's arrival to its answer, by method.
     call_seconds: Family<MethodLabel, Histogram, fn() -> Histogram>,
+    /// Both, resolved once per method and code.
+    calls_resolved: calls::Calls,
     /// Upstream requests that failed, by provider and failure kind.
     upstream_failures: Family<FailureLabel, Counter>,
     /// Each provider's circuit: 0 closed, 1 half-open, 2 open (set when scraped).
@@ -489,6 +492,7 @@ impl Metrics {
             queue_wait_seconds,
             calls,
             call_seconds,
+            calls_resolved: calls::Calls::default(),
             upstream_failures,
             circuit,
             concurrency_limit,
@@ -534,15 +538,12 @@ impl Metrics {
 
     /// A call at the edge ended with `code` after `took`.
     pub fn call_ended(&self, method: &'static str, code: tonic::Code, took: Duration) {
-        self.calls
-            .get_or_create(&CallLabel {
-                method,
-                code: code_name(code),
-            })
-            .inc();
-        self.call_seconds
-            .get_or_create(&MethodLabel { method })
-            .observe(took.as_secs_f64());
+        self.calls_resolved.ended(
+            (&self.calls, &self.call_seconds),
+            method,
+            code,
+            took.as_secs_f64(),
+        );
     }
 
     /// A call refused at once by `limits.max_in_flight`.
