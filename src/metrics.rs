@@ -156,12 +156,9 @@ pub struct Metrics {
     upstream_items: Family<ProviderLabel, Counter>,
     batch_size: HistogramFamily,
     queue_wait_seconds: HistogramFamily,
-    /// Calls answered, by method and gRPC code (`cascade_requests_total`).
-    calls: Family<CallLabel, Counter>,
-    /// Time from a call's arrival to its answer, by method.
-    call_seconds: Family<MethodLabel, Histogram, fn() -> Histogram>,
-    /// Both, resolved once per method and code.
-    calls_resolved: calls::Calls,
+    /// Calls answered, by method and gRPC code (`cascade_requests_total`), and the time from
+    /// a call's arrival to its answer, by method.
+    calls: calls::Calls,
     /// Upstream requests that failed, by provider and failure kind.
     upstream_failures: Family<FailureLabel, Counter>,
     /// Each provider's circuit: 0 closed, 1 half-open, 2 open (set when scraped).
@@ -490,9 +487,7 @@ impl Metrics {
             upstream_items,
             batch_size,
             queue_wait_seconds,
-            calls,
-            call_seconds,
-            calls_resolved: calls::Calls::default(),
+            calls: calls::Calls::new(calls, call_seconds),
             upstream_failures,
             circuit,
             concurrency_limit,
@@ -538,12 +533,7 @@ impl Metrics {
 
     /// A call at the edge ended with `code` after `took`.
     pub fn call_ended(&self, method: &'static str, code: tonic::Code, took: Duration) {
-        self.calls_resolved.ended(
-            (&self.calls, &self.call_seconds),
-            method,
-            code,
-            took.as_secs_f64(),
-        );
+        self.calls.ended(method, code, took.as_secs_f64());
     }
 
     /// A call refused at once by `limits.max_in_flight`.
