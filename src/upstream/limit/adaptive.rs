@@ -18,8 +18,10 @@
 //! - the first crowded round ends slow start, and the limit starts again from one request: the
 //!   sizes slow start sent may all have queued (every request waiting alike looks like no wait
 //!   at all), so it stays at one — where nothing queues — until it has seen the usual slowdown
-//!   (one answer of a trusted size; [`ROUND`] when answers vary by more than `1/ROUND`), then
-//!   doubles a round back to half the limit that crowded it (TCP's slow-start threshold);
+//!   (one answer of a trusted size; [`ROUND`] when answers vary by more than `1/ROUND`; none
+//!   when a round with one in flight showed it before and answers vary less), then doubles
+//!   every round trip back to half the limit that crowded it (TCP's slow-start threshold),
+//!   each step a probe;
 //! - otherwise, with every slot taken at some moment of the round, or more prompts in flight
 //!   than slots (more slots would split them into more requests): in slow start the limit
 //!   doubles; after it, one more slot is tried (a probe), at once after a probe was kept, and
@@ -48,17 +50,15 @@
 //! without queueing (learned as `noise` is). Known weakness (issue #28's note): with such
 //! answers one request waiting cannot be told from chance, so the limit settles one above the
 //! provider's slots (0.89–0.92 of the best fixed setting at 64 callers in the simulator).
-//! Three more, seen on the wall clock (issue #28's note, session 17): the round that spans a
+//! Two more, seen on the wall clock (issue #28's note, session 17): the round that spans a
 //! pause holds the tail of the load before it (few in flight) and the return's burst, so its
 //! `busy / r` is far below the load (the 16-slot mock at 256 callers: 18 to 7, then a slot a
-//! round back); after the first crowded round, one request at a time under a crowd sends
-//! batches of a size never seen, which need [`ROUND`] answers to be trusted (64 callers on
-//! the 16-slot model: a second at one request); and a limit just under the callers (8 over 7
+//! round back); and a limit just under the callers (8 over 7
 //! slots) sends them as pairs with slots free, which the "more prompts in flight than slots"
 //! check does not see (a pair's second prompt is with its caller between answer and next
 //! send) — `simulator`'s machine stalls reproduce it (0.78 of batching off). Counting a
 //! request of several prompts as that sign mends it there but cost the wall clock's 4-slot
-//! mock at 8 callers 10% (its pairs are right), so none of the three is mended yet.
+//! mock at 8 callers 10% (its pairs are right), so neither is mended yet.
 //!
 //! Tuning constants (ten in all): [`ROUND`], [`BETA`], [`PROBE_AFTER_MAX`], [`BACKOFF`],
 //! [`NOISE_GAIN`], [`SURE`], [`HARMLESS`]; `BUCKETS` in the baseline, `INITIAL` in the parent
@@ -106,6 +106,9 @@ pub(super) struct Vegas {
     /// their answers vary (standard deviation over mean).
     noise: f64,
     spread: f64,
+    /// Whether `noise` was set by a round with at most one request in flight (so it is the
+    /// provider's usual slowdown, not a guess).
+    noise_known: bool,
     round: Round,
     flow: Flow,
     moved: Moved,
@@ -222,6 +225,7 @@ impl Vegas {
             baseline: Baseline::default(),
             noise: 1.0,
             spread: 0.0,
+            noise_known: false,
             round: Round::default(),
             flow: Flow::default(),
             moved: Moved::default(),
@@ -312,11 +316,15 @@ impl Vegas {
             round.trusted += x;
             round.trusted_answers += 1;
         }
-        // Slow start moves per round trip, as TCP's does; its climb back after the restart
-        // per round, once one request at a time has shown the usual slowdown.
+        // Slow start and its climb back after the restart move per round trip, as TCP's do.
+        // At one request the climb first waits for the usual slowdown to show — unless a
+        // round with one in flight showed it before and answers vary little (the 16-slot
+        // model's first run at 64 callers lost a quarter waiting for a size never seen).
         let first = self.slow_until == self.ceiling;
-        let learning = !first && self.limit == 1 && self.limit < self.slow_until;
-        let answers = if first { 1 } else { ROUND };
+        let climbing = !first && self.limit < self.slow_until;
+        let known = self.noise_known && self.spread <= 1.0 / ROUND as f64;
+        let learning = climbing && self.limit == 1 && !known;
+        let answers = if first || climbing { 1 } else { ROUND };
         if round.answers < answers.max(self.limit)
             || now == since
             || (learning && !round.knows_the_usual())
@@ -358,6 +366,7 @@ impl Vegas {
         };
         if let Some(usual) = usual {
             toward(&mut self.noise, usual);
+            self.noise_known |= peak <= 1;
         }
         if round.answers > 1 {
             toward(&mut self.spread, round.spread());
@@ -401,6 +410,9 @@ impl Vegas {
         }
         if self.limit < self.slow_until {
             self.set((self.limit * 2).min(self.slow_until) as f64);
+            // A step of the climb back is a probe: one that crowds is taken back, and the
+            // next probe waits (a 1-slot GPU lost a round trip to the limit's fall otherwise).
+            self.probe.on = climbing;
             return;
         }
         self.probe.calm += 1;

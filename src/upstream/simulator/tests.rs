@@ -324,13 +324,15 @@ fn a_router_that_served_smaller_loads_first_is_about_as_fast_as_a_fresh_one() {
 /// policy serving 1, 8, 64 and 256 callers in turn, five 2 s runs each after a warm-up, idle
 /// between runs while the other routers run. Adaptive's median run is within 10% of the best
 /// fixed setting's (the jittered model: [`KNOWN_SHORT`]), and none of its runs is below 0.8 of
-/// it: what a router learned at one load, or before a pause, does not hold it back at the
-/// next. This found three faults the fresh runs above cannot see (the 4-slot mock at 64
+/// it, nor below 0.9 of its own median (issue #28's third condition, on the simulator: runs
+/// vary little): what a router learned at one load, or before a pause, does not hold it back
+/// at the next. This found four faults the fresh runs above cannot see (the 4-slot mock at 64
 /// callers was 0.76, as on the wall clock, 0.77): a round that spanned a pause read its
 /// answers against the pause's empty flight and taught a queue as the usual slowdown; a
 /// size larger than any seen counted as exactly usual; and after the first crowded round
 /// the limit climbed back one slot a round (the 16-slot mock's first run at 64 callers 0.60
-/// of the others).
+/// of the others); then, climbing back from one request, a round of `ROUND` answers at each
+/// step (that first run 0.74 of the others).
 fn holds_through_the_protocol(model: Model) {
     let med = |v: &[f64]| {
         let mut v = v.to_vec();
@@ -368,7 +370,7 @@ fn holds_through_the_protocol(model: Model) {
                 .iter()
                 .find(|k| k.0 == model.name && k.1 == callers)
                 .map_or(0.9, |k| k.2);
-            if ratio < floor || worst < 0.8 {
+            if ratio < floor || worst < 0.8 || worst < 0.9 * ratio {
                 short.push(format!(
                     "{callers} callers, seed {seed}: {ratio:.2}, worst run {worst:.2}"
                 ));
