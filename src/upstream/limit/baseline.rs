@@ -46,6 +46,11 @@ impl Baseline {
         }
     }
 
+    /// How long a lone prompt's answer takes (forever before one is seen).
+    pub(super) fn lone(&self) -> Duration {
+        self.usual[0].map_or(Duration::MAX, |(_, t)| Duration::from_secs_f64(t))
+    }
+
     /// How many answers of `items`' size bucket were seen.
     pub(super) fn seen(&self, items: usize) -> usize {
         self.seen[bucket(items)] as usize
