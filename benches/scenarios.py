@@ -138,11 +138,15 @@ DATA = '{"model":"m","prompt":"hello {{n}}"}'
 def overhead(b):
     """Latency direct to the mock vs through the router at fixed offered rates: the router as
     configured by default (a unary call goes to the OpenAI-shaped mock as a stream, read whole:
-    `stream_unary`), and with `stream_unary: false` (a unary request, as the direct path)."""
+    `stream_unary`), with `stream_unary: false` (a unary request, as the direct path), and the
+    floor: the team's bare tonic server forwarding each prompt with reqwest (no cascade, no
+    metrics, no listener bounds) — what any router on tonic and reqwest pays here."""
     mock, mport = b.mock()
     base = f"http://127.0.0.1:{mport}/v1"
     routers = {"streamed": b.router(openai_provider("mock", base)),
                "unary": b.router(openai_provider("mock", base, "    stream_unary: false\n"))}
+    pport = free_port()
+    routers["bare proxy"] = (b.spawn(["bare-server", "--listen", f"127.0.0.1:{pport}", "--forward", base], pport), pport)
     rates = [200, 500] if b.smoke else [1000, 5000, 10000]
     reps, secs = (1, 0.5) if b.smoke else (3, 5)
     common = ["-c", 512, "--connections", 8, "--warmup", 200, "-d", DATA, "--duration", secs]
@@ -168,10 +172,11 @@ def overhead(b):
     b.stop_all()
     return table("Overhead: direct to the mock vs through the router (open loop, latency in µs); "
                  "the router streams unary calls upstream by default (`stream_unary`), and not with "
-                 "`stream_unary: false`",
+                 "`stream_unary: false`; the bare tonic proxy is the floor",
                  ["offered req/s", "direct p50", "direct p99",
                   "router p50", "router p99", "added p50", "added p99", "router CPU µs/req",
                   "unary upstream: router p50", "p99", "added p50", "added p99", "CPU µs/req",
+                  "bare proxy: p50", "p99", "added p50", "added p99", "CPU µs/req",
                   "router req/s", "errors"], rows)
 
 

@@ -634,21 +634,46 @@ pub mod bare {
 
     use crate::proto::v1::{self, router_server::Router};
 
+    /// Answers Complete with a constant; or never (`silent`); or, with `forward`, as the
+    /// thinnest router could: the prompt sent on to an OpenAI-shaped `…/completions` over a
+    /// pooled client and its text returned — the floor of what tonic and reqwest cost.
     pub struct Constant {
         pub silent: bool,
+        pub forward: Option<(reqwest::Client, String)>,
     }
 
     #[tonic::async_trait]
     impl Router for Constant {
         async fn complete(
             &self,
-            _r: Request<v1::CompleteRequest>,
+            r: Request<v1::CompleteRequest>,
         ) -> Result<Response<v1::CompleteResponse>, Status> {
             if self.silent {
                 std::future::pending::<()>().await;
             }
+            let text = match &self.forward {
+                None => "constant".into(),
+                Some((client, url)) => {
+                    let r = r.into_inner();
+                    let body = serde_json::json!({"model": r.model, "prompt": r.prompt});
+                    let answer: serde_json::Value = client
+                        .post(url)
+                        .json(&body)
+                        .send()
+                        .await
+                        .and_then(reqwest::Response::error_for_status)
+                        .map_err(|e| Status::unavailable(e.to_string()))?
+                        .json()
+                        .await
+                        .map_err(|e| Status::unavailable(e.to_string()))?;
+                    answer["choices"][0]["text"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .into()
+                }
+            };
             Ok(Response::new(v1::CompleteResponse {
-                text: "constant".into(),
+                text,
                 provider: "bare".into(),
                 ..Default::default()
             }))
@@ -704,10 +729,42 @@ pub mod bare {
         listener: tokio::net::TcpListener,
         silent: bool,
     ) -> Result<(), tonic::transport::Error> {
+        serve_with(
+            listener,
+            Constant {
+                silent,
+                forward: None,
+            },
+        )
+        .await
+    }
+
+    /// The bare server as a proxy to `base` (an OpenAI-shaped URL ending in `/v1`).
+    pub async fn serve_forwarding(
+        listener: tokio::net::TcpListener,
+        base: &str,
+    ) -> Result<(), tonic::transport::Error> {
+        // reqwest sets TCP_NODELAY by default, as the router's client does.
+        let client = reqwest::Client::new();
+        let url = format!("{}/completions", base.trim_end_matches('/'));
+        serve_with(
+            listener,
+            Constant {
+                silent: false,
+                forward: Some((client, url)),
+            },
+        )
+        .await
+    }
+
+    async fn serve_with(
+        listener: tokio::net::TcpListener,
+        server: Constant,
+    ) -> Result<(), tonic::transport::Error> {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
-            .add_service(v1::router_server::RouterServer::new(Constant { silent }))
+            .add_service(v1::router_server::RouterServer::new(server))
             .serve_with_incoming(incoming)
             .await
     }

@@ -56,6 +56,10 @@ enum Command {
     BareServer {
         #[arg(long, default_value = "127.0.0.1:50052")]
         listen: SocketAddr,
+        /// Forward each prompt to this OpenAI-shaped base URL (with /v1) instead: the
+        /// thinnest proxy tonic and reqwest make, the overhead scenario's floor.
+        #[arg(long)]
+        forward: Option<String>,
     },
 }
 
@@ -135,11 +139,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::BareServer { listen } => runtime.block_on(async {
-            let served = match tokio::net::TcpListener::bind(listen).await {
-                Ok(l) => load::bare::serve(l, false).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
+        Command::BareServer { listen, forward } => runtime.block_on(async {
+            let served = match (tokio::net::TcpListener::bind(listen).await, forward) {
+                (Ok(l), None) => load::bare::serve(l, false).await,
+                (Ok(l), Some(base)) => load::bare::serve_forwarding(l, &base).await,
+                (Err(e), _) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            .map_err(|e| e.to_string());
             match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

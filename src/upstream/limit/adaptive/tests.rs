@@ -92,6 +92,33 @@ async fn a_provider_slower_for_good_is_relearned_at_one_request_then_climbed_bac
     assert!(seen[50..].iter().all(|&l| l >= 8), "climbed back: {seen:?}");
 }
 
+/// After the first crowded round the limit starts again from one request and doubles back to
+/// half the limit that crowded. A router that has served a lone caller knows the usual
+/// slowdown already, so the climb waits neither for `ROUND` answers of the crowd's batch size
+/// (never seen) at one request nor for `ROUND` answers a step: a round trip a step (it took
+/// the 16-slot model a quarter of its first run at 64 callers).
+#[tokio::test(start_paused = true)]
+async fn after_the_first_crowd_the_limit_climbs_back_a_step_a_round_trip() {
+    let limit = Limit::adaptive(64);
+    // Sixteen slots, 20 ms an answer whatever its size; the crowd's 32 prompts split over
+    // the requests in flight.
+    let served = |n: usize| 20 * MS * (n.max(16) as u32) / 16;
+    for _ in 0..3 * ROUND {
+        wave(&limit, 1, served(1), 1).await;
+    }
+    let mut seen = vec![];
+    for _ in 0..16 {
+        let n = limit.current();
+        wave(&limit, n, served(n), 32usize.div_ceil(n)).await;
+        seen.push(limit.current());
+    }
+    let restart = seen.iter().position(|&l| l == 1).expect("the restart");
+    assert!(
+        seen[restart..].iter().take(8).any(|&l| l >= 8),
+        "back to half the crowded limit within eight round trips: {seen:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn bigger_batches_taking_longer_is_not_congestion() {
     let limit = Limit::adaptive(64);
