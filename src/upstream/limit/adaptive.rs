@@ -53,12 +53,15 @@
 //! without queueing (learned as `noise` is). Known weakness (issue #28's note): with such
 //! answers one request waiting cannot be told from chance, so the limit settles one above the
 //! provider's slots (0.89–0.92 of the best fixed setting at 64 callers in the simulator).
-//! Another, seen on the wall clock (session 17): a limit just under the callers (8 over 7
-//! slots) sends them as pairs with slots free, which the "more prompts in flight than slots"
-//! check does not see (a pair's second prompt is with its caller between answer and next
-//! send) — `simulator`'s machine stalls reproduce it (0.78 of batching off). Counting a
-//! request of several prompts as that sign mends it there but cost the wall clock's 4-slot
-//! mock at 8 callers 10% (its pairs are right), so it is not mended yet.
+//!
+//! A limit just under the callers (8 over 7 slots, after a busy machine's stall read as a
+//! queue) sends them as pairs with slots free, which "more prompts in flight than slots" does
+//! not see (a pair's second prompt is with its caller between answer and next send): a
+//! request sent with several prompts, nothing left waiting and slots free counts as that sign
+//! too, so the limit probes on (the simulator's stalling machine: 0.78 of batching off before,
+//! 0.95–0.99 after). Where the pairs are right (8 callers on 4 slots) those probes crowd and
+//! are taken back, twice as rarely each time (the 4-slot model at 8 callers: 1.05 of the best
+//! fixed setting before, 1.01 after).
 //!
 //! Tuning constants (ten in all): [`ROUND`], [`BETA`], [`PROBE_AFTER_MAX`], [`BACKOFF`],
 //! [`NOISE_GAIN`], [`SURE`], [`HARMLESS`]; `BUCKETS` in the baseline, `INITIAL` in the parent
@@ -153,7 +156,8 @@ struct Round {
     /// (for the spread of the round's mean).
     slowdown: f64,
     squares: f64,
-    /// Answers that came with more prompts in flight than slots.
+    /// Answers that came with more prompts in flight than slots, or whose prompts went
+    /// together with slots free.
     shared: usize,
     /// Prompts the answers carried.
     items: usize,
@@ -275,7 +279,8 @@ impl Vegas {
         }
     }
 
-    /// `shared`: more prompts are in flight than the limit has slots.
+    /// `shared`: more prompts are in flight than the limit has slots, or the answer's prompts
+    /// went together with slots free (more requests would have fit).
     pub(super) fn learn(&mut self, sent: Instant, verdict: Verdict, shared: bool) {
         match verdict {
             Verdict::Nothing => {}
@@ -415,7 +420,8 @@ impl Vegas {
         }
         // More slots would have been used: every one was taken at some moment of the round,
         // or more prompts were in flight than slots (batches are sized over the limit, so
-        // with more slots they would have gone as more, smaller requests).
+        // with more slots they would have gone as more, smaller requests), or prompts went
+        // together with slots free.
         if peak < self.limit && round.shared * 2 < round.answers {
             return;
         }
