@@ -69,19 +69,9 @@ pub(super) struct Slot {
     sent: Instant,
     /// Prompts it carries (counted in [`Limit::items_in_flight`]).
     items: usize,
-    /// Sent with several prompts, nothing left waiting, slots free: the callers' prompts went
-    /// as pairs (say 8 over 7 slots) where as many requests would fit — unless the provider
-    /// has fewer slots than that, which a probe shows.
-    split: bool,
 }
 
 impl Slot {
-    /// Nothing is left waiting after its request: notes whether its prompts went together
-    /// with slots free (see `split`).
-    pub(super) fn sent_together(&mut self) {
-        self.split = self.items > 1 && self.limit.in_flight() < self.limit.current();
-    }
-
     /// Says how many prompts the request on this slot carries.
     pub(super) fn carry(&mut self, items: usize) {
         let limit = &self.limit;
@@ -153,7 +143,6 @@ impl Limit {
             limit: self.clone(),
             sent: Instant::now(),
             items: 0,
-            split: false,
         }
     }
 
@@ -219,9 +208,8 @@ impl Limit {
         let (before, after) = {
             let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
             let before = g.permits();
-            // More prompts in flight than slots (more slots would split them into more
-            // requests), or this request's prompts went together while slots stayed free.
-            let shared = self.items.load(Relaxed) > before || slot.split;
+            // More prompts in flight than slots: more slots would split them into more requests.
+            let shared = self.items.load(Relaxed) > before;
             g.learn(slot.sent, verdict, shared);
             self.permits.store(g.permits(), Relaxed);
             (before, g.permits())
