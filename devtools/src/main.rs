@@ -141,14 +141,12 @@ fn main() -> ExitCode {
         },
         Command::BareServer { listen, forward } => runtime.block_on(async {
             let served = match (tokio::net::TcpListener::bind(listen).await, forward) {
-                (Ok(l), None) => load::bare::serve(l, false).await,
-                (Ok(l), Some(base)) => load::bare::serve_forwarding(l, &base).await,
-                (Err(e), _) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
-                }
-            }
-            .map_err(|e| e.to_string());
+                (Ok(l), None) => load::bare::serve(l, false).await.map_err(|e| e.to_string()),
+                (Ok(l), Some(base)) => load::bare::serve_forwarding(l, &base)
+                    .await
+                    .map_err(|e| e.to_string()),
+                (Err(e), _) => Err(e.to_string()),
+            };
             match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

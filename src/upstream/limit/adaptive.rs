@@ -260,8 +260,7 @@ impl Vegas {
             // The load returns after a pause longer than the round so far and than a lone
             // prompt's answer: the round starts again, to judge the return rather than the
             // tail before the pause with it.
-            self.round = Round::default();
-            self.flow.peak = 0;
+            self.next_round();
         }
         self.flow.area = self.flow.area(now);
         (self.flow.in_flight, self.flow.at) = (in_flight, Some(now));
@@ -303,9 +302,14 @@ impl Vegas {
                 before,
                 settled_at: (before == 0).then_some(now),
             };
-            self.round = Round::default();
-            self.flow.peak = self.flow.in_flight;
+            self.next_round();
         }
+    }
+
+    /// Starts a new round: the one ending, and the most requests in flight during it.
+    fn next_round(&mut self) -> (Round, usize) {
+        let peak = std::mem::replace(&mut self.flow.peak, self.flow.in_flight);
+        (std::mem::take(&mut self.round), peak)
     }
 
     fn took(&mut self, sent: Instant, took: Duration, items: usize, shared: bool) {
@@ -344,8 +348,7 @@ impl Vegas {
         {
             return;
         }
-        let round = std::mem::take(&mut self.round);
-        let peak = std::mem::replace(&mut self.flow.peak, self.flow.in_flight);
+        let (round, peak) = self.next_round();
         let n = round.answers as f64;
         let raw = round.slowdown / n;
         // The slowdown over the usual, less what chance gives a round's mean of answers that
