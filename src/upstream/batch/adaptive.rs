@@ -170,6 +170,9 @@ pub(super) async fn adaptive_worker(
         // Counted in flight from now, so the next batch's size sees this one.
         slot.carry(size);
         let mut batch: Vec<Item> = pending.drain(..size).collect();
+        if pending.is_empty() {
+            slot.sent_together();
+        }
         queued.fetch_sub(size, Relaxed);
         link.stats.dequeued(size);
         link.observe_batch(

@@ -69,9 +69,19 @@ pub(super) struct Slot {
     sent: Instant,
     /// Prompts it carries (counted in [`Limit::items_in_flight`]).
     items: usize,
+    /// Sent with several prompts, nothing left waiting, slots free: more slots would have
+    /// split them (see [`Slot::sent_together`]).
+    split: bool,
 }
 
 impl Slot {
+    /// Nothing is left waiting after its request: notes whether its prompts went together
+    /// with slots free — the callers' prompts going as pairs (say 8 over 7 slots) where as
+    /// many requests would fit, unless the provider has fewer slots, which a probe shows.
+    pub(super) fn sent_together(&mut self) {
+        self.split = self.items > 1 && self.limit.in_flight() < self.limit.current();
+    }
+
     /// Says how many prompts the request on this slot carries.
     pub(super) fn carry(&mut self, items: usize) {
         let limit = &self.limit;
@@ -143,6 +153,7 @@ impl Limit {
             limit: self.clone(),
             sent: Instant::now(),
             items: 0,
+            split: false,
         }
     }
 
@@ -208,9 +219,10 @@ impl Limit {
         let (before, after) = {
             let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
             let before = g.permits();
-            // More prompts in flight than slots: more slots would split them into more requests.
-            let shared = self.items.load(Relaxed) > before;
-            g.learn(slot.sent, verdict, shared);
+            // More prompts in flight than slots (more slots would split them into more
+            // requests), or this request's went together with slots free.
+            let prompts = self.items.load(Relaxed);
+            g.learn(slot.sent, verdict, prompts, slot.split || prompts > before);
             self.permits.store(g.permits(), Relaxed);
             (before, g.permits())
         };

@@ -190,6 +190,53 @@ async fn a_probe_that_crowds_is_taken_back_and_the_next_comes_later() {
     assert_eq!(limits.last(), Some(&4));
 }
 
+/// Eight callers' prompts sent together each round trip, spread over the limit as the
+/// batcher spreads them (requests of `ceil(8 / limit)`, the last with nothing left waiting),
+/// to a provider serving `slots` requests at once, 20 ms each. Returns the limit after each.
+async fn eight_callers(limit: &Arc<Limit>, slots: usize, round_trips: usize) -> Vec<usize> {
+    let mut limits = Vec::new();
+    for _ in 0..round_trips {
+        let size = 8usize.div_ceil(limit.current());
+        let mut sent = take(limit, 8usize.div_ceil(size));
+        for s in &mut sent {
+            s.carry(size);
+        }
+        if let Some(last) = sent.last_mut() {
+            last.sent_together();
+        }
+        let start = Instant::now();
+        for (i, slot) in sent.into_iter().enumerate() {
+            // Requests beyond the slots wait a whole service time.
+            let took = 20 * MS * (1 + i / slots) as u32;
+            tokio::time::advance((start + took).saturating_duration_since(Instant::now())).await;
+            limit.observe(&slot, Verdict::Took(took, size));
+        }
+        limits.push(limit.current());
+    }
+    limits
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_goes_straight_to_the_limit_that_splits_the_callers_pairs() {
+    // Eight callers over 7 slots go as four pairs, three slots free: 8 is the next limit that
+    // changes what is sent, and where the provider has the slots it is kept.
+    let limit = Limit::adaptive(64);
+    limit.settle(7);
+    let limits = eight_callers(&limit, 16, 40).await;
+    assert!(limits.iter().all(|&l| l >= 7), "{limits:?}");
+    assert!(limits.last() >= Some(&8), "{limits:?}");
+    // On 4 slots the pairs are right: the probe from 4 goes to 8 (5 to 7 would send the same
+    // pairs), crowds, and goes back to 4 — not to 7, where the callers would go apart.
+    let limit = Limit::adaptive(64);
+    limit.settle(4);
+    let limits = eight_callers(&limit, 4, 80).await;
+    assert!(limits.contains(&8), "{limits:?}");
+    assert!(limits.iter().all(|&l| l == 4 || l == 8), "{limits:?}");
+    let probes = limits.windows(2).filter(|w| w == &[4, 8]).count();
+    assert!((2..=6).contains(&probes), "probes back off: {limits:?}");
+    assert_eq!(limits.last(), Some(&4));
+}
+
 /// A server that takes each request's prompts in arrival order, `fixed` ms a request and
 /// `per_prompt` ms a prompt, kept busy by 32 prompts spread over every slot the limit gives.
 /// Returns the limit after each of `answers` answers.
