@@ -28,9 +28,9 @@
 //!   (more slots would split them into more requests): in slow start the limit doubles; after
 //!   it, a probe tries the next limit that would send the callers' prompts (the most in flight
 //!   at the round's answers) as smaller requests — one more slot under heavy load, 8 for 8
-//!   callers going as pairs over 4 to 7 — at once after a probe was kept, and after twice as
-//!   many calm rounds as last time after one was taken back (at most [`PROBE_AFTER_MAX`]), so
-//!   a provider at its true limit pays for few probes;
+//!   callers going as pairs over 4 to 7 — at once after a probe was kept, and after one was
+//!   taken back, after twice as many calm rounds as last time for each request it added (at
+//!   most [`PROBE_AFTER_MAX`]), so a provider at its true limit pays for few probes;
 //! - a 429 or 503 (or the provider's own timeout) halves it ([`BACKOFF`]), at most once per
 //!   round trip.
 //!
@@ -145,11 +145,13 @@ struct Probe {
 }
 
 impl Probe {
-    /// The probe (if one is on) crowded the provider: the next comes twice as late.
-    fn crowded(&mut self) -> bool {
+    /// The probe (if one is on) to `limit` crowded the provider: the next comes twice as late
+    /// for each request it added (a probe that reached further cost more).
+    fn crowded(&mut self, limit: usize) -> bool {
         let on = std::mem::take(&mut self.on);
         if on {
-            self.after = (self.after * 2).min(PROBE_AFTER_MAX);
+            let added = limit.saturating_sub(self.from).max(1) as u32;
+            self.after = (self.after * 2 * added).min(PROBE_AFTER_MAX);
         }
         on
     }
@@ -414,8 +416,8 @@ impl Vegas {
                 // Prompts wait at the provider as they would here, at no cost to it (a server
                 // whose slots take prompts, not requests, e.g. llama-server's): the limit
                 // stays, and climbs no further.
-                self.probe.crowded();
-            } else if self.probe.crowded() {
+                self.probe.crowded(self.limit);
+            } else if self.probe.crowded(self.limit) {
                 // The probe crowded it: take that back (if less than the probe crowds it, the
                 // next round shows that).
                 self.set(self.probe.from as f64);
