@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use crate::{
     completion::{
         Answer, ChatMessage, Completion, CompletionRequest, Content, Fingerprint, GenParams, Image,
-        ImageSource, Input, Part, ToolCall,
+        ImageSource, Input, Part, ToolCall, hash_count as count,
     },
     config::{CacheConfig, CacheScope},
     metrics::CacheMetrics,
@@ -45,7 +45,7 @@ impl CacheKey {
         } = request;
         let mut key = Fingerprint::default();
         let mut field = |bytes: &[u8]| key.field(bytes);
-        field(b"cascade-router cache v3");
+        field(b"cache v4");
         field(tenant.as_bytes());
         field(route.as_bytes());
         hash_input(input, &mut field);
@@ -54,7 +54,7 @@ impl CacheKey {
     }
 
     fn redis_key(&self) -> String {
-        format!("cascade:v3:{}", blake3::Hash::from_bytes(self.0).to_hex())
+        format!("cascade:v4:{}", blake3::Hash::from_bytes(self.0).to_hex())
     }
 }
 
@@ -68,7 +68,7 @@ pub fn hash_input(input: &Input, field: &mut impl FnMut(&[u8])) {
         }
         Input::Chat(messages) => {
             field(b"chat");
-            field(&(messages.len() as u64).to_le_bytes());
+            count(messages.len(), field);
             for ChatMessage {
                 role,
                 content,
@@ -84,7 +84,7 @@ pub fn hash_input(input: &Input, field: &mut impl FnMut(&[u8])) {
                         field(t.as_bytes());
                     }
                     Content::Parts(parts) => {
-                        field(&(parts.len() as u64).to_le_bytes());
+                        count(parts.len(), field);
                         for part in parts {
                             match part {
                                 Part::Text(t) => {
@@ -110,7 +110,7 @@ pub fn hash_input(input: &Input, field: &mut impl FnMut(&[u8])) {
                     }
                 }
                 field(name.as_deref().map_or(&[0xff][..], str::as_bytes));
-                field(&(tool_calls.len() as u64).to_le_bytes());
+                count(tool_calls.len(), field);
                 for ToolCall {
                     id,
                     name,
