@@ -95,6 +95,20 @@ impl Edge {
     /// when authentication is on), allowed for that client's models, within its quota.
     pub(crate) async fn admit(
         &self,
+        request: CompletionRequest,
+        client: Option<&Client>,
+    ) -> Result<Arc<CompletionRequest>, RouterError> {
+        let request = self.accept(request, client)?;
+        self.charge(&request.tenant).await?;
+        Ok(request)
+    }
+
+    /// [`Edge::admit`] but for the quota: checks a request against the limits and the client's
+    /// models, and gives it its id and tenant. Not async, so the request (some 400 bytes) is
+    /// not carried in a future's state and moved with it (a cache hit's unary path: accept,
+    /// then [`Edge::charge`]).
+    pub(crate) fn accept(
+        &self,
         mut request: CompletionRequest,
         client: Option<&Client>,
     ) -> Result<Arc<CompletionRequest>, RouterError> {
@@ -114,13 +128,12 @@ impl Edge {
                 }
             }
         }
-        self.charge(&request.tenant).await?;
         Ok(Arc::new(request))
     }
 
     /// Takes one call from `tenant`'s quota, if quotas are on. The tenant is the client key's
     /// name when `server.auth` is on, else the request's `agent`.
-    async fn charge(&self, tenant: &str) -> Result<(), RouterError> {
+    pub(crate) async fn charge(&self, tenant: &str) -> Result<(), RouterError> {
         match &self.quotas {
             None => Ok(()),
             // Boxed: a fleet's decision (a Redis call) is a large state that every call's

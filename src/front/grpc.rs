@@ -153,7 +153,9 @@ impl v1::router_server::Router for RouterService {
             .call("Complete", async {
                 let deadline = self.deadline(&req);
                 let client = req.extensions().get::<Client>().cloned();
-                let request = self.admit(req.into_inner(), client.as_ref()).await?;
+                let request = CompletionRequest::try_from(req.into_inner())?;
+                let request = self.edge.accept(request, client.as_ref())?;
+                self.edge.charge(&request.tenant).await?;
                 let answer = self.edge.complete(&request, deadline).await?;
                 Ok(Response::new(v1::CompleteResponse::from_answer(
                     answer,
