@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use crate::{
     completion::{
         Answer, ChatMessage, Completion, CompletionRequest, Content, Fingerprint, GenParams, Image,
-        ImageSource, Input, Part, ToolCall, hash_count as count,
+        ImageSource, Input, Part, ToolCall, count_field,
     },
     config::{CacheConfig, CacheScope},
     metrics::CacheMetrics,
@@ -68,7 +68,7 @@ pub fn hash_input(input: &Input, field: &mut impl FnMut(&[u8])) {
         }
         Input::Chat(messages) => {
             field(b"chat");
-            count(messages.len(), field);
+            count_field(messages.len(), field);
             for ChatMessage {
                 role,
                 content,
@@ -84,7 +84,7 @@ pub fn hash_input(input: &Input, field: &mut impl FnMut(&[u8])) {
                         field(t.as_bytes());
                     }
                     Content::Parts(parts) => {
-                        count(parts.len(), field);
+                        count_field(parts.len(), field);
                         for part in parts {
                             match part {
                                 Part::Text(t) => {
@@ -110,7 +110,7 @@ pub fn hash_input(input: &Input, field: &mut impl FnMut(&[u8])) {
                     }
                 }
                 field(name.as_deref().map_or(&[0xff][..], str::as_bytes));
-                count(tool_calls.len(), field);
+                count_field(tool_calls.len(), field);
                 for ToolCall {
                     id,
                     name,

@@ -69,7 +69,7 @@ impl Fingerprint {
 /// 0): the field's length prefix tells them apart, and a request's counts (stop words, tools,
 /// messages …) then take a byte or two of the hashed bytes rather than nine — a plain
 /// request's key fits one of blake3's 64-byte blocks instead of two.
-pub fn count(n: usize, field: &mut impl FnMut(&[u8])) {
+pub fn count_field(n: usize, field: &mut impl FnMut(&[u8])) {
     let n = n as u64;
     field(&n.to_le_bytes()[..8 - n.leading_zeros() as usize / 8]);
 }
@@ -90,7 +90,7 @@ mod tests {
     fn a_count_is_its_significant_bytes() {
         let bytes = |n| {
             let mut out = Vec::new();
-            count(n, &mut |b: &[u8]| out.extend_from_slice(b));
+            count_field(n, &mut |b: &[u8]| out.extend_from_slice(b));
             out
         };
         assert_eq!(bytes(0), b"");

@@ -8,7 +8,7 @@ mod fingerprint;
 mod message;
 mod params;
 
-pub use fingerprint::{Fingerprint, count as hash_count};
+pub use fingerprint::{Fingerprint, count_field};
 pub use message::{
     Base64, ChatMessage, Content, Detail, Image, ImageSource, ImageUrl, Part, Role, ToolCall,
     check_conversation,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::fingerprint::count;
+use super::fingerprint::count_field;
 use crate::error::RouterError;
 
 /// Bounds on what one request may carry, whichever edge it came in by.
@@ -313,7 +313,7 @@ impl GenParams {
         let f32_field = |v: &Option<f32>| v.map(|t| t.to_bits().to_le_bytes());
         field(present(&max_tokens.map(u32::to_le_bytes)));
         field(present(&f32_field(temperature)));
-        count(stop.len(), field);
+        count_field(stop.len(), field);
         for s in stop {
             field(s.as_bytes());
         }
@@ -321,7 +321,7 @@ impl GenParams {
         field(present(&f32_field(top_p)));
         field(present(&f32_field(frequency_penalty)));
         field(present(&f32_field(presence_penalty)));
-        count(logit_bias.len(), field);
+        count_field(logit_bias.len(), field);
         for (t, b) in logit_bias {
             field(&t.to_le_bytes());
             field(&b.to_bits().to_le_bytes());
@@ -330,7 +330,7 @@ impl GenParams {
         field(present(&top_logprobs.map(u32::to_le_bytes)));
         field(suffix.as_deref().map_or(&[0xff][..], str::as_bytes));
         field(present(&best_of.map(u32::to_le_bytes)));
-        count(tools.len(), field);
+        count_field(tools.len(), field);
         for Tool {
             name,
             description,
@@ -371,7 +371,7 @@ impl GenParams {
                 field(present(&strict.map(|s| [u8::from(s)])));
             }
         }
-        count(extra.len(), field);
+        count_field(extra.len(), field);
         for (k, v) in extra {
             field(k.as_bytes());
             json_field(field, Some(v));
