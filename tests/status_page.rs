@@ -10,6 +10,7 @@
 mod common;
 
 use std::{
+    os::unix::process::CommandExt,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -19,7 +20,8 @@ use cascade_devtools::mock::{MockServer, Script};
 use common::*;
 use serde_json::{Value, json};
 
-/// chromedriver, stopped (with its browser) when dropped.
+/// chromedriver, stopped with its browser when dropped: both are in a process group of their
+/// own, killed whole (killing chromedriver alone left Chromium running, adopted by init).
 struct Driver {
     child: Child,
     url: String,
@@ -29,6 +31,9 @@ struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -38,6 +43,7 @@ impl Driver {
     async fn start(chromedriver: &str, chromium: &str) -> Driver {
         let port = free_port().await;
         let child = Command::new(chromedriver)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
