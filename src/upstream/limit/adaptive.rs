@@ -289,9 +289,9 @@ impl Vegas {
         }
     }
 
-    /// `prompts` in flight now; `shared`: more than the limit has slots, or the answer's
-    /// went together with slots free (more requests would have fit).
-    pub(super) fn learn(&mut self, sent: Instant, verdict: Verdict, prompts: usize, shared: bool) {
+    /// `prompts` in flight now; `split`: the answer's prompts went together with slots free
+    /// (more requests would have fit).
+    pub(super) fn learn(&mut self, sent: Instant, verdict: Verdict, prompts: usize, split: bool) {
         match verdict {
             Verdict::Nothing => {}
             Verdict::Overloaded => {
@@ -301,7 +301,7 @@ impl Vegas {
                     self.set(self.limit as f64 * BACKOFF);
                 }
             }
-            Verdict::Took(took, items) => self.took(sent, took, items, prompts, shared),
+            Verdict::Took(took, items) => self.took(sent, took, items, prompts, split),
         }
     }
 
@@ -326,7 +326,7 @@ impl Vegas {
         (std::mem::take(&mut self.round), peak)
     }
 
-    fn took(&mut self, sent: Instant, took: Duration, items: usize, prompts: usize, shared: bool) {
+    fn took(&mut self, sent: Instant, took: Duration, items: usize, prompts: usize, split: bool) {
         let expected = self.baseline.expected(items);
         self.baseline.learn(items, took);
         // The largest size yet has nothing to be judged by.
@@ -341,7 +341,8 @@ impl Vegas {
         round.answers += 1;
         round.slowdown += x;
         round.squares += x * x;
-        round.shared += usize::from(shared);
+        // More prompts in flight than slots (more slots would split them into more requests).
+        round.shared += usize::from(split || prompts > self.limit);
         round.demand = round.demand.max(prompts);
         round.items += items;
         if self.baseline.seen(items) >= ROUND {

@@ -219,10 +219,7 @@ impl Limit {
         let (before, after) = {
             let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
             let before = g.permits();
-            // More prompts in flight than slots (more slots would split them into more
-            // requests), or this request's went together with slots free.
-            let prompts = self.items.load(Relaxed);
-            g.learn(slot.sent, verdict, prompts, slot.split || prompts > before);
+            g.learn(slot.sent, verdict, self.items.load(Relaxed), slot.split);
             self.permits.store(g.permits(), Relaxed);
             (before, g.permits())
         };
