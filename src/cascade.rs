@@ -169,7 +169,11 @@ impl Cascade {
             return Ok(None);
         };
         let payer = payer(target, request);
-        self.spend.reserve(payer, price, request).await.map(Some)
+        // Boxed: a reservation (a Redis call with a fleet) is a large state that every call's
+        // future would otherwise carry, priced or not.
+        Box::pin(self.spend.reserve(payer, price, request))
+            .await
+            .map(Some)
     }
 
     /// Walks `targets` in order until one answers or the deadline passes.

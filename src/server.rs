@@ -10,7 +10,7 @@ use tonic::{codegen::http, service::interceptor::InterceptedService};
 use crate::{
     auth::Authenticate,
     config::ServerConfig,
-    front::{edge::Edge, grpc::RouterService},
+    front::{edge::Edge, grpc::RouterService, unary::Complete},
     inflight::InFlight,
     listener::{Guarded, Listener, Track},
     proto::{self, v1::router_server::RouterServer},
@@ -88,7 +88,7 @@ pub async fn serve(
     let refused = router.metrics().connections_refused();
     let spend = router.spend().clone();
     let edge = Arc::new(Edge::new(router, config.clone(), inflight.clone()));
-    let service = RouterService::new(edge.clone());
+    let service = Arc::new(RouterService::new(edge.clone()));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     // TLS handshakes are the listeners' (with a timeout: tonic's own have none).
     let acceptor = |alpn: &[&[u8]]| {
@@ -149,7 +149,12 @@ pub async fn serve(
         .layer(stamp)
         // Every service but health needs a client key when authentication is on.
         .add_service(InterceptedService::new(
-            RouterServer::new(service).max_decoding_message_size(config.limits.max_message_bytes),
+            Complete::new(
+                RouterServer::from_arc(service.clone())
+                    .max_decoding_message_size(config.limits.max_message_bytes),
+                service,
+                config.limits.max_message_bytes,
+            ),
             auth.clone(),
         ))
         .add_service(health)

@@ -261,3 +261,60 @@ async fn each_input_limit_is_named_when_breached_and_nothing_else_fails() {
     assert_eq!(c.ask(chat(2)).await.text, mock::reply("hi"));
     assert_eq!(up.stats().requests, 2, "no refused call went upstream");
 }
+
+/// `Complete` is framed by the router itself (for memory, `front::unary`): what tonic's own
+/// handler answered is still answered — a compressed request refused naming what is accepted —
+/// and a unary call that is not exactly one message is refused by name, before anything goes
+/// upstream.
+#[tokio::test]
+async fn complete_refuses_what_is_not_one_plain_message() {
+    let up = MockServer::start(Script::default()).await.unwrap();
+    let router = start(&format!("providers:\n{}", openai("up", 1, &up.url()))).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", router.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let path =
+        || tonic::codegen::http::uri::PathAndQuery::from_static("/cascade.v1.Router/Complete");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    type Response = cascade_router::proto::v1::CompleteResponse;
+
+    let mut gzip = tonic::Request::new(prompt("compressed"));
+    gzip.metadata_mut()
+        .insert("grpc-encoding", "gzip".parse().unwrap());
+    grpc.ready().await.unwrap();
+    let refused = grpc
+        .unary::<_, Response, _>(gzip, path(), tonic_prost::ProstCodec::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented, "{}", refused.message());
+    assert!(refused.message().contains("gzip"), "{}", refused.message());
+    assert_eq!(
+        refused.metadata().get("grpc-accept-encoding").unwrap(),
+        "identity"
+    );
+
+    for n in [0, 2] {
+        let messages = futures_util::stream::iter(vec![prompt("one"); n]);
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .client_streaming::<_, _, Response, _>(
+                tonic::Request::new(messages),
+                path(),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(
+            err.message().contains("send exactly one"),
+            "{}",
+            err.message()
+        );
+    }
+
+    let mut c = router.client.clone();
+    assert_eq!(c.ask(prompt("plain")).await.text, mock::reply("plain"));
+    assert_eq!(up.stats().requests, 1, "no refused call went upstream");
+}

@@ -57,10 +57,11 @@ impl Edge {
         self.run(method, Box::pin(work))
     }
 
-    async fn run<T, F: Future<Output = Result<T, RouterError>>>(
+    /// [`Edge::call`] for `work` pinned by the caller (in the box of a future it returns).
+    pub(crate) async fn run<T>(
         &self,
         method: &'static str,
-        work: std::pin::Pin<Box<F>>,
+        work: impl Future<Output = Result<T, RouterError>> + Unpin,
     ) -> Result<T, RouterError> {
         let record = Record::new(&**self.router.metrics(), method);
         let result = match self.inflight.enter().inspect_err(|e| self.shed(e)) {

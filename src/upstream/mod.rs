@@ -338,16 +338,22 @@ impl Upstream {
     {
         self.admits()?;
         let first = self.pick(request, None)?;
-        let tried = try_one(&self.replicas[first]).await;
-        match tried {
-            Err(Miss::Failed(ref e) | Miss::Skipped(ref e)) if elsewhere(e) => {
-                match self.pick(request, Some(first)) {
-                    Ok(other) => try_one(&self.replicas[other]).await,
-                    Err(_) => tried,
+        // The first try's outcome is gone (its scope ended) before the second is awaited: a
+        // call waiting on the second would otherwise carry it.
+        let other = {
+            let tried = try_one(&self.replicas[first]).await;
+            let other = match &tried {
+                Err(Miss::Failed(e) | Miss::Skipped(e)) if elsewhere(e) => {
+                    self.pick(request, Some(first)).ok()
                 }
+                _ => None,
+            };
+            match other {
+                Some(other) => other,
+                None => return tried,
             }
-            other => other,
-        }
+        };
+        try_one(&self.replicas[other]).await
     }
 
     /// The endpoint for the next try at `request` (not `not`): of those open to a request
