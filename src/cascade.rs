@@ -2,6 +2,7 @@
 //! faults, until one answers or the caller's deadline passes. Each try is the upstream's
 //! ([`Upstream::attempt`]: breaker, budget, batch queue); failures are collected per provider
 //! and end as one aggregate error. Which targets it walks for a request is its [`Plan`].
+//! Its loops are `fn`s over `async move` blocks, for the reason `crate::upstream` gives.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -177,37 +178,40 @@ impl Cascade {
     }
 
     /// Walks `targets` in order until one answers or the deadline passes.
-    pub async fn run(
+    #[expect(clippy::manual_async_fn, reason = "arguments held once (see crate::upstream)")]
+    pub fn run(
         &self,
         plan: &Plan,
         request: &Arc<CompletionRequest>,
         deadline: Instant,
-    ) -> Result<Answer, RouterError> {
-        let (d, target, attempts, hold) = self
-            .walk(
-                plan,
-                request,
-                deadline,
-                Retry::Timeouts,
-                |t: &Target, window| t.upstream.attempt(&t.model, request, window),
-            )
-            .await?;
-        // A priced model's answer is charged at the price its reservation was made at.
-        let cost = cost::of(hold.as_ref().map(Hold::price), request, &d.completion);
-        if let Some(hold) = hold {
-            hold.settle(payer(target, request), cost);
+    ) -> impl Future<Output = Result<Answer, RouterError>> {
+        async move {
+            let (d, target, attempts, hold) = self
+                .walk(
+                    plan,
+                    request,
+                    deadline,
+                    Retry::Timeouts,
+                    |t: &Target, window| t.upstream.attempt(&t.model, request, window),
+                )
+                .await?;
+            // A priced model's answer is charged at the price its reservation was made at.
+            let cost = cost::of(hold.as_ref().map(Hold::price), request, &d.completion);
+            if let Some(hold) = hold {
+                hold.settle(payer(target, request), cost);
+            }
+            Ok(Answer {
+                cost,
+                completion: d.completion,
+                provider: target.upstream.name().clone(),
+                model: target.model.clone(),
+                attempts,
+                queue_wait: d.queue_wait,
+                upstream: d.upstream,
+                batch_size: d.batch_size,
+                cached: false,
+            })
         }
-        Ok(Answer {
-            cost,
-            completion: d.completion,
-            provider: target.upstream.name().clone(),
-            model: target.model.clone(),
-            attempts,
-            queue_wait: d.queue_wait,
-            upstream: d.upstream,
-            batch_size: d.batch_size,
-            cached: false,
-        })
     }
 
     /// Walks `targets` in order until one starts streaming — its first event arrived — or
@@ -234,135 +238,141 @@ impl Cascade {
     /// The fallback loop: `try_once` on each of the plan's targets in turn (see
     /// [`Cascade::turn`]), with the attempts that failed before the one that answered (the
     /// plan's skipped targets first).
-    async fn walk<'t, T, Fut>(
+    #[expect(clippy::manual_async_fn, reason = "arguments held once (see crate::upstream)")]
+    fn walk<'t, T, Fut>(
         &self,
         plan: &'t Plan,
         request: &CompletionRequest,
         deadline: Instant,
         retry: Retry,
         try_once: impl Fn(&'t Target, Window) -> Fut,
-    ) -> Result<Walked<'t, T>, RouterError>
+    ) -> impl Future<Output = Result<Walked<'t, T>, RouterError>>
     where
         Fut: Future<Output = Result<T, Miss>>,
     {
-        self.retries.deposit();
-        let targets = &plan.targets;
-        let mut attempts = plan.skipped.clone();
-        let mut resets_in = None;
-        for (i, target) in targets.iter().enumerate() {
-            let last = i + 1 == targets.len();
-            let hold = match self.hold(target, request).await {
-                Ok(hold) => hold,
-                Err(refusal) => {
-                    resets_in = resets_in.max(refusal.resets_in());
-                    attempts.push(Attempt {
-                        provider: target.upstream.name().clone(),
-                        model: target.model.clone(),
-                        kind: FailureKind::Budget,
-                        http_status: None,
-                        error: refusal.to_string(),
-                        tries: 0,
-                        elapsed: Duration::ZERO,
-                    });
-                    continue;
-                }
-            };
-            match self.turn(target, last, deadline, retry, &try_once).await {
-                Turn::Answered(t) => return Ok((t, target, attempts, hold)),
-                Turn::Failed(attempt) => attempts.push(attempt),
-                Turn::OutOfTime(attempt) => {
-                    attempts.extend(attempt);
-                    return Err(RouterError::DeadlineExceeded { attempts });
+        async move {
+            self.retries.deposit();
+            let targets = &plan.targets;
+            let mut attempts = plan.skipped.clone();
+            let mut resets_in = None;
+            for (i, target) in targets.iter().enumerate() {
+                let last = i + 1 == targets.len();
+                let hold = match self.hold(target, request).await {
+                    Ok(hold) => hold,
+                    Err(refusal) => {
+                        resets_in = resets_in.max(refusal.resets_in());
+                        attempts.push(Attempt {
+                            provider: target.upstream.name().clone(),
+                            model: target.model.clone(),
+                            kind: FailureKind::Budget,
+                            http_status: None,
+                            error: refusal.to_string(),
+                            tries: 0,
+                            elapsed: Duration::ZERO,
+                        });
+                        continue;
+                    }
+                };
+                match self.turn(target, last, deadline, retry, &try_once).await {
+                    Turn::Answered(t) => return Ok((t, target, attempts, hold)),
+                    Turn::Failed(attempt) => attempts.push(attempt),
+                    Turn::OutOfTime(attempt) => {
+                        attempts.extend(attempt);
+                        return Err(RouterError::DeadlineExceeded { attempts });
+                    }
                 }
             }
-        }
-        let tried = || {
-            attempts
-                .iter()
-                .filter(|a| a.kind != FailureKind::Unsupported)
-                .peekable()
-        };
-        let all = |kinds: &[FailureKind]| {
-            let mut t = tried();
-            t.peek().is_some() && t.all(|a| kinds.contains(&a.kind))
-        };
-        // Budgets reset at midnight UTC: the caller is told when.
-        if all(&[FailureKind::Budget]) {
-            return Err(RouterError::OverBudget {
+            let tried = || {
+                attempts
+                    .iter()
+                    .filter(|a| a.kind != FailureKind::Unsupported)
+                    .peekable()
+            };
+            let all = |kinds: &[FailureKind]| {
+                let mut t = tried();
+                t.peek().is_some() && t.all(|a| kinds.contains(&a.kind))
+            };
+            // Budgets reset at midnight UTC: the caller is told when.
+            if all(&[FailureKind::Budget]) {
+                return Err(RouterError::OverBudget {
+                    attempts,
+                    resets_in,
+                });
+            }
+            // Full queues and rate limits (the router's or the provider's 429): room comes back
+            // by itself, so the caller is told to retry later, not that the providers are down.
+            if all(&[FailureKind::Overloaded, FailureKind::RateLimited]) {
+                return Err(RouterError::Overloaded { attempts });
+            }
+            // Too little of the caller's time for any provider to answer: the caller's deadline,
+            // not the providers, is what failed.
+            if all(&[FailureKind::NoTimeLeft]) {
+                return Err(RouterError::DeadlineExceeded { attempts });
+            }
+            Err(RouterError::Unavailable {
+                reason: "every provider failed",
                 attempts,
-                resets_in,
-            });
+            })
         }
-        // Full queues and rate limits (the router's or the provider's 429): room comes back
-        // by itself, so the caller is told to retry later, not that the providers are down.
-        if all(&[FailureKind::Overloaded, FailureKind::RateLimited]) {
-            return Err(RouterError::Overloaded { attempts });
-        }
-        // Too little of the caller's time for any provider to answer: the caller's deadline,
-        // not the providers, is what failed.
-        if all(&[FailureKind::NoTimeLeft]) {
-            return Err(RouterError::DeadlineExceeded { attempts });
-        }
-        Err(RouterError::Unavailable {
-            reason: "every provider failed",
-            attempts,
-        })
     }
 
     /// One provider's turn: up to `1 + max_retries` tries. While other providers remain
     /// (`last` is false) a try gets at most half of the time left, so a provider that hangs
     /// cannot take the whole deadline; a try cut short by its share counts as that provider's
     /// timeout and moves on rather than retrying a provider that just hung.
-    async fn turn<'t, T, Fut>(
+    #[expect(clippy::manual_async_fn, reason = "arguments held once (see crate::upstream)")]
+    fn turn<'t, T, Fut>(
         &self,
         target: &'t Target,
         last: bool,
         deadline: Instant,
         retry: Retry,
         try_once: &impl Fn(&'t Target, Window) -> Fut,
-    ) -> Turn<T>
+    ) -> impl Future<Output = Turn<T>>
     where
         Fut: Future<Output = Result<T, Miss>>,
     {
-        let up = &target.upstream;
-        let began = Instant::now();
-        let attempt = |e: ProviderError, tries| Attempt {
-            provider: up.name().clone(),
-            model: target.model.clone(),
-            kind: e.kind,
-            http_status: e.http_status,
-            error: e.message,
-            tries,
-            elapsed: began.elapsed(),
-        };
-        let mut tries = 0u32;
-        loop {
-            let window = Window::share(Instant::now(), deadline, last);
-            let err = match try_once(target, window).await {
-                Ok(d) => return Turn::Answered(d),
-                Err(Miss::Skipped(e)) => return Turn::Failed(attempt(e, tries)),
-                Err(Miss::OutOfTime(e)) => {
-                    return Turn::OutOfTime(e.map(|e| attempt(e, tries + 1)));
-                }
-                Err(Miss::Failed(e)) => e,
+        async move {
+            let up = &target.upstream;
+            let began = Instant::now();
+            let attempt = |e: ProviderError, tries| Attempt {
+                provider: up.name().clone(),
+                model: target.model.clone(),
+                kind: e.kind,
+                http_status: e.http_status,
+                error: e.message,
+                tries,
+                elapsed: began.elapsed(),
             };
-            tries += 1;
-            // A try cut short by its share (not the last provider's) moves on: the provider
-            // just used half of what was left.
-            let move_on = err.kind == FailureKind::Timeout
-                && ((!last && Instant::now() >= window.until) || retry == Retry::NotTimeouts);
-            if err.retry_same_provider()
-                && !move_on
-                && tries <= self.policy.max_retries_per_provider
-                && self.retries.withdraw()
-            {
-                let delay = backoff(self.policy.retry_delay, tries);
-                if up.fits(Instant::now() + delay, deadline) {
-                    tokio::time::sleep(delay).await;
-                    continue;
+            let mut tries = 0u32;
+            loop {
+                let window = Window::share(Instant::now(), deadline, last);
+                let err = match try_once(target, window).await {
+                    Ok(d) => return Turn::Answered(d),
+                    Err(Miss::Skipped(e)) => return Turn::Failed(attempt(e, tries)),
+                    Err(Miss::OutOfTime(e)) => {
+                        return Turn::OutOfTime(e.map(|e| attempt(e, tries + 1)));
+                    }
+                    Err(Miss::Failed(e)) => e,
+                };
+                tries += 1;
+                // A try cut short by its share (not the last provider's) moves on: the provider
+                // just used half of what was left.
+                let move_on = err.kind == FailureKind::Timeout
+                    && ((!last && Instant::now() >= window.until) || retry == Retry::NotTimeouts);
+                if err.retry_same_provider()
+                    && !move_on
+                    && tries <= self.policy.max_retries_per_provider
+                    && self.retries.withdraw()
+                {
+                    let delay = backoff(self.policy.retry_delay, tries);
+                    if up.fits(Instant::now() + delay, deadline) {
+                        tokio::time::sleep(delay).await;
+                        continue;
+                    }
                 }
+                return Turn::Failed(attempt(err, tries));
             }
-            return Turn::Failed(attempt(err, tries));
         }
     }
 }

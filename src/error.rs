@@ -71,7 +71,7 @@ pub enum RouterError {
     NotCached(String),
     /// The request's body did not arrive in time (`limits.body_read_timeout_seconds`).
     #[error("the request body did not arrive within {0} ms (limits.body_read_timeout_seconds)")]
-    BodyTimeout(u128),
+    BodyTimeout(u64),
     /// An HTTP path the OpenAI-compatible front does not serve.
     #[error(
         "no such endpoint: the router serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, the status page at /status and its API under /api"

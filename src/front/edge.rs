@@ -64,14 +64,22 @@ impl Edge {
         work: impl Future<Output = Result<T, RouterError>> + Unpin,
     ) -> Result<T, RouterError> {
         let record = Record::new(&**self.router.metrics(), method);
-        let result = match self.inflight.enter().inspect_err(|e| self.shed(e)) {
-            Err(e) => Err(e),
-            Ok(_ticket) => tokio::select! {
-                biased;
-                r = work => r,
-                () = self.inflight.abandoned() => Err(RouterError::ShuttingDown),
-            },
+        // The refusal is gone before the wait (a `match` on `enter()` kept the whole `Result`,
+        // 64 bytes, in the future).
+        let ticket = match self.inflight.enter() {
+            Ok(ticket) => ticket,
+            Err(e) => {
+                self.shed(&e);
+                record.done(e.code());
+                return Err(e);
+            }
         };
+        let result = tokio::select! {
+            biased;
+            r = work => r,
+            () = self.inflight.abandoned() => Err(RouterError::ShuttingDown),
+        };
+        drop(ticket);
         record.done(match &result {
             Ok(_) => tonic::Code::Ok,
             Err(e) => e.code(),
@@ -151,12 +159,12 @@ impl Edge {
     }
 
     /// Answers one admitted request (see [`handle`]).
-    pub(crate) async fn complete(
-        &self,
-        request: &Arc<CompletionRequest>,
+    pub(crate) fn complete<'a>(
+        &'a self,
+        request: &'a Arc<CompletionRequest>,
         deadline: Instant,
-    ) -> Result<Answer, RouterError> {
-        handle(&self.router, request, deadline, self.config.log_prompts).await
+    ) -> impl Future<Output = Result<Answer, RouterError>> + 'a {
+        handle(&self.router, request, deadline, self.config.log_prompts)
     }
 
     /// One streamed call of `method`: a place in flight, `request` admitted, its answer
@@ -317,20 +325,20 @@ fn within_limits(r: &CompletionRequest, l: &Limits) -> Result<(), RouterError> {
 
 /// Runs one request inside its span. The span is at debug level, so at the default level it
 /// costs nothing on the hot path; batch items carry it through the batcher to the provider
-/// call.
-async fn handle(
-    router: &Router,
-    request: &Arc<CompletionRequest>,
+/// call. An `async move` block, not an `async fn`: see `crate::upstream`.
+fn handle<'a>(
+    router: &'a Router,
+    request: &'a Arc<CompletionRequest>,
     deadline: Instant,
     log_prompts: bool,
-) -> Result<Answer, RouterError> {
+) -> impl Future<Output = Result<Answer, RouterError>> + 'a {
     let span = tracing::debug_span!(
         "request",
         request_id = %request.request_id,
         agent = %request.agent,
         model = %request.model,
     );
-    async {
+    async move {
         tracing::debug!(
             timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64,
             "request received"
@@ -359,7 +367,6 @@ async fn handle(
         outcome
     }
     .instrument(span)
-    .await
 }
 
 /// Opens one streamed answer inside the request's span (see [`handle`]).

@@ -16,7 +16,10 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::future::BoxFuture;
+use futures_util::{
+    FutureExt,
+    future::{self, BoxFuture, Either},
+};
 use http_body::Frame;
 use prost::Message;
 use tonic::{
@@ -81,20 +84,25 @@ where
         let identity = identity(&parts.headers);
         let caller = self.service.caller(&parts.headers, &parts.extensions);
         drop(parts);
-        let (service, max_message) = (self.service.clone(), self.max_message);
-        Box::pin(async move {
-            if let Err(status) = identity {
-                return Ok(status.into_http());
-            }
-            let message = match read(body, max_message).await {
-                Ok(m) => m,
-                Err(status) => return Ok(status.into_http()),
-            };
-            Ok(match service.answer(message, caller).await {
-                Ok(response) => framed(&response),
-                Err(status) => status.into_http(),
-            })
-        })
+        if let Err(status) = identity {
+            return Box::pin(future::ready(Ok(status.into_http())));
+        }
+        // Read, then answered: `then` holds one of the two at a time, where an `async` block
+        // would keep what the reading needed (the body, the caller) beside the answer.
+        let service = self.service.clone();
+        Box::pin(
+            read(body, self.max_message)
+                .then(move |message| match message {
+                    Err(status) => Either::Left(future::ready(status.into_http())),
+                    Ok(message) => {
+                        Either::Right(service.answer(message, caller).map(|answer| match answer {
+                            Ok(response) => framed(&response),
+                            Err(status) => status.into_http(),
+                        }))
+                    }
+                })
+                .map(Ok),
+        )
     }
 }
 
@@ -154,4 +162,33 @@ fn framed(response: &v1::CompleteResponse) -> http::Response<Body> {
         http::HeaderValue::from_static("application/grpc"),
     );
     http
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::front::edge::Edge;
+
+    /// The one allocation a `Complete` call holds while it waits, within jemalloc's 2 KiB size
+    /// class (the next is 2.5 KiB): 1,952 bytes when written (release build), against 2,448
+    /// before its futures were made to hold their arguments once.
+    #[tokio::test]
+    async fn a_complete_call_is_one_box_of_at_most_2_kib() {
+        let yaml = "providers:\n  - {name: a, type: simulated, models: [m]}\n";
+        let c = crate::config::parse(yaml, "t", &|_| None).unwrap();
+        let router = Arc::new(crate::router::Router::new(&c).unwrap());
+        let inflight = Arc::new(crate::inflight::InFlight::new(10));
+        let edge = Arc::new(Edge::new(router, c.server.clone(), inflight));
+        let service = Arc::new(RouterService::new(edge));
+        let others = tower::service_fn(|_: http::Request<Body>| async {
+            Ok::<_, Infallible>(http::Response::new(Body::empty()))
+        });
+        let mut complete = Complete::new(others, service, 1 << 20);
+        let request = http::Request::builder()
+            .uri(PATH)
+            .body(Body::empty())
+            .unwrap();
+        let call = complete.call(request);
+        let size = std::mem::size_of_val(&*call);
+        assert!(size <= 2048, "a Complete call's future is {size} bytes");
+    }
 }

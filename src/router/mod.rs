@@ -99,12 +99,13 @@ impl Router {
     }
 
     /// Answers one request before `deadline`, or says why not.
-    pub async fn complete(
+    pub fn complete<'a>(
         &self,
-        request: &Arc<CompletionRequest>,
+        request: &'a Arc<CompletionRequest>,
         deadline: Instant,
-    ) -> Result<Answer, RouterError> {
-        self.state.load_full().complete(request, deadline).await
+    ) -> impl Future<Output = Result<Answer, RouterError>> + 'a {
+        let state = self.state.load_full();
+        async move { state.complete(request, deadline).await }
     }
 
     /// Streams one answer: `Ok` once a provider sent its first event (falling back until

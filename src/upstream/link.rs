@@ -187,48 +187,51 @@ impl Link {
     /// nothing), `call` runs within `budget` while `slot` is held, and the outcome is judged
     /// once — against the breaker and the counters — and returned with the time it took.
     /// Dropping the future (every caller went away) withdraws the request and judges nothing.
-    pub(super) async fn send<T>(
+    #[expect(clippy::manual_async_fn, reason = "arguments held once (see crate::upstream)")]
+    pub(super) fn send<T>(
         &self,
         mut slot: Slot,
         items: usize,
         budget: Budget,
         call: impl Future<Output = Result<T, ProviderError>>,
-    ) -> Result<(T, Duration), ProviderError> {
-        slot.carry(items);
-        let pass = self.breaker.admit().map_err(refused)?;
-        let sent = Instant::now();
-        self.stats.sent(items);
-        tracing::debug!(provider = %self.name, items, "upstream request sent");
-        let outcome = timeout_at(budget.end, call).await;
-        let took = sent.elapsed();
-        let blamed = budget.blames(sent, self.stats.usual());
-        let (verdict, _) = judge(&match &outcome {
-            Ok(Ok(_)) => Outcome::Answered { took, items },
-            Ok(Err(e)) => Outcome::Failed(e),
-            Err(_) => Outcome::OutOfTime { blamed },
-        });
-        self.limit.observe(&slot, verdict);
-        drop(slot);
-        self.series.ended(took);
-        match outcome {
-            Ok(Ok(v)) => {
-                pass.success();
-                self.stats.success(took);
-                tracing::debug!(provider = %self.name, took_us = took.as_micros() as u64, "upstream answered");
-                Ok((v, took))
-            }
-            Ok(Err(e)) => {
-                self.failed(pass, &e);
-                Err(e)
-            }
-            Err(_) => {
-                let e = timed_out(took);
-                if blamed {
-                    self.failed(pass, &e);
-                } else {
-                    self.out_of_the_callers_time(pass);
+    ) -> impl Future<Output = Result<(T, Duration), ProviderError>> {
+        async move {
+            slot.carry(items);
+            let pass = self.breaker.admit().map_err(refused)?;
+            let sent = Instant::now();
+            self.stats.sent(items);
+            tracing::debug!(provider = %self.name, items, "upstream request sent");
+            let outcome = timeout_at(budget.end, call).await;
+            let took = sent.elapsed();
+            let blamed = budget.blames(sent, self.stats.usual());
+            let (verdict, _) = judge(&match &outcome {
+                Ok(Ok(_)) => Outcome::Answered { took, items },
+                Ok(Err(e)) => Outcome::Failed(e),
+                Err(_) => Outcome::OutOfTime { blamed },
+            });
+            self.limit.observe(&slot, verdict);
+            drop(slot);
+            self.series.ended(took);
+            match outcome {
+                Ok(Ok(v)) => {
+                    pass.success();
+                    self.stats.success(took);
+                    tracing::debug!(provider = %self.name, took_us = took.as_micros() as u64, "upstream answered");
+                    Ok((v, took))
                 }
-                Err(e)
+                Ok(Err(e)) => {
+                    self.failed(pass, &e);
+                    Err(e)
+                }
+                Err(_) => {
+                    let e = timed_out(took);
+                    if blamed {
+                        self.failed(pass, &e);
+                    } else {
+                        self.out_of_the_callers_time(pass);
+                    }
+                    Err(e)
+                }
             }
         }
     }
@@ -283,25 +286,28 @@ impl Link {
         self.send_one(slot, model, request, window).await
     }
 
-    async fn send_one(
-        &self,
+    /// Sends at once (its budget runs from the call): the send's future is made here, so
+    /// the slot and the arguments are held once, inside it.
+    fn send_one<'a>(
+        &'a self,
         slot: Slot,
-        model: &str,
-        request: &CompletionRequest,
+        model: &'a str,
+        request: &'a CompletionRequest,
         window: Window,
-    ) -> Result<(Completion, Duration), ProviderError> {
+    ) -> impl Future<Output = Result<(Completion, Duration), ProviderError>> + 'a {
         let budget = self.budget(Instant::now(), window);
-        let answered = self
-            .send(slot, 1, budget, self.provider.complete(model, request))
-            .await?;
-        self.believe(&answered.0);
-        if let (Some(rate), Some(usage)) = (&self.rate, &answered.0.usage) {
-            rate.used(
-                estimate_tokens(request),
-                usage.prompt_tokens.saturating_add(usage.completion_tokens),
-            );
+        let sending = self.send(slot, 1, budget, self.provider.complete(model, request));
+        async move {
+            let answered = sending.await?;
+            self.believe(&answered.0);
+            if let (Some(rate), Some(usage)) = (&self.rate, &answered.0.usage) {
+                rate.used(
+                    estimate_tokens(request),
+                    usage.prompt_tokens.saturating_add(usage.completion_tokens),
+                );
+            }
+            Ok(answered)
         }
-        Ok(answered)
     }
 
     /// Many prompts in one upstream request ([`Provider::complete_batch`]): one result per

@@ -16,6 +16,12 @@
 //! - [`limit`]: how many requests the provider is sent at once, fixed or learned;
 //! - [`stats`]: the counters behind ListProviders and Prometheus;
 //! - [`warnings`]: upstream failures said in the log at a bounded rate.
+//!
+//! A unary call waits in these futures for as long as the provider takes, one per call in
+//! flight, so the path's functions are `fn … -> impl Future` over an `async move` block, not
+//! `async fn`: an `async fn` keeps each argument twice in its future (rust-lang/rust#62958),
+//! and the copies along the path cost ~0.3 KiB a call in flight (`front::unary` holds a whole
+//! call to one 2 KiB box).
 
 mod attempt;
 mod balance;
@@ -302,14 +308,13 @@ impl Upstream {
     /// One try at `model` for `request`, ending by `window.until`: on one endpoint, picked
     /// by the provider's `balance`; a try that failed there for the endpoint's own reasons
     /// (it is down, timed out, answered 5xx, or had no room) goes once more to another.
-    pub async fn attempt(
-        &self,
-        model: &Arc<str>,
-        request: &Arc<CompletionRequest>,
+    pub fn attempt<'a>(
+        &'a self,
+        model: &'a Arc<str>,
+        request: &'a Arc<CompletionRequest>,
         window: Window,
-    ) -> Result<Delivered, Miss> {
-        self.on_endpoints(request, |r| r.attempt(model, request, window))
-            .await
+    ) -> impl Future<Output = Result<Delivered, Miss>> + 'a {
+        self.on_endpoints(request, move |r| r.attempt(model, request, window))
     }
 
     /// One try at streaming `model`'s answer to `request`: `Ok` once its first event
@@ -327,33 +332,36 @@ impl Upstream {
 
     /// `try_one` on an endpoint picked for `request`, and once more on another when it failed
     /// there for the endpoint's own reasons.
-    async fn on_endpoints<'a, T, F, Fut>(
+    #[expect(clippy::manual_async_fn, reason = "arguments held once (see crate::upstream)")]
+    fn on_endpoints<'a, T, F, Fut>(
         &'a self,
-        request: &CompletionRequest,
+        request: &'a CompletionRequest,
         try_one: F,
-    ) -> Result<T, Miss>
+    ) -> impl Future<Output = Result<T, Miss>> + 'a
     where
-        F: Fn(&'a Replica) -> Fut,
+        F: Fn(&'a Replica) -> Fut + 'a,
         Fut: Future<Output = Result<T, Miss>>,
     {
-        self.admits()?;
-        let first = self.pick(request, None)?;
-        // The first try's outcome is gone (its scope ended) before the second is awaited: a
-        // call waiting on the second would otherwise carry it.
-        let other = {
-            let tried = try_one(&self.replicas[first]).await;
-            let other = match &tried {
-                Err(Miss::Failed(e) | Miss::Skipped(e)) if elsewhere(e) => {
-                    self.pick(request, Some(first)).ok()
+        async move {
+            self.admits()?;
+            let first = self.pick(request, None)?;
+            // The first try's outcome is gone (its scope ended) before the second is awaited: a
+            // call waiting on the second would otherwise carry it.
+            let other = {
+                let tried = try_one(&self.replicas[first]).await;
+                let other = match &tried {
+                    Err(Miss::Failed(e) | Miss::Skipped(e)) if elsewhere(e) => {
+                        self.pick(request, Some(first)).ok()
+                    }
+                    _ => None,
+                };
+                match other {
+                    Some(other) => other,
+                    None => return tried,
                 }
-                _ => None,
             };
-            match other {
-                Some(other) => other,
-                None => return tried,
-            }
-        };
-        try_one(&self.replicas[other]).await
+            try_one(&self.replicas[other]).await
+        }
     }
 
     /// The endpoint for the next try at `request` (not `not`): of those open to a request

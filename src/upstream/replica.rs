@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     completion::{CompletionRequest, FailureKind},
-    config::{BreakerConfig, ProviderConfig},
+    config::{BatchingConfig, BreakerConfig, ProviderConfig},
     metrics::Metrics,
     provider::{Provider, ProviderError},
     rate::ProviderLimit,
@@ -77,13 +77,82 @@ impl Replica {
     }
 
     /// One try at `model` for `request`, ending by `window.until`.
-    pub(super) async fn attempt(
+    #[expect(clippy::manual_async_fn, reason = "arguments held once (see crate::upstream)")]
+    pub(super) fn attempt<'a>(
+        &'a self,
+        model: &'a Arc<str>,
+        request: &'a Arc<CompletionRequest>,
+        window: Window,
+    ) -> impl Future<Output = Result<Delivered, Miss>> + 'a {
+        async move {
+            let now = Instant::now();
+            let queue = self.ready(model, window, now)?;
+            let batched = queue.is_some();
+            let result =
+                match queue {
+                    // Time in the batch queue is the router's own: the provider's timeout starts
+                    // when the batch is sent (the batcher's send holds it to that), so the queued
+                    // item is bounded here by its share alone; an item still queued when that
+                    // ends moves on.
+                    Some((batcher, settings)) => timeout_at(
+                        window.until,
+                        batcher.submit(model, request, settings, window),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ProviderError::new(
+                            FailureKind::Overloaded,
+                            format!(
+                                "no answer within its {} ms share (queued or in flight)",
+                                now.elapsed().as_millis()
+                            ),
+                        ))
+                    }),
+                    None => self.link.complete(model, request, window).await.map(
+                        |(completion, took)| Delivered {
+                            completion,
+                            batch_size: 1,
+                            queue_wait: Duration::ZERO,
+                            upstream: took,
+                        },
+                    ),
+                };
+            match result {
+                Ok(delivered) => Ok(delivered),
+                // The caller's deadline ended the try (in flight, or still in the batch
+                // queue).
+                Err(e)
+                    if matches!(e.kind, FailureKind::Timeout | FailureKind::Overloaded)
+                        && Instant::now() >= window.deadline =>
+                {
+                    Err(Miss::OutOfTime(Some(ProviderError::new(
+                        FailureKind::Timeout,
+                        format!(
+                            "caller's deadline passed after {} ms",
+                            now.elapsed().as_millis()
+                        ),
+                    ))))
+                }
+                // Nothing was sent: refused by the breaker before sending (unbatched), or no
+                // room in the router's own queue for this provider.
+                Err(e)
+                    if e.kind == FailureKind::Overloaded || (!batched && e.kind.is_refusal()) =>
+                {
+                    Err(Miss::Skipped(e))
+                }
+                Err(e) => Err(Miss::Failed(e)),
+            }
+        }
+    }
+
+    /// Whether a try may start now, and the batch queue it goes to (`None`: sent alone).
+    /// Not in the try's future, so what it checks is not held there.
+    fn ready(
         &self,
         model: &Arc<str>,
-        request: &Arc<CompletionRequest>,
         window: Window,
-    ) -> Result<Delivered, Miss> {
-        let now = Instant::now();
+        now: Instant,
+    ) -> Result<Option<(&Batcher, BatchingConfig)>, Miss> {
         if now >= window.deadline {
             return Err(Miss::OutOfTime(None));
         }
@@ -111,60 +180,7 @@ impl Replica {
                 ),
             )));
         }
-        let result = match queue {
-            // Time in the batch queue is the router's own: the provider's timeout starts when
-            // the batch is sent (the batcher's send holds it to that), so the queued item is
-            // bounded here by its share alone; an item still queued when that ends moves on.
-            Some((batcher, settings)) => timeout_at(
-                window.until,
-                batcher.submit(model, request, settings, window),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(ProviderError::new(
-                    FailureKind::Overloaded,
-                    format!(
-                        "no answer within its {} ms share (queued or in flight)",
-                        now.elapsed().as_millis()
-                    ),
-                ))
-            }),
-            None => self
-                .link
-                .complete(model, request, window)
-                .await
-                .map(|(completion, took)| Delivered {
-                    completion,
-                    batch_size: 1,
-                    queue_wait: Duration::ZERO,
-                    upstream: took,
-                }),
-        };
-        match result {
-            Ok(delivered) => Ok(delivered),
-            // The caller's deadline ended the try (in flight, or still in the batch queue).
-            Err(e)
-                if matches!(e.kind, FailureKind::Timeout | FailureKind::Overloaded)
-                    && Instant::now() >= window.deadline =>
-            {
-                Err(Miss::OutOfTime(Some(ProviderError::new(
-                    FailureKind::Timeout,
-                    format!(
-                        "caller's deadline passed after {} ms",
-                        now.elapsed().as_millis()
-                    ),
-                ))))
-            }
-            // Nothing was sent: refused by the breaker before sending (unbatched), or no room
-            // in the router's own queue for this provider.
-            Err(e)
-                if e.kind == FailureKind::Overloaded
-                    || (queue.is_none() && e.kind.is_refusal()) =>
-            {
-                Err(Miss::Skipped(e))
-            }
-            Err(e) => Err(Miss::Failed(e)),
-        }
+        Ok(queue)
     }
 
     /// One try at streaming `model`'s answer to `request`: `Ok` once its first event

@@ -230,7 +230,9 @@ impl Front {
         let within = limits.body_read_timeout;
         let read = tokio::time::timeout(within, axum::body::to_bytes(body, limit))
             .await
-            .map_err(|_| RouterError::BodyTimeout(within.as_millis()))?;
+            .map_err(|_| {
+                RouterError::BodyTimeout(u64::try_from(within.as_millis()).unwrap_or(u64::MAX))
+            })?;
         let bytes = read.map_err(|e| {
             let e = e.into_inner();
             if e.downcast_ref::<http_body_util::LengthLimitError>()
