@@ -178,7 +178,10 @@ impl Cascade {
     }
 
     /// Walks `targets` in order until one answers or the deadline passes.
-    #[expect(clippy::manual_async_fn, reason = "arguments held once (see crate::upstream)")]
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "arguments held once (see crate::upstream)"
+    )]
     pub fn run(
         &self,
         plan: &Plan,
@@ -238,7 +241,10 @@ impl Cascade {
     /// The fallback loop: `try_once` on each of the plan's targets in turn (see
     /// [`Cascade::turn`]), with the attempts that failed before the one that answered (the
     /// plan's skipped targets first).
-    #[expect(clippy::manual_async_fn, reason = "arguments held once (see crate::upstream)")]
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "arguments held once (see crate::upstream)"
+    )]
     fn walk<'t, T, Fut>(
         &self,
         plan: &'t Plan,
@@ -320,7 +326,10 @@ impl Cascade {
     /// (`last` is false) a try gets at most half of the time left, so a provider that hangs
     /// cannot take the whole deadline; a try cut short by its share counts as that provider's
     /// timeout and moves on rather than retrying a provider that just hung.
-    #[expect(clippy::manual_async_fn, reason = "arguments held once (see crate::upstream)")]
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "arguments held once (see crate::upstream)"
+    )]
     fn turn<'t, T, Fut>(
         &self,
         target: &'t Target,

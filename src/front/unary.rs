@@ -25,7 +25,7 @@ use prost::Message;
 use tonic::{
     Status,
     body::Body,
-    codec::{Codec, Streaming},
+    codec::{BufferSettings, Streaming},
     codegen::{Service, http},
     server::NamedService,
 };
@@ -34,6 +34,11 @@ use super::grpc::RouterService;
 use crate::proto::v1;
 
 const PATH: &str = "/cascade.v1.Router/Complete";
+
+/// The request's first read buffer, grown to the message's length when its header says (tonic's
+/// default, 8 KiB, was held by every call reading at once in a burst; a plain request is
+/// some 100 bytes).
+const READ_BUFFER: usize = 512;
 
 /// The router's gRPC service with `Complete` answered here and every other method by
 /// `inner` (the generated `RouterServer`).
@@ -128,8 +133,10 @@ fn identity(headers: &http::HeaderMap) -> Result<(), Status> {
 /// errors). No message, or more than one, is the caller's mistake (INVALID_ARGUMENT; tonic
 /// answers none with INTERNAL and drops a second unread).
 async fn read(body: Body, max_message: usize) -> Result<v1::CompleteRequest, Status> {
-    let mut codec = tonic_prost::ProstCodec::<v1::CompleteResponse, v1::CompleteRequest>::default();
-    let mut stream = Streaming::new_request(codec.decoder(), body, None, Some(max_message));
+    let decoder = tonic_prost::ProstCodec::<v1::CompleteResponse, v1::CompleteRequest>::raw_decoder(
+        BufferSettings::new(READ_BUFFER, 32 << 10),
+    );
+    let mut stream = Streaming::new_request(decoder, body, None, Some(max_message));
     let unary = |n: &str| {
         Status::invalid_argument(format!(
             "{n} request messages on Complete, a unary method: send exactly one"

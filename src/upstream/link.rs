@@ -187,7 +187,10 @@ impl Link {
     /// nothing), `call` runs within `budget` while `slot` is held, and the outcome is judged
     /// once — against the breaker and the counters — and returned with the time it took.
     /// Dropping the future (every caller went away) withdraws the request and judges nothing.
-    #[expect(clippy::manual_async_fn, reason = "arguments held once (see crate::upstream)")]
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "arguments held once (see crate::upstream)"
+    )]
     pub(super) fn send<T>(
         &self,
         mut slot: Slot,

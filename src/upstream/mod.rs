@@ -332,7 +332,10 @@ impl Upstream {
 
     /// `try_one` on an endpoint picked for `request`, and once more on another when it failed
     /// there for the endpoint's own reasons.
-    #[expect(clippy::manual_async_fn, reason = "arguments held once (see crate::upstream)")]
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "arguments held once (see crate::upstream)"
+    )]
     fn on_endpoints<'a, T, F, Fut>(
         &'a self,
         request: &'a CompletionRequest,

@@ -77,7 +77,10 @@ impl Replica {
     }
 
     /// One try at `model` for `request`, ending by `window.until`.
-    #[expect(clippy::manual_async_fn, reason = "arguments held once (see crate::upstream)")]
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "arguments held once (see crate::upstream)"
+    )]
     pub(super) fn attempt<'a>(
         &'a self,
         model: &'a Arc<str>,
