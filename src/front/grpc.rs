@@ -119,6 +119,26 @@ impl RouterService {
     }
 }
 
+#[cfg(test)]
+impl RouterService {
+    /// The service over one simulated provider, for unit tests.
+    pub(crate) fn for_tests() -> RouterService {
+        let yaml = "providers:\n  - {name: a, type: simulated, models: [m]}\n";
+        let Ok(c) = crate::config::parse(yaml, "t", &|_| None) else {
+            unreachable!("a valid cascade file")
+        };
+        let Ok(router) = crate::router::Router::new(&c) else {
+            unreachable!("a router for it")
+        };
+        let inflight = Arc::new(crate::inflight::InFlight::new(10));
+        RouterService::new(Arc::new(Edge::new(
+            Arc::new(router),
+            c.server.clone(),
+            inflight,
+        )))
+    }
+}
+
 /// A unary call's deadline and client, read from its request before its future is made.
 pub(crate) struct Caller {
     deadline: Instant,
@@ -404,12 +424,8 @@ mod tests {
     /// 1,592, the router's path 1,496.
     #[tokio::test]
     async fn a_unary_call_holds_small_futures() {
-        let yaml = "providers:\n  - {name: a, type: simulated, models: [m]}\n";
-        let c = crate::config::parse(yaml, "t", &|_| None).unwrap();
-        let router = Arc::new(crate::router::Router::new(&c).unwrap());
-        let inflight = Arc::new(crate::inflight::InFlight::new(10));
-        let edge = Arc::new(Edge::new(router.clone(), c.server.clone(), inflight));
-        let service = RouterService::new(edge.clone());
+        let service = RouterService::for_tests();
+        let (edge, router) = (&service.edge, &service.edge.router);
         let request = CompletionRequest::test_prompt("x");
         let caller = service.caller(&http::HeaderMap::new(), &http::Extensions::new());
         let sizes = (

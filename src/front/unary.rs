@@ -173,19 +173,13 @@ fn framed(response: &v1::CompleteResponse) -> http::Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::front::edge::Edge;
 
     /// The one allocation a `Complete` call holds while it waits, within jemalloc's 2 KiB size
     /// class (the next is 2.5 KiB): 1,952 bytes when written (release build), against 2,448
     /// before its futures were made to hold their arguments once.
     #[tokio::test]
     async fn a_complete_call_is_one_box_of_at_most_2_kib() {
-        let yaml = "providers:\n  - {name: a, type: simulated, models: [m]}\n";
-        let c = crate::config::parse(yaml, "t", &|_| None).unwrap();
-        let router = Arc::new(crate::router::Router::new(&c).unwrap());
-        let inflight = Arc::new(crate::inflight::InFlight::new(10));
-        let edge = Arc::new(Edge::new(router, c.server.clone(), inflight));
-        let service = Arc::new(RouterService::new(edge));
+        let service = Arc::new(RouterService::for_tests());
         let others = tower::service_fn(|_: http::Request<Body>| async {
             Ok::<_, Infallible>(http::Response::new(Body::empty()))
         });
