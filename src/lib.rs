@@ -18,7 +18,7 @@
 //!
 //! - `front`: the two fronts — `grpc` (the `cascade.v1.Router` handlers, the caller's
 //!   deadline; [`proto`] converts wire types to validated domain values and `auth` checks
-//!   client keys) and `openai` (the OpenAI-compatible HTTP API) — over `edge`, what both
+//!   client keys; `unary` frames `Complete`, the hot method, in one small box a call) and `openai` (the OpenAI-compatible HTTP API) — over `edge`, what both
 //!   share: a place in flight, admission (limits, the client's models, quotas), a span per
 //!   request, answering or streaming, each call counted. [`server`] is the composition root
 //!   that serves them (with health, reflection and the drain).
