@@ -15,14 +15,17 @@
 //!   merging the waiting requests into fewer would save the provider next to nothing
 //!   (llama-server's slots take prompts, not requests). Then the limit stays, and climbs no
 //!   further: taking a probe back there only left one cohort of callers waiting in the router
-//!   for the other's request to end (the simulator's llama-server p99, 2.5 s against 1.75 s);
+//!   for the other's request to end (the simulator's llama-server p99, 2.5 s against 1.75 s).
+//!   A fall sets the slow-start threshold at half the limit it fell from (TCP's), and the
+//!   limit doubles back to it a round trip a step, each step a probe: a machine's stall read
+//!   as a queue (16 serving "4") costs two round trips, not a calm round for each request
+//!   back (a long-lived router's next run was 0.22 of its others);
 //! - the first crowded round ends slow start, and the limit starts again from one request: the
 //!   sizes slow start sent may all have queued (every request waiting alike looks like no wait
 //!   at all), so it stays at one — where nothing queues — until it has seen the usual slowdown
 //!   (one answer of a trusted size; [`ROUND`] when answers vary by more than `1/ROUND`; none
 //!   when a round with one in flight showed it before and answers vary less), then doubles
-//!   every round trip back to half the limit that crowded it (TCP's slow-start threshold),
-//!   each step a probe;
+//!   back to half the limit that crowded it as after any fall;
 //! - otherwise, with every slot taken at some moment of the round, or more prompts in flight
 //!   than slots, or a request's prompts sent together with slots free and none left waiting
 //!   (more slots would split them into more requests): in slow start the limit doubles; after
@@ -405,7 +408,9 @@ impl Vegas {
         }
         if crowded {
             self.probe.calm = 0;
-            self.slow_until = if first { self.limit / 2 } else { 0 };
+            // Every fall sets the slow-start threshold at half the limit it fell from (TCP's),
+            // and the limit climbs back to it doubling a round trip a step.
+            self.slow_until = self.limit / 2;
             if first {
                 // The first crowded round: the sizes slow start learned may all have queued
                 // (every request waiting the same looks like no wait at all), so the limit
@@ -442,10 +447,10 @@ impl Vegas {
         }
         if self.limit < self.slow_until {
             let to = (self.limit * 2).min(self.slow_until);
-            // A step of the climb back is a probe: one that crowds is taken back a request,
-            // and the next probe waits (a 1-slot GPU lost a round trip to the limit's fall
-            // otherwise).
-            (self.probe.on, self.probe.from) = (climbing, to - 1);
+            // A step of the climb back is a probe: one that crowds is taken back to where it
+            // started, and the next probe waits (a provider that really serves fewer pays one
+            // crowded round, not a fall for each step).
+            (self.probe.on, self.probe.from) = (climbing, self.limit);
             self.set(to as f64);
             return;
         }

@@ -119,6 +119,36 @@ async fn after_the_first_crowd_the_limit_climbs_back_a_step_a_round_trip() {
     );
 }
 
+/// A fall sets the slow-start threshold at half the limit it fell from, and the limit climbs
+/// back to it by doubling, a round trip a step: a round that a machine's stall made slow (16
+/// read as serving 4) costs a round trip or two, not a calm round for each request back (a
+/// long-lived router's run at 256 callers after such a fall: 0.22 of its others, simulated).
+#[tokio::test(start_paused = true)]
+async fn after_a_fall_the_limit_climbs_back_to_half_a_round_trip_a_step() {
+    let limit = Limit::adaptive(64);
+    limit.settle(16);
+    // Sixteen slots, 20 ms an answer.
+    let served = |n: usize| 20 * MS * (n.max(16) as u32) / 16;
+    for _ in 0..4 {
+        let n = limit.current();
+        wave(&limit, 1000, served(n), 1).await;
+    }
+    assert_eq!(limit.current(), 16, "a probe past 16 taken back");
+    // One round four times slower than it should be: the limit falls to what it served.
+    wave(&limit, 1000, 4 * served(16), 1).await;
+    let mut seen = vec![];
+    for _ in 0..6 {
+        let n = limit.current();
+        wave(&limit, 1000, served(n), 1).await;
+        seen.push(limit.current());
+    }
+    let fell = seen.iter().position(|&l| l == 4).expect("the fall");
+    assert!(
+        seen[fell..].iter().take(3).any(|&l| l >= 8),
+        "back to half within two round trips of the fall: {seen:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn bigger_batches_taking_longer_is_not_congestion() {
     let limit = Limit::adaptive(64);
