@@ -460,10 +460,7 @@ fn eight_callers_keep_a_slot_each_on_a_machine_that_stalls() {
 /// the worst run is 0.87.
 #[test]
 fn a_machine_that_stalls_does_not_sink_a_run() {
-    println!(
-        "
-5 ms + 2 ms/prompt, 16 slots, stalling (the wall-clock protocol's runs)"
-    );
+    println!("\n5 ms + 2 ms/prompt, 16 slots, stalling (the wall-clock protocol's runs)");
     println!("stalls | seed | callers | adaptive's runs, prompts/s | worst / median");
     let mut short = Vec::new();
     for (chance, stall) in [(0.002, 50), (0.01, 30)] {
