@@ -11,9 +11,12 @@
 //!   what it showed it serves, `busy / r` (a probe that crowded it is taken back to where it
 //!   started) — unless the queue is harmless: a request's fixed cost (the part of its time
 //!   that does not grow with its prompts, from the fastest times of the largest sizes, known
-//!   only when answers vary by less than `1/ROUND`) is at most [`HARMLESS`] of its time, so
-//!   merging the waiting requests into fewer would save the provider next to nothing
-//!   (llama-server's slots take prompts, not requests). Then the limit stays, and climbs no
+//!   only when answers vary by less than `1/ROUND`) is at most [`HARMLESS`] of the time of a
+//!   request carrying the callers' prompts (the most in flight) over the limit, so merging
+//!   the waiting requests into fewer would save the provider next to nothing (llama-server's
+//!   slots take prompts, not requests) — not over the round's answers: a run's first
+//!   requests carry a prompt each as its callers arrive (the wall clock's 16-slot mock at
+//!   256 callers fell 18 → 9–13 at each run's start). Then the limit stays, and climbs no
 //!   further: taking a probe back there only left one cohort of callers waiting in the router
 //!   for the other's request to end (the simulator's llama-server p99, 2.5 s against 1.75 s).
 //!   A fall sets the slow-start threshold at half the limit it fell from (TCP's), and the
@@ -133,6 +136,8 @@ pub(super) struct Vegas {
 #[derive(Debug, Default)]
 struct Moved {
     at: Option<Instant>,
+    /// How many times it has moved.
+    times: u64,
     before: usize,
     settled_at: Option<Instant>,
 }
@@ -172,8 +177,6 @@ struct Round {
     shared: usize,
     /// The most prompts in flight at its answers: the callers' demand.
     demand: usize,
-    /// Prompts the answers carried.
-    items: usize,
     /// The slowdowns of answers whose size's fastest time is trusted (seen [`ROUND`] times),
     /// summed, and how many: what `noise` learns from.
     trusted: f64,
@@ -265,8 +268,9 @@ impl Vegas {
         (self.limit, self.slow_until) = (permits, 0);
     }
 
-    /// `in_flight` requests from now on; `ended`, the send time of one that just ended.
-    pub(super) fn flowed(&mut self, in_flight: usize, ended: Option<Instant>) {
+    /// `in_flight` requests from now on; `ended`: one just ended, sent when the limit had
+    /// moved that many times. Returns how many times it has moved.
+    pub(super) fn flowed(&mut self, in_flight: usize, ended: Option<u64>) -> u64 {
         let now = Instant::now();
         if let (0, Some(at), Some((since, _))) =
             (self.flow.in_flight, self.flow.at, self.round.since)
@@ -282,7 +286,7 @@ impl Vegas {
         (self.flow.in_flight, self.flow.at) = (in_flight, Some(now));
         self.flow.peak = self.flow.peak.max(in_flight);
         let moved = &mut self.moved;
-        if ended.is_some_and(|sent| moved.at.is_some_and(|at| sent < at)) && moved.before > 0 {
+        if ended.is_some_and(|sent| sent < moved.times) && moved.before > 0 {
             moved.before -= 1;
             if moved.before == 0 {
                 // The round judges the limit from here: the peak too.
@@ -290,6 +294,7 @@ impl Vegas {
                 self.flow.peak = in_flight;
             }
         }
+        moved.times
     }
 
     /// `prompts` in flight now; `split`: the answer's prompts went together with slots free
@@ -316,6 +321,7 @@ impl Vegas {
             let before = self.flow.in_flight;
             self.moved = Moved {
                 at: Some(now),
+                times: self.moved.times + 1,
                 before,
                 settled_at: (before == 0).then_some(now),
             };
@@ -347,7 +353,6 @@ impl Vegas {
         // More prompts in flight than slots (more slots would split them into more requests).
         round.shared += usize::from(split || prompts > self.limit);
         round.demand = round.demand.max(prompts);
-        round.items += items;
         if self.baseline.seen(items) >= ROUND {
             round.trusted += x;
             round.trusted_answers += 1;
@@ -380,7 +385,8 @@ impl Vegas {
         let busy = (end.requests - area.requests) / (end.busy - area.busy).max(f64::MIN_POSITIVE);
         let waiting = busy * (1.0 - 1.0 / r);
         let crowded = waiting > BETA;
-        tracing::debug!(self.limit, busy, peak, raw, self.noise, waiting, ?self.probe, "round");
+        let size = round.demand.div_ceil(self.limit);
+        tracing::debug!(self.limit, busy, peak, size, raw, self.noise, waiting, ?self.probe, "round");
         // The usual slowdown is learned from rounds without queueing: set by those with at
         // most one request in flight at any moment (no queue can form); else lowered quickly
         // and raised a quarter as fast, by calm rounds (the fastest time of each size falls
@@ -418,7 +424,7 @@ impl Vegas {
                 // half the limit that crowded it (TCP's slow-start threshold), learning each
                 // size's time unqueued on the way.
                 self.set(1.0);
-            } else if self.harmless(round.items.div_ceil(round.answers)) {
+            } else if self.harmless(size) {
                 // Prompts wait at the provider as they would here, at no cost to it (a server
                 // whose slots take prompts, not requests, e.g. llama-server's): the limit
                 // stays, and climbs no further.

@@ -67,6 +67,9 @@ pub(super) struct Slot {
     /// When its request was sent (taken, until then), to tell answers to requests sent before
     /// the limit last moved.
     sent: Instant,
+    /// How many times the limit had moved when it was sent: whether it was in flight at the
+    /// last move, even when the two share an instant (the paused clock's answers often do).
+    moves: u64,
     /// Prompts it carries (counted in [`Limit::items_in_flight`]).
     items: usize,
     /// Sent with several prompts, nothing left waiting, slots free: more slots would have
@@ -88,9 +91,11 @@ impl Slot {
         match (self.items, items) {
             (0, 1..) => {
                 self.sent = Instant::now();
-                limit.flowed(limit.carrying.fetch_add(1, Relaxed) + 1, None);
+                self.moves = limit.flowed(limit.carrying.fetch_add(1, Relaxed) + 1, None);
             }
-            (1.., 0) => limit.flowed(limit.carrying.fetch_sub(1, Relaxed) - 1, Some(self.sent)),
+            (1.., 0) => {
+                limit.flowed(limit.carrying.fetch_sub(1, Relaxed) - 1, Some(self.moves));
+            }
             _ => {}
         }
         let counted = &self.limit.items;
@@ -152,6 +157,7 @@ impl Limit {
             permit: Some(permit),
             limit: self.clone(),
             sent: Instant::now(),
+            moves: 0,
             items: 0,
             split: false,
         }
@@ -184,14 +190,15 @@ impl Limit {
         self.permits.store(permits, Relaxed);
     }
 
-    /// Tells the adaptive policy how many requests are in flight from now;
-    /// `ended`: the send time of the request that just ended, if one did.
-    fn flowed(&self, in_flight: usize, ended: Option<Instant>) {
-        if let Some(g) = &self.adaptive {
+    /// Tells the adaptive policy how many requests are in flight from now; `ended`: how many
+    /// times the limit had moved when the request that just ended was sent, if one did.
+    /// Returns how many times it has moved.
+    fn flowed(&self, in_flight: usize, ended: Option<u64>) -> u64 {
+        self.adaptive.as_ref().map_or(0, |g| {
             g.lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .flowed(in_flight, ended);
-        }
+                .flowed(in_flight, ended)
+        })
     }
 
     /// Prompts carried by requests in flight now.
