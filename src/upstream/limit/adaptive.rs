@@ -108,7 +108,7 @@ pub(super) const SURE: f64 = 2.0;
 /// there once, and the cohorts it split raised the p99 1.38×).
 pub(super) const HARMLESS: f64 = 1.0 / 3.0;
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct Vegas {
     limit: usize,
     ceiling: usize,
@@ -144,7 +144,7 @@ struct Moved {
 
 /// Calm rounds with every slot taken since the last probe, how many the next needs,
 /// whether the limit now is a probe, and the limit it was probed from.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Probe {
     calm: u32,
     after: u32,
@@ -188,24 +188,16 @@ struct Round {
 impl Round {
     /// The answers' standard deviation over their mean.
     fn spread(&self) -> f64 {
-        let n = self.answers as f64;
-        let mean = self.slowdown / n;
-        if self.answers > 1 {
-            ((self.squares - n * mean * mean).max(0.0) / (n - 1.0)).sqrt() / mean
-        } else {
-            0.0
-        }
+        let (n, mean) = (self.answers as f64, self.slowdown / self.answers as f64);
+        // One answer: no spread (its square less itself squared is 0 exactly).
+        ((self.squares - n * mean * mean).max(0.0) / (n - 1.0).max(1.0)).sqrt() / mean
     }
 
     /// Whether its answers show the usual slowdown: one of a trusted size when they vary by
     /// less than `1 / ROUND`, else `ROUND` of them.
     fn knows_the_usual(&self) -> bool {
-        let enough = if self.spread() <= 1.0 / ROUND as f64 {
-            1
-        } else {
-            ROUND
-        };
-        self.trusted_answers >= enough
+        let n = self.trusted_answers;
+        n >= ROUND || (n > 0 && self.spread() <= 1.0 / ROUND as f64)
     }
 }
 
@@ -238,23 +230,18 @@ impl Flow {
 
 impl Vegas {
     pub(super) fn new(start: usize, ceiling: usize) -> Vegas {
+        let probe = Probe {
+            after: 1,
+            from: start,
+            ..Probe::default()
+        };
         Vegas {
             limit: start,
             ceiling,
             slow_until: ceiling,
-            baseline: Baseline::default(),
             noise: 1.0,
-            spread: 0.0,
-            noise_known: false,
-            round: Round::default(),
-            flow: Flow::default(),
-            moved: Moved::default(),
-            probe: Probe {
-                calm: 0,
-                after: 1,
-                on: false,
-                from: start,
-            },
+            probe,
+            ..Vegas::default()
         }
     }
 
@@ -301,24 +288,21 @@ impl Vegas {
     /// (more requests would have fit).
     pub(super) fn learn(&mut self, sent: Instant, verdict: Verdict, prompts: usize, split: bool) {
         match verdict {
-            Verdict::Nothing => {}
-            Verdict::Overloaded => {
-                // Not again for requests sent before the limit last moved.
-                if self.moved.at.is_none_or(|at| sent > at) {
-                    self.slow_until = 0;
-                    self.set(self.limit as f64 * BACKOFF);
-                }
+            // Not again for requests sent before the limit last moved.
+            Verdict::Overloaded if self.moved.at.is_none_or(|at| sent > at) => {
+                self.slow_until = 0;
+                self.set(self.limit as f64 * BACKOFF);
             }
             Verdict::Took(took, items) => self.took(sent, took, items, prompts, split),
+            Verdict::Overloaded | Verdict::Nothing => {}
         }
     }
 
     fn set(&mut self, limit: f64) {
         let limit = (limit as usize).clamp(1, self.ceiling);
         if limit != self.limit {
-            let now = Instant::now();
+            let (now, before) = (Instant::now(), self.flow.in_flight);
             self.limit = limit;
-            let before = self.flow.in_flight;
             self.moved = Moved {
                 at: Some(now),
                 times: self.moved.times + 1,
@@ -479,10 +463,7 @@ impl Vegas {
     /// times, which then sit unevenly far above the floor (±50% jitter read 5 ms of a true
     /// 20 ms, and kept a limit 13 over 8 slots).
     fn harmless(&self, items: usize) -> bool {
-        if self.spread > 1.0 / ROUND as f64 {
-            return false;
-        }
         let (fixed, took) = (self.baseline.fixed_cost(), self.baseline.expected(items));
-        fixed.zip(took).is_some_and(|(f, t)| f <= HARMLESS * t)
+        self.spread <= 1.0 / ROUND as f64 && fixed.zip(took).is_some_and(|(f, t)| f <= HARMLESS * t)
     }
 }
