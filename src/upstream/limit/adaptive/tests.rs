@@ -1,5 +1,4 @@
 use super::*;
-use std::collections::VecDeque;
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -267,61 +266,24 @@ async fn a_probe_goes_straight_to_the_limit_that_splits_the_callers_pairs() {
     assert_eq!(limits.last(), Some(&4));
 }
 
-/// A server that takes each request's prompts in arrival order, `fixed` ms a request and
-/// `per_prompt` ms a prompt, kept busy by 32 prompts spread over every slot the limit gives.
-/// Returns the limit after each of `answers` answers.
-async fn fifo(limit: &Arc<Limit>, fixed: u32, per_prompt: u32, answers: usize) -> Vec<usize> {
-    let mut in_flight: VecDeque<(Slot, Instant, usize)> = VecDeque::new();
-    let mut free_at = Instant::now();
-    let mut limits = Vec::new();
-    while limits.len() < answers {
-        while let Some(mut slot) = limit.try_acquire() {
-            let items = 32usize.div_ceil(limit.current());
-            slot.carry(items);
-            free_at = free_at.max(Instant::now()) + (fixed + per_prompt * items as u32) * MS;
-            in_flight.push_back((slot, free_at, items));
-        }
-        let (slot, done, items) = in_flight.pop_front().expect("a request in flight");
-        tokio::time::advance(done - Instant::now()).await;
-        limit.observe(&slot, Verdict::Took(done - slot.sent, items));
-        drop(slot);
-        limits.push(limit.current());
-    }
-    limits
+/// A provider whose `slots` each take the next request in arrival order, `fixed` ms a request
+/// and `per_prompt` ms a prompt, kept busy by `prompts` spread over every slot the limit gives.
+struct Fifo {
+    slots: usize,
+    fixed: u32,
+    per_prompt: u32,
+    prompts: usize,
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_queue_the_provider_serves_at_no_extra_cost_is_kept() {
-    // llama-server's shape: a request costs its prompts' time and next to nothing of its own,
-    // so a second request waiting behind the first costs the provider nothing merging them
-    // would save. The probe to two is kept (no cohort of callers left waiting for the other's
-    // request when it is taken back), and the limit climbs no further.
-    let limit = Limit::adaptive(64);
-    limit.settle(1);
-    let limits = fifo(&limit, 1, 50, 120).await;
-    assert!(limits.contains(&2), "probed: {limits:?}");
-    assert!(limits[60..].iter().all(|&l| l == 2), "{limits:?}");
-    // The same server with a costly request (50 ms of its own against 2 ms a prompt): the
-    // waiting request's prompts would have ridden in the next, so each probe is taken back.
-    let limit = Limit::adaptive(64);
-    limit.settle(1);
-    let limits = fifo(&limit, 50, 2, 120).await;
-    let taken_back = limits.windows(2).filter(|w| w == &[2, 1]).count();
-    assert!(taken_back >= 2, "{limits:?}");
-    assert!(limits.iter().all(|&l| l <= 2), "{limits:?}");
-}
-
-/// Sixteen slots, 5 ms a request and 2 ms a prompt, each request taking the first free slot,
-/// kept busy by 256 prompts spread over every slot the limit gives — but the first `singles`
-/// requests carry one prompt each, and every answer takes `slow` times its time. Returns the
-/// limit after each of `answers` answers.
-async fn sixteen_slots(
+/// Drives `limit` against `server` for `answers` answers, the first `singles` requests
+/// carrying one prompt each and taking `slow` times their time. Returns the limit after each.
+async fn serve(
     limit: &Arc<Limit>,
-    singles: usize,
-    slow: f64,
+    server: Fifo,
+    (singles, slow): (usize, f64),
     answers: usize,
 ) -> Vec<usize> {
-    let mut free_at = [Instant::now(); 16];
+    let mut free_at = vec![Instant::now(); server.slots];
     let mut in_flight: Vec<(Slot, Instant, usize)> = Vec::new();
     let (mut sent, mut limits) = (0, Vec::new());
     while limits.len() < answers {
@@ -329,12 +291,13 @@ async fn sixteen_slots(
             let (items, factor) = if sent < singles {
                 (1, slow)
             } else {
-                (256usize.div_ceil(limit.current()), 1.0)
+                (server.prompts.div_ceil(limit.current()), 1.0)
             };
             sent += 1;
             slot.carry(items);
-            let first = free_at.iter_mut().min().expect("sixteen slots");
-            *first = (*first).max(Instant::now()) + (5 + 2 * items as u32) * MS.mul_f64(factor);
+            let cost = (server.fixed + server.per_prompt * items as u32) * MS.mul_f64(factor);
+            let first = free_at.iter_mut().min().expect("a slot");
+            *first = (*first).max(Instant::now()) + cost;
             in_flight.push((slot, *first, items));
         }
         in_flight.sort_by_key(|&(_, done, _)| std::cmp::Reverse(done));
@@ -346,6 +309,45 @@ async fn sixteen_slots(
     }
     limits
 }
+
+/// One slot, kept busy by 32 prompts.
+fn one_slot(fixed: u32, per_prompt: u32) -> Fifo {
+    Fifo {
+        slots: 1,
+        fixed,
+        per_prompt,
+        prompts: 32,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_the_provider_serves_at_no_extra_cost_is_kept() {
+    // llama-server's shape: a request costs its prompts' time and next to nothing of its own,
+    // so a second request waiting behind the first costs the provider nothing merging them
+    // would save. The probe to two is kept (no cohort of callers left waiting for the other's
+    // request when it is taken back), and the limit climbs no further.
+    let limit = Limit::adaptive(64);
+    limit.settle(1);
+    let limits = serve(&limit, one_slot(1, 50), (0, 1.0), 120).await;
+    assert!(limits.contains(&2), "probed: {limits:?}");
+    assert!(limits[60..].iter().all(|&l| l == 2), "{limits:?}");
+    // The same server with a costly request (50 ms of its own against 2 ms a prompt): the
+    // waiting request's prompts would have ridden in the next, so each probe is taken back.
+    let limit = Limit::adaptive(64);
+    limit.settle(1);
+    let limits = serve(&limit, one_slot(50, 2), (0, 1.0), 120).await;
+    let taken_back = limits.windows(2).filter(|w| w == &[2, 1]).count();
+    assert!(taken_back >= 2, "{limits:?}");
+    assert!(limits.iter().all(|&l| l <= 2), "{limits:?}");
+}
+
+/// The 16-slot mock: 5 ms a request and 2 ms a prompt, 256 callers' prompts.
+const MOCK_16: Fifo = Fifo {
+    slots: 16,
+    fixed: 5,
+    per_prompt: 2,
+    prompts: 256,
+};
 
 /// The wall clock's 16-slot mock at 256 callers: each run begins, after an idle gap, with
 /// the callers' first prompts arriving one by one, so the first requests carry one each, on a
@@ -361,14 +363,14 @@ async fn a_burst_of_single_prompts_does_not_move_a_harmless_queue() {
         wave(&limit, 1, 7 * MS, 1).await;
     }
     limit.settle(16);
-    let steady = sixteen_slots(&limit, 0, 1.0, 400).await;
+    let steady = serve(&limit, MOCK_16, (0, 1.0), 400).await;
     let kept = limit.current();
     assert!(
         kept > 16 && steady[300..].iter().all(|&l| l == kept),
         "{steady:?}"
     );
     tokio::time::advance(Duration::from_secs(8)).await;
-    let burst = sixteen_slots(&limit, kept, 1.6, 200).await;
+    let burst = serve(&limit, MOCK_16, (kept, 1.6), 200).await;
     assert!(burst.iter().all(|&l| l >= kept), "kept {kept}: {burst:?}");
 }
 
