@@ -129,14 +129,14 @@ pub(super) struct Vegas {
     probe: Probe,
 }
 
-/// When the limit last moved, the requests sent before that still in flight, and when the
-/// last of them ended: a round counts only answers to requests sent after that, so it judges
+/// How many times the limit has moved, the requests sent before the last move still in
+/// flight, and when the last of them ended: a round counts only answers to requests sent after that, so it judges
 /// the limit it is about (a request sent just after a fall still queues behind those sent
 /// before it).
 #[derive(Debug, Default)]
 struct Moved {
-    at: Option<Instant>,
-    /// How many times it has moved.
+    /// How many times it has moved (a slot records it when sent: whether its request was in
+    /// flight at the last move, even when the two share an instant).
     times: u64,
     before: usize,
     settled_at: Option<Instant>,
@@ -284,12 +284,18 @@ impl Vegas {
         moved.times
     }
 
-    /// `prompts` in flight now; `split`: the answer's prompts went together with slots free
-    /// (more requests would have fit).
-    pub(super) fn learn(&mut self, sent: Instant, verdict: Verdict, prompts: usize, split: bool) {
+    /// `sent`: when, and after how many moves of the limit; `prompts` in flight now; `split`:
+    /// the answer's prompts went together with slots free (more requests would have fit).
+    pub(super) fn learn(
+        &mut self,
+        (sent, moves): (Instant, u64),
+        verdict: Verdict,
+        prompts: usize,
+        split: bool,
+    ) {
         match verdict {
             // Not again for requests sent before the limit last moved.
-            Verdict::Overloaded if self.moved.at.is_none_or(|at| sent > at) => {
+            Verdict::Overloaded if moves == self.moved.times => {
                 self.slow_until = 0;
                 self.set(self.limit as f64 * BACKOFF);
             }
@@ -304,7 +310,6 @@ impl Vegas {
             let (now, before) = (Instant::now(), self.flow.in_flight);
             self.limit = limit;
             self.moved = Moved {
-                at: Some(now),
                 times: self.moved.times + 1,
                 before,
                 settled_at: (before == 0).then_some(now),
@@ -325,7 +330,7 @@ impl Vegas {
         // The largest size yet has nothing to be judged by.
         let Some(expected) = expected else { return };
         let x = took.as_secs_f64() / expected;
-        if self.moved.at.is_some() && self.moved.settled_at.is_none_or(|at| sent < at) {
+        if self.moved.times > 0 && self.moved.settled_at.is_none_or(|at| sent < at) {
             return;
         }
         let now = Instant::now();

@@ -65,7 +65,7 @@ pub(super) struct Slot {
     permit: Option<OwnedSemaphorePermit>,
     limit: Arc<Limit>,
     /// When its request was sent (taken, until then), to tell answers to requests sent before
-    /// the limit last moved.
+    /// those in flight at the limit's last move had all ended.
     sent: Instant,
     /// How many times the limit had moved when it was sent: whether it was in flight at the
     /// last move, even when the two share an instant (the paused clock's answers often do).
@@ -226,7 +226,12 @@ impl Limit {
         let (before, after) = {
             let mut g = g.lock().unwrap_or_else(PoisonError::into_inner);
             let before = g.permits();
-            g.learn(slot.sent, verdict, self.items.load(Relaxed), slot.split);
+            g.learn(
+                (slot.sent, slot.moves),
+                verdict,
+                self.items.load(Relaxed),
+                slot.split,
+            );
             self.permits.store(g.permits(), Relaxed);
             (before, g.permits())
         };
