@@ -19,10 +19,11 @@
 //!   256 callers fell 18 → 9–13 at each run's start). Then the limit stays, and climbs no
 //!   further: taking a probe back there only left one cohort of callers waiting in the router
 //!   for the other's request to end (the simulator's llama-server p99, 2.5 s against 1.75 s).
-//!   A fall sets the slow-start threshold at half the limit it fell from (TCP's), and the
-//!   limit doubles back to it a round trip a step, each step a probe: a machine's stall read
-//!   as a queue (16 serving "4") costs two round trips, not a calm round for each request
-//!   back (a long-lived router's next run was 0.22 of its others);
+//!   A fall is at most a half (TCP's multiplicative decrease): a machine's stall read as a
+//!   queue costs a halving (9 read as serving "1" at 8 callers held the next load, 64 callers,
+//!   at one request for seconds). Where the callers did not fill the limit, what it served is
+//!   below their own demand, and the fall is by the requests that waited, `limit − waiting`
+//!   (8 callers over 9 fell to 6 on a busy machine's slow round and went as pairs);
 //! - the first crowded round ends slow start, and the limit starts again from one request: the
 //!   sizes slow start sent may all have queued (every request waiting alike looks like no wait
 //!   at all), so it stays at one — where nothing queues — until it has seen the usual slowdown
@@ -44,7 +45,8 @@
 //! a request waiting at the provider holds prompts that could have ridden in a request being
 //! served. `noise` is the slowdown of rounds without queueing (answers vary; the fastest is
 //! the floor): set by rounds with at most one request in flight at any moment, where no queue
-//! can form; learned only from sizes seen [`ROUND`] times or more (a size new to the router
+//! can form, when answers vary by less than `1/ROUND` (else such a round moves it as far up as
+//! down: one round's mean is chance); learned only from sizes seen [`ROUND`] times or more (a size new to the router
 //! has a fastest time near its usual one, and would teach a slowdown too low, against which
 //! every other size reads as queued); calm rounds lower it quickly and raise it a quarter as
 //! fast (the fastest of each size falls as more answers are seen, but queueing must not be
@@ -193,11 +195,11 @@ impl Round {
         ((self.squares - n * mean * mean).max(0.0) / (n - 1.0).max(1.0)).sqrt() / mean
     }
 
-    /// Whether its answers show the usual slowdown: one of a trusted size when they vary by
-    /// less than `1 / ROUND`, else `ROUND` of them.
-    fn knows_the_usual(&self) -> bool {
+    /// Whether its answers show the usual slowdown: one of a trusted size when answers vary
+    /// little (`steady`), else `ROUND` of them.
+    fn knows_the_usual(&self, steady: bool) -> bool {
         let n = self.trusted_answers;
-        n >= ROUND || (n > 0 && self.spread() <= 1.0 / ROUND as f64)
+        n >= ROUND || (n > 0 && steady)
     }
 }
 
@@ -333,7 +335,7 @@ impl Vegas {
         if self.moved.times > 0 && self.moved.settled_at.is_none_or(|at| sent < at) {
             return;
         }
-        let now = Instant::now();
+        let (now, steady) = (Instant::now(), self.steady());
         let round = &mut self.round;
         let (since, area) = *round.since.get_or_insert((now, self.flow.area(now)));
         round.answers += 1;
@@ -352,12 +354,12 @@ impl Vegas {
         // model's first run at 64 callers lost a quarter waiting for a size never seen).
         let first = self.slow_until == self.ceiling;
         let climbing = !first && self.limit < self.slow_until;
-        let known = self.noise_known && self.spread <= 1.0 / ROUND as f64;
+        let known = self.noise_known && steady;
         let learning = climbing && self.limit == 1 && !known;
         let answers = if first || climbing { 1 } else { ROUND };
         if round.answers < answers.max(self.limit)
             || now == since
-            || (learning && !round.knows_the_usual())
+            || (learning && !round.knows_the_usual(steady))
         {
             return;
         }
@@ -375,10 +377,12 @@ impl Vegas {
         let waiting = busy * (1.0 - 1.0 / r);
         let crowded = waiting > BETA;
         let size = round.demand.div_ceil(self.limit);
-        tracing::debug!(self.limit, busy, peak, size, raw, self.noise, waiting, ?self.probe, "round");
+        tracing::debug!(self.limit, busy, peak, size, raw, self.noise, self.spread, waiting, ?self.probe, "round");
         // The usual slowdown is learned from rounds without queueing: set by those with at
-        // most one request in flight at any moment (no queue can form); else lowered quickly
-        // and raised a quarter as fast, by calm rounds (the fastest time of each size falls
+        // most one request in flight at any moment (no queue can form) when answers vary
+        // little — else one round's mean is chance, and moves it as far up as down (a round
+        // of 1.30 among 1.7–2.3 on the ±50% model read every round after it as crowded) —
+        // otherwise lowered quickly and raised a quarter as fast, by calm rounds (the fastest time of each size falls
         // as answers are seen, so the usual slowdown over it rises; queueing must not be
         // learned as the usual). Only from sizes whose fastest time has been seen often
         // enough to be near its floor: a size new to the router has a fastest time close to
@@ -388,8 +392,9 @@ impl Vegas {
         let toward = |old: &mut f64, new: f64| {
             *old += (new - *old)
                 * match () {
-                    () if peak <= 1 && usual.is_some() => 1.0,
+                    () if peak <= 1 && usual.is_some() && steady => 1.0,
                     () if crowded => 0.0,
+                    () if peak <= 1 => NOISE_GAIN,
                     () if new > *old => NOISE_GAIN / 4.0,
                     () => NOISE_GAIN,
                 };
@@ -403,8 +408,8 @@ impl Vegas {
         }
         if crowded {
             self.probe.calm = 0;
-            // Every fall sets the slow-start threshold at half the limit it fell from (TCP's),
-            // and the limit climbs back to it doubling a round trip a step.
+            // The slow-start threshold: half the limit that crowded (TCP's). A fall is at most
+            // to it; after the first crowded round, the climb back goes to it.
             self.slow_until = self.limit / 2;
             if first {
                 // The first crowded round: the sizes slow start learned may all have queued
@@ -424,10 +429,17 @@ impl Vegas {
                 self.set(self.probe.from as f64);
             } else {
                 // The provider serves fewer than it did (or the load came back after a pause
-                // all at once): fall to what it serves, and probe again from the next calm
-                // round, as that is no longer a limit known to be the provider's.
+                // all at once): fall to what it serves — by the requests that waited, when the
+                // callers did not fill the limit (what it served is below their demand) — at
+                // most by half, and probe again from the next calm round, as that is no longer
+                // a limit known to be the provider's.
                 self.probe.after = 1;
-                self.set((busy / r).min(self.limit as f64 - 1.0));
+                let to = if peak < self.limit {
+                    self.limit as f64 - waiting
+                } else {
+                    busy / r
+                };
+                self.set(to.max(self.limit as f64 / 2.0).min(self.limit as f64 - 1.0));
             }
             return;
         }
@@ -463,12 +475,18 @@ impl Vegas {
         }
     }
 
+    /// Whether answers vary little (by less than `1 / ROUND`): one answer, or one round with
+    /// one request in flight, shows the usual slowdown.
+    fn steady(&self) -> bool {
+        self.spread <= 1.0 / ROUND as f64
+    }
+
     /// Whether requests of `items` prompts waiting at the provider cost it next to nothing.
     /// Not known when answers vary by more than `1/ROUND`: the fixed cost comes from fastest
     /// times, which then sit unevenly far above the floor (±50% jitter read 5 ms of a true
     /// 20 ms, and kept a limit 13 over 8 slots).
     fn harmless(&self, items: usize) -> bool {
         let (fixed, took) = (self.baseline.fixed_cost(), self.baseline.expected(items));
-        self.spread <= 1.0 / ROUND as f64 && fixed.zip(took).is_some_and(|(f, t)| f <= HARMLESS * t)
+        self.steady() && fixed.zip(took).is_some_and(|(f, t)| f <= HARMLESS * t)
     }
 }

@@ -450,14 +450,54 @@ fn eight_callers_keep_a_slot_each_on_a_machine_that_stalls() {
     assert!(short.is_empty(), "{short:?}");
 }
 
+/// The same at 8 callers on a machine that stalls briefly and often (2 ms after one answer in
+/// 10, 3 ms in 20, 5 ms in 50), as the wall clock's two busy cores do: a round that a stall
+/// made slow reads as a queue, and the limit (9, a slot free) fell to what the round served,
+/// 6, sending the callers as pairs until probes split them again (the wall clock's 9 → 6 → 8
+/// → 9; runs 0.84–0.95 of batching off, 0.91 on the mean here). Where the callers did not fill
+/// the limit, a fall is by the requests that waited: 9 to 8, where they still go alone.
+#[test]
+fn eight_callers_keep_a_slot_each_on_a_machine_that_stalls_briefly_and_often() {
+    println!("\n5 ms + 2 ms/prompt, 16 slots, 8 callers, brief stalls");
+    println!("stalls | seed | adaptive / off: fresh, then protocol runs (after 1 caller)");
+    let mut ratios = Vec::new();
+    for (chance, stall) in [(0.1, 2), (0.05, 3), (0.02, 5)] {
+        let model = Model {
+            stalls: Some((chance, ms(stall))),
+            ..MOCK_16
+        };
+        for seed in SEEDS {
+            let off = run(model, Policy::Off, Load::Closed(8), seed).throughput;
+            let fresh = run(model, Policy::Adaptive, Load::Closed(8), seed).throughput / off;
+            let runs = protocol(model, Policy::Adaptive, &[1, 8], seed).remove(1);
+            let runs: Vec<f64> = runs.iter().map(|r| r / off).collect();
+            println!(
+                "{stall} ms, 1 in {:.0} | {seed} | {fresh:.2}, {runs:.2?}",
+                1.0 / chance
+            );
+            ratios.push(fresh);
+            ratios.extend(runs);
+        }
+    }
+    let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+    let worst = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    println!("mean {mean:.3}, worst {worst:.2}");
+    assert!(
+        mean >= 0.93 && worst >= 0.85,
+        "mean {mean:.3}, worst {worst:.2} of batching off"
+    );
+}
+
 /// A long-lived router on a machine that stalls now and then (50 ms after one answer in 500;
-/// 30 ms after one in 100), through the protocol: every run at 64 and 256 callers within 0.8
-/// of its caller count's median. A stall reads as a queue, and the limit falls to what the
-/// round served (16 to 4 when a 50 ms stall lands in a 20 ms round). Climbing back one
-/// request a calm round, the first run at 256 callers after such a fall was 0.22 of the
-/// others (the wall clock's 16-slot mock, session 21: 3,676 among 6,151–6,265); since a fall
-/// sets the slow-start threshold at half the limit it fell from and the climb doubles to it,
-/// the worst run is 0.88.
+/// 30 ms after one in 100), through the protocol, over twelve seeds: every run at 64 and 256
+/// callers within 0.8 of its caller count's median. A stall reads as a queue. Falling to what
+/// the round served (16 to 4 when a 50 ms stall lands in a 20 ms round) and climbing back one
+/// request a calm round, the first run at 256 callers after such a fall was 0.22 of the others
+/// (the wall clock's 16-slot mock, session 21: 3,676 among 6,151–6,265); with a climb that
+/// doubles back to half the limit it fell from, 0.88 at seeds 7, 1 and 2 — but 0.15 and 0.68
+/// at two of twelve: a 30 ms stall among 7 ms answers at 8 callers read 9 as serving 1, and the
+/// next load's rounds at one request (`ROUND` answers of 64 prompts, 133 ms each) held it
+/// there for seconds. A fall is now at most a half: 0.86.
 #[test]
 fn a_machine_that_stalls_does_not_sink_a_run() {
     println!("\n5 ms + 2 ms/prompt, 16 slots, stalling (the wall-clock protocol's runs)");
@@ -468,7 +508,7 @@ fn a_machine_that_stalls_does_not_sink_a_run() {
             stalls: Some((chance, ms(stall))),
             ..MOCK_16
         };
-        for seed in SEEDS {
+        for seed in (0..12).map(|s| s * 7919 + 3) {
             let runs = protocol(model, Policy::Adaptive, &CALLERS, seed);
             for (callers, runs) in CALLERS.into_iter().zip(runs).skip(2) {
                 let mut sorted = runs.clone();
