@@ -64,7 +64,7 @@
 //! taken less [`SURE`] standard errors of it, from `spread`: how much answers vary in rounds
 //! without queueing (learned as `noise` is). Known weakness (issue #28's note): with such
 //! answers one request waiting cannot be told from chance, so the limit settles one above the
-//! provider's slots (0.87–0.92 of the best fixed setting at 64 callers in the simulator).
+//! provider's slots (0.89–0.94 of the best fixed setting at 64 callers in the simulator).
 //!
 //! A limit just under the callers (8 over 7 slots, after a busy machine's stall read as a
 //! queue) sends them as pairs with slots free; "more prompts in flight than slots" does not

@@ -82,7 +82,7 @@ const SEEDS: [u64; 3] = [7, 1, 2];
 /// reaches there over [`SEEDS`] (checked, so a change that loses more fails). On a provider
 /// whose answers vary ±50% at random, eight answers' mean varies by ±10% by chance, so one
 /// request waiting at 8 slots (a slowdown of 1/9) cannot be told from chance: the limit sits at
-/// 9, one above the slots, and one request in nine waits (0.89–0.90 at 64 callers). The
+/// 9, one above the slots, and one request in nine waits (0.90–0.94 at 64 callers). The
 /// limit's `SURE` rule (a round is crowded only beyond what chance gives answers that vary as
 /// usual) won it back from 0.39–0.64; rounds long enough to see one waiting request were
 /// tried and lost more (slow to climb back after a fall, 0.20–0.69).
