@@ -16,9 +16,11 @@
 //!   the waiting requests into fewer would save the provider next to nothing (llama-server's
 //!   slots take prompts, not requests) — not over the round's answers: a run's first
 //!   requests carry a prompt each as its callers arrive (the wall clock's 16-slot mock at
-//!   256 callers fell 18 → 9–13 at each run's start). Then the limit stays, and climbs no
-//!   further: taking a probe back there only left one cohort of callers waiting in the router
-//!   for the other's request to end (the simulator's llama-server p99, 2.5 s against 1.75 s).
+//!   256 callers fell 18 → 9–13 at each run's start). Then the limit stays, and a probe
+//!   waits longer: taking a probe back there only left one cohort of callers waiting in the
+//!   router for the other's request to end (the simulator's llama-server p99, 2.5 s against
+//!   1.75 s). Such rounds do not restart the count of calm rounds a probe waits for (a busy
+//!   machine's slow rounds held the wall clock's 16-slot mock at 13 of its 16 slots for a run).
 //!   A fall is at most a half (TCP's multiplicative decrease): a machine's stall read as a
 //!   queue costs a halving (9 read as serving "1" at 8 callers held the next load, 64 callers,
 //!   at one request for seconds). Where the callers did not fill the limit, what it served is
@@ -407,7 +409,12 @@ impl Vegas {
             toward(&mut self.spread, round.spread());
         }
         if crowded {
-            self.probe.calm = 0;
+            // A harmless queue's crowded rounds leave the calm rounds' count alone: a busy
+            // machine's slow rounds there held the wall clock's 16-slot mock at 13 for a run.
+            let harmless = !first && self.harmless(size);
+            if !harmless {
+                self.probe.calm = 0;
+            }
             // The slow-start threshold: half the limit that crowded (TCP's). A fall is at most
             // to it; after the first crowded round, the climb back goes to it.
             self.slow_until = self.limit / 2;
@@ -418,7 +425,7 @@ impl Vegas {
                 // half the limit that crowded it (TCP's slow-start threshold), learning each
                 // size's time unqueued on the way.
                 self.set(1.0);
-            } else if self.harmless(size) {
+            } else if harmless {
                 // Prompts wait at the provider as they would here, at no cost to it (a server
                 // whose slots take prompts, not requests, e.g. llama-server's): the limit
                 // stays, and climbs no further.
