@@ -493,19 +493,25 @@ fn eight_callers_keep_a_slot_each_on_a_machine_that_stalls_briefly_and_often() {
 /// next to no cost (`HARMLESS`), and a stall's round reads as crowded; such rounds had reset the
 /// count of calm rounds a probe waits for, so the limit could stay low for a run (the wall
 /// clock's 16-slot mock at 64 callers held 13 through one: 3,597 among 3,940–4,023 prompts/s).
-/// A harmless crowded round leaves the count alone: worst run 0.83 → 0.92 at three seeds
-/// more (mean 0.971 → 0.985).
+/// A harmless crowded round leaves the count alone: the worst run over its median 0.83 →
+/// 0.92 (their mean 0.971 → 0.985).
 #[test]
 fn brief_stalls_do_not_hold_a_harmless_limit_down() {
-    println!("\n5 ms + 2 ms/prompt, 16 slots, brief stalls (the wall-clock protocol's runs)");
+    runs_hold_their_median(&[(0.1, 2), (0.05, 3), (0.02, 5)], 6, 0.9);
+}
+
+/// The 16-slot model stalling (`stalls`: chance after each answer, ms), through the protocol at
+/// `seeds` seeds: every run at 64 and 256 callers at least `floor` of its median.
+fn runs_hold_their_median(stalls: &[(f64, u64)], seeds: u64, floor: f64) {
+    println!("\n5 ms + 2 ms/prompt, 16 slots, stalling (the wall-clock protocol's runs)");
     println!("stalls | seed | callers | adaptive's runs, prompts/s | worst / median");
     let mut short = Vec::new();
-    for (chance, stall) in [(0.1, 2), (0.05, 3), (0.02, 5)] {
+    for &(chance, stall) in stalls {
         let model = Model {
             stalls: Some((chance, ms(stall))),
             ..MOCK_16
         };
-        for seed in (0..6).map(|s| s * 7919 + 3) {
+        for seed in (0..seeds).map(|s| s * 7919 + 3) {
             let runs = protocol(model, Policy::Adaptive, &CALLERS, seed);
             for (callers, runs) in CALLERS.into_iter().zip(runs).skip(2) {
                 let mut sorted = runs.clone();
@@ -515,9 +521,9 @@ fn brief_stalls_do_not_hold_a_harmless_limit_down() {
                     "{stall} ms, 1 in {:.0} | {seed} | {callers} | {runs:.0?} | {ratio:.2}",
                     1.0 / chance
                 );
-                if ratio < 0.9 {
+                if ratio < floor {
                     short.push(format!(
-                        "{stall} ms, seed {seed}, {callers} callers: {ratio:.2}"
+                        "{stall} ms stalls, seed {seed}, {callers} callers: {ratio:.2}"
                     ));
                 }
             }
@@ -538,31 +544,5 @@ fn brief_stalls_do_not_hold_a_harmless_limit_down() {
 /// there for seconds. A fall is now at most a half: 0.86.
 #[test]
 fn a_machine_that_stalls_does_not_sink_a_run() {
-    println!("\n5 ms + 2 ms/prompt, 16 slots, stalling (the wall-clock protocol's runs)");
-    println!("stalls | seed | callers | adaptive's runs, prompts/s | worst / median");
-    let mut short = Vec::new();
-    for (chance, stall) in [(0.002, 50), (0.01, 30)] {
-        let model = Model {
-            stalls: Some((chance, ms(stall))),
-            ..MOCK_16
-        };
-        for seed in (0..12).map(|s| s * 7919 + 3) {
-            let runs = protocol(model, Policy::Adaptive, &CALLERS, seed);
-            for (callers, runs) in CALLERS.into_iter().zip(runs).skip(2) {
-                let mut sorted = runs.clone();
-                sorted.sort_by(f64::total_cmp);
-                let ratio = sorted[0] / sorted[sorted.len() / 2];
-                println!(
-                    "{stall} ms, 1 in {:.0} | {seed} | {callers} | {runs:.0?} | {ratio:.2}",
-                    1.0 / chance
-                );
-                if ratio < 0.8 {
-                    short.push(format!(
-                        "{stall} ms stalls, seed {seed}, {callers} callers: {ratio:.2}"
-                    ));
-                }
-            }
-        }
-    }
-    assert!(short.is_empty(), "{short:?}");
+    runs_hold_their_median(&[(0.002, 50), (0.01, 30)], 12, 0.8);
 }
