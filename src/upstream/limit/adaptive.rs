@@ -43,24 +43,24 @@
 //! - a 429 or 503 (or the provider's own timeout) halves it ([`BACKOFF`]), at most once per
 //!   round trip.
 //!
-//! The limit aims at no queue at all — Vegas with α = 0 — because batches are sized over it:
-//! a request waiting at the provider holds prompts that could have ridden in a request being
-//! served. `noise` is the slowdown of rounds without queueing (answers vary; the fastest is
-//! the floor): set by rounds with at most one request in flight at any moment, where no queue
-//! can form, when answers vary by less than `1/ROUND` (else such a round moves it as far up as
-//! down: one round's mean is chance); learned only from sizes seen [`ROUND`] times or more (a size new to the router
-//! has a fastest time near its usual one, and would teach a slowdown too low, against which
-//! every other size reads as queued); calm rounds lower it quickly and raise it a quarter as
-//! fast (the fastest of each size falls as more answers are seen, but queueing must not be
-//! learned as the usual). A provider that became slower for good crowds every round until the
-//! limit is one request, where its new slowdown is learned. An answer of a size larger than
-//! any seen has nothing to be judged by and is left out of its round. A round counts only
-//! answers to requests sent after those in flight when the limit last moved have ended (a
-//! request sent just after a fall still queues behind them), and `busy` is the mean in flight
-//! while any were; when the load returns after a pause longer than the round so far (and than
-//! a lone prompt's answer), the round starts again: a round holding the tail of the load
-//! before a pause (few in flight) and the return's burst read `busy / r` far below the load
-//! (the wall clock's 16-slot mock at 256 callers: 18 to 7).
+//! The limit aims at no queue at all — Vegas with α = 0 — because batches are sized over it: a
+//! request waiting at the provider holds prompts that could have ridden in a request being served.
+//! `noise` is the slowdown of rounds without queueing (answers vary; the fastest is the floor): set
+//! by rounds with at most one request in flight at any moment, where no queue can form, when
+//! answers vary by less than `1/ROUND` (else such a round moves it as far up as down: one round's
+//! mean is chance); learned only from sizes seen [`ROUND`] times or more (a size new to the router
+//! has a fastest time near its usual one, and would teach a slowdown too low, against which every
+//! other size reads as queued); calm rounds lower it quickly and raise it a quarter as fast (the
+//! fastest of each size falls as more answers are seen, but queueing must not be learned as the
+//! usual). A provider that became slower for good crowds every round until the limit is one
+//! request, where its new slowdown is learned. An answer of a size larger than any seen has nothing
+//! to be judged by and is left out of its round. A round counts only answers to requests sent after
+//! those in flight when the limit last moved have ended (a request sent just after a fall still
+//! queues behind them), and `busy` is the mean in flight while any were; when the load returns
+//! after a pause longer than the round so far (and than a lone prompt's answer), the round starts
+//! again: a round holding the tail of the load before a pause (few in flight) and the return's
+//! burst read `busy / r` far below the load (the wall clock's 16-slot mock at 256 callers: 18 to
+//! 7).
 //!
 //! Answers that vary widely (±50% at random) make a round's mean vary by chance, so `r` is
 //! taken less [`SURE`] standard errors of it, from `spread`: how much answers vary in rounds
@@ -134,9 +134,9 @@ pub(super) struct Vegas {
 }
 
 /// How many times the limit has moved, the requests sent before the last move still in
-/// flight, and when the last of them ended: a round counts only answers to requests sent after that, so it judges
-/// the limit it is about (a request sent just after a fall still queues behind those sent
-/// before it).
+/// flight, and when the last of them ended: a round counts only answers to requests sent after
+/// that, so it judges the limit it is about (a request sent just after a fall still queues
+/// behind those sent before it).
 #[derive(Debug, Default)]
 struct Moved {
     /// How many times it has moved (a slot records it when sent: whether its request was in
@@ -384,11 +384,11 @@ impl Vegas {
         // most one request in flight at any moment (no queue can form) when answers vary
         // little — else one round's mean is chance, and moves it as far up as down (a round
         // of 1.30 among 1.7–2.3 on the ±50% model read every round after it as crowded) —
-        // otherwise lowered quickly and raised a quarter as fast, by calm rounds (the fastest time of each size falls
-        // as answers are seen, so the usual slowdown over it rises; queueing must not be
-        // learned as the usual). Only from sizes whose fastest time has been seen often
-        // enough to be near its floor: a size new to the router has a fastest time close to
-        // its usual one, against which every other size would read as queued.
+        // otherwise lowered quickly and raised a quarter as fast, by calm rounds (the fastest
+        // time of each size falls as answers are seen, so the usual slowdown over it rises;
+        // queueing must not be learned as the usual). Only from sizes whose fastest time has
+        // been seen often enough to be near its floor: a size new to the router has a fastest
+        // time close to its usual one, against which every other size would read as queued.
         let usual =
             (round.trusted_answers > 0).then(|| round.trusted / round.trusted_answers as f64);
         let toward = |old: &mut f64, new: f64| {
@@ -428,7 +428,7 @@ impl Vegas {
             } else if harmless {
                 // Prompts wait at the provider as they would here, at no cost to it (a server
                 // whose slots take prompts, not requests, e.g. llama-server's): the limit
-                // stays, and climbs no further.
+                // stays (a probe that brought it here too), and the next probe waits longer.
                 self.probe.crowded(self.limit);
             } else if self.probe.crowded(self.limit) {
                 // The probe crowded it: take that back (if less than the probe crowds it, the
