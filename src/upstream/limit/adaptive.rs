@@ -83,7 +83,11 @@
 //! module, `ARRIVAL_GAP` in the adaptive batch worker. Judged on `upstream::simulator` —
 //! fresh routers and the wall-clock protocol's long-lived ones — before any wall-clock run.
 
-use super::{baseline::Baseline, *};
+use super::{
+    baseline::Baseline,
+    flow::{Area, Flow},
+    *,
+};
 
 #[cfg(test)]
 mod tests;
@@ -185,7 +189,7 @@ struct Round {
     /// summed, and how many: what `noise` learns from.
     trusted: f64,
     trusted_answers: usize,
-    /// When it began (its first answer), and [`Flow::area`] then.
+    /// When it began (its first answer), and [`Flow::mark`] then.
     since: Option<(Instant, Area)>,
 }
 
@@ -202,33 +206,6 @@ impl Round {
     fn knows_the_usual(&self, steady: bool) -> bool {
         let n = self.trusted_answers;
         n >= ROUND || (n > 0 && steady)
-    }
-}
-
-/// Requests in flight over time, integrated, for their mean over a round's busy time.
-#[derive(Debug, Default)]
-struct Flow {
-    in_flight: usize,
-    /// The most in flight since the last round ended.
-    peak: usize,
-    /// Requests in flight × seconds, and seconds with any in flight, up to `at`.
-    area: Area,
-    at: Option<Instant>,
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-struct Area {
-    requests: f64,
-    busy: f64,
-}
-
-impl Flow {
-    fn area(&self, now: Instant) -> Area {
-        let since = self.at.map_or(0.0, |at| (now - at).as_secs_f64());
-        Area {
-            requests: self.area.requests + self.in_flight as f64 * since,
-            busy: self.area.busy + if self.in_flight > 0 { since } else { 0.0 },
-        }
     }
 }
 
@@ -253,18 +230,11 @@ impl Vegas {
         self.limit
     }
 
-    /// Puts the limit at `permits`, out of slow start.
-    #[cfg(test)]
-    pub(super) fn settle(&mut self, permits: usize) {
-        (self.limit, self.slow_until) = (permits, 0);
-    }
-
     /// `in_flight` requests from now on; `ended`: one just ended, sent when the limit had
     /// moved that many times. Returns how many times it has moved.
     pub(super) fn flowed(&mut self, in_flight: usize, ended: Option<u64>) -> u64 {
         let now = Instant::now();
-        if let (0, Some(at), Some((since, _))) =
-            (self.flow.in_flight, self.flow.at, self.round.since)
+        if let (Some(at), Some((since, _))) = (self.flow.idle_since(), self.round.since)
             && in_flight > 0
             && now - at > (at - since).max(self.baseline.lone())
         {
@@ -273,16 +243,14 @@ impl Vegas {
             // tail before the pause with it.
             self.next_round();
         }
-        self.flow.area = self.flow.area(now);
-        (self.flow.in_flight, self.flow.at) = (in_flight, Some(now));
-        self.flow.peak = self.flow.peak.max(in_flight);
+        self.flow.update(in_flight, now);
         let moved = &mut self.moved;
         if ended.is_some_and(|sent| sent < moved.times) && moved.before > 0 {
             moved.before -= 1;
             if moved.before == 0 {
                 // The round judges the limit from here: the peak too.
                 moved.settled_at = Some(now);
-                self.flow.peak = in_flight;
+                self.flow.take_peak();
             }
         }
         moved.times
@@ -311,7 +279,7 @@ impl Vegas {
     fn set(&mut self, limit: f64) {
         let limit = (limit as usize).clamp(1, self.ceiling);
         if limit != self.limit {
-            let (now, before) = (Instant::now(), self.flow.in_flight);
+            let (now, before) = (Instant::now(), self.flow.in_flight());
             self.limit = limit;
             self.moved = Moved {
                 times: self.moved.times + 1,
@@ -324,8 +292,7 @@ impl Vegas {
 
     /// Starts a new round: the one ending, and the most requests in flight during it.
     fn next_round(&mut self) -> (Round, usize) {
-        let peak = std::mem::replace(&mut self.flow.peak, self.flow.in_flight);
-        (std::mem::take(&mut self.round), peak)
+        (std::mem::take(&mut self.round), self.flow.take_peak())
     }
 
     fn took(&mut self, sent: Instant, took: Duration, items: usize, prompts: usize, split: bool) {
@@ -339,7 +306,7 @@ impl Vegas {
         }
         let (now, steady) = (Instant::now(), self.steady());
         let round = &mut self.round;
-        let (since, area) = *round.since.get_or_insert((now, self.flow.area(now)));
+        let (since, area) = *round.since.get_or_insert((now, self.flow.mark(now)));
         round.answers += 1;
         round.slowdown += x;
         round.squares += x * x;
@@ -374,8 +341,7 @@ impl Vegas {
         let r = (raw / self.noise - SURE * self.spread / n.sqrt()).max(1.0);
         // Mean requests in flight while any were: a round that spans a pause in the load (no
         // callers for a while) is not read as a light one.
-        let end = self.flow.area(now);
-        let busy = (end.requests - area.requests) / (end.busy - area.busy).max(f64::MIN_POSITIVE);
+        let busy = self.flow.busy_since(area, now);
         let waiting = busy * (1.0 - 1.0 / r);
         let crowded = waiting > BETA;
         let size = round.demand.div_ceil(self.limit);

@@ -2,8 +2,8 @@
 //!
 //! Fixed: `max_concurrency`. Adaptive (with adaptive batching): learned from the provider's
 //! answers by TCP Vegas' rule on the size-normalised slowdown (`adaptive`), judged against
-//! the provider's unqueued time per request size (`baseline`), with `max_concurrency` as the
-//! ceiling.
+//! the provider's unqueued time per request size (`baseline`) and the mean requests in flight
+//! (`flow`), with `max_concurrency` as the ceiling.
 //!
 //! Hand-written: the crates that adapt a limit (tower-acc, tower-resilience-adaptive) compare
 //! every answer with one baseline latency, but a batch of 32 prompts takes longer than a
@@ -16,6 +16,7 @@
 
 mod adaptive;
 mod baseline;
+mod flow;
 
 use adaptive::Vegas;
 use std::{

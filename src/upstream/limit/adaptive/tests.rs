@@ -1,5 +1,12 @@
 use super::*;
 
+impl Vegas {
+    /// Puts the limit at `permits`, out of slow start.
+    pub(in crate::upstream::limit) fn settle(&mut self, permits: usize) {
+        (self.limit, self.slow_until) = (permits, 0);
+    }
+}
+
 const MS: Duration = Duration::from_millis(1);
 
 /// Takes `n` slots at once (all that `limit` gives, when fewer).
