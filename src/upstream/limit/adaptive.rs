@@ -230,10 +230,20 @@ impl Vegas {
         self.limit
     }
 
-    /// `in_flight` requests from now on; `ended`: one just ended, sent when the limit had
-    /// moved that many times. Returns how many times it has moved.
-    pub(super) fn flowed(&mut self, in_flight: usize, ended: Option<u64>) -> u64 {
+    /// A request was sent (`None`), or one ended that was sent when the limit had moved that
+    /// many times. Returns how many times it has moved.
+    ///
+    /// The requests in flight are counted here, under the policy's lock, not read from the
+    /// slots' atomic count: two threads' readings of it can arrive in either order, and a move
+    /// that took a stale one as the requests in flight before it waited for one more to end
+    /// than there were — the limit froze for good (the wall clock's 16-slot mock: no round for
+    /// two minutes, held at 13 of 16 slots).
+    pub(super) fn flowed(&mut self, ended: Option<u64>) -> u64 {
         let now = Instant::now();
+        let in_flight = match ended {
+            None => self.flow.in_flight() + 1,
+            Some(_) => self.flow.in_flight().saturating_sub(1),
+        };
         if let (Some(at), Some((since, _))) = (self.flow.idle_since(), self.round.since)
             && in_flight > 0
             && now - at > (at - since).max(self.baseline.lone())

@@ -92,10 +92,12 @@ impl Slot {
         match (self.items, items) {
             (0, 1..) => {
                 self.sent = Instant::now();
-                self.moves = limit.flowed(limit.carrying.fetch_add(1, Relaxed) + 1, None);
+                limit.carrying.fetch_add(1, Relaxed);
+                self.moves = limit.flowed(None);
             }
             (1.., 0) => {
-                limit.flowed(limit.carrying.fetch_sub(1, Relaxed) - 1, Some(self.moves));
+                limit.carrying.fetch_sub(1, Relaxed);
+                limit.flowed(Some(self.moves));
             }
             _ => {}
         }
@@ -191,14 +193,13 @@ impl Limit {
         self.permits.store(permits, Relaxed);
     }
 
-    /// Tells the adaptive policy how many requests are in flight from now; `ended`: how many
-    /// times the limit had moved when the request that just ended was sent, if one did.
-    /// Returns how many times it has moved.
-    fn flowed(&self, in_flight: usize, ended: Option<u64>) -> u64 {
+    /// Tells the adaptive policy a request was sent (`None`) or ended (how many times the limit
+    /// had moved when it was sent). Returns how many times it has moved.
+    fn flowed(&self, ended: Option<u64>) -> u64 {
         self.adaptive.as_ref().map_or(0, |g| {
             g.lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .flowed(in_flight, ended)
+                .flowed(ended)
         })
     }
 

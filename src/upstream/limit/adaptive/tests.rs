@@ -426,3 +426,47 @@ async fn fixed_never_moves() {
     limit.observe(&slots[0], Verdict::Overloaded);
     assert_eq!(limit.current(), 3);
 }
+
+/// Requests sent and ended on many threads at once while their answers move the limit: the
+/// policy's count of requests in flight ends at zero, and so does a move's wait for the
+/// requests sent before it, so rounds go on. Counted from readings of the slots' atomic count
+/// (two threads' readings can arrive in either order), a move could wait for a request that
+/// was never in flight, and the limit froze for good.
+#[test]
+fn requests_on_many_threads_leave_no_move_waiting() {
+    const THREADS: usize = 8;
+    let (limit, wave) = (Limit::adaptive(64), std::sync::Barrier::new(THREADS));
+    std::thread::scope(|s| {
+        for _ in 0..THREADS {
+            let (limit, wave) = (&limit, &wave);
+            s.spawn(move || {
+                for _ in 0..5_000 {
+                    // Each wave: the threads send at once, then answer and end while the next
+                    // wave's first requests are sent.
+                    let slot = limit.try_acquire().map(|mut slot| {
+                        slot.carry(1);
+                        slot
+                    });
+                    wave.wait();
+                    if let Some(slot) = slot {
+                        // A provider slower the more it holds: the limit moves up and down.
+                        let took = MS * limit.in_flight() as u32;
+                        limit.observe(&slot, Verdict::Took(took, 1));
+                    }
+                }
+            });
+        }
+    });
+    let vegas = limit
+        .adaptive
+        .as_ref()
+        .expect("adaptive")
+        .lock()
+        .expect("a lock");
+    assert!(
+        vegas.moved.times > 10,
+        "the limit moved {} times",
+        vegas.moved.times
+    );
+    assert_eq!((vegas.flow.in_flight(), vegas.moved.before), (0, 0));
+}
