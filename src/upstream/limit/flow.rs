@@ -43,6 +43,7 @@ impl Flow {
         std::mem::replace(&mut self.peak, self.in_flight)
     }
 
+    /// The integral up to `now`: a mark to take the mean since.
     pub(super) fn mark(&self, now: Instant) -> Area {
         let since = self.at.map_or(0.0, |at| (now - at).as_secs_f64());
         Area {
