@@ -51,7 +51,8 @@ pub(super) struct Limit {
     /// Prompts carried by the requests holding slots now.
     items: AtomicUsize,
     /// Slots carrying prompts now: requests in flight (a slot held while a batch gathers
-    /// carries none).
+    /// carries none), read without a lock. The adaptive policy keeps its own count under its
+    /// lock, where a move must see exactly the requests sent before it ([`Vegas::flowed`]).
     carrying: AtomicUsize,
     /// Permits taken back from busy requests: forgotten when released instead of returned.
     owed: AtomicUsize,
