@@ -44,23 +44,23 @@
 //!   round trip.
 //!
 //! The limit aims at no queue at all — Vegas with α = 0 — because batches are sized over it: a
-//! request waiting at the provider holds prompts that could have ridden in a request being served.
-//! `noise` is the slowdown of rounds without queueing (answers vary; the fastest is the floor): set
-//! by rounds with at most one request in flight at any moment, where no queue can form, when
-//! answers vary by less than `1/ROUND` (else such a round moves it as far up as down: one round's
-//! mean is chance); learned only from sizes seen [`ROUND`] times or more (a size new to the router
-//! has a fastest time near its usual one, and would teach a slowdown too low, against which every
-//! other size reads as queued); calm rounds lower it quickly and raise it a quarter as fast (the
-//! fastest of each size falls as more answers are seen, but queueing must not be learned as the
-//! usual). A provider that became slower for good crowds every round until the limit is one
-//! request, where its new slowdown is learned. An answer of a size larger than any seen has nothing
-//! to be judged by and is left out of its round. A round counts only answers to requests sent after
-//! those in flight when the limit last moved have ended (a request sent just after a fall still
-//! queues behind them), and `busy` is the mean in flight while any were; when the load returns
-//! after a pause longer than the round so far (and than a lone prompt's answer), the round starts
-//! again: a round holding the tail of the load before a pause (few in flight) and the return's
-//! burst read `busy / r` far below the load (the wall clock's 16-slot mock at 256 callers: 18 to
-//! 7).
+//! request waiting at the provider holds prompts that could have ridden in a request being
+//! served. `noise` is the slowdown of rounds without queueing (answers vary; the fastest is the
+//! floor): set by rounds with at most one request in flight at any moment, where no queue can
+//! form, when answers vary by less than `1/ROUND` (else such a round moves it as far up as
+//! down: one round's mean is chance); learned only from sizes seen [`ROUND`] times or more (a
+//! size new to the router has a fastest time near its usual one, and would teach a slowdown too
+//! low, against which every other size reads as queued); calm rounds lower it quickly and raise
+//! it a quarter as fast (the fastest of each size falls as more answers are seen, but queueing
+//! must not be learned as the usual). A provider that became slower for good crowds every round
+//! until the limit is one request, where its new slowdown is learned. An answer of a size
+//! larger than any seen has nothing to be judged by and is left out of its round. A round
+//! counts only answers to requests sent after those in flight when the limit last moved have
+//! ended (a request sent just after a fall still queues behind them), and `busy` is the mean in
+//! flight while any were; when the load returns after a pause longer than the round so far (and
+//! than a lone prompt's answer), the round starts again: a round holding the tail of the load
+//! before a pause (few in flight) and the return's burst read `busy / r` far below the load
+//! (the wall clock's 16-slot mock at 256 callers: 18 to 7).
 //!
 //! Answers that vary widely (±50% at random) make a round's mean vary by chance, so `r` is
 //! taken less [`SURE`] standard errors of it, from `spread`: how much answers vary in rounds
